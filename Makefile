@@ -1,0 +1,50 @@
+# Graft: two commands on a fresh clone.
+#   make run    set up .venv from requirements.lock, then run the training flow on the demo data
+#   make test   set up .venv, then run the whole test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.graft-installed
+
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export DO_NOT_TRACK ?= 1
+
+.PHONY: setup run test test-fast data mlflow-ui benchmark lock clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+data: setup  ## fetch the demo images data.dvc names from the DVC remote shipped in dvc-store/
+	$(BIN)/dvc pull -q data.dvc
+
+run: data
+	$(BIN)/graft run --summary outputs/summary.json
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+mlflow-ui: setup  ## MLflow UI and server on the local store: http://127.0.0.1:5000
+	mkdir -p mlflow/artifacts
+	$(BIN)/mlflow server --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlflow/artifacts --host 127.0.0.1 --port $${PORT:-5000}
+
+benchmark: data
+	$(BIN)/python benchmarks/pipeline.py
+
+lock: setup  ## re-pin requirements.lock from what is installed in .venv
+	(echo "# Exact versions Graft is tested with (Python 3.11, x86_64). Regenerate: make lock"; \
+	 $(BIN)/python -m pip freeze --exclude-editable | grep -v '^graft') > requirements.lock
+
+clean:
+	rm -rf outputs .cache .prefect

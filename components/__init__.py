@@ -1,0 +1,1 @@
+"""Graft's stage logic: plain, typed Python with no orchestration imports."""

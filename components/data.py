@@ -1,0 +1,188 @@
+"""Image folders: discovery, validation, the stratified split and the data version.
+
+A folder is either `<class>/<image>` (split here, stratified, with a fixed seed)
+or `train/<class>/<image>` plus `val/<class>/<image>`. Every problem is reported
+with the path at fault and what to do about it, before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from components.errors import DataError
+from components.images import IMAGE_EXTENSIONS, MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image."""
+
+    path: Path
+    label: int
+
+
+@dataclass(frozen=True)
+class Split:
+    """The classes and the train/validation samples of one image folder."""
+
+    root: Path
+    classes: tuple[str, ...]
+    train: tuple[Sample, ...]
+    val: tuple[Sample, ...]
+    presplit: bool
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per class in each part, for logs and summaries."""
+        out: dict[str, dict[str, int]] = {}
+        for part in ("train", "val"):
+            tally = Counter(sample.label for sample in getattr(self, part))
+            out[part] = {name: tally.get(index, 0) for index, name in enumerate(self.classes)}
+        return out
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise DataError(f"{path}: a link to {path.resolve()}, outside the data folder {root}; copy the file in instead")
+
+
+def _verify(path: Path) -> None:
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise DataError(f"{path}: claims {width}x{height} pixels, over the {MAX_PIXELS:,} limit; resize or remove it")
+            image.verify()
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    """Map class name -> sorted image files, checking each class folder is usable."""
+    if not root.is_dir():
+        raise DataError(f"data folder '{root}' does not exist: pass --data DIR with <class>/<image> folders")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(
+            f"data folder '{root}' has no class folders: put images in {root}/<class>/ "
+            f"(or {root}/train/<class>/ and {root}/val/<class>/)"
+        )
+    classes: dict[str, list[Path]] = {}
+    for folder in folders:
+        _check_inside(folder, root)
+        files = sorted(p for p in folder.iterdir() if _is_image_file(p))
+        if not files:
+            raise DataError(
+                f"class folder '{folder}' has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
+                "add images or remove the folder"
+            )
+        for path in files:
+            _check_inside(path, root)
+            _verify(path)
+        classes[folder.name] = files
+    return classes
+
+
+def _stratified_split(files: dict[str, list[Path]], val_fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    train: list[Sample] = []
+    val: list[Sample] = []
+    for label, (name, paths) in enumerate(files.items()):
+        if len(paths) < 2:
+            raise DataError(
+                f"class '{name}' has {len(paths)} image; at least 2 are needed to split it into train and val: "
+                "add images, or pre-split the folder into train/ and val/"
+            )
+        order = rng.permutation(len(paths))
+        n_val = min(max(1, round(len(paths) * val_fraction)), len(paths) - 1)
+        val += [Sample(paths[i], label) for i in sorted(order[:n_val])]
+        train += [Sample(paths[i], label) for i in sorted(order[n_val:])]
+    return train, val
+
+
+def scan(root: Path, val_fraction: float = 0.2, seed: int = 42) -> Split:
+    """Find and check every image under `root` and split it into train and validation.
+
+    Raises:
+        DataError: for a missing or empty folder, a class without images, a
+            corrupt file, fewer than two classes, or validation classes that
+            do not match the training classes.
+    """
+    root = Path(root)
+    presplit = (root / "train").is_dir() and (root / "val").is_dir()
+    if presplit:
+        train_files = _class_folders(root / "train")
+        val_files = _class_folders(root / "val")
+        unknown = sorted(set(val_files) - set(train_files))
+        if unknown:
+            raise DataError(
+                f"{root}/val has classes the training set lacks: {', '.join(unknown)}; "
+                f"add them to {root}/train or remove them from {root}/val"
+            )
+        missing = sorted(set(train_files) - set(val_files))
+        if missing:
+            raise DataError(
+                f"{root}/val lacks classes the model will learn: {', '.join(missing)}; "
+                f"add images of them to {root}/val"
+            )
+        classes = tuple(train_files)
+        train = [Sample(p, i) for i, c in enumerate(classes) for p in train_files[c]]
+        val = [Sample(p, i) for i, c in enumerate(classes) for p in val_files[c]]
+    else:
+        files = _class_folders(root)
+        classes = tuple(files)
+        train, val = _stratified_split(files, val_fraction, seed)
+    if len(classes) < 2:
+        raise DataError(
+            f"'{root}' has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2 class folders"
+        )
+    split = Split(root=root, classes=classes, train=tuple(train), val=tuple(val), presplit=presplit)
+    log.info("data %s: %d classes, %d train / %d val images", root, len(classes), len(train), len(val))
+    return split
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file's bytes, as DVC records it."""
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_md5(root: Path) -> str:
+    """The `md5` DVC writes into a `.dvc` file for a tracked folder (`<hex>.dir`).
+
+    DVC hashes the JSON list of `{"md5", "relpath"}` entries of every file,
+    sorted by relative path; computing the same here lets any folder a user
+    passes be versioned and compared like the DVC-tracked demo data.
+    """
+    root = Path(root)
+    entries = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in {".dvc", ".git"})
+        for name in filenames:
+            if name in {".gitignore", ".dvcignore"}:
+                continue
+            path = Path(dirpath) / name
+            entries.append({"md5": file_md5(path), "relpath": path.relative_to(root).as_posix()})
+    entries.sort(key=lambda entry: entry["relpath"])
+    payload = json.dumps(entries, sort_keys=True).encode()
+    return hashlib.md5(payload).hexdigest() + ".dir"

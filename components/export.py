@@ -1,0 +1,127 @@
+"""ONNX export: one function exports, runs the full checker, and proves parity with PyTorch."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from components.errors import ExportError
+from components.images import load_batch
+from components.model import GraftClassifier
+from components.serving import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The exported file and its parity evidence."""
+
+    onnx_path: Path
+    sha256: str
+    opset: int
+    max_abs_diff: float
+    top1_agreement: float
+    parity_images: int
+    seconds: float
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> Path:
+    """Export `model` (uint8 N x S x S x 3 -> probabilities) with a dynamic batch axis, then check it."""
+    model = model.eval()
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
+    tmp = path.with_suffix(".tmp.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # the exporter prints progress to stdout; keep it in the log instead
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["images"],
+                output_names=["probabilities"],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+        log.debug("exporter: %s", chatter.getvalue())
+        proto = program.model_proto
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed ({exc}); try another deploy.opset or backbone") from exc
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "graft"
+    onnx.save_model(proto, tmp)
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+    tmp.replace(path)
+    return path
+
+
+def check_parity(model: GraftClassifier, onnx_path: Path, images: np.ndarray, atol: float) -> tuple[float, float]:
+    """Compare onnxruntime with PyTorch on real images.
+
+    Returns:
+        (max |p_onnx - p_torch|, top-1 agreement).
+
+    Raises:
+        ExportError: when the difference exceeds `atol` or any top-1 label differs.
+    """
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    actual = OnnxClassifier(onnx_path, ["CPUExecutionProvider"]).predict_proba(images)
+    max_diff = float(np.abs(actual - expected).max())
+    agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+    if max_diff > atol or agreement < 1.0:
+        raise ExportError(
+            f"ONNX parity failed on {len(images)} validation images: max |diff| {max_diff:.2e} "
+            f"(limit deploy.parity_atol={atol:g}, {max_diff / atol:.1f}x over), top-1 agreement {agreement:.2%} "
+            "(must be 100%); the model was not registered"
+        )
+    return max_diff, agreement
+
+
+def export_and_verify(
+    model: GraftClassifier,
+    path: Path,
+    image_size: int,
+    opset: int,
+    metadata: dict[str, object],
+    parity_sources: list[Path],
+    atol: float,
+) -> ExportResult:
+    """Export, check with `onnx.checker` (full), and pass the parity gate on `parity_sources`."""
+    started = time.perf_counter()
+    text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    export_onnx(model, path, image_size, opset, text_meta)
+    images = load_batch(parity_sources, image_size)
+    max_diff, agreement = check_parity(model, path, images, atol)
+    log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%%", len(images), max_diff, agreement * 100)
+    return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started)

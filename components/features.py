@@ -1,0 +1,101 @@
+"""Backbone features, computed once per image and cached on disk.
+
+The cache is keyed by backbone, weights, image size and preprocessing; inside
+a cache file each row is keyed by the image's md5, so any subset of any
+folder (the choose sample, the training split) reuses what was computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from components.data import file_md5
+from components.images import load_batch
+from components.model import Preprocess
+from components.zoo import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+PREPROCESSING_VERSION = "rgb-bilinear-v1"
+
+
+def cache_key(spec: BackboneSpec, image_size: int, seed: int) -> str:
+    """Name of the cache file for one backbone at one image size."""
+    weights = spec.weights_path()
+    tag = f"{weights.name}:{weights.stat().st_size}" if weights is not None else f"random-seed{seed}"
+    raw = f"{spec.name}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
+    return f"{spec.name}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
+
+
+@torch.inference_mode()
+def compute_features(
+    backbone: torch.nn.Module,
+    spec: BackboneSpec,
+    paths: Sequence[Path],
+    image_size: int,
+    batch_size: int = 64,
+    desc: str = "features",
+) -> np.ndarray:
+    """Run `backbone` over images, returning float32 features N x D."""
+    preprocess = Preprocess(spec.mean, spec.std)
+    chunks = []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
+    for start in range(0, len(paths), batch_size):
+        batch = torch.from_numpy(load_batch(list(paths[start : start + batch_size]), image_size))
+        chunks.append(backbone(preprocess(batch)).float().numpy())
+        bar.update(len(batch))
+    bar.close()
+    return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
+
+
+class FeatureCache:
+    """Features of one backbone at one size, stored as `<key>.npz` (md5s + matrix)."""
+
+    def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int = 0) -> None:
+        self.spec = spec
+        self.image_size = image_size
+        self.seed = seed
+        self.path = Path(cache_dir) / "features" / f"{cache_key(spec, image_size, seed)}.npz"
+        self.hits = 0
+        self.misses = 0
+
+    def _read(self) -> dict[str, np.ndarray]:
+        if not self.path.is_file():
+            return {}
+        try:
+            with np.load(self.path, allow_pickle=False) as stored:
+                return dict(zip(stored["md5"].tolist(), stored["features"], strict=True))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("feature cache %s is unreadable (%s); recomputing it", self.path, exc)
+            return {}
+
+    def _write(self, table: dict[str, np.ndarray]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, md5=np.array(list(table)), features=np.stack(list(table.values())))
+        os.replace(tmp, self.path)
+
+    def get(self, paths: Sequence[Path], batch_size: int = 64, backbone: torch.nn.Module | None = None) -> np.ndarray:
+        """Features of `paths`, computing (and storing) only the rows not cached yet."""
+        md5s = [file_md5(p) for p in paths]
+        table = self._read()
+        todo = sorted({m: p for m, p in zip(md5s, paths, strict=True) if m not in table}.items())
+        self.hits += len(paths) - len(todo)
+        self.misses += len(todo)
+        if todo:
+            net = backbone if backbone is not None else self.spec.build(self.image_size, seed=self.seed)
+            fresh = compute_features(
+                net, self.spec, [p for _, p in todo], self.image_size, batch_size, desc=f"{self.spec.name} features"
+            )
+            table.update({m: row for (m, _), row in zip(todo, fresh, strict=True)})
+            self._write(table)
+        log.info("%s: %d images, %d from cache, %d computed", self.spec.name, len(paths), len(paths) - len(todo), len(todo))
+        return np.stack([table[m] for m in md5s]).astype(np.float32)

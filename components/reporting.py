@@ -1,0 +1,90 @@
+"""What each stage leaves in MLflow and on disk for people to look at."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from components.choose import ChooseResult, ranking_table
+from components.config import Params
+from components.data import Split
+from components.evaluate import EvalResult, write_json
+from components.tracking import Run
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def log_run_start(run: Run, params: Params, split: Split, data_md5: str, commit: str) -> None:
+    """Parameters, data version and class counts on the parent run."""
+    run.log_params(flatten(params.model_dump(mode="json")))
+    run.set_tags({"data_md5": data_md5, "git_commit": commit, "data_dir": str(split.root), "classes": ",".join(split.classes)})
+    run.log_dict(split.counts(), "data/class_counts.json")
+
+
+def plot_ranking(choice: ChooseResult, path: Path) -> Path:
+    """Horizontal bar chart of the candidates' scores; ineligible ones are greyed and labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(reversed(choice.candidates))
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.5))
+    values = [row.score if row.score is not None else 0.0 for row in rows]
+    colours = [
+        "#2a7ab9" if row.name == choice.chosen else ("#9ecae1" if row.status == "ok" else "#cccccc") for row in rows
+    ]
+    ax.barh([row.name for row in rows], values, color=colours)
+    for index, row in enumerate(rows):
+        note = f"{row.score:.3f}" if row.score is not None else row.status.split(":")[0]
+        ax.text(values[index], index, f" {note}", va="center", fontsize=8)
+    ax.set_xlabel("LogME" if choice.score_name == "logme" else "linear-probe accuracy")
+    ax.set_title(f"backbone ranking: chose {choice.chosen}")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def log_choice(run: Run, choice: ChooseResult, run_dir: Path) -> None:
+    """A child run per candidate, the ranking as JSON and text, and its bar chart."""
+    for row in choice.candidates:
+        child = run.child(f"candidate: {row.name}")
+        child.log_params({"backbone": row.name, "pretrained": row.pretrained, "image_size": row.image_size, "status": row.status})
+        metrics = {k: v for k, v in {"choose/logme": row.logme, "choose/probe_accuracy": row.probe_accuracy, "choose/seconds": row.seconds}.items() if v is not None}
+        if metrics:
+            child.log_metrics(metrics)
+        child.finish()
+    run.set_tags({"chosen_backbone": choice.chosen, "choose.reason": choice.reason})
+    run.log_dict({"chosen": choice.chosen, "reason": choice.reason, "candidates": [r.to_dict() for r in choice.candidates]}, "choose/ranking.json")
+    run.client.log_text(run.run_id, ranking_table([r.to_dict() for r in choice.candidates]), "choose/ranking.txt")
+    run.log_artifact(plot_ranking(choice, run_dir / "ranking.png"), "choose")
+
+
+def log_evaluation(run: Run, evaluation: EvalResult, output_dir: Path) -> None:
+    """`val/...` metrics and pictures on the run; `metrics.json` and the plot where DVC expects them."""
+    run.log_metrics({f"val/{k}": v for k, v in evaluation.metrics.items()})
+    run.log_dict(evaluation.per_class, "evaluate/per_class.json")
+    run.log_artifact(evaluation.confusion_path, "evaluate")
+    run.log_artifact(evaluation.metrics_path, "evaluate")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(evaluation.metrics_path, output_dir / "metrics.json.tmp")
+    (output_dir / "metrics.json.tmp").replace(output_dir / "metrics.json")
+    shutil.copyfile(evaluation.confusion_path, output_dir / "confusion_matrix.png")
+
+
+def log_summary(run: Run, summary: dict, run_dir: Path) -> None:
+    """The summary as a run artifact and a file in the run folder."""
+    write_json(run_dir / "summary.json", summary)
+    run.log_dict(summary, "summary.json")
+    run.set_tags({"registered": f"{summary['registered']['name']} v{summary['registered']['version']}"})

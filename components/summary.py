@@ -1,0 +1,101 @@
+"""The run summary: one JSON document (`--summary`) and the lines the CLI prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from components.choose import ChooseResult, ranking_table
+from components.deploy import DeployResult
+from components.evaluate import EvalResult
+from components.train import TrainResult
+
+
+class Stopwatch:
+    """Seconds spent per named stage: `with clock("choose"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def build_summary(
+    run_id: str,
+    data_dir: Path,
+    data_md5: str,
+    commit: str,
+    choice: ChooseResult,
+    trained: TrainResult,
+    evaluation: EvalResult,
+    deployed: DeployResult,
+    run_dir: Path,
+    timings: dict[str, float],
+) -> dict:
+    """Everything a person or a script needs to know about one pipeline run."""
+    return {
+        "run_id": run_id,
+        "data_dir": str(data_dir),
+        "data_md5": data_md5,
+        "git_commit": commit,
+        "chosen": choice.chosen,
+        "choose": {"score": choice.score_name, "reason": choice.reason},
+        "candidates": [row.to_dict() for row in choice.candidates],
+        "strategy": trained.strategy,
+        "image_size": trained.image_size,
+        "classes": list(trained.classes),
+        "train": {"epochs_run": trained.epochs_run, "best_epoch": trained.best_epoch, "best_val_loss": trained.best_val_loss},
+        "val": evaluation.metrics,
+        "onnx": {
+            "path": str(deployed.export.onnx_path),
+            "sha256": deployed.export.sha256,
+            "opset": deployed.export.opset,
+            "max_abs_diff": deployed.export.max_abs_diff,
+            "top1_agreement": deployed.export.top1_agreement,
+            "parity_images": deployed.export.parity_images,
+        },
+        "registered": {
+            "name": deployed.model_name,
+            "version": deployed.version,
+            "aliases": list(deployed.aliases),
+            "uri": deployed.model_uri,
+        },
+        "gate": {"promote": deployed.verdict.promote, "reasons": list(deployed.verdict.reasons)},
+        "files": {
+            "run_dir": str(run_dir),
+            "checkpoint": str(trained.checkpoint_path),
+            "metrics": str(evaluation.metrics_path),
+            "confusion_matrix": str(evaluation.confusion_path),
+        },
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """The human-readable end of `graft run`: what was chosen, how good, where it went, what next."""
+    reg = summary["registered"]
+    champion = "champion" in reg["aliases"]
+    lines = ["backbone ranking:", ranking_table(summary["candidates"]), ""]
+    lines += [
+        f"chosen backbone   {summary['chosen']}  ({summary['choose']['reason']})",
+        f"validation        accuracy {summary['val']['accuracy']:.4f}, macro-F1 {summary['val']['macro_f1']:.4f}",
+        f"ONNX parity       max |diff| {summary['onnx']['max_abs_diff']:.1e}, top-1 agreement {summary['onnx']['top1_agreement']:.0%}",
+        f"registered        {reg['name']} v{reg['version']}  aliases: {', '.join(reg['aliases'])}",
+        f"gate              {'; '.join(summary['gate']['reasons'])}",
+        f"files             {summary['files']['run_dir']}",
+        f"MLflow run        {summary['run_id']}",
+        f"timings (s)       " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items()),
+        "",
+        "next:",
+        f"  .venv/bin/graft predict --model models:/{reg['name']}@{'champion' if champion else 'challenger'} IMAGE...",
+        "  make mlflow-ui     # compare runs, move the champion alias",
+    ]
+    return "\n".join(lines)

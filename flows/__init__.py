@@ -1,0 +1,1 @@
+"""Prefect flows and the `graft` command line: wiring only, the logic lives in components/."""

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real params.yaml shrunk to toy size, tiny real image folders, and
+an isolated Prefect API and MLflow store per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Isolated, quiet Prefect for the whole session (set before prefect is imported anywhere).
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway Prefect API (SQLite in a temp folder) for flow tests."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect-home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three real digit classes, 20 images each, as `<class>/<image>.png`."""
+    from components.demo import write_digits
+
+    return write_digits(tmp_path_factory.mktemp("digits") / "images", per_class=20, classes=(0, 1, 7))
+
+
+@pytest.fixture(scope="session")
+def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache shared by the session, as in real use."""
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path) -> list[str]:
+    """The real params.yaml, shrunk: small images, few samples, everything under `work`."""
+    return [
+        f"data.dir={data_dir}",
+        f"data.cache_dir={cache_dir}",
+        "data.image_size=64",
+        "choose.sample_size=30",
+        "choose.candidates=[efficientnet_lite0, random_efficientnet_lite0]",
+        f"deploy.output_dir={work / 'outputs'}",
+        "deploy.parity_images=16",
+        "deploy.model_name=graft-test",
+        f"tracking.store_dir={work / 'mlflow'}",
+    ]
+
+
+@pytest.fixture
+def tiny_params(tmp_path: Path, digits_dir: Path, feature_cache_dir: Path):
+    from components.config import load_params
+
+    return load_params(REPO / "params.yaml", tiny_overrides(digits_dir, tmp_path, feature_cache_dir))
