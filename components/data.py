@@ -40,6 +40,8 @@ class Split:
     train: tuple[Sample, ...]
     val: tuple[Sample, ...]
     presplit: bool
+    duplicates: int = 0
+    """Images whose exact bytes appear in both train and val (they inflate validation scores)."""
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Images per class in each part, for logs and summaries."""
@@ -60,15 +62,21 @@ def _check_inside(path: Path, root: Path) -> None:
 
 
 def _verify(path: Path) -> None:
+    """Decode the file once (JPEGs at reduced scale), so corrupt or truncated files fail here, not mid-run."""
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes); replace or remove it")
     try:
         with Image.open(path) as image:
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise DataError(f"{path}: claims {width}x{height} pixels, over the {MAX_PIXELS:,} limit; resize or remove it")
-            image.verify()
+            image.draft("RGB", (64, 64))  # JPEG: decode at 1/8 scale; still reads every byte
+            image.load()
     except DataError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused before decoding, a possible decompression bomb ({exc}); resize or remove it") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
 
 
@@ -153,9 +161,36 @@ def scan(root: Path, val_fraction: float = 0.2, seed: int = 42) -> Split:
         raise DataError(
             f"'{root}' has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2 class folders"
         )
-    split = Split(root=root, classes=classes, train=tuple(train), val=tuple(val), presplit=presplit)
+    split = Split(
+        root=root, classes=classes, train=tuple(train), val=tuple(val), presplit=presplit,
+        duplicates=_count_duplicates(train, val),
+    )
+    _warn_about_balance(split)
     log.info("data %s: %d classes, %d train / %d val images", root, len(classes), len(train), len(val))
     return split
+
+
+def _count_duplicates(train: list[Sample], val: list[Sample]) -> int:
+    """Validation images whose bytes also occur in the training split."""
+    seen = {file_md5(s.path) for s in train}
+    count = sum(file_md5(s.path) in seen for s in val)
+    if count:
+        log.warning(
+            "%d validation image(s) are byte-identical to training images: validation scores will be optimistic; "
+            "remove the duplicates from one side", count,
+        )
+    return count
+
+
+def _warn_about_balance(split: Split) -> None:
+    counts = split.counts()["train"]
+    largest, smallest = max(counts.values()), min(counts.values())
+    if smallest and largest / smallest >= 10:
+        rare = min(counts, key=counts.get)
+        log.warning(
+            "classes are imbalanced %d:1 (class '%s' has %d training images); accuracy will flatter the model, "
+            "watch balanced accuracy and per-class recall", largest // smallest, rare, smallest,
+        )
 
 
 def file_md5(path: Path) -> str:

@@ -52,7 +52,9 @@ def open_image(source: Path | str | Image.Image) -> Image.Image:
         raise
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: refused before decoding, a possible decompression bomb ({exc}); resize or remove it") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
 
 

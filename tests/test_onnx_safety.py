@@ -1,0 +1,50 @@
+"""ONNX files whose external data escapes their folder are refused."""
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from components.onnx_safety import UnsafeModelError, check_external_data
+
+
+def _model_with_external_weight(folder, location):
+    weight = numpy_helper.from_array(np.ones((2, 2), dtype=np.float32), name="w")
+    weight.ClearField("raw_data")
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", "16")):
+        entry = weight.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+        [weight],
+    )
+    path = folder / "model.onnx"
+    onnx.save_model(helper.make_model(graph), path)  # not load-checked: the point is a hostile file
+    return path
+
+
+@pytest.mark.parametrize("location", ["../secret.bin", "/etc/passwd", "sub/../../x.bin"])
+def test_locations_outside_the_folder_are_refused(tmp_path, location):
+    (tmp_path / "m").mkdir()
+    path = _model_with_external_weight(tmp_path / "m", location)
+    with pytest.raises(UnsafeModelError, match="outside the model's folder"):
+        check_external_data(path)
+
+
+def test_symlink_leading_outside_is_refused(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 16)
+    (tmp_path / "m" / "weights.bin").symlink_to(tmp_path / "outside.bin")
+    path = _model_with_external_weight(tmp_path / "m", "weights.bin")
+    with pytest.raises(UnsafeModelError):
+        check_external_data(path)
+
+
+def test_data_beside_the_model_is_accepted(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "weights.bin").write_bytes(np.ones((2, 2), dtype=np.float32).tobytes())
+    path = _model_with_external_weight(tmp_path / "m", "weights.bin")
+    assert check_external_data(path) == [(tmp_path / "m" / "weights.bin").resolve()]
