@@ -11,6 +11,8 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${CUDA_IMAGE} AS train
 ENV DEBIAN_FRONTEND=noninteractive PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1
+# The CUDA base image is pinned; its apt packages follow that Ubuntu release's security updates.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv git \
  && rm -rf /var/lib/apt/lists/*
@@ -24,7 +26,7 @@ COPY flows ./flows
 COPY params.yaml dvc.yaml data.dvc ./
 COPY .dvc/config ./.dvc/config
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app
-USER graft
+USER 10001
 ENV PATH=/opt/venv/bin:$PATH
 ENTRYPOINT ["graft"]
 CMD ["run", "--summary", "outputs/summary.json"]
@@ -37,11 +39,11 @@ WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 # the consumer side only: onnxruntime, image decoding, config, MLflow client for models:/ URIs
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -c requirements.lock onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny
+ && /opt/venv/bin/pip install -c requirements.lock onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny fastapi uvicorn python-multipart
 COPY components ./components
 COPY flows ./flows
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app
-USER graft
+USER 10001
 ENV PATH=/opt/venv/bin:$PATH
 ENTRYPOINT ["graft", "predict"]
 CMD ["--help"]

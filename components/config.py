@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -37,6 +37,22 @@ class DataConfig(_Section):
     """Feature cache and other derived data that can be rebuilt at any time."""
 
 
+class CustomBackbone(_Section):
+    """A backbone of the user's own, declared in `choose.custom` without editing Graft."""
+
+    factory: str = Field(pattern=r"^[^:]+:[A-Za-z_][A-Za-z0-9_]*$")
+    """`package.module:function` or `path/to/file.py:function`; called with no arguments, it returns a
+    torch module mapping a normalised N x 3 x S x S batch to pooled features N x D."""
+    weights: Path | None = None
+    """State-dict file loaded into the factory's module (keys and shapes checked); null keeps its own weights."""
+    input_size: int = Field(224, ge=32, le=1024)
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    pretrained: bool = True
+    """False marks it as a baseline (ranked for reference, chosen only with allow_baseline)."""
+    licence: str = "unknown"
+
+
 class ChooseConfig(_Section):
     """Which backbones compete and how they are scored."""
 
@@ -49,6 +65,23 @@ class ChooseConfig(_Section):
     """Let a randomly initialised baseline be chosen; by default it is ranked as a reference only."""
     max_params_m: float | None = Field(None, gt=0)
     """Largest backbone allowed, in millions of parameters; null for no limit."""
+    max_size_mb: float | None = Field(None, gt=0)
+    """Largest exported model allowed (the backbone's fp32 ONNX file), in MB; null for no limit."""
+    max_latency_ms: float | None = Field(None, gt=0)
+    """Slowest backbone allowed, in ms per image on onnxruntime at batch 1 and at `latency_batch_size`
+    (the larger counts); null for no limit."""
+    latency_batch_size: int = Field(16, ge=1)
+    """The serving batch size at which latency per image is measured besides batch 1."""
+    latency_runs: int = Field(20, ge=3)
+    """Timed runs per batch size; the median is reported."""
+    onnx_features: bool = True
+    """Extract the sample's features with the exported backbone on onnxruntime (faster on CPU than eager PyTorch)."""
+    baseline: bool = True
+    """Always rank a randomly initialised twin of the first pre-trained candidate when none is listed."""
+    weights: dict[str, Path] = {}
+    """Local weights files for zoo backbones, used instead of $TORCH_HOME, e.g. {resnet18: /models/resnet18.pth}."""
+    custom: dict[str, CustomBackbone] = {}
+    """Backbones of your own by name, e.g. {mynet: {factory: mypkg.nets:mynet, weights: mynet.pth}}."""
     batch_size: int = Field(64, ge=1)
 
     @field_validator("candidates")
@@ -62,22 +95,84 @@ class ChooseConfig(_Section):
 class TrainConfig(_Section):
     """How the chosen backbone is adapted."""
 
-    strategy: Literal["feature_extraction"] = "feature_extraction"
+    strategy: Literal["feature_extraction", "fine_tune", "two_stage", "scratch"] = "feature_extraction"
+    """feature_extraction: frozen backbone, new head on cached features; fine_tune: the last `unfreeze`
+    blocks train with the head; two_stage: head first (frozen backbone), then `unfreeze` blocks at a low
+    lr; scratch: the same architecture randomly initialised, everything trained (the baseline)."""
     epochs: int = Field(200, ge=1)
+    """Most epochs (per stage for two_stage); early stopping usually ends sooner. The cosine decay of
+    the strategies that train the backbone spans this many epochs."""
     patience: int = Field(5, ge=1)
-    """Epochs without a better validation loss before training stops."""
+    """Epochs without a better validation loss before training stops; the best weights are kept."""
     lr: float = Field(1e-3, gt=0)
+    """Learning rate of the head (and of every layer for scratch)."""
     weight_decay: float = Field(1e-4, ge=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 42
+    """Seeds initialisation, shuffling and augmentation: the same seed and data give the same model on CPU."""
+    unfreeze: Annotated[int, Field(ge=1)] | Literal["all"] = 3
+    """fine_tune/two_stage: how many of the backbone's last blocks train (the stem counts as one), or all."""
+    backbone_lr_ratio: float = Field(0.1, gt=0, le=1)
+    """Discriminative learning rates: unfrozen backbone blocks learn at lr x this; two_stage's second
+    stage runs every trainable layer at lr x this."""
+    freeze_bn: bool = True
+    """Keep pre-trained BatchNorm running statistics fixed while fine-tuning (small batches of new data
+    would overwrite what the model learned); scratch always updates them."""
+    warmup_epochs: int = Field(1, ge=0)
+    """Linear warm-up before the cosine decay, for the strategies that train the backbone."""
+    augment: bool = False
+    """Random crops/rotations/colour jitter (torchvision.transforms.v2) on training images; this bypasses
+    the feature cache, since every epoch then sees different pixels."""
+    augment_crop_scale: float = Field(0.8, gt=0, le=1)
+    """Smallest share of the image a random resized crop keeps; 1 = no cropping."""
+    augment_rotate: float = Field(10.0, ge=0, le=180)
+    """Largest random rotation in degrees; 0 = none."""
+    augment_color: float = Field(0.2, ge=0, le=1)
+    """Brightness/contrast/saturation jitter strength; 0 = none."""
+    augment_flip: bool = False
+    """Random horizontal flips; off by default because mirrored digits or text are different things."""
+    balance: Literal["none", "class_weights", "sampler"] = "none"
+    """Imbalanced classes: weight the loss by inverse class frequency, or draw batches class-balanced."""
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    """Clip the gradient norm to this; null for no clipping."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto uses CUDA when present."""
+    mixed_precision: bool = True
+    """On CUDA: autocast (bfloat16 where supported, else float16 with loss scaling); ignored on CPU."""
+    channels_last: bool = True
+    """On CUDA: channels-last memory format for the backbone (faster convolutions); ignored on CPU."""
+    resume: bool = True
+    """Continue an interrupted run from its last epoch checkpoint (kept under data.cache_dir, keyed by
+    data, backbone and these settings) when started again with the same inputs."""
 
 
 class EvaluateConfig(_Section):
-    """What the validation report contains."""
+    """What the validation report contains, and the rules of the champion gate."""
 
     top_k: int = Field(3, ge=1)
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     """Metric the champion gate compares."""
+    calibration_bins: int = Field(15, ge=2, le=100)
+    """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
+    temperature_scaling: bool = False
+    """Fit a softmax temperature on the validation split and export the model with it (better calibrated
+    probabilities, same predictions); calibration metrics on that split are then optimistic."""
+    misclassified_images: int = Field(16, ge=1, le=100)
+    """How many of the most confidently wrong validation images the misclassification grid shows."""
+    gate_test: Literal["mcnemar", "bootstrap", "none"] = "mcnemar"
+    """Paired test that the challenger's gain is not noise: McNemar's exact test on the images where the
+    two models disagree (tests accuracy), a paired bootstrap interval of the `metric` difference, or none."""
+    alpha: float = Field(0.05, gt=0.0, lt=0.5)
+    """Significance level of `gate_test` (McNemar p < alpha, or the 1 - alpha bootstrap interval above 0)."""
+    bootstrap_samples: int = Field(2000, ge=100, le=100_000)
+    """Resamples of the paired bootstrap."""
+    min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
+    """Floor: a challenger below this validation accuracy is registered but never made champion; null for none."""
+    min_macro_f1: float | None = Field(None, ge=0.0, le=1.0)
+    """Floor on validation macro-F1, like `min_accuracy`; null for none."""
+    max_class_drop: float | None = Field(None, ge=0.0, le=1.0)
+    """Largest drop in any one class's recall, challenger vs champion, that still allows promotion; null for no limit."""
 
 
 class DeployConfig(_Section):
@@ -89,9 +184,24 @@ class DeployConfig(_Section):
     """Largest allowed |p_onnx - p_torch| on the validation images."""
     parity_images: int = Field(64, ge=1)
     min_improvement: float = Field(0.0, ge=0.0, le=1.0)
-    """The challenger must beat the champion by more than this on `evaluate.metric`."""
+    """The challenger must beat the champion by at least this on `evaluate.metric` (and by more than 0:
+    a tie never replaces the champion); see also the `evaluate` gate settings."""
     output_dir: Path = Path("outputs")
     """Run folders, the latest `metrics.json` and plots for DVC."""
+    variants: tuple[Literal["fp16", "int8"], ...] = ("fp16", "int8")
+    """Variants built beside the fp32 model (an onnxruntime-optimised fp32 copy is always built)."""
+    max_variant_drop: float = Field(0.01, ge=0.0, le=1.0)
+    """Largest validation-accuracy loss of a variant against fp32 (0.01 = 1 point); a variant that loses more is not published."""
+    calibration_images: int = Field(64, ge=1)
+    """Training images (stratified) that calibrate the INT8 variant's activation ranges."""
+    serve_poll_seconds: float = Field(10.0, gt=0)
+    """`graft serve`: how often to ask the registry whether the alias moved (then reload)."""
+    serve_max_upload_mb: float = Field(10.0, gt=0)
+    """`graft serve`: largest request body; bigger requests get 413."""
+    serve_max_batch: int = Field(32, ge=1)
+    """`graft serve`: most images in one JSON batch request."""
+    serve_timeout_seconds: float = Field(10.0, gt=0)
+    """`graft serve`: a request still running after this gets 504."""
 
 
 class TrackingConfig(_Section):
@@ -121,6 +231,15 @@ class Params(_Section):
             update={
                 "data": self.data.model_copy(
                     update={"dir": anchor(self.data.dir), "cache_dir": anchor(self.data.cache_dir)}
+                ),
+                "choose": self.choose.model_copy(
+                    update={
+                        "weights": {name: anchor(path) for name, path in self.choose.weights.items()},
+                        "custom": {
+                            name: spec.model_copy(update={"weights": anchor(spec.weights) if spec.weights else None})
+                            for name, spec in self.choose.custom.items()
+                        },
+                    }
                 ),
                 "deploy": self.deploy.model_copy(update={"output_dir": anchor(self.deploy.output_dir)}),
                 "tracking": self.tracking.model_copy(update={"store_dir": anchor(self.tracking.store_dir)}),

@@ -17,16 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
+from components.bundle import write_bundle
+from components.choose import stratified_sample
 from components.config import Params
 from components.data import Split
 from components.errors import GraftError, RegistryError
 from components.evaluate import EvalResult
 from components.export import ExportResult, export_and_verify
-from components.gate import Verdict, judge
+from components.gate import GateRules, Verdict, judge
 from components.images import load_batch
-from components.serving import OnnxClassifier, choose_providers
+from components.retrain import PARAMS_SHA_TAG, params_fingerprint
+from components.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, write_model_card
+from components.promotion import move_alias
+from components.serving import OnnxClassifier, choose_providers, copy_variant_files
 from components.tracking import Run
 from components.train import TrainResult, load_classifier
+from components.variants import VariantsReport, build_variants
 from components.zoo import get_spec
 
 log = logging.getLogger(__name__)
@@ -46,6 +52,10 @@ class DeployResult:
     verdict: Verdict
     model_uri: str
     seconds: float
+    variants: VariantsReport | None = None
+    """fp16/int8/optimised variants, their accuracy change vs fp32, and which were published."""
+    bundle_dir: Path | None = None
+    """The deploy bundle (`run_dir/bundle`): ONNX files, labels, model card, SHA256SUMS."""
 
 
 def current_champion(client, name: str):  # noqa: ANN001, ANN201 - MLflow types
@@ -97,6 +107,7 @@ def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, e
 
     tags = {
         "data_md5": data_md5,
+        PARAMS_SHA_TAG: params_fingerprint(params),  # with data_md5, what a scheduled run compares (components/retrain.py)
         "git_commit": commit,
         "backbone": trained.backbone,
         "strategy": trained.strategy,
@@ -109,15 +120,18 @@ def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, e
         "runtime.onnxruntime": onnxruntime.__version__,
         "runtime.torch": torch.__version__,
         "runtime.python": platform.python_version(),
-        "gate.verdict": "promote" if verdict.promote else "keep champion",
-        "gate.reasons": verdict.text(),
+        **verdict.tags(),
     }
     tags.update({f"val.{k}": f"{v:.4f}" for k, v in evaluation.metrics.items()})
     return tags
 
 
-def _log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int) -> str:
-    """Save with MLflow's ONNX flavour (signature + input example) and log it to the run."""
+def _log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int, variants: tuple[str, ...] = ()) -> str:
+    """Save with MLflow's ONNX flavour (signature + input example) and log it to the run.
+
+    Published variant files (`model.int8.onnx`, ...) go into the same folder, so the
+    registered version holds them beside `model.onnx` and one copy of it carries all.
+    """
     import mlflow.onnx
     import onnx
     from mlflow.models import infer_signature
@@ -135,6 +149,7 @@ def _log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int
             onnx_execution_providers=choose_providers(),
             save_as_external_data=False,
         )
+        copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)
         run.client.log_artifacts(run.run_id, str(local), "model")
     return f"{run.client.get_run(run.run_id).info.artifact_uri}/model"
 
@@ -163,6 +178,7 @@ def deploy(params: Params, split: Split, trained: TrainResult, evaluation: EvalR
     started = time.perf_counter()
     cfg = params.deploy
     model, _ = load_classifier(trained.checkpoint_path)
+    model.temperature.fill_(evaluation.temperature)  # the calibrated softmax ships inside the ONNX graph
     spec = get_spec(trained.backbone)
     metadata = {
         "classes": list(trained.classes),
@@ -171,6 +187,7 @@ def deploy(params: Params, split: Split, trained: TrainResult, evaluation: EvalR
         "std": list(spec.std),
         "backbone": trained.backbone,
         "data_md5": data_md5,
+        "temperature": evaluation.temperature,
         "input": "uint8 RGB, N x H x W x 3",
         "output": "class probabilities",
     }
@@ -191,22 +208,30 @@ def deploy(params: Params, split: Split, trained: TrainResult, evaluation: EvalR
     challenger_probs = OnnxClassifier(exported.onnx_path).predict_proba(images_of(trained.image_size))
     champion_version, champion_probs, problem = _champion_probs(client, cfg.model_name, trained.classes, images_of)
     verdict = judge(
-        challenger_probs, labels, params.evaluate.metric, cfg.min_improvement, champion_probs, champion_version, problem
+        challenger_probs, labels, GateRules.from_params(params), champion_probs, champion_version, problem, trained.classes
     )
     log.info("gate: %s", verdict.text())
-    source = _log_onnx_model(run, exported.onnx_path, trained.image_size, len(trained.classes))
+    run.set_tags(verdict.tags())
+    run.log_dict(verdict.to_dict(), f"{REPORT_ARTIFACT_DIR}/gate.json")
+    card = write_model_card(CardFacts(params, split, trained, evaluation, exported, verdict, data_md5, commit, run.run_id), run_dir)
+    run.log_artifact(card.path, CARD_ARTIFACT_DIR)
+    calibration = load_batch([s.path for s in stratified_sample(split.train, cfg.calibration_images, params.data.seed)], trained.image_size)
+    variants = build_variants(exported.onnx_path, cfg.variants, images_of(trained.image_size), labels, calibration, cfg.max_variant_drop)
+    run.log_dict(variants.to_dict(), "deploy/variants.json")
+    source = _log_onnx_model(run, exported.onnx_path, trained.image_size, len(trained.classes), variants.published)
     tags = version_tags(params, trained, evaluation, exported, verdict, data_md5, commit)
-    description = (
-        f"{trained.backbone} ({trained.strategy}) on data {data_md5}: val accuracy "
-        f"{evaluation.metrics['accuracy']:.4f}, macro-F1 {evaluation.metrics['macro_f1']:.4f}. Gate: {verdict.text()}"
+    tags["model_card"] = card.uri
+    tags.update(variants.tags())
+    version = register_version(run, cfg.model_name, source, tags, card.summary)
+    bundle = write_bundle(
+        exported.onnx_path, run_dir / "bundle",
+        {"name": cfg.model_name, "version": version, "source": f"models:/{cfg.model_name}/{version}", "run_id": run.run_id, "git_commit": commit},
+        variants.listing(), card.path,
     )
-    version = register_version(run, cfg.model_name, source, tags, description)
     client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
     aliases = [CHALLENGER]
     if verdict.promote:
-        client.set_registered_model_alias(cfg.model_name, CHAMPION, version)
-        client.set_registered_model_tag(cfg.model_name, "graft.champion_version", version)
-        client.set_model_version_tag(cfg.model_name, version, "graft.promoted_by", f"graft gate (run {run.run_id})")
+        move_alias(client, cfg.model_name, version, "gate", f"graft run {run.run_id}", verdict.text())
         aliases.append(CHAMPION)
     log.info("registered %s v%s with aliases %s", cfg.model_name, version, ", ".join(aliases))
     return DeployResult(
@@ -217,4 +242,6 @@ def deploy(params: Params, split: Split, trained: TrainResult, evaluation: EvalR
         verdict=verdict,
         model_uri=f"models:/{cfg.model_name}/{version}",
         seconds=time.perf_counter() - started,
+        variants=variants,
+        bundle_dir=bundle.dir,
     )

@@ -13,6 +13,10 @@ class DataError(GraftError):
     """The image folder is missing, empty, corrupt or inconsistent."""
 
 
+class RemoteError(DataError):
+    """The DVC remote could not be reached or did not have the files (worth retrying)."""
+
+
 class ModelError(GraftError):
     """A backbone cannot be built or its weights cannot be loaded."""
 

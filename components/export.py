@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import logging
@@ -15,6 +14,7 @@ import numpy as np
 import onnx
 import torch
 
+from components.bundle import sha256
 from components.errors import ExportError
 from components.images import load_batch
 from components.model import GraftClassifier
@@ -36,13 +36,10 @@ class ExportResult:
     seconds: float
 
 
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+REQUIRED_METADATA = ("classes", "image_size")
+"""Keys a consumer cannot work without; export refuses a model that lacks them."""
+DESCRIPTIVE_METADATA = ("mean", "std", "backbone", "data_md5")
+"""Keys that say what the model is; Graft's deploy stage always writes them."""
 
 
 def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> Path:
@@ -119,6 +116,12 @@ def export_and_verify(
 ) -> ExportResult:
     """Export, check with `onnx.checker` (full), and pass the parity gate on `parity_sources`."""
     started = time.perf_counter()
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ExportError(f"ONNX metadata lacks {', '.join(missing)}; consumers need them to label and size images")
+    undescribed = [key for key in DESCRIPTIVE_METADATA if key not in metadata]
+    if undescribed:
+        log.warning("ONNX metadata lacks %s; the model will not say what it is", ", ".join(undescribed))
     text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     export_onnx(model, path, image_size, opset, text_meta)
     images = load_batch(parity_sources, image_size)

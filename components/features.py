@@ -3,6 +3,8 @@
 The cache is keyed by backbone, weights, image size and preprocessing; inside
 a cache file each row is keyed by the image's md5, so any subset of any
 folder (the choose sample, the training split) reuses what was computed.
+Rows come from eager PyTorch or from the same backbone exported to ONNX
+(`components.latency.OnnxFeatures`); the two agree to float32 rounding.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +28,45 @@ log = logging.getLogger(__name__)
 
 PREPROCESSING_VERSION = "rgb-bilinear-v1"
 
+Extractor = Callable[[np.ndarray], np.ndarray]
+"""uint8 N x S x S x 3 images -> float features N x D."""
+
 
 def cache_key(spec: BackboneSpec, image_size: int, seed: int) -> str:
     """Name of the cache file for one backbone at one image size."""
     weights = spec.weights_path()
     tag = f"{weights.name}:{weights.stat().st_size}" if weights is not None else f"random-seed{seed}"
-    raw = f"{spec.name}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
+    raw = f"{spec.name}|{spec.family}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
     return f"{spec.name}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
 
-@torch.inference_mode()
+def torch_extractor(backbone: torch.nn.Module, spec: BackboneSpec) -> Extractor:
+    """Eager PyTorch: normalise with the backbone's mean/std and run it."""
+    preprocess = Preprocess(spec.mean, spec.std)
+
+    @torch.inference_mode()
+    def extract(images: np.ndarray) -> np.ndarray:
+        return backbone(preprocess(torch.from_numpy(images))).float().numpy()
+
+    return extract
+
+
 def compute_features(
-    backbone: torch.nn.Module,
+    backbone: torch.nn.Module | None,
     spec: BackboneSpec,
     paths: Sequence[Path],
     image_size: int,
     batch_size: int = 64,
     desc: str = "features",
+    extractor: Extractor | None = None,
 ) -> np.ndarray:
-    """Run `backbone` over images, returning float32 features N x D."""
-    preprocess = Preprocess(spec.mean, spec.std)
+    """Run `extractor` (or eager `backbone`) over images, returning float32 features N x D."""
+    extract = extractor if extractor is not None else torch_extractor(backbone, spec)
     chunks = []
     bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
     for start in range(0, len(paths), batch_size):
-        batch = torch.from_numpy(load_batch(list(paths[start : start + batch_size]), image_size))
-        chunks.append(backbone(preprocess(batch)).float().numpy())
+        batch = load_batch(list(paths[start : start + batch_size]), image_size)
+        chunks.append(np.asarray(extract(batch), dtype=np.float32))
         bar.update(len(batch))
     bar.close()
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
@@ -83,17 +99,32 @@ class FeatureCache:
         np.savez(tmp, md5=np.array(list(table)), features=np.stack(list(table.values())))
         os.replace(tmp, self.path)
 
-    def get(self, paths: Sequence[Path], batch_size: int = 64, backbone: torch.nn.Module | None = None) -> np.ndarray:
-        """Features of `paths`, computing (and storing) only the rows not cached yet."""
+    def get(
+        self,
+        paths: Sequence[Path],
+        batch_size: int = 64,
+        backbone: torch.nn.Module | None = None,
+        extractor: Extractor | None = None,
+    ) -> np.ndarray:
+        """Features of `paths`, computing (and storing) only the rows not cached yet.
+
+        Args:
+            paths: Images, in the order of the returned rows.
+            batch_size: Images per forward pass.
+            backbone: The built backbone, if the caller has it (else it is built on a miss).
+            extractor: Computes rows instead of eager PyTorch, e.g. the ONNX-exported backbone.
+        """
         md5s = [file_md5(p) for p in paths]
         table = self._read()
         todo = sorted({m: p for m, p in zip(md5s, paths, strict=True) if m not in table}.items())
         self.hits += len(paths) - len(todo)
         self.misses += len(todo)
         if todo:
-            net = backbone if backbone is not None else self.spec.build(self.image_size, seed=self.seed)
+            if extractor is None and backbone is None:
+                backbone = self.spec.build(self.image_size, seed=self.seed)
             fresh = compute_features(
-                net, self.spec, [p for _, p in todo], self.image_size, batch_size, desc=f"{self.spec.name} features"
+                backbone, self.spec, [p for _, p in todo], self.image_size, batch_size,
+                desc=f"{self.spec.name} features", extractor=extractor,
             )
             table.update({m: row for (m, _), row in zip(todo, fresh, strict=True)})
             self._write(table)

@@ -10,6 +10,7 @@ from pathlib import Path
 from components.choose import ChooseResult, ranking_table
 from components.deploy import DeployResult
 from components.evaluate import EvalResult
+from components.model_card import CARD_NAME
 from components.train import TrainResult
 
 
@@ -52,7 +53,14 @@ def build_summary(
         "strategy": trained.strategy,
         "image_size": trained.image_size,
         "classes": list(trained.classes),
-        "train": {"epochs_run": trained.epochs_run, "best_epoch": trained.best_epoch, "best_val_loss": trained.best_val_loss},
+        "train": {
+            "epochs_run": trained.epochs_run,
+            "best_epoch": trained.best_epoch,
+            "best_val_loss": trained.best_val_loss,
+            "resumed_from_epoch": trained.resumed_from_epoch,
+            "features_from_cache": trained.features_cached,
+            "seconds": round(trained.seconds, 2),
+        },
         "val": evaluation.metrics,
         "onnx": {
             "path": str(deployed.export.onnx_path),
@@ -68,12 +76,21 @@ def build_summary(
             "aliases": list(deployed.aliases),
             "uri": deployed.model_uri,
         },
-        "gate": {"promote": deployed.verdict.promote, "reasons": list(deployed.verdict.reasons)},
+        "variants": deployed.variants.to_dict() if deployed.variants else None,
+        "bundle": str(deployed.bundle_dir) if deployed.bundle_dir else None,
+        "gate": {
+            "promote": deployed.verdict.promote,
+            "reasons": list(deployed.verdict.reasons),
+            "failed": [check.name for check in deployed.verdict.failures],
+            "test": deployed.verdict.test,
+            "mcnemar_p": deployed.verdict.mcnemar_p,
+        },
         "files": {
             "run_dir": str(run_dir),
             "checkpoint": str(trained.checkpoint_path),
             "metrics": str(evaluation.metrics_path),
-            "confusion_matrix": str(evaluation.confusion_path),
+            **{picture.stem: str(picture) for picture in evaluation.pictures},
+            "model_card": str(run_dir / CARD_NAME),
         },
         "timings": {k: round(v, 2) for k, v in timings.items()},
     }
@@ -88,6 +105,7 @@ def format_summary(summary: dict) -> str:
         f"chosen backbone   {summary['chosen']}  ({summary['choose']['reason']})",
         f"validation        accuracy {summary['val']['accuracy']:.4f}, macro-F1 {summary['val']['macro_f1']:.4f}",
         f"ONNX parity       max |diff| {summary['onnx']['max_abs_diff']:.1e}, top-1 agreement {summary['onnx']['top1_agreement']:.0%}",
+        *_variant_lines(summary.get("variants")),
         f"registered        {reg['name']} v{reg['version']}  aliases: {', '.join(reg['aliases'])}",
         f"gate              {'; '.join(summary['gate']['reasons'])}",
         f"files             {summary['files']['run_dir']}",
@@ -99,3 +117,52 @@ def format_summary(summary: dict) -> str:
         "  make mlflow-ui     # compare runs, move the champion alias",
     ]
     return "\n".join(lines)
+
+
+def summary_markdown(summary: dict) -> str:
+    """The run summary as Markdown (the flow run's Prefect artifact): ranking, metrics, gate, registered version."""
+    reg = summary["registered"]
+    lines = [
+        f"# Graft run: {reg['name']} v{reg['version']} ({', '.join(reg['aliases'])})",
+        "",
+        f"Chosen backbone **{summary['chosen']}**: {summary['choose']['reason']}. Data md5 `{summary['data_md5']}`, "
+        f"commit `{summary['git_commit']}`, MLflow run `{summary['run_id']}`.",
+        "",
+        "## Backbone ranking",
+        "",
+        "| # | backbone | pretrained | score | probe | params | latency | status |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for index, row in enumerate(summary["candidates"], 1):
+        score = f"{row['score']:.4f}" if row.get("score") is not None else "-"
+        probe = f"{row['probe_accuracy']:.3f}" if row.get("probe_accuracy") is not None else "-"
+        size = f"{row['params_m']:.1f}M" if row.get("params_m") is not None else "-"
+        latency = f"{row['latency_ms']:.1f} ms" if row.get("latency_ms") is not None else "-"
+        status = str(row["status"]).replace("|", "/")
+        lines.append(f"| {index} | {row['name']} | {row['pretrained']} | {score} | {probe} | {size} | {latency} | {status} |")
+    lines += ["", "## Validation metrics", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {key} | {value:.4f} |" for key, value in summary["val"].items() if isinstance(value, (int, float))]
+    verdict = "promoted to champion" if summary["gate"]["promote"] else "champion kept"
+    lines += ["", f"## Gate: {verdict}", ""]
+    lines += [f"- {reason}" for reason in summary["gate"]["reasons"]]
+    lines += [
+        "",
+        "## Registered",
+        "",
+        f"`{reg['uri']}` with aliases {', '.join(reg['aliases'])}; ONNX parity max |diff| "
+        f"{summary['onnx']['max_abs_diff']:.1e}, top-1 agreement {summary['onnx']['top1_agreement']:.0%}.",
+        "",
+        "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _variant_lines(variants: dict | None) -> list[str]:
+    """One line per variant: its accuracy change against fp32 and whether it was published."""
+    if not variants:
+        return []
+    parts = [
+        f"{v['name']} {v['accuracy_change'] * 100:+.1f} pts{'' if v['published'] else ' (NOT published)'}"
+        for v in variants["variants"]
+    ]
+    return [f"variants          {', '.join(parts)} (accuracy vs fp32)"]

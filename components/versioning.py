@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from components.data import dir_md5
-from components.errors import DataError
+from components.errors import DataError, RemoteError
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def pull(dvc_file: Path) -> None:
         [_dvc(), "pull", "-q", dvc_file.name], cwd=dvc_file.parent, capture_output=True, text=True, timeout=600
     )
     if result.returncode != 0:
-        raise DataError(
+        raise RemoteError(
             f"dvc pull {dvc_file.name} failed: {(result.stderr or result.stdout).strip()[:500]}; "
             "check the remote with `dvc remote list` and run `dvc pull` by hand"
         )

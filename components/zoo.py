@@ -3,23 +3,38 @@
 A backbone here is a module that maps a normalised N x 3 x S x S batch to
 pooled features N x D. Weights load with `torch.load(weights_only=True)` from
 files on disk only: Graft never downloads at run time.
+
+`params.yaml` can point a zoo backbone at a local weights file
+(`choose.weights`) and add backbones of the user's own (`choose.custom`);
+`configure(params.choose)` makes those visible to `get_spec` for the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
+import importlib.util
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from components.errors import ConfigError, ModelError
 
+if TYPE_CHECKING:
+    from components.config import ChooseConfig, CustomBackbone
+
 log = logging.getLogger(__name__)
+
+# Building seeds torch's global RNG; candidates scored in parallel threads must not interleave there.
+_BUILD_LOCK = threading.Lock()
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -37,10 +52,10 @@ class BackboneSpec:
     input_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    params_m: float
-    """Parameters of the feature extractor, in millions (classifier head excluded)."""
-    gflops: float
-    """Multiply-adds at `input_size`, in billions, as published."""
+    params_m: float | None
+    """Parameters of the feature extractor, in millions (classifier head excluded); None until built (custom)."""
+    gflops: float | None
+    """Multiply-adds at `input_size`, in billions, as published; None when unknown (custom)."""
     imagenet_top1: float | None
     weights_source: str
     licence: str
@@ -76,8 +91,20 @@ class BackboneSpec:
         hint = self.missing_weights()
         if hint:
             raise ModelError(f"{self.name}: {hint}")
-        torch.manual_seed(seed)
-        return self._builder(self, image_size).eval()
+        with _BUILD_LOCK:
+            torch.manual_seed(seed)
+            return self._builder(self, image_size).eval()
+
+    def with_weights(self, path: Path) -> BackboneSpec:
+        """This backbone, loading its weights from `path` instead of the default location."""
+        return dataclasses.replace(
+            self, weights_source=f"local file {path} (choose.weights)", pretrained=True, _weights=lambda: Path(path)
+        )
+
+
+def count_params_m(module: nn.Module) -> float:
+    """Parameters of a built module, in millions."""
+    return sum(p.numel() for p in module.parameters()) / 1e6
 
 
 def _load_state_dict(module: nn.Module, path: Path, name: str, ignore: tuple[str, ...] = ()) -> None:
@@ -246,6 +273,59 @@ def _tv_spec(name: str, pretrained: bool) -> BackboneSpec:
     )
 
 
+def _import_factory(reference: str, name: str) -> Callable[[], nn.Module]:
+    """Resolve `package.module:function` or `path/to/file.py:function`."""
+    target, _, function = reference.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(f"graft_custom_{name}", Path(target).expanduser().resolve())
+            if spec is None or spec.loader is None or not Path(target).expanduser().is_file():
+                raise FileNotFoundError(f"no file {Path(target).expanduser().resolve()}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        return getattr(module, function)
+    except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as exc:
+        raise ModelError(
+            f"{name}: cannot import factory '{reference}' from choose.custom ({exc.__class__.__name__}: {exc}); "
+            "give an importable 'package.module:function' or an existing 'file.py:function'"
+        ) from exc
+
+
+def _build_custom(spec: BackboneSpec, image_size: int) -> nn.Module:
+    factory = _import_factory(spec.family.removeprefix("custom:"), spec.name)
+    try:
+        net = factory()
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        raise ModelError(f"{spec.name}: its factory {spec.family.removeprefix('custom:')}() raised {exc!r}; fix that function") from exc
+    if not isinstance(net, nn.Module):
+        raise ModelError(f"{spec.name}: its factory returned {type(net).__name__}, not a torch.nn.Module; return the feature extractor")
+    path = spec.weights_path()
+    if path is not None:
+        _load_state_dict(net, path, spec.name)
+    return net
+
+
+def custom_spec(name: str, declared: CustomBackbone) -> BackboneSpec:
+    """The spec of a user backbone declared in `choose.custom`."""
+    return BackboneSpec(
+        name=name,
+        family=f"custom:{declared.factory}",
+        input_size=declared.input_size,
+        mean=tuple(declared.mean),
+        std=tuple(declared.std),
+        params_m=None,
+        gflops=None,
+        imagenet_top1=None,
+        weights_source=f"local file {declared.weights} (choose.custom)" if declared.weights else "the factory's own",
+        licence=declared.licence,
+        pretrained=declared.pretrained,
+        _builder=_build_custom,
+        _weights=(lambda: Path(declared.weights)) if declared.weights else None,
+    )
+
+
 def _zoo() -> dict[str, BackboneSpec]:
     specs = [_lite_spec(i, p) for i in (0, 1, 2) for p in (True, False)]
     specs += [_tv_spec(name, p) for name in _TORCHVISION for p in (True, False)]
@@ -253,16 +333,53 @@ def _zoo() -> dict[str, BackboneSpec]:
 
 
 ZOO: dict[str, BackboneSpec] = _zoo()
+_CONFIGURED: dict[str, BackboneSpec] = {}
+"""Specs from `choose.weights` / `choose.custom`, set by `configure` for the current run."""
+
+
+def configured_specs(choose: ChooseConfig) -> dict[str, BackboneSpec]:
+    """The zoo as `choose.weights` and `choose.custom` change it (pure; nothing is registered).
+
+    Raises:
+        ConfigError: a `choose.weights` name is not in the zoo, or a custom name hides a zoo name.
+    """
+    specs: dict[str, BackboneSpec] = {}
+    for name, path in choose.weights.items():
+        if name not in ZOO or not ZOO[name].pretrained:
+            close = difflib.get_close_matches(name, [n for n, s in ZOO.items() if s.pretrained], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(
+                f"choose.weights names '{name}', which is not a pre-trained zoo backbone.{hint} "
+                "For a backbone of your own use choose.custom"
+            )
+        specs[name] = ZOO[name].with_weights(path)
+    for name, declared in choose.custom.items():
+        if name in ZOO:
+            raise ConfigError(f"choose.custom name '{name}' is already a zoo backbone; pick another name, e.g. 'my_{name}'")
+        specs[name] = custom_spec(name, declared)
+    return specs
+
+
+def configure(choose: ChooseConfig) -> None:
+    """Make this run's `choose.weights` and `choose.custom` visible to `get_spec` (later stages use it too)."""
+    _CONFIGURED.clear()
+    _CONFIGURED.update(configured_specs(choose))
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by name.
+    """Look a backbone up by name (the zoo, as `configure` last changed it).
 
     Raises:
         ConfigError: the name is unknown; the message lists valid names and the closest one.
     """
+    if name in _CONFIGURED:
+        return _CONFIGURED[name]
     if name in ZOO:
         return ZOO[name]
-    close = difflib.get_close_matches(name, list(ZOO), n=1)
+    known = sorted({*ZOO, *_CONFIGURED})
+    close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    raise ConfigError(f"unknown backbone '{name}' in choose.candidates.{hint} Valid names: {', '.join(sorted(ZOO))}")
+    raise ConfigError(
+        f"unknown backbone '{name}' in choose.candidates.{hint} Valid names: {', '.join(known)} "
+        "(or declare your own under choose.custom)"
+    )

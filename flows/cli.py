@@ -2,6 +2,15 @@
 
     graft run [--data DIR] [--params FILE] [--set section.key=value ...] [--summary PATH]
     graft predict --model MODEL FILE...
+    graft serve --model models:/NAME@champion [--port P]   # HTTP: POST /predict, GET /health, GET /metadata
+    graft promote --name NAME --version V [--reason TEXT]  # the gate's checks, then champion -> V
+    graft rollback --name NAME [--reason TEXT]             # champion back to the one before
+    graft history --name NAME                              # who moved champion, when, why
+    graft bundle --model models:/NAME@champion --out DIR   # ONNX files, labels, card, SHA256SUMS
+    graft prepare [--split PATH]                  # dvc stage: pull, check and split the data
+    graft evaluate [--summary PATH] [--split PATH] [--out DIR]   # dvc stage: the ONNX model on the held-out split
+    graft retrain [--force]                       # train only if data.dvc or the parameters changed
+    graft schedule --cron "0 3 * * 1" [--collision enqueue|cancel_new]
 
 `predict` imports onnxruntime only (no torch, no Prefect), so it starts fast
 and runs where the training stack is not installed.
@@ -17,6 +26,7 @@ import sys
 from pathlib import Path
 
 from components.errors import GraftError
+from components.serving import VARIANT_CHOICES
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,9 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     _prefect_environment(params_path.resolve().parent if params_path else Path.cwd())
 
     from components.summary import format_summary
+    from flows.runners import with_task_runner
     from flows.training import train_flow
 
-    summary = train_flow(params)
+    summary = with_task_runner(train_flow)(params)  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
     if args.summary:
         from components.evaluate import write_json
 
@@ -71,8 +82,8 @@ def _predict(args: argparse.Namespace) -> int:
 
         params_path = Path(args.params) if args.params else _default_params()
         use_tracking_uri(tracking_uri(load_params(params_path)))
-    model = OnnxClassifier.load(args.model)
-    logging.getLogger(__name__).info("model %s on %s", model.path, model.provider)
+    model = OnnxClassifier.load(args.model, variant=args.variant)
+    logging.getLogger(__name__).info("model %s on %s", model.source.describe(), model.provider)
     failures = 0
     for file in args.files:
         try:
@@ -82,6 +93,173 @@ def _predict(args: argparse.Namespace) -> int:
             failures += 1
             print(json.dumps({"file": file, "error": str(exc)}), flush=True)
     return 1 if failures else 0
+
+
+def _registry_params(args: argparse.Namespace):  # noqa: ANN202 - components.config.Params
+    """Parameters (for limits and gate floors), with MLflow pointed at the store `graft run` writes to."""
+    from components.config import load_params
+    from components.tracking import tracking_uri, use_tracking_uri
+
+    params_path = Path(args.params) if args.params else _default_params()
+    params = load_params(params_path, list(getattr(args, "set", None) or []))
+    use_tracking_uri(tracking_uri(params))
+    return params
+
+
+def _client():  # noqa: ANN202 - mlflow.MlflowClient
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from components.server import ServeSettings, serve
+
+    params = _registry_params(args)
+    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata); Ctrl-C stops it", flush=True)
+    serve(args.model, args.host, args.port, ServeSettings.from_params(params, args.variant))
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    from components.promotion import promote
+
+    params = _registry_params(args)
+    result = promote(_client(), params, args.name, args.version, args.reason or "promoted with graft promote")
+    if not result.moved:
+        print(f"{args.name} v{result.version} is already champion; nothing changed")
+        return 0
+    for check in result.checks:
+        print(f"  ok  {check.name}: {check.reason}")
+    print(f"champion of {args.name}: v{result.previous} -> v{result.version}")
+    print(f"next:\n  .venv/bin/graft serve --model models:/{args.name}@champion   # or: graft rollback --name {args.name}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from components.promotion import rollback
+
+    _registry_params(args)
+    result = rollback(_client(), args.name, args.reason or "")
+    print(f"champion of {args.name}: v{result.previous} -> v{result.version} (rolled back)")
+    print(f"next:\n  .venv/bin/graft history --name {args.name}")
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    from components.promotion import read_history
+
+    _registry_params(args)
+    moves = read_history(_client(), args.name)
+    for move in moves:
+        print(f"{move.when}  {move.alias} v{move.previous or '-'} -> v{move.version}  {move.action} by {move.who}: {move.why}")
+    if not moves:
+        print(f"no recorded alias moves for {args.name}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from components.bundle import bundle_from_registry
+
+    _registry_params(args)
+    bundle = bundle_from_registry(args.model, Path(args.out))
+    print(f"bundle of {bundle.name} v{bundle.version} ({', '.join(bundle.variants)}) written to {bundle.dir.resolve()}")
+    print(f"next:\n  (cd {args.out} && sha256sum -c SHA256SUMS)\n  .venv/bin/graft predict --model {args.out} IMAGE...")
+    return 0
+
+
+def _stage_params(args: argparse.Namespace):  # noqa: ANN202 - components.config.Params
+    from components.config import load_params
+
+    params_path = Path(args.params) if args.params else _default_params()
+    return load_params(params_path, list(args.set or []))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from components.prepare import prepare
+
+    result = prepare(_stage_params(args), Path(args.split))
+    print(f"split             {result.train_images} train / {result.val_images} val images, {len(result.classes)} classes, "
+          f"data md5 {result.data_md5}")
+    print(f"written           {result.split_path.resolve()}")
+    print("next:\n  .venv/bin/graft run --summary outputs/summary.json    # or: dvc repro")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from components.holdout import evaluate_holdout
+    from components.prepare import read_split
+
+    params = _stage_params(args)
+    result = evaluate_holdout(params, read_split(Path(args.split), params.data.dir), Path(args.summary), Path(args.out))
+    print(f"ONNX model        {result.onnx_path}")
+    print(f"held-out          accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
+          f"(largest gap to the run's PyTorch metrics {result.max_gap_to_training:.1e})")
+    print(f"written           {result.metrics_path.resolve()}, {result.confusion_path.resolve()}")
+    print("next:\n  dvc metrics diff    # against the last commit")
+    return 0
+
+
+def _retrain_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
+    """The params file and overrides a retraining run uses, validated now so mistakes show at once."""
+    from components.config import load_params
+
+    params_path = Path(args.params).resolve() if args.params else _default_params()
+    overrides = list(args.set or [])
+    if args.data:
+        overrides.append(f"data.dir={Path(args.data).resolve()}")
+    load_params(params_path, overrides)
+    _prefect_environment(params_path.parent if params_path else Path.cwd())
+    return params_path, overrides
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    params_path, overrides = _retrain_inputs(args)
+    from flows.schedule import retrain_flow
+
+    result = retrain_flow(str(params_path) if params_path else None, overrides, force=args.force)
+    print(f"{result['action']}: {result['reason']}")
+    if result["summary"]:
+        from components.summary import format_summary
+
+        print(format_summary(result["summary"]))
+    return 0
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    params_path, overrides = _retrain_inputs(args)
+    from prefect import serve
+
+    from flows.schedule import retrain_deployment
+
+    deployment = retrain_deployment(
+        args.cron, args.collision, str(params_path) if params_path else None, overrides, args.name, args.timezone, args.pool
+    )
+    from prefect.settings import PREFECT_API_URL
+
+    if args.pool:
+        if not PREFECT_API_URL.value():
+            from components.errors import ConfigError
+
+            raise ConfigError(
+                f"--pool {args.pool} needs a Prefect server that the worker also uses: run `prefect server start` "
+                "and export PREFECT_API_URL=http://127.0.0.1:4200/api (or serve it here without --pool)"
+            )
+        deployment_id = deployment.apply()
+        print(f"registered graft-retrain/{args.name} ({deployment_id}) for work pool '{args.pool}': cron '{args.cron}' "
+              f"({args.timezone}), one run at a time, collisions {args.collision}")
+        print(f"next:\n  prefect worker start --pool {args.pool} --type process\n"
+              f"  prefect deployment run graft-retrain/{args.name} --watch    # one run now")
+        return 0
+    if not PREFECT_API_URL.value():
+        logging.getLogger(__name__).warning(
+            "PREFECT_API_URL is not set: the schedule lives only as long as this process's embedded API; "
+            "for a lasting one run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    print(f"serving graft-retrain/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a time, "
+          f"collisions {args.collision}; Ctrl-C stops it")
+    serve(deployment)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +278,78 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--model", required=True, help="an .onnx file or an MLflow URI such as models:/NAME@champion")
     predict.add_argument("--params", metavar="FILE", help="params file naming the MLflow store (default: ./params.yaml)")
     predict.add_argument("files", nargs="+", metavar="FILE")
+    predict.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32", help="model variant (auto: fp16 on a GPU, int8 on a CPU, when published)")
     predict.set_defaults(handler=_predict)
+
+    def registry_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--params", metavar="FILE", help="params file naming the MLflow store (default: ./params.yaml)")
+        command.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+
+    serve = sub.add_parser("serve", help="HTTP service for a model; reloads when its alias moves (onnxruntime only)")
+    serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/V, a bundle folder or an .onnx file")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32", help="model variant (auto: fp16 on a GPU, int8 on a CPU)")
+    registry_options(serve)
+    serve.set_defaults(handler=_serve)
+
+    promote = sub.add_parser("promote", help="run the gate's checks on a registered version and make it champion")
+    promote.add_argument("--name", required=True, help="registered model name")
+    promote.add_argument("--version", required=True, help="version number to promote")
+    promote.add_argument("--reason", help="why, for the alias history")
+    registry_options(promote)
+    promote.set_defaults(handler=_promote)
+
+    rollback = sub.add_parser("rollback", help="move champion back to the version that held it before")
+    rollback.add_argument("--name", required=True, help="registered model name")
+    rollback.add_argument("--reason", help="why, for the alias history")
+    registry_options(rollback)
+    rollback.set_defaults(handler=_rollback)
+
+    history = sub.add_parser("history", help="show who moved champion, when and why")
+    history.add_argument("--name", required=True, help="registered model name")
+    registry_options(history)
+    history.set_defaults(handler=_history)
+
+    bundle = sub.add_parser("bundle", help="write a registered version's deploy bundle (ONNX files, labels, card, checksums)")
+    bundle.add_argument("--model", required=True, help="models:/NAME@champion or models:/NAME/V")
+    bundle.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    registry_options(bundle)
+    bundle.set_defaults(handler=_bundle)
+
+    def retrain_options(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--data", metavar="DIR", help="image folder (default: data.dir, the DVC demo data)")
+        command.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
+        command.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+
+    prepare = sub.add_parser("prepare", help="pull and check the data, split it, write the split (dvc stage `prepare`)")
+    prepare.add_argument("--split", default="outputs/split.json", metavar="PATH", help="where to write the split (default: outputs/split.json)")
+    prepare.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
+    prepare.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+    prepare.set_defaults(handler=_prepare)
+
+    evaluate = sub.add_parser("evaluate", help="score a run's ONNX model with onnxruntime on the held-out split (dvc stage `evaluate`)")
+    evaluate.add_argument("--summary", default="outputs/summary.json", metavar="PATH", help="the run's summary (default: outputs/summary.json)")
+    evaluate.add_argument("--split", default="outputs/split.json", metavar="PATH", help="the split `graft prepare` wrote")
+    evaluate.add_argument("--out", default="outputs/holdout", metavar="DIR", help="where metrics.json and confusion.json go")
+    evaluate.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
+    evaluate.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+    evaluate.set_defaults(handler=_evaluate)
+
+    retrain = sub.add_parser("retrain", help="train only if the data or the training parameters changed since the champion")
+    retrain_options(retrain)
+    retrain.add_argument("--force", action="store_true", help="train even when nothing changed")
+    retrain.set_defaults(handler=_retrain)
+
+    schedule = sub.add_parser("schedule", help="serve the retraining flow on a cron schedule, one run at a time")
+    retrain_options(schedule)
+    schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
+    schedule.add_argument("--timezone", default="UTC", help="time zone of the cron expression (default: UTC)")
+    schedule.add_argument("--collision", choices=("enqueue", "cancel_new"), default="enqueue",
+                          help="a run due while another runs: wait for it (enqueue) or is cancelled (cancel_new)")
+    schedule.add_argument("--name", default="graft-retrain", help="deployment name (default: graft-retrain)")
+    schedule.add_argument("--pool", metavar="WORK_POOL", help="register the deployment for this work pool (a worker runs it) instead of serving it here")
+    schedule.set_defaults(handler=_schedule)
     return parser
 
 

@@ -1,11 +1,22 @@
-"""The choose stage on real pip-packaged weights and real digit images."""
+"""The choose stage on real pip-packaged weights, real digit and texture images, real onnxruntime."""
+
+from pathlib import Path
 
 import pytest
+import torch
 
-from components.choose import choose_model, stratified_sample
-from components.data import scan
-from components.errors import ConfigError
+from components.choose import CandidateScore, choose_model, plan_candidates, rank, resolve_spec, stratified_sample
+from components.config import load_params
+from components.data import Split, scan
+from components.errors import ConfigError, DataError, ModelError
 from components.zoo import ZOO, get_spec
+from tests.conftest import REPO, tiny_overrides
+
+SUMMARY_KEYS = {"name", "pretrained", "score", "probe_accuracy", "params", "latency_ms", "status"}
+
+
+def _with_choose(params, **changes):
+    return params.model_copy(update={"choose": params.choose.model_copy(update=changes)})
 
 
 def test_unknown_candidate_lists_valid_names_and_closest(tiny_params):
@@ -33,6 +44,12 @@ def test_ranking_scores_candidates_and_keeps_baseline_as_reference(tiny_params, 
     assert rows["random_efficientnet_lite0"].score is not None
     hint = rows["resnet18"].status
     assert hint.startswith("skipped: weights not found: put resnet18-") and str(tmp_path / "empty-torch-home") in hint
+    for row in (rows["efficientnet_lite0"], rows["random_efficientnet_lite0"]):
+        out = row.to_dict()
+        assert SUMMARY_KEYS <= set(out)
+        assert out["latency_ms"] > 0 and out["latency_batch_ms"] > 0 and 5 < out["size_mb"] < 30
+        assert out["params"] == 3_400_000 and Path(out["onnx_path"]).is_file()
+    assert rows["resnet18"].to_dict()["latency_ms"] is None
 
 
 def test_params_limit_marks_candidate_and_it_is_not_chosen(tiny_params):
@@ -49,3 +66,137 @@ def test_zoo_metadata_is_complete():
     for spec in ZOO.values():
         assert spec.input_size >= 224 and len(spec.mean) == 3 and spec.params_m > 0 and spec.licence
     assert get_spec("efficientnet_lite1").weights_path().is_file()
+
+
+@pytest.fixture(scope="module")
+def texture_params(tmp_path_factory, feature_cache_dir):
+    from components.demo import write_textures
+
+    work = tmp_path_factory.mktemp("textures")
+    data = write_textures(work / "images", per_class=10, size=64)
+    return load_params(REPO / "params.yaml", tiny_overrides(data, work, feature_cache_dir) + ["choose.sample_size=80"])
+
+
+def test_random_baseline_ranks_below_pretrained_on_natural_images(texture_params):
+    """Photos and textures are where ImageNet pre-training pays: both scores must say so."""
+    result = choose_model(texture_params, scan(texture_params.data.dir))
+    rows = {row.name: row for row in result.candidates}
+    pretrained, random = rows["efficientnet_lite0"], rows["random_efficientnet_lite0"]
+    assert result.chosen == "efficientnet_lite0" and result.candidates[0].name == "efficientnet_lite0"
+    assert pretrained.logme > random.logme + 0.2
+    assert pretrained.probe_accuracy > random.probe_accuracy
+
+
+def test_latency_limit_marks_every_candidate_and_says_which(tiny_params):
+    params = _with_choose(tiny_params, max_latency_ms=0.001)
+    with pytest.raises(ModelError, match=r"efficientnet_lite0: over limit: [\d.]+ ms/image > choose.max_latency_ms=0.001"):
+        choose_model(params, scan(params.data.dir))
+
+
+def test_size_limit_is_measured_on_the_onnx_file(tiny_params):
+    params = _with_choose(tiny_params, max_size_mb=1.0, allow_baseline=True)
+    with pytest.raises(ModelError, match=r"over limit: 1\d\.\d MB > choose.max_size_mb=1"):
+        choose_model(params, scan(params.data.dir))
+
+
+def test_over_limit_candidate_is_shown_but_not_chosen(tiny_params):
+    params = _with_choose(tiny_params, max_latency_ms=20.0)
+    fast = CandidateScore("fast", True, "ok", score=0.2, logme=0.2, latency_ms=5.0)
+    slow = CandidateScore("slow", True, "over limit: 31.0 ms/image > choose.max_latency_ms=20", score=0.9, logme=0.9, latency_ms=31.0)
+    result = rank(params, [slow, fast])
+    assert result.chosen == "fast"
+    assert "highest LogME (0.2000) within 20 ms/image" in result.reason
+    assert [r.name for r in result.candidates] == ["slow", "fast"] and result.candidates[0].status.startswith("over limit")
+
+
+def _split_from(digits_dir: Path, per_class: dict[int, int]) -> Split:
+    full = scan(digits_dir)
+    train = tuple(s for label, n in per_class.items() for s in [x for x in full.train if x.label == label][:n])
+    return Split(full.root, full.classes, train, full.val, presplit=False)
+
+
+def test_sample_with_one_class_is_refused(tiny_params, digits_dir):
+    with pytest.raises(DataError, match=r"holds 1 class\(es\) \(0\).*at least two classes"):
+        plan_candidates(tiny_params, _split_from(digits_dir, {0: 10}))
+
+
+def test_class_with_one_image_is_named(tiny_params, digits_dir):
+    with pytest.raises(DataError, match=r"fewer than two images in the choose sample: 7 \(1\).*choose.sample_size"):
+        plan_candidates(tiny_params, _split_from(digits_dir, {0: 10, 1: 10, 2: 1}))
+
+
+CUSTOM_NETS = """
+import torch
+from torch import nn
+
+
+def tiny():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+class _Nan(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3)) * torch.tensor(float("nan"))
+
+
+def nan_net():
+    return _Nan()
+"""
+
+
+def test_user_backbones_and_faulty_candidates_leave_the_others_ranked(tiny_params, tmp_path):
+    module = tmp_path / "my_nets.py"
+    module.write_text(CUSTOM_NETS)
+    namespace: dict = {}
+    exec(CUSTOM_NETS, namespace)  # noqa: S102 - the same test module, to save fitting and misfitting weights
+    torch.save(namespace["tiny"]().state_dict(), tmp_path / "tiny.pth")
+    torch.save({"wrong.weight": torch.zeros(2)}, tmp_path / "wrong.pth")
+    custom = {
+        "my_tiny": {"factory": f"{module}:tiny", "weights": str(tmp_path / "tiny.pth"), "input_size": 64},
+        "my_nan": {"factory": f"{module}:nan_net", "input_size": 64},
+        "my_misfit": {"factory": f"{module}:tiny", "weights": str(tmp_path / "wrong.pth"), "input_size": 64},
+        "my_missing": {"factory": "no_such_package.nets:net", "input_size": 64},
+    }
+    params = load_params(
+        REPO / "params.yaml",
+        tiny_overrides(tiny_params.data.dir, tmp_path, tiny_params.data.cache_dir)
+        + [f"choose.custom={custom}", "choose.candidates=[efficientnet_lite0, my_tiny, my_nan, my_misfit, my_missing]", "choose.baseline=false"],
+    )
+    result = choose_model(params, scan(params.data.dir))
+    rows = {row.name: row for row in result.candidates}
+    assert result.chosen in {"efficientnet_lite0", "my_tiny"}
+    assert rows["my_tiny"].status == "ok" and rows["my_tiny"].params_m == pytest.approx(224 / 1e6, abs=1e-6)
+    assert rows["my_tiny"].latency_ms is not None
+    assert rows["my_nan"].status.startswith("skipped: its features contain NaN or inf on")
+    assert rows["my_misfit"].status.startswith("skipped: failed to load") and "does not fit the architecture" in rows["my_misfit"].status
+    assert rows["my_missing"].status.startswith("skipped: failed to load") and "cannot import factory 'no_such_package.nets:net'" in rows["my_missing"].status
+    assert rows["efficientnet_lite0"].status == "ok"
+
+
+def test_local_weights_file_replaces_torch_home(tiny_params, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    import torchvision
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mnv3s.pth"
+    torch.save(torchvision.models.mobilenet_v3_small().state_dict(), weights)
+    assert get_spec("mobilenet_v3_small").missing_weights() is not None
+    params = _with_choose(tiny_params, weights={"mobilenet_v3_small": weights})
+    spec = resolve_spec(params, "mobilenet_v3_small")
+    assert spec.missing_weights() is None and str(weights) in spec.weights_source
+    features = spec.build(64)(torch.zeros(1, 3, 64, 64))
+    assert features.shape == (1, 576)
+    wrong = _with_choose(tiny_params, weights={"mobilenet_v3_small": tmp_path / "missing.pth"})
+    assert "put missing.pth in" in resolve_spec(wrong, "mobilenet_v3_small").missing_weights()
+
+
+def test_weights_for_an_unknown_backbone_is_a_config_error(tiny_params, digits_dir):
+    params = _with_choose(tiny_params, weights={"resnet81": Path("x.pth")})
+    with pytest.raises(ConfigError, match=r"choose.weights names 'resnet81'.*Did you mean 'resnet18'"):
+        plan_candidates(params, scan(digits_dir))
+
+
+def test_random_baseline_is_added_when_none_is_listed(tiny_params, digits_dir):
+    params = _with_choose(tiny_params, candidates=("efficientnet_lite0",))
+    assert plan_candidates(params, scan(digits_dir)) == ("efficientnet_lite0", "random_efficientnet_lite0")
+    assert plan_candidates(_with_choose(params, baseline=False), scan(digits_dir)) == ("efficientnet_lite0",)

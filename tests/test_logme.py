@@ -57,3 +57,21 @@ def test_nan_features_are_rejected():
     features[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         logme(features, np.array([0, 0, 1, 1]))
+
+
+def test_fewer_samples_than_dimensions_matches_the_direct_likelihood():
+    """N < D takes the thin-SVD path; its evidence must still be the exact Gaussian marginal likelihood."""
+    rng = np.random.default_rng(2)
+    features = rng.normal(size=(30, 80))
+    y = features[:, :3] @ np.array([1.0, -1.0, 0.5]) + rng.normal(scale=0.2, size=30)
+    found = evidence_for(features, y)
+    assert found.log_evidence == pytest.approx(_direct_log_evidence(features, y, found.alpha, found.beta), rel=1e-6)
+
+
+def test_svd_and_eigh_paths_agree_on_the_same_subspace():
+    """Padding features with zero columns (N < D afterwards) changes nothing but the path taken."""
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(3), 10)
+    narrow = np.eye(3)[labels] + rng.normal(scale=0.5, size=(30, 3))
+    wide = np.hstack([narrow, np.zeros((30, 40))])
+    assert logme(wide, labels) == pytest.approx(logme(narrow, labels), rel=1e-6)

@@ -1,0 +1,157 @@
+"""Candidate backbones on the deployment runtime: ONNX export, size, latency, fast features.
+
+Each candidate backbone is exported once (uint8 N x S x S x 3 images in,
+pooled features out, preprocessing inside the graph, as the deployed model
+will be) and the file is cached beside its features, under the same key. The
+file's size is the model-size constraint, onnxruntime's time per image at
+batch 1 and at the serving batch is the latency constraint, and the same
+session extracts the choose sample's features faster than eager PyTorch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from components.errors import ExportError
+from components.features import cache_key
+from components.model import Preprocess
+from components.zoo import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+# torch.export keeps global tracing state: exports run one at a time even when candidates are scored in threads.
+_EXPORT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median onnxruntime time per image, in milliseconds."""
+
+    batch1_ms: float
+    batch_ms: float
+    """Per image at `batch_size`."""
+    batch_size: int
+    provider: str
+
+    @property
+    def worst_ms(self) -> float:
+        """The figure a latency limit is checked against."""
+        return max(self.batch1_ms, self.batch_ms)
+
+
+class _ImagesToFeatures(nn.Module):
+    """uint8 N x S x S x 3 -> normalised N x 3 x S x S -> backbone features."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.preprocess = Preprocess(spec.mean, spec.std)
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.preprocess(images))
+
+
+def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path:
+    """Where the exported backbone lives: the feature cache's key, `.onnx`."""
+    return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}.onnx"
+
+
+def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, path: Path, opset: int) -> Path:
+    """Export images -> features with a dynamic batch axis, check it, and write it atomically.
+
+    Raises:
+        ExportError: the exporter or `onnx.checker` failed; the backbone cannot be deployed as it is.
+    """
+    model = _ImagesToFeatures(backbone, spec).eval()
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{threading.get_ident()}.tmp.onnx")
+    started = time.perf_counter()
+    try:
+        with _EXPORT_LOCK, contextlib.redirect_stdout(io.StringIO()):
+            program = torch.onnx.export(
+                model,
+                (example,),
+                dynamo=True,
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+                opset_version=opset,
+                external_data=False,
+                verbose=False,
+            )
+        proto = program.model_proto
+        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+        proto.producer_name = "graft-choose"
+        onnx.save_model(proto, tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the exporter and checker raise many types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{spec.name}: ONNX export failed ({exc.__class__.__name__}: {str(exc)[:300]})") from exc
+    tmp.replace(path)
+    log.info("%s: exported to %s (%.1f MB) in %.1fs", spec.name, path.name, size_mb(path), time.perf_counter() - started)
+    return path
+
+
+def size_mb(path: Path) -> float:
+    """File size in MB (10^6 bytes)."""
+    return path.stat().st_size / 1e6
+
+
+def session(path: Path, threads: int = 0):  # noqa: ANN201 - onnxruntime.InferenceSession
+    """An onnxruntime session on the providers this machine really has (as `graft predict` uses)."""
+    import onnxruntime as ort
+
+    from components.serving import choose_providers
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=choose_providers())
+
+
+class OnnxFeatures:
+    """Features of uint8 image batches from an exported backbone; a drop-in extractor for `FeatureCache`."""
+
+    def __init__(self, path: Path) -> None:
+        self.session = session(path)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: images})[0]
+
+
+def _median_ms(run, batch: np.ndarray, runs: int) -> float:  # noqa: ANN001 - a session.run bound with its feed name
+    run(batch)  # warm-up: first runs allocate and pick kernels
+    run(batch)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        run(batch)
+        times.append(time.perf_counter() - started)
+    return float(np.median(times)) * 1000.0
+
+
+def measure_latency(path: Path, image_size: int, batch_size: int, runs: int, seed: int = 0) -> Latency:
+    """Median onnxruntime time per image at batch 1 and at `batch_size`, on random uint8 images.
+
+    Run candidates one after another: concurrent work on the same cores would inflate every figure.
+    """
+    extractor = OnnxFeatures(path)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
+    batch1 = _median_ms(extractor, images[:1], runs)
+    batched = _median_ms(extractor, images, max(3, runs // 4)) / batch_size
+    provider = extractor.session.get_providers()[0]
+    return Latency(round(batch1, 3), round(batched, 3), batch_size, provider)

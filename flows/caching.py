@@ -1,0 +1,46 @@
+"""Prefect cache keys: a task is skipped when its data, its parameters and the code are what they were.
+
+Results are persisted under PREFECT_HOME (`.prefect/storage` for the `graft`
+CLI), so a later run, in another process, finds them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+
+from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
+
+from components.choose import resolve_spec
+from components.retrain import code_fingerprint, params_fingerprint, split_fingerprint
+
+# What scoring one candidate reads: the split, the image size and seeds, the choose settings.
+CHOOSE_KEYS = ("data.val_fraction", "data.seed", "data.image_size", "choose", "train.seed")
+CACHE_EXPIRATION = timedelta(days=30)
+
+
+def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.config.Params
+    """The candidate's weights file as it is now (path, size, time), or why there is none: adding
+    a missing file or replacing one must not be answered from the cache."""
+    spec = resolve_spec(params, name)
+    path = spec.weights_path()
+    if path is None or not path.is_file():
+        return f"{path}:{spec.missing_weights()}"
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def candidate_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - prefect TaskRunContext
+    """Key of one candidate's score: its name and weights, the images, the choose parameters, the components' code.
+
+    The score names the candidate's ONNX export in `data.cache_dir`; after deleting that folder, run once with
+    PREFECT_TASKS_REFRESH_CACHE=true so the scores (and their exports) are made again.
+    """
+    params, split, name = parameters["params"], parameters["split"], parameters["name"]
+    inputs = "|".join((_weights_state(params, name), str(params.data.cache_dir), split_fingerprint(split),
+                       params_fingerprint(params, CHOOSE_KEYS), code_fingerprint()))
+    return f"score-{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:24]}"
+
+
+# TASK_SOURCE adds the task function's own source to the key.
+CANDIDATE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=candidate_cache_key)

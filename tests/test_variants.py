@@ -1,0 +1,99 @@
+"""fp16, INT8 and optimised variants: built, judged on validation images, published only within the limit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+import components.variants as variants_module
+from components.images import load_batch
+from components.serving import OnnxClassifier
+from components.variants import build_variants, judge_variant
+from tests.deploy_fixtures import biased_copy, tiny_model  # noqa: F401 - fixtures
+
+
+@pytest.fixture(scope="module")
+def built(tiny_model, tmp_path_factory):  # noqa: F811
+    folder = tmp_path_factory.mktemp("variants")
+    fp32 = shutil.copyfile(tiny_model.onnx_path, folder / "model.onnx")
+    paths, labels = tiny_model.val()
+    images = load_batch(paths, 64)
+    calibration = load_batch([s.path for s in tiny_model.split.train[::3]], 64)
+    report = build_variants(fp32, ("fp16", "int8"), images, labels, calibration, max_drop=1.0)
+    return fp32, images, labels, report
+
+
+def test_each_variant_reports_its_own_accuracy_change(built):
+    fp32, images, labels, report = built
+    assert [v.name for v in report.variants] == ["optimized", "fp16", "int8"]
+    reference = OnnxClassifier(fp32).predict_proba(images)
+    assert report.fp32_accuracy == pytest.approx(float((reference.argmax(1) == labels).mean()))
+    for variant in report.variants:
+        assert variant.published and variant.path.is_file() and variant.path.parent == fp32.parent
+        probs = OnnxClassifier(variant.path).predict_proba(images)
+        accuracy = float((probs.argmax(1) == labels).mean())
+        assert variant.accuracy == pytest.approx(accuracy)
+        assert variant.accuracy_change == pytest.approx(accuracy - report.fp32_accuracy)
+        assert f"{variant.accuracy_change * 100:+.1f} points" in variant.reason
+    assert report.get("optimized").max_abs_diff < 1e-5  # same maths, fused
+    assert report.get("fp16").max_abs_diff < 5e-2
+    assert report.get("int8").size_bytes < 0.5 * fp32.stat().st_size
+
+
+def test_variants_keep_the_metadata_and_io_types_consumers_rely_on(built):
+    fp32, _, _, report = built
+    original = {p.key: p.value for p in onnx.load(str(fp32)).metadata_props}
+    for variant in report.variants:
+        proto = onnx.load(str(variant.path))
+        meta = {p.key: p.value for p in proto.metadata_props}
+        assert {k: meta[k] for k in original} == original
+        assert meta["graft.variant"] == variant.name
+        assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+        assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    int8_ops = {node.op_type for node in onnx.load(str(report.get("int8").path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= int8_ops
+
+
+def test_listing_and_tags_name_only_published_variants(built):
+    _, _, _, report = built
+    tags = report.tags()
+    listed = json.loads(tags["onnx.variants"])
+    assert set(listed) == {"optimized", "fp16", "int8"}
+    assert listed["int8"]["file"] == "model.int8.onnx" and len(listed["int8"]["sha256"]) == 64
+    assert tags["variant.fp16.published"] == "yes"
+
+
+def test_a_variant_losing_more_than_the_limit_is_not_published(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    fp32 = shutil.copyfile(tiny_model.onnx_path, tmp_path / "model.onnx")
+    paths, labels = tiny_model.val()
+    images = load_batch(paths, 64)
+
+    def broken_int8(source, target, calibration_images, batch_size=8):  # a quantiser that ruins the model
+        return biased_copy(source, target, winner=0)
+
+    monkeypatch.setattr(variants_module, "to_int8", broken_int8)
+    report = build_variants(fp32, ("int8",), images, labels, images[:4], max_drop=0.01)
+    int8 = report.get("int8")
+    assert not int8.published
+    assert int8.accuracy_change < -0.01
+    assert "NOT published" in int8.reason and "deploy.max_variant_drop" in int8.reason
+    assert not (tmp_path / "model.int8.onnx").exists() and int8.path == tmp_path / "rejected" / "model.int8.onnx"
+    assert "int8" not in json.loads(report.tags()["onnx.variants"]) and report.published == ("optimized",)
+    with pytest.raises(Exception, match="not published"):
+        OnnxClassifier.load(fp32, variant="int8")
+
+
+def test_judging_uses_the_configured_limit(tiny_model, tmp_path):  # noqa: F811
+    paths, labels = tiny_model.val()
+    images = load_batch(paths, 64)
+    reference = OnnxClassifier(tiny_model.onnx_path).predict_proba(images)
+    worse = biased_copy(tiny_model.onnx_path, tmp_path / "model.worse.onnx", winner=1)
+    loss = float((reference.argmax(1) == labels).mean()) - float((OnnxClassifier(worse).predict_proba(images).argmax(1) == labels).mean())
+    assert loss > 0
+    assert not judge_variant("int8", worse, reference, images, labels, loss - 0.01, 0.0).published
+    assert judge_variant("int8", worse, reference, images, labels, loss + 0.01, 0.0).published
+    assert np.isclose(judge_variant("int8", worse, reference, images, labels, 1.0, 0.0).accuracy_change, -loss)
