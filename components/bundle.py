@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -21,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.data import file_digest
 from components.errors import GraftError
 from components.serving import VARIANT_SUFFIXES, VARIANTS_TAG, parse_registry_uri, published_variants, registry_version, variant_path
 
@@ -39,11 +39,7 @@ class BundleError(GraftError):
 
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_digest(path, "sha256")
 
 
 @dataclass(frozen=True)

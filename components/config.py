@@ -247,6 +247,17 @@ class Params(_Section):
         )
 
 
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def valid_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     """Every dotted key `--set` accepts, e.g. `train.lr`."""
     keys: list[str] = []

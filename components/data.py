@@ -193,13 +193,18 @@ def _warn_about_balance(split: Split) -> None:
         )
 
 
-def file_md5(path: Path) -> str:
-    """MD5 of a file's bytes, as DVC records it."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file's bytes, as DVC records it."""
+    return file_digest(path, "md5")
 
 
 def dir_md5(root: Path) -> str:

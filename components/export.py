@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,32 +43,41 @@ DESCRIPTIVE_METADATA = ("mean", "std", "backbone", "data_md5")
 """Keys that say what the model is; Graft's deploy stage always writes them."""
 
 
+_EXPORT_LOCK = threading.Lock()
+"""torch.export keeps global state: one export at a time per process (mapped choose tasks run in threads)."""
+
+
+def trace_to_onnx(model: torch.nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export `model` (uint8 N x S x S x 3 -> `output_name`) with the torch.export-based exporter, batch axis dynamic."""
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
+    # the exporter prints progress to stdout; keep it in the debug log instead
+    with _EXPORT_LOCK, contextlib.redirect_stdout(io.StringIO()) as chatter:
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=[output_name],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    log.debug("exporter: %s", chatter.getvalue())
+    proto = program.model_proto
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
 def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> Path:
     """Export `model` (uint8 N x S x S x 3 -> probabilities) with a dynamic batch axis, then check it."""
-    model = model.eval()
-    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
     tmp = path.with_suffix(".tmp.onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        # the exporter prints progress to stdout; keep it in the log instead
-        with contextlib.redirect_stdout(io.StringIO()) as chatter:
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                input_names=["images"],
-                output_names=["probabilities"],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
-        log.debug("exporter: %s", chatter.getvalue())
-        proto = program.model_proto
+        proto = trace_to_onnx(model, image_size, "probabilities", opset)
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types
         raise ExportError(f"torch.onnx.export failed ({exc}); try another deploy.opset or backbone") from exc
-    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
-    proto.graph.output[0].type.tensor_type.shape.dim[0].dim_param = "batch"
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -10,7 +10,6 @@ session extracts the choose sample's features faster than eager PyTorch.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import threading
@@ -24,15 +23,12 @@ import torch
 from torch import nn
 
 from components.errors import ExportError
+from components.export import trace_to_onnx
 from components.features import cache_key
 from components.model import Preprocess
 from components.zoo import BackboneSpec
 
 log = logging.getLogger(__name__)
-
-# torch.export keeps global tracing state: exports run one at a time even when candidates are scored in threads.
-_EXPORT_LOCK = threading.Lock()
-
 
 @dataclass(frozen=True)
 class Latency:
@@ -74,25 +70,11 @@ def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, pa
         ExportError: the exporter or `onnx.checker` failed; the backbone cannot be deployed as it is.
     """
     model = _ImagesToFeatures(backbone, spec).eval()
-    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{threading.get_ident()}.tmp.onnx")
     started = time.perf_counter()
     try:
-        with _EXPORT_LOCK, contextlib.redirect_stdout(io.StringIO()):
-            program = torch.onnx.export(
-                model,
-                (example,),
-                dynamo=True,
-                input_names=["images"],
-                output_names=["features"],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
-                opset_version=opset,
-                external_data=False,
-                verbose=False,
-            )
-        proto = program.model_proto
-        proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch"
+        proto = trace_to_onnx(model, image_size, "features", opset)
         proto.producer_name = "graft-choose"
         onnx.save_model(proto, tmp)
         onnx.checker.check_model(str(tmp), full_check=True)

@@ -6,21 +6,10 @@ import shutil
 from pathlib import Path
 
 from components.choose import ChooseResult, ranking_table
-from components.config import Params
+from components.config import Params, flatten
 from components.data import Split
 from components.evaluate import EvalResult, write_json
 from components.tracking import Run
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def log_run_start(run: Run, params: Params, split: Split, data_md5: str, commit: str) -> None:

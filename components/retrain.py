@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from components.config import Params
+from components.config import Params, flatten
 from components.data import dir_md5
 from components.errors import DataError
 from components.versioning import dvc_file_for, recorded_md5
@@ -34,16 +34,6 @@ LAST_CHECK_TAG = "graft.last_check"
 NOT_TRAINING_RELEVANT = ("data.dir", "data.cache_dir", "deploy.output_dir", "deploy.model_name", "deploy.serve_*", "tracking")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _matches(key: str, patterns: Sequence[str]) -> bool:
     """`data.seed` matches `data.seed` and `data`; a pattern ending in `*` matches by prefix."""
     return any(key.startswith(p[:-1]) if p.endswith("*") else (key == p or key.startswith(f"{p}.")) for p in patterns)
@@ -57,7 +47,7 @@ def params_fingerprint(params: Params, keys: Sequence[str] | None = None) -> str
         keys: Only these dotted keys or sections (e.g. `("choose", "data.seed")`); default every
             training-relevant key, i.e. all but the paths and names in `NOT_TRAINING_RELEVANT`.
     """
-    flat = _flatten(params.model_dump(mode="json"))
+    flat = flatten(params.model_dump(mode="json"))
     if keys is None:
         chosen = {k: v for k, v in flat.items() if not _matches(k, NOT_TRAINING_RELEVANT)}
     else:
