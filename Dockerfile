@@ -39,7 +39,7 @@ WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 # the consumer side only: onnxruntime, image decoding, config, MLflow client for models:/ URIs
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -c requirements.lock onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny fastapi uvicorn python-multipart
+ && /opt/venv/bin/pip install -c requirements.lock onnx onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny fastapi uvicorn python-multipart
 COPY components ./components
 COPY flows ./flows
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app

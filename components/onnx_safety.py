@@ -20,7 +20,10 @@ class UnsafeModelError(GraftError):
 def _locations(model_path: Path) -> list[str]:
     import onnx
 
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf and onnx raise many types for a bad file
+        raise GraftError(f"{model_path} is not a readable ONNX model ({exc.__class__.__name__}); re-export it with Graft") from exc
     found = []
     tensors = list(model.graph.initializer)
     for node in model.graph.node:

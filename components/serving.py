@@ -164,9 +164,12 @@ class OnnxClassifier:
         """
         import onnxruntime as ort
 
+        from components.onnx_safety import check_external_data
+
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.path = Path(path)
+        check_external_data(self.path)  # refuse weights files outside the model's folder before onnxruntime reads them
         try:
             self.session = ort.InferenceSession(str(self.path), options, providers=providers or choose_providers())
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors

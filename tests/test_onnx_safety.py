@@ -48,3 +48,27 @@ def test_data_beside_the_model_is_accepted(tmp_path):
     (tmp_path / "m" / "weights.bin").write_bytes(np.ones((2, 2), dtype=np.float32).tobytes())
     path = _model_with_external_weight(tmp_path / "m", "weights.bin")
     assert check_external_data(path) == [(tmp_path / "m" / "weights.bin").resolve()]
+
+
+def test_the_consumer_refuses_a_hostile_model_before_onnxruntime_opens_it(tmp_path):
+    from components.serving import OnnxClassifier
+
+    (tmp_path / "m").mkdir()
+    path = _model_with_external_weight(tmp_path / "m", "../../../etc/passwd")
+    with pytest.raises(UnsafeModelError):
+        OnnxClassifier(path)
+
+
+def test_nothing_graft_loads_unpickles_arbitrary_objects():
+    """Every torch.load in components/ passes weights_only=True."""
+    import ast
+    from pathlib import Path
+
+    offenders = []
+    for source in (Path(__file__).resolve().parent.parent / "components").rglob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                if flags.get("weights_only") != "True":
+                    offenders.append(f"{source.name}:{node.lineno}")
+    assert offenders == []
