@@ -121,7 +121,7 @@ def retrain_deployment(
                 f"--cron '{cron}' / --timezone '{timezone}' is not a valid schedule ({exc.errors()[0]['msg']}); "
                 'e.g. --cron "0 3 * * 1" (Mondays 03:00) --timezone Europe/Berlin'
             ) from exc
-    return retrain_flow.to_deployment(
+    deployment = retrain_flow.to_deployment(
         name=name,
         schedules=[Cron(cron, timezone=timezone)] if cron else None,
         parameters={"params_file": params_file, "overrides": list(overrides or []), "force": False},
@@ -130,3 +130,7 @@ def retrain_deployment(
         tags=["graft"],
         **({"work_pool_name": work_pool, "job_variables": {"working_dir": str(REPO_ROOT)}} if work_pool else {}),
     )
+    if work_pool:
+        # the worker starts in REPO_ROOT: name the flow relative to it, not to wherever `graft schedule` ran
+        deployment.entrypoint = f"{Path(__file__).resolve().relative_to(REPO_ROOT).as_posix()}:retrain_flow"
+    return deployment
