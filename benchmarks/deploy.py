@@ -18,7 +18,6 @@ import os
 import platform
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,21 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 
-def timed(call, batch: np.ndarray, runs: int, warmup: int = 5) -> list[float]:
-    """Seconds per call of `call(batch)` over `runs` timed calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        call(batch)
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call(batch)
-        times.append(time.perf_counter() - started)
-    return times
-
-
 def measure(name: str, call, one: np.ndarray, many: np.ndarray, runs: int) -> dict:
-    single = np.array(timed(call, one, runs)) * 1000
-    batch = np.array(timed(call, many, max(5, runs // 10), warmup=2))
+    from components.latency import time_calls
+
+    single = np.array(time_calls(call, one, runs, warmup=5)) * 1000
+    batch = np.array(time_calls(call, many, max(5, runs // 10), warmup=2))
     return {
         "engine": name,
         "p50_ms_batch1": round(float(np.percentile(single, 50)), 3),

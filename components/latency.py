@@ -114,15 +114,20 @@ class OnnxFeatures:
         return self.session.run(None, {self.input_name: images})[0]
 
 
-def _median_ms(run, batch: np.ndarray, runs: int) -> float:  # noqa: ANN001 - a session.run bound with its feed name
-    run(batch)  # warm-up: first runs allocate and pick kernels
-    run(batch)
+def time_calls(call, batch: np.ndarray, runs: int, warmup: int = 2) -> list[float]:  # noqa: ANN001 - any callable on a batch
+    """Seconds of each of `runs` timed calls of `call(batch)`, after `warmup` untimed ones (first runs allocate)."""
+    for _ in range(warmup):
+        call(batch)
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        run(batch)
+        call(batch)
         times.append(time.perf_counter() - started)
-    return float(np.median(times)) * 1000.0
+    return times
+
+
+def _median_ms(run, batch: np.ndarray, runs: int) -> float:  # noqa: ANN001 - a session.run bound with its feed name
+    return float(np.median(time_calls(run, batch, runs))) * 1000.0
 
 
 def measure_latency(path: Path, image_size: int, batch_size: int, runs: int, seed: int = 0) -> Latency:
