@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from components import registry_calls
 from components.bundle import write_bundle
 from components.choose import stratified_sample
 from components.config import Params
 from components.data import Split
-from components.errors import GraftError, RegistryError
+from components.errors import GraftError
 from components.evaluate import EvalResult
 from components.export import ExportResult, export_and_verify
 from components.gate import GateRules, Verdict, judge
@@ -96,8 +97,8 @@ def _record_manual_promotion(client, name: str) -> None:  # noqa: ANN001
         return
     if recorded and recorded != str(champion.version):
         log.warning("champion of %s was moved by hand from v%s to v%s", name, recorded, champion.version)
-        client.set_registered_model_tag(name, "graft.manual_promotion", f"v{recorded} -> v{champion.version}")
-        client.set_model_version_tag(name, champion.version, "graft.promoted_by", "manual (MLflow UI or API)")
+        registry_calls.set_model_tag(client, name, "graft.manual_promotion", f"v{recorded} -> v{champion.version}")
+        registry_calls.set_version_tag(client, name, champion.version, "graft.promoted_by", "manual (MLflow UI or API)")
 
 
 def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict, data_md5: str, commit: str) -> dict[str, str]:
@@ -150,26 +151,22 @@ def _log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int
             save_as_external_data=False,
         )
         copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)
-        run.client.log_artifacts(run.run_id, str(local), "model")
+        registry_calls.log_artifacts(run.client, run.run_id, str(local), "model")
     return f"{run.client.get_run(run.run_id).info.artifact_uri}/model"
 
 
 def register_version(run: Run, name: str, source: str, tags: dict[str, str], description: str) -> str:
-    """Create the model version with every tag in one call; returns its version number."""
-    from mlflow.exceptions import MlflowException
+    """Create the model version with every tag in one call; returns its version number.
 
+    Each MLflow call retries transient failures, and a retried create reuses the version a lost
+    response had already made (`components.registry_calls`).
+
+    Raises:
+        RegistryError: MLflow refused, or kept failing; nothing was registered after it.
+    """
     client = run.client
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        try:
-            client.create_registered_model(name, description="Image classifier trained by Graft")
-        except MlflowException:
-            client.get_registered_model(name)  # created concurrently by another run
-    try:
-        version = client.create_model_version(name, source, run_id=run.run_id, tags=tags, description=description)
-    except MlflowException as exc:
-        raise RegistryError(f"MLflow refused to register '{name}' ({exc}); check the tracking server") from exc
+    registry_calls.ensure_registered_model(client, name, "Image classifier trained by Graft")
+    version = registry_calls.create_version(client, name, source, run.run_id, tags, description)
     return str(version.version)
 
 
@@ -228,7 +225,7 @@ def deploy(params: Params, split: Split, trained: TrainResult, evaluation: EvalR
         {"name": cfg.model_name, "version": version, "source": f"models:/{cfg.model_name}/{version}", "run_id": run.run_id, "git_commit": commit},
         variants.listing(), card.path,
     )
-    client.set_registered_model_alias(cfg.model_name, CHALLENGER, version)
+    registry_calls.set_alias(client, cfg.model_name, CHALLENGER, version)
     aliases = [CHALLENGER]
     if verdict.promote:
         move_alias(client, cfg.model_name, version, "gate", f"graft run {run.run_id}", verdict.text())

@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 import torch
 
+from components.atomic import temp_write
 from components.bundle import sha256
 from components.errors import ExportError
 from components.images import load_batch
@@ -82,7 +83,8 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "graft"
-    onnx.save_model(proto, tmp)
+    with temp_write(path, tmp):
+        onnx.save_model(proto, tmp)
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
     except onnx.checker.ValidationError as exc:

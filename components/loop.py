@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from components.atomic import temp_write
 from components.config import TrainConfig
 from components.errors import TrainingError
 
@@ -111,7 +112,8 @@ def save_checkpoint(path: Path, **content: object) -> Path:
     """Write a checkpoint atomically (tmp file + rename), so a crash never leaves a torn file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save(content, tmp)
+    with temp_write(path, tmp), open(tmp, "wb") as file:  # a file object, so a full disk surfaces as OSError
+        torch.save(content, file)
     tmp.replace(path)
     return path
 

@@ -1,10 +1,14 @@
 """Moving `champion` by hand or by the flow, with a recorded history to roll back along.
 
-The history is a JSON list in the registered model's `graft.alias_history` tag
-(visible in the MLflow UI beside the model): one entry per move of `champion`
-with the version, the version it replaced, who moved it, when and why. A move
-made in the MLflow UI is not seen when it happens; it is added to the history,
-as `manual`, at the next move Graft makes.
+The history lives in the registered model's tags (visible in the MLflow UI beside
+the model): one entry per move of `champion` with the version, the version it
+replaced, who moved it, when and why. Each move is its own tag,
+`graft.alias_history.<time in ns>.<version>`, holding one JSON object, so two
+flows moving the alias at once both keep their entry (a single tag rewritten by
+each would lose one). Histories written before that, as a JSON list in the tag
+`graft.alias_history`, are still read, as the oldest entries. A move made in
+the MLflow UI is not seen when it happens; it is added to the history, as
+`manual`, at the next move Graft makes.
 
 `promote` re-runs the gate's checks that a model version carries with it
 (parity recorded at export, the metric floors, the ONNX file's checksum) and
@@ -21,10 +25,12 @@ import json
 import logging
 import socket
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from components import registry_calls
 from components.config import Params
 from components.errors import RegistryError
 from components.gate import Check, GateRules
@@ -33,8 +39,10 @@ log = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 HISTORY_TAG = "graft.alias_history"
-# MLflow's SQL stores have kept registry tag values in 5000-character columns; keep the newest moves that fit.
-MAX_HISTORY_CHARS = 5000
+"""The legacy history (a JSON list); also the prefix of the one-tag-per-move entries."""
+MOVE_TAG_PREFIX = f"{HISTORY_TAG}."
+MAX_MOVES = 50
+"""Moves kept as tags; older ones are deleted at the next move (the MLflow UI lists every tag)."""
 MAX_WHY_CHARS = 300
 
 
@@ -96,26 +104,35 @@ def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
 
     try:
-        raw = client.get_registered_model(name).tags.get(HISTORY_TAG)
+        tags = client.get_registered_model(name).tags
     except MlflowException as exc:
         raise RegistryError(f"registered model '{name}' not found ({exc.message.splitlines()[0]}); check the name in the MLflow UI") from exc
-    if not raw:
-        return []
+    return [move for _, move in _history_entries(name, tags)]
+
+
+def _history_entries(name: str, tags: dict[str, str]) -> list[tuple[str | None, AliasMove]]:
+    """(tag key, move), oldest first: the legacy list (key None) first, then one tag per move in time order."""
+    entries: list[tuple[str | None, AliasMove]] = []
+    key = HISTORY_TAG
     try:
-        return [AliasMove(**entry) for entry in json.loads(raw)]
+        if tags.get(HISTORY_TAG):
+            entries += [(None, AliasMove(**entry)) for entry in json.loads(tags[HISTORY_TAG])]
+        for key in sorted(k for k in tags if k.startswith(MOVE_TAG_PREFIX)):
+            entries.append((key, AliasMove(**json.loads(tags[key]))))
     except (ValueError, TypeError) as exc:
         raise RegistryError(
-            f"tag {HISTORY_TAG} of '{name}' is not a Graft alias history ({exc}); delete the tag in the MLflow UI to start a new one"
+            f"tag {key} of '{name}' is not a Graft alias history entry ({exc}); delete the tag in the MLflow UI"
         ) from exc
+    return entries
 
 
-def _encode(moves: list[AliasMove]) -> str:
-    entries = [asdict(move) for move in moves]
-    text = json.dumps(entries, separators=(",", ":"))
-    while len(text) > MAX_HISTORY_CHARS and len(entries) > 1:
-        entries.pop(0)
-        text = json.dumps(entries, separators=(",", ":"))
-    return text
+def _move_key(version: str) -> str:
+    """A tag key that sorts in time order and that no other move, even a simultaneous one, writes."""
+    return f"{MOVE_TAG_PREFIX}{time.time_ns():019d}.{version}"
+
+
+def _encode(move: AliasMove) -> str:
+    return json.dumps(asdict(move), separators=(",", ":"))
 
 
 def champion_stack(moves: list[AliasMove]) -> list[str]:
@@ -135,33 +152,58 @@ def move_alias(client, name: str, version: str, action: str, who: str, why: str,
     """Record the move, then point `alias` at `version`; the alias moves last.
 
     A move made outside Graft since the last recorded one is added first, as `manual`.
-    """
-    from mlflow.exceptions import MlflowException
+    Each MLflow call retries transient failures (`components.registry_calls`).
 
-    model = client.get_registered_model(name)
-    before_tags = dict(model.tags)
-    history = read_history(client, name)
+    Raises:
+        RegistryError: a call failed for good; the entries written are removed and `alias` stays where it was.
+    """
+    before_tags = dict(registry_calls.call(f"reading registered model '{name}'", lambda: client.get_registered_model(name)).tags)
+    history = [move for _, move in _history_entries(name, before_tags)]
     current = alias_version(client, name, alias)
     recorded = next((m.version for m in reversed(history) if m.alias == alias), None)
+    entries = []
     if current is not None and current != recorded:
-        history.append(AliasMove(alias, current, recorded, "manual", "unknown (MLflow UI or API)", _now(), "moved outside Graft; noticed at the next move"))
+        entries.append(AliasMove(alias, current, recorded, "manual", "unknown (MLflow UI or API)", _now(), "moved outside Graft; noticed at the next move"))
     move = AliasMove(alias, str(version), current, action, who, _now(), why[:MAX_WHY_CHARS])
-    history.append(move)
+    entries.append(move)
+    written: list[str] = []
     try:
-        client.set_registered_model_tag(name, HISTORY_TAG, _encode(history))
+        for entry in entries:
+            key = _move_key(entry.version)
+            registry_calls.set_model_tag(client, name, key, _encode(entry))
+            written.append(key)
         if alias == CHAMPION:
-            client.set_registered_model_tag(name, "graft.champion_version", str(version))
-            client.set_model_version_tag(name, str(version), "graft.promoted_by", f"{action} by {who}")
-        client.set_registered_model_alias(name, alias, str(version))
-    except MlflowException as exc:
-        for key in (HISTORY_TAG, "graft.champion_version"):
-            if key in before_tags:
-                client.set_registered_model_tag(name, key, before_tags[key])
-            else:
-                client.delete_registered_model_tag(name, key)
-        raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc.message.splitlines()[0]}); it still points at v{current}") from exc
+            registry_calls.set_model_tag(client, name, "graft.champion_version", str(version))
+            registry_calls.set_version_tag(client, name, str(version), "graft.promoted_by", f"{action} by {who}")
+        registry_calls.set_alias(client, name, alias, str(version))
+    except RegistryError as exc:
+        _undo(client, name, written, before_tags.get("graft.champion_version") if alias == CHAMPION else None)
+        raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc}); it still points at v{current}") from exc
+    _forget_old_moves(client, name, before_tags, len(written))
     log.info("%s of %s: v%s -> v%s (%s by %s)", alias, name, current, version, action, who)
     return move
+
+
+def _undo(client, name: str, written: list[str], champion_version: str | None) -> None:  # noqa: ANN001
+    """Best effort after a failed move: remove its history entries, restore `graft.champion_version`."""
+    try:
+        for key in written:
+            registry_calls.delete_model_tag(client, name, key)
+        if champion_version is not None:
+            registry_calls.set_model_tag(client, name, "graft.champion_version", champion_version)
+    except RegistryError as exc:
+        log.warning("could not undo the failed move's tags on '%s' (%s); `graft history` may list a move that did not happen", name, exc)
+
+
+def _forget_old_moves(client, name: str, before_tags: dict[str, str], added: int) -> None:  # noqa: ANN001
+    """Delete the oldest per-move tags beyond `MAX_MOVES` (a concurrent move may delete the same: harmless)."""
+    keys = sorted(k for k in before_tags if k.startswith(MOVE_TAG_PREFIX))
+    for key in keys[: max(0, len(keys) + added - MAX_MOVES)]:
+        try:
+            registry_calls.delete_model_tag(client, name, key)
+        except RegistryError as exc:
+            log.warning("could not delete old history entry %s of '%s' (%s)", key, name, exc)
+            return
 
 
 def _tag_float(tags: dict[str, str], key: str) -> float | None:

@@ -19,6 +19,7 @@ import base64
 import binascii
 import io
 import logging
+import struct
 import threading
 import time
 import uuid
@@ -148,7 +149,10 @@ def decode_image(data: bytes, name: str, size: int) -> np.ndarray:
             return to_model_input(to_rgb(image), size)
     except RequestProblem:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+    # Pillow reports malformed data with more than OSError: an in-memory TIFF whose strip offset
+    # is past 2**63 raises OverflowError (found by tests/test_fuzz.py); some plugins raise EOFError
+    # or struct.error on truncated headers.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, OverflowError, EOFError, struct.error, Image.DecompressionBombError) as exc:
         kinds = ", ".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
         raise RequestProblem(415, f"{name}: not a readable image ({exc.__class__.__name__}); send one of {kinds}") from exc
 
@@ -202,6 +206,8 @@ def _json_images(body: bytes) -> list[tuple[str, bytes]]:
         payload = json.loads(body)
     except ValueError as exc:
         raise RequestProblem(400, f"the body is not valid JSON ({exc}); send {{\"images\": [base64, ...]}}") from exc
+    except RecursionError as exc:  # '[[[[...' a hundred thousand deep
+        raise RequestProblem(400, "the JSON is nested too deeply; send {\"images\": [base64, ...]}") from exc
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise RequestProblem(400, "JSON must be {\"images\": [\"<base64 image>\", ...]}")

@@ -93,13 +93,50 @@ class BackboneSpec:
             raise ModelError(f"{self.name}: {hint}")
         with _BUILD_LOCK:
             torch.manual_seed(seed)
-            return self._builder(self, image_size).eval()
+            net = self._builder(self, image_size)
+            if not self.pretrained:  # a random baseline (or a custom net declared untrained)
+                settle_batchnorm(net, image_size, self.mean, self.std, seed)
+            return net.eval()
 
     def with_weights(self, path: Path) -> BackboneSpec:
         """This backbone, loading its weights from `path` instead of the default location."""
         return dataclasses.replace(
             self, weights_source=f"local file {path} (choose.weights)", pretrained=True, _weights=lambda: Path(path)
         )
+
+
+SETTLE_IMAGES = 32
+"""Seeded noise images whose forward pass sets a random network's BatchNorm statistics."""
+
+
+def settle_batchnorm(net: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> None:
+    """Give a randomly initialised network the BatchNorm statistics training would start from.
+
+    A fresh BatchNorm layer holds placeholder statistics (mean 0, variance 1). In eval mode
+    they normalise nothing, and through an EfficientNet-Lite at PyTorch's default init the
+    signal shrinks block after block to features of about 1e-8: a nearly linear random map,
+    which no training run ever starts from (training normalises every batch). One forward
+    pass in training mode over seeded uniform-noise images (data-independent, so every build
+    with the same seed is the same network) sets each layer's statistics, and the random
+    baseline is then the network that training from scratch would begin with. Networks
+    without BatchNorm (ViT) are left as they are.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for layer in norms:
+        layer.reset_running_stats()
+        layer.momentum = None  # a plain average over the pass, not a running one
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (SETTLE_IMAGES, 3, image_size, image_size), generator=generator).float() / 255.0
+    batch = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    net.train()
+    with torch.no_grad():
+        net(batch)
+    for layer, momentum in zip(norms, momenta, strict=True):
+        layer.momentum = momentum
+    net.eval()
 
 
 def count_params_m(module: nn.Module) -> float:

@@ -77,14 +77,42 @@ def texture_params(tmp_path_factory, feature_cache_dir):
     return load_params(REPO / "params.yaml", tiny_overrides(data, work, feature_cache_dir) + ["choose.sample_size=80"])
 
 
-def test_random_baseline_ranks_below_pretrained_on_natural_images(texture_params):
-    """Photos and textures are where ImageNet pre-training pays: both scores must say so."""
-    result = choose_model(texture_params, scan(texture_params.data.dir))
+@pytest.fixture(scope="module")
+def digit_params(tmp_path_factory, feature_cache_dir):
+    """All ten digits at the demo's 112 px (the data `make run` uses, 30 images a class)."""
+    from components.demo import write_digits
+
+    work = tmp_path_factory.mktemp("ten-digits")
+    data = write_digits(work / "images", per_class=30)
+    return load_params(REPO / "params.yaml", tiny_overrides(data, work, feature_cache_dir) + ["data.image_size=112", "choose.sample_size=200"])
+
+
+@pytest.mark.parametrize("dataset", ["texture_params", "digit_params"])
+def test_random_baseline_ranks_below_every_pretrained_candidate(dataset, request):
+    """What pre-training buys shows in both scores, on photos and textures and on the demo digits."""
+    params = request.getfixturevalue(dataset)
+    result = choose_model(params, scan(params.data.dir))
     rows = {row.name: row for row in result.candidates}
     pretrained, random = rows["efficientnet_lite0"], rows["random_efficientnet_lite0"]
     assert result.chosen == "efficientnet_lite0" and result.candidates[0].name == "efficientnet_lite0"
+    assert result.candidates[-1].name == "random_efficientnet_lite0"
     assert pretrained.logme > random.logme + 0.2
     assert pretrained.probe_accuracy > random.probe_accuracy
+
+
+def test_random_baseline_is_the_network_training_starts_from():
+    """Its BatchNorm statistics are set (activations neither vanish nor explode), the same for the same seed,
+    and a pre-trained backbone keeps the statistics it was trained with."""
+    images = torch.rand(4, 3, 64, 64)
+    random_a, random_b = get_spec("random_efficientnet_lite0").build(64, seed=3), get_spec("random_efficientnet_lite0").build(64, seed=3)
+    with torch.no_grad():
+        features = random_a(images)
+        assert torch.equal(features, random_b(images))
+    assert 1e-2 < features.abs().mean().item() < 1e2  # placeholder statistics gave ~1e-8
+    pretrained = get_spec("efficientnet_lite0").build(64)
+    stored = torch.load(get_spec("efficientnet_lite0").weights_path(), map_location="cpu", weights_only=True)
+    name = next(k for k in stored if k.endswith("running_var"))
+    assert torch.equal(pretrained.net.state_dict()[name], stored[name])
 
 
 def test_latency_limit_marks_every_candidate_and_says_which(tiny_params):

@@ -600,6 +600,22 @@ def test_dvc_repro_on_a_fresh_clone_reproduces_the_committed_metrics(tmp_path):
     status = subprocess.run([dvc, "status", "--json"], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
     assert json.loads(status.stdout or "{}") == {}, status.stdout
 
+    # an experiment with another strategy (kept small: one epoch at 32 px), listed with its params and metrics
+    experiment = subprocess.run(
+        [dvc, "exp", "run", "--name", "fine-tune-check", "--set-param", "train.strategy=fine_tune",
+         "--set-param", "train.epochs=1", "--set-param", "data.image_size=32"],
+        cwd=clone, env=env, capture_output=True, text=True, timeout=1200,
+    )
+    assert experiment.returncode == 0, experiment.stdout[-3000:] + experiment.stderr[-3000:]
+    shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    runs = [exp for commit in json.loads(shown.stdout) for exp in (commit.get("experiments") or [])]
+    ours = [run for exp in runs for run in exp.get("revs", []) if run.get("name") == "fine-tune-check"]
+    assert ours, shown.stdout[-3000:]
+    data = ours[0]["data"]
+    assert data["params"]["params.yaml"]["data"]["train"]["strategy"] == "fine_tune"
+    assert 0.0 <= data["metrics"]["outputs/metrics.json"]["data"]["val"]["accuracy"] <= 1.0
+
 
 # ---------------------------------------------------------------- caching
 

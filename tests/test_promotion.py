@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from components.promotion import HISTORY_TAG, PromotionError, alias_version, promote, read_history, rollback
+from components.promotion import PromotionError, alias_version, promote, read_history, rollback
 from flows.cli import main
 from tests.deploy_fixtures import NAME, active_registry, params_file, register, registry, tiny_model  # noqa: F401
 
@@ -35,14 +35,14 @@ def test_a_version_failing_the_checks_is_refused_with_every_reason(active_regist
     bad = register(reg.params, _copy_v1(reg, tmp_path),
                    tags={"parity.max_abs_diff": "3.0e-02", "val.accuracy": "0.2000"})
     before = alias_version(reg.client, NAME)
-    history = reg.client.get_registered_model(NAME).tags.get(HISTORY_TAG)
+    history = read_history(reg.client, NAME)
     with pytest.raises(PromotionError) as err:
         promote(reg.client, reg.params, NAME, bad, "should fail")
     message = str(err.value)
     assert "3.00e-02" in message and "deploy.parity_atol" in message
     assert "accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
     assert alias_version(reg.client, NAME) == before
-    assert reg.client.get_registered_model(NAME).tags.get(HISTORY_TAG) == history
+    assert read_history(reg.client, NAME) == history
     with pytest.raises(PromotionError, match="has no version 99"):
         promote(reg.client, reg.params, NAME, "99", "no such version")
 
@@ -84,3 +84,26 @@ def _copy_v1(reg, tmp_path):
     target.parent.mkdir()
     shutil.copyfile(resolve_model_path(f"models:/{NAME}/{reg.v1}", tmp_path / "dl"), target)
     return target
+
+
+def test_a_history_written_by_an_older_graft_is_still_read_and_continued(active_registry):  # noqa: F811
+    """Older Graft kept the whole history as a JSON list in one tag; it stays the oldest part of the history."""
+    import json
+
+    from components.promotion import HISTORY_TAG, move_alias
+
+    client = active_registry.client
+    name = "graft-legacy-history"
+    client.create_registered_model(name)
+    template = client.get_model_version(NAME, active_registry.v1)
+    v1, v2 = (str(client.create_model_version(name, template.source, run_id=template.run_id).version) for _ in range(2))
+    old = {"alias": "champion", "version": v1, "previous": None, "action": "gate", "who": "old graft",
+           "when": "2026-01-01T00:00:00+00:00", "why": "first model"}
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([old]))
+    client.set_registered_model_alias(name, "champion", v1)
+
+    move_alias(client, name, v2, "promote", "alice@test", "newer")
+    moves = read_history(client, name)
+    assert [(m.version, m.previous, m.action) for m in moves] == [(v1, None, "gate"), (v2, v1, "promote")]
+    assert client.get_registered_model(name).tags[HISTORY_TAG] == json.dumps([old])  # left as it was
+    assert rollback(client, name, "back", who="bob@test").version == v1

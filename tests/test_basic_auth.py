@@ -1,0 +1,153 @@
+"""Graft against an MLflow server with basic authentication (`mlflow server --app-name basic-auth`).
+
+Credentials come only from MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow's
+client reads; the password must not end up in anything Graft writes or prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_overrides
+from tests.deploy_fixtures import NAME, tiny_model  # noqa: F401
+
+USER = "admin"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, process: subprocess.Popen, seconds: float) -> None:
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {process.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {seconds:.0f}s")
+
+
+@pytest.fixture
+def auth_server(tmp_path):
+    """A basic-auth MLflow server on a free localhost port (SQLite + artifacts under tmp_path); yields (url, password)."""
+    password = f"pw-{secrets.token_urlsafe(18)}"
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    config = server_dir / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{server_dir / 'auth.db'}\n"
+        f"admin_username = {USER}\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        env.pop(key, None)
+    log = open(server_dir / "mlflow.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+         "--port", str(port), "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
+         "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=server_dir,
+    )
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/health", process, 240)
+        yield f"http://127.0.0.1:{port}", password
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+
+
+def _files_containing(folder: Path, secret: bytes) -> list[str]:
+    return [str(path) for path in folder.rglob("*") if path.is_file() and secret in path.read_bytes()]
+
+
+@pytest.mark.slow
+def test_graft_tracks_registers_and_serves_through_basic_auth_and_never_records_the_password(
+    auth_server, tiny_model, tmp_path, monkeypatch, caplog, capfd  # noqa: F811
+):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from components.config import load_params
+    from components.deploy import _log_onnx_model, register_version
+    from components.promotion import move_alias
+    from components.server import LiveModel
+    from components.tracking import parent_run
+
+    url, password = auth_server
+    work = tmp_path / "work"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    caplog.set_level(logging.DEBUG)
+    params = load_params(REPO / "params.yaml", tiny_overrides(Path(tiny_model.params.data.dir), work, Path(tiny_model.params.data.cache_dir)))
+
+    # the registry-facing half of `graft run`: parent run, params, an artifact, the model, a version, the alias
+    with parent_run(params, run_name="basic-auth", tags={"graft.stage": "test"}) as run:
+        run.log_params({"data.dir": params.data.dir, "deploy.model_name": params.deploy.model_name})
+        run.log_dict({"note": "basic auth"}, "summary.json")
+        source = _log_onnx_model(run, tiny_model.onnx_path, 64, 3)
+        version = register_version(run, NAME, source, {"val.accuracy": "0.9"}, "basic-auth test")
+        move_alias(run.client, NAME, version, "gate", "test", "first model behind basic auth")
+    served = LiveModel(f"models:/{NAME}@champion")  # a consumer downloads the champion with the same credentials
+    assert served.model.source.version == version and list(served.model.classes) == ["0", "1", "7"]
+
+    client = MlflowClient(url, url)
+    finished = client.get_run(run.run_id)
+    assert finished.info.status == "FINISHED" and finished.data.params["deploy.model_name"] == NAME
+    assert client.get_model_version_by_alias(NAME, "champion").version == version
+
+    # nothing Graft wrote or printed holds the password
+    secret = password.encode()
+    downloaded = Path(client.download_artifacts(run.run_id, "", str(tmp_path / "downloaded")))
+    assert sorted(p.name for p in downloaded.iterdir()) == ["model", "summary.json"]
+    model_version = client.get_model_version(NAME, version)
+    recorded = {
+        "params": finished.data.params, "tags": finished.data.tags, "version tags": model_version.tags,
+        "version source": model_version.source, "model tags": client.get_registered_model(NAME).tags,
+    }
+    assert password not in repr(recorded), [where for where, value in recorded.items() if password in repr(value)]
+    assert _files_containing(downloaded, secret) == [] and _files_containing(work, secret) == []
+    out, err = capfd.readouterr()
+    assert password not in caplog.text and password not in out and password not in err
+
+    # without credentials (or with a wrong password) MLflow refuses, and says so
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    with pytest.raises(MlflowException, match="401") as refused, parent_run(params):
+        pass
+    assert "not authenticated" in str(refused.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-" + password)
+    with pytest.raises(MlflowException, match="401"), parent_run(params):
+        pass
+    out, err = capfd.readouterr()
+    assert password not in caplog.text and password not in out and password not in err
