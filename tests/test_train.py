@@ -246,6 +246,53 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
     assert not list((params.data.cache_dir / "resume").glob("*.pt")), "a finished run leaves no resume state"
 
 
+_SIGKILL_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from components.data import scan
+from components.train import fine_tune
+from tests.test_train import choice, make_params
+
+data, work, cache, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+params = make_params(data, work, cache, *sys.argv[5:])
+
+
+def die(row, step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally: what the OOM killer or kill -9 does
+
+
+fine_tune(params, scan(data), choice(), work / "killed", on_epoch=die)
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(digits_dir, feature_cache_dir, tmp_path):
+    """A real SIGKILL in another process (not an exception): the rerun resumes and ends like an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    overrides = ("train.strategy=fine_tune", "train.epochs=3", "train.patience=50")
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, *overrides)
+    split = scan(digits_dir)
+    reference = fine_tune(params, split, choice(), tmp_path / "reference")
+    killed = subprocess.run(
+        [sys.executable, "-c", _SIGKILL_CHILD, str(digits_dir), str(tmp_path), str(feature_cache_dir), "2", *overrides],
+        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "model.pt").exists(), "a killed run left a final checkpoint"
+    resumed = fine_tune(params, split, choice(), tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == reference.epochs_run
+    # two processes may order float sums differently, so "the same" is to float32 rounding here
+    # (within one process the resumed weights are bitwise equal: the test above)
+    expected = load_classifier(reference.checkpoint_path)[0].state_dict()
+    actual = load_classifier(resumed.checkpoint_path)[0].state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name].float(), tensor.float(), rtol=1e-4, atol=1e-5), name
+    assert resumed.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-3)
+
+
 def test_other_inputs_do_not_resume(digits_dir, feature_cache_dir, tmp_path):
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=3", "train.patience=50")
     split = scan(digits_dir)
