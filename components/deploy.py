@@ -152,7 +152,7 @@ def _log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int
         )
         copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)
         registry_calls.log_artifacts(run.client, run.run_id, str(local), "model")
-    return f"{run.client.get_run(run.run_id).info.artifact_uri}/model"
+    return f"{run.artifact_uri()}/model"
 
 
 def register_version(run: Run, name: str, source: str, tags: dict[str, str], description: str) -> str:

@@ -7,6 +7,7 @@ Imports numpy and Pillow only: consumers load this without torch.
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,9 @@ def open_image(source: Path | str | Image.Image) -> Image.Image:
         raise DataError(f"{path}: file not found") from exc
     except Image.DecompressionBombError as exc:
         raise DataError(f"{path}: refused before decoding, a possible decompression bomb ({exc}); resize or remove it") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    # Pillow's decoders also raise EOFError (truncated frames), struct.error (short headers) and
+    # OverflowError (a TIFF offset past 2**63) for malformed files.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error, OverflowError) as exc:
         raise DataError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
 
 

@@ -90,13 +90,26 @@ def _now() -> str:
 
 
 def alias_version(client, name: str, alias: str = CHAMPION) -> str | None:  # noqa: ANN001 - MlflowClient
-    """The version `alias` points at, or None."""
+    """The version `alias` points at, or None when model `name` or its alias does not exist.
+
+    Raises:
+        RegistryError: the registry kept failing (transient errors are retried) or refused the call;
+            an outage must not read as "no champion".
+    """
     from mlflow.exceptions import MlflowException
 
-    try:
-        return str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    def read() -> str | None:
+        try:
+            return str(client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as exc:
+            # MLflow reports a missing model as RESOURCE_DOES_NOT_EXIST and a missing alias as
+            # INVALID_PARAMETER_VALUE "Registered model alias ... not found."
+            missing_alias = exc.error_code == "INVALID_PARAMETER_VALUE" and "not found" in exc.message
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST" or missing_alias:
+                return None
+            raise
+
+    return registry_calls.call(f"reading alias '{alias}' of '{name}'", read, uri=registry_calls.server_uri(client))
 
 
 def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001

@@ -111,19 +111,37 @@ def parse_registry_uri(text: str) -> tuple[str, str | None, str | None] | None:
 
 
 def registry_version(name: str, alias: str | None, version: str | None):  # noqa: ANN201 - mlflow ModelVersion
-    """The model version an alias or number names, with a clear error when there is none."""
+    """The model version an alias or number names, with a clear error when there is none.
+
+    Transient registry failures are retried (`components.registry_calls`).
+
+    Raises:
+        TrackingAuthError: the server refused the credentials or the permission to read the model.
+        RegistryError: the registry kept failing.
+        GraftError: the model has no such alias or version.
+    """
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+
+    from components import registry_calls
+
+    what = f"alias '{alias}'" if alias else f"version {version}"
+    client = MlflowClient()
+
+    def read():  # noqa: ANN202 - mlflow ModelVersion
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
 
     try:
-        client = MlflowClient()
-        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-    except MlflowException as exc:
-        what = f"alias '{alias}'" if alias else f"version {version}"
+        return registry_calls.call(f"reading {what} of model '{name}'", read, uri=client.tracking_uri)
+    except registry_calls.TrackingAuthError:
+        raise
+    except GraftError as exc:
+        if exc.__cause__ is None or registry_calls.is_retryable(exc.__cause__):
+            raise  # the registry is down, not the alias missing
         raise GraftError(
-            f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri} ({exc.message.splitlines()[0]}); "
+            f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri} "
+            f"({registry_calls.first_line(exc.__cause__)}); "
             "check the name and alias in the MLflow UI, or pass --params naming the right store"
-        ) from exc
+        ) from exc.__cause__
 
 
 def published_variants(tags: dict[str, str]) -> list[str]:
@@ -141,6 +159,11 @@ def _download(artifact_uri: str, dst: Path) -> Path:
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
+        from components.registry_calls import explain_auth
+
+        refused = explain_auth(exc, mlflow.get_tracking_uri(), f"downloading '{artifact_uri}'")
+        if refused is not None:
+            raise refused from exc
         raise GraftError(f"cannot download '{artifact_uri}' from MLflow ({exc}); check the name/alias in the MLflow UI") from exc
 
 

@@ -3,6 +3,11 @@
 Everything is addressed by explicit run id through `MlflowClient`, so stages
 may run in any thread or process (Prefect task runners) and still log to the
 same run. Nothing here runs at import time.
+
+Logging calls overwrite what they set, so each retries transient MLflow failures
+on its own (`components.registry_calls.call`); creating a run does not, since a
+retry after a lost response would make a second one. A server that refuses the
+credentials or a permission gives a `TrackingAuthError` saying what to set.
 """
 
 from __future__ import annotations
@@ -10,14 +15,19 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
+from components import registry_calls
 from components.config import Params
+from components.errors import GraftError
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; remember what Graft set, so a
 # later call in the same process still tells the user's own setting from Graft's.
@@ -53,15 +63,17 @@ def configure(params: Params) -> str:
         params.tracking.store_dir.mkdir(parents=True, exist_ok=True)
     use_tracking_uri(uri)
     client = MlflowClient(uri, uri)
-    if client.get_experiment_by_name(params.tracking.experiment) is None:
-        location = None
-        if uri.startswith("sqlite:///"):
-            location = (params.tracking.store_dir / "artifacts").resolve().as_uri()
-        try:
-            client.create_experiment(params.tracking.experiment, artifact_location=location)
-        except Exception:  # noqa: BLE001 - a concurrent run created it first
-            if client.get_experiment_by_name(params.tracking.experiment) is None:
-                raise
+    name = params.tracking.experiment
+    with registry_calls.auth_explained(uri, f"opening MLflow experiment '{name}'"):
+        if client.get_experiment_by_name(name) is None:
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = (params.tracking.store_dir / "artifacts").resolve().as_uri()
+            try:
+                client.create_experiment(name, artifact_location=location)
+            except Exception:  # noqa: BLE001 - a concurrent run created it first
+                if client.get_experiment_by_name(name) is None:
+                    raise
     return uri
 
 
@@ -93,10 +105,15 @@ class Run:
 
         return MlflowClient(self.uri, self.uri)
 
+    def _call(self, what: str, action: Callable[[], T]) -> T:
+        """`action` with transient failures retried; raises `RegistryError` (or `TrackingAuthError`) naming the run."""
+        return registry_calls.call(f"{what} run {self.run_id}", action, uri=self.uri)
+
     def log_params(self, values: dict[str, object]) -> None:
         from mlflow.entities import Param
 
-        self.client.log_batch(self.run_id, params=[Param(k, str(v)[:6000]) for k, v in values.items()])
+        params = [Param(k, str(v)[:6000]) for k, v in values.items()]
+        self._call("logging params to", lambda: self.client.log_batch(self.run_id, params=params))
 
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
         import time
@@ -104,27 +121,35 @@ class Run:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
+        metrics = [Metric(k, float(v), now, step or 0) for k, v in values.items()]
+        self._call("logging metrics to", lambda: self.client.log_batch(self.run_id, metrics=metrics))
 
     def set_tags(self, values: dict[str, object]) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)[:5000]) for k, v in values.items()])
+        tags = [RunTag(k, str(v)[:5000]) for k, v in values.items()]
+        self._call("setting tags of", lambda: self.client.log_batch(self.run_id, tags=tags))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call(f"uploading {path} to", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_dict(self, content: dict, name: str) -> None:
-        self.client.log_dict(self.run_id, content, name)
+        self._call(f"writing {name} to", lambda: self.client.log_dict(self.run_id, content, name))
+
+    def artifact_uri(self) -> str:
+        """Where this run's artifacts live (`.../artifacts`), read from the server."""
+        return self._call("reading", lambda: self.client.get_run(self.run_id)).info.artifact_uri
 
     def child(self, name: str) -> Run:
         """A nested run under this one (shown beneath it in the MLflow UI)."""
-        parent = self.client.get_run(self.run_id)
-        run = self.client.create_run(parent.info.experiment_id, run_name=name, tags={"mlflow.parentRunId": self.run_id})
+        parent = self._call("reading", lambda: self.client.get_run(self.run_id))
+        with registry_calls.auth_explained(self.uri, f"creating child run '{name}' of run {self.run_id}"):
+            tags = {"mlflow.parentRunId": self.run_id}
+            run = self.client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
         return Run(run.info.run_id, self.uri)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status)
+        self._call(f"marking {status}", lambda: self.client.set_terminated(self.run_id, status))
 
 
 @contextmanager
@@ -134,13 +159,17 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
 
     uri = configure(params)
     client = MlflowClient(uri, uri)
-    experiment = client.get_experiment_by_name(params.tracking.experiment)
-    created = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags or {})
+    with registry_calls.auth_explained(uri, f"starting a run in MLflow experiment '{params.tracking.experiment}'"):
+        experiment = client.get_experiment_by_name(params.tracking.experiment)
+        created = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags or {})
     run = Run(created.info.run_id, uri)
     log.info("MLflow run %s in experiment '%s' at %s", run.run_id, params.tracking.experiment, uri)
     try:
         yield run
     except BaseException:
-        run.finish("FAILED")
+        try:
+            run.finish("FAILED")
+        except GraftError as exc:  # the body's error is the one to report
+            log.warning("could not mark run %s FAILED (%s); it stays RUNNING in the MLflow UI", run.run_id, exc)
         raise
     run.finish("FINISHED")

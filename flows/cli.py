@@ -353,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _UserErrorsInOneLine(logging.Filter):
+    """Drop the traceback Prefect logs when a task or flow fails with a `GraftError`.
+
+    Those are problems with the user's input or services, and their message says how to fix
+    them; a traceback through Prefect's engine above it only buries that line. Other
+    exceptions (bugs) keep their traceback, and `--verbose` keeps every one.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], GraftError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -364,10 +379,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for noisy in ("alembic", "httpx", "onnx_ir", "onnxscript", "torch.onnx", "mlflow.store.db.utils"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        for engine in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(engine).addFilter(_UserErrorsInOneLine())
     try:
         return args.handler(args)
     except GraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from components.registry_calls import explain_auth
+
+        refused = explain_auth(exc, None, "an MLflow call")  # one the components did not explain themselves
+        if refused is None:
+            raise
+        print(f"error: {refused}", file=sys.stderr)
         return 2
 
 

@@ -94,13 +94,15 @@ def test_graft_tracks_registers_and_serves_through_basic_auth_and_never_records_
     auth_server, tiny_model, tmp_path, monkeypatch, caplog, capfd  # noqa: F811
 ):
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
     from components.config import load_params
     from components.deploy import _log_onnx_model, register_version
     from components.promotion import move_alias
+    from components.registry_calls import TrackingAuthError
     from components.server import LiveModel
-    from components.tracking import parent_run
+    from components.serving import OnnxClassifier, registry_version
+    from components.tracking import configure, parent_run
+    from flows.cli import main
 
     url, password = auth_server
     work = tmp_path / "work"
@@ -139,15 +141,42 @@ def test_graft_tracks_registers_and_serves_through_basic_auth_and_never_records_
     out, err = capfd.readouterr()
     assert password not in caplog.text and password not in out and password not in err
 
-    # without credentials (or with a wrong password) MLflow refuses, and says so
+    # without credentials: `graft run`'s first MLflow calls stop with one clear line naming the variables to set
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
-    with pytest.raises(MlflowException, match="401") as refused, parent_run(params):
+    with pytest.raises(TrackingAuthError) as refused:
+        configure(params)
+    with pytest.raises(TrackingAuthError) as refused_run, parent_run(params):
         pass
-    assert "not authenticated" in str(refused.value)
+    for message in (str(refused.value), str(refused_run.value)):
+        assert url in message and "no credentials were given" in message and "(HTTP 401)" in message
+        assert "MLFLOW_TRACKING_USERNAME" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    assert f"experiment '{params.tracking.experiment}'" in str(refused_run.value)
+
+    # a wrong password: refused, not "no alias", for consumers as for the pipeline; the password is never shown
+    wrong = "not-" + password
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", USER)
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-" + password)
-    with pytest.raises(MlflowException, match="401"), parent_run(params):
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", wrong)
+    with pytest.raises(TrackingAuthError) as refused_run, parent_run(params):
         pass
+    with pytest.raises(TrackingAuthError) as refused_load:
+        OnnxClassifier.load(f"models:/{NAME}@champion")
+    with pytest.raises(TrackingAuthError) as refused_version:
+        registry_version(NAME, "champion", None)
+    for message in (str(refused_run.value), str(refused_load.value), str(refused_version.value)):
+        assert f"refused the credentials of user '{USER}'" in message and url in message
+        assert "MLFLOW_TRACKING_PASSWORD" in message and "no alias" not in message
+        assert password not in message and wrong not in message
+    assert f"alias 'champion' of model '{NAME}'" in str(refused_load.value)
+
+    # the CLI prints that as one line and exits 2, no traceback
+    capfd.readouterr()
+    registry = ["--model", f"models:/{NAME}@champion", "--params", str(REPO / "params.yaml")]
+    assert main(["predict", *registry, str(tiny_model.val(1)[0][0])]) == 2
+    assert main(["serve", *registry, "--port", "1"]) == 2
     out, err = capfd.readouterr()
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 2 and all(f"refused the credentials of user '{USER}'" in line for line in lines), err
+    assert "Traceback" not in err and "Traceback" not in out
     assert password not in caplog.text and password not in out and password not in err
+    assert wrong not in caplog.text and wrong not in out and wrong not in err

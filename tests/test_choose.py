@@ -228,3 +228,31 @@ def test_random_baseline_is_added_when_none_is_listed(tiny_params, digits_dir):
     params = _with_choose(tiny_params, candidates=("efficientnet_lite0",))
     assert plan_candidates(params, scan(digits_dir)) == ("efficientnet_lite0", "random_efficientnet_lite0")
     assert plan_candidates(_with_choose(params, baseline=False), scan(digits_dir)) == ("efficientnet_lite0",)
+
+
+@pytest.mark.slow
+def test_every_torchvision_backbone_loads_from_torch_home_exports_and_is_ranked(tiny_params, tmp_path, monkeypatch):
+    """The whole torchvision path, end to end, for every zoo entry: a weights file at the exact place
+    the torch hub cache keeps it, loaded, exported to ONNX, scored and timed. The files here hold
+    torchvision's own initialisation (no ImageNet weights can be downloaded on this machine), so the
+    scores are not compared; everything else is what a user with a filled `$TORCH_HOME` runs."""
+    import torchvision
+
+    from components.zoo import _TORCHVISION
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    names = sorted(_TORCHVISION)
+    for name in names:
+        path = get_spec(name).weights_path()
+        assert path.parent == tmp_path / "torch-home" / "hub" / "checkpoints"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {"image_size": 224} if name.startswith("vit") else {}
+        torch.save(torchvision.models.get_model(name, weights=None, **kwargs).state_dict(), path)
+    params = _with_choose(tiny_params, candidates=tuple(names), baseline=False, latency_runs=3)
+    result = choose_model(params, scan(params.data.dir))
+    rows = {row.name: row for row in result.candidates}
+    assert set(rows) == set(names)
+    for name, row in rows.items():
+        assert row.status == "ok", (name, row.status)
+        assert row.logme is not None and row.latency_ms > 0 and Path(row.onnx_path).is_file(), name
+        assert row.image_size == (224 if name.startswith("vit") else 64), name

@@ -88,3 +88,23 @@ def test_bad_input_registers_nothing(run_cli, tmp_path, capsys):
     db = run_cli.params.tracking.store_dir / "mlflow.db"
     if db.exists():
         assert _client(run_cli.params).search_registered_models() == []
+
+
+def test_a_bad_image_stops_graft_run_with_one_clear_line_and_no_traceback(tmp_path, digits_dir):
+    """What a user sees in the terminal: the file and the fix, not a trace through Prefect's engine."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "images"
+    shutil.copytree(digits_dir, data)
+    (data / "7" / "notes.png").write_text("not an image")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "graft"), "run", "--data", str(data), "--set", f"tracking.store_dir={tmp_path / 'mlflow'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: {data / '7' / 'notes.png'}: not a readable image" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
