@@ -75,6 +75,7 @@ def main() -> int:
     print("building variants ...", flush=True)
     report = build_variants(exported.onnx_path, ("fp16", "int8"), val_images, labels, calibration, params.deploy.max_variant_drop)
 
+    load_before = os.getloadavg()  # the machine is shared: say how busy it was while timing
     rng = np.random.default_rng(0)
     one = val_images[:1]
     many = val_images[rng.choice(len(val_images), 32, replace=False)]
@@ -111,11 +112,14 @@ def main() -> int:
     else:
         gpu_rows = [{"engine": f"onnxruntime {v} ({p})", "status": "not measured: no NVIDIA GPU on this machine"} for p in ("CUDA", "TensorRT") for v in ("fp32", "fp16")]
 
+    load_after = os.getloadavg()
     ort_fp32 = next(r for r in rows if r["variant"] == "fp32" and r["engine"].startswith("onnxruntime"))
     speedup = eager["p50_ms_batch1"] / ort_fp32["p50_ms_batch1"]
     result = {
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__},
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "onnxruntime": ort.__version__,
+                    "load_average_1_5_15min_before": [round(x, 2) for x in load_before],
+                    "load_average_1_5_15min_after": [round(x, 2) for x in load_after]},
         "model": {"backbone": trained.backbone, "image_size": size, "classes": len(split.classes), "val_images": len(val_paths),
                   "parity_max_abs_diff": exported.max_abs_diff, "fp32_accuracy": report.fp32_accuracy},
         "max_variant_drop": params.deploy.max_variant_drop,
@@ -141,6 +145,8 @@ def markdown(result: dict) -> str:
         f"CPU: {result['machine']['cpu_count']} cores, {result['machine']['platform']}; torch {result['machine']['torch']} "
         f"({result['machine']['torch_threads']} threads), onnxruntime {result['machine']['onnxruntime']}. "
         f"Accuracy on {model['val_images']} validation images; fp32 ONNX {model['fp32_accuracy']:.4f}.",
+        f"Shared machine: load average (1, 5, 15 min) {result['machine']['load_average_1_5_15min_before']} before timing, "
+        f"{result['machine']['load_average_1_5_15min_after']} after.",
         "",
         "| engine | p50 ms (batch 1) | p99 ms (batch 1) | images/s (batch 32) | accuracy | change vs fp32 | published | MB |",
         "|---|---:|---:|---:|---:|---:|---|---:|",
@@ -160,6 +166,10 @@ def markdown(result: dict) -> str:
         f"onnxruntime fp32 is {result['ort_fp32_speedup_vs_eager_batch1']}x faster than PyTorch eager at batch 1 "
         f"(goal 1.5x: {'met' if result['goal_ort_1_5x_faster_at_batch1'] else 'NOT met'}). A variant is published only "
         f"when it loses at most {result['max_variant_drop'] * 100:.1f} accuracy points (deploy.max_variant_drop).",
+        "",
+        "INT8: static QDQ quantisation calibrated on training images, uint8 activations and per-channel 7-bit int8 "
+        "weights (full 8-bit weights saturate 16-bit sums in onnxruntime's x86 kernels on CPUs without VNNI), with "
+        "the first convolutions and the head in fp32; see components/variants.py:to_int8.",
     ]
     return "\n".join(lines)
 
