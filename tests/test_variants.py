@@ -132,3 +132,39 @@ def test_judging_uses_the_configured_limit(tiny_model, tmp_path):  # noqa: F811
     assert not judge_variant("int8", worse, reference, images, labels, loss - 0.01, 0.0).published
     assert judge_variant("int8", worse, reference, images, labels, loss + 0.01, 0.0).published
     assert np.isclose(judge_variant("int8", worse, reference, images, labels, 1.0, 0.0).accuracy_change, -loss)
+
+
+@pytest.mark.slow  # trains the head on all 1,797 digits at the configured 112 px: ~2-3 min on two shared cores
+def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_dir):
+    from components.choose import ChooseResult, stratified_sample
+    from components.config import load_params
+    from components.data import scan
+    from components.demo import write_digits
+    from components.export import export_and_verify
+    from components.train import fine_tune, load_classifier
+    from components.zoo import get_spec
+    from tests.conftest import REPO
+
+    images_dir = write_digits(tmp_path / "images")
+    params = load_params(REPO / "params.yaml", [
+        f"data.dir={images_dir}", f"data.cache_dir={feature_cache_dir}", f"deploy.output_dir={tmp_path / 'outputs'}",
+        f"tracking.store_dir={tmp_path / 'mlflow'}",
+    ])
+    split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+    size = params.data.image_size
+    trained = fine_tune(params, split, ChooseResult("efficientnet_lite0", size, "logme", "fixed for tests", (), 0.0), tmp_path / "run")
+    model, _ = load_classifier(trained.checkpoint_path)
+    spec = get_spec(trained.backbone)
+    meta = {"classes": list(split.classes), "image_size": size, "mean": list(spec.mean), "std": list(spec.std)}
+    val_paths = [s.path for s in split.val]
+    exported = export_and_verify(model, tmp_path / "model" / "model.onnx", size, params.deploy.opset, meta, val_paths[:16], 1e-4)
+    calibration_samples = stratified_sample(split.train, params.deploy.calibration_images, params.data.seed)
+    calibration = load_batch([s.path for s in calibration_samples], size)
+    labels = np.array([s.label for s in split.val])
+    report = build_variants(
+        exported.onnx_path, ("int8",), load_batch(val_paths, size), labels, calibration, params.deploy.max_variant_drop
+    )
+    int8 = report.get("int8")
+    assert len(labels) > 300 and report.fp32_accuracy > 0.9
+    assert int8.published, int8.reason
+    assert -int8.accuracy_change <= params.deploy.max_variant_drop and int8.top1_agreement >= 0.97
