@@ -9,42 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests import services
 from tests.conftest import REPO, tiny_overrides
 from tests.deploy_fixtures import NAME, tiny_model  # noqa: F401
 
 USER = "admin"
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, process: subprocess.Popen, seconds: float) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds:.0f}s")
 
 
 @pytest.fixture
@@ -60,29 +33,11 @@ def auth_server(tmp_path):
         f"admin_username = {USER}\nadmin_password = {password}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    port = _free_port()
     env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
         env.pop(key, None)
-    log = open(server_dir / "mlflow.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
-         "--port", str(port), "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-         "--artifacts-destination", str(server_dir / "artifacts"), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=server_dir,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", process, 240)
-        yield f"http://127.0.0.1:{port}", password
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        log.close()
+    with services.mlflow_server(server_dir, "--app-name", "basic-auth", env=env, seconds=240) as url:
+        yield url, password
 
 
 def _files_containing(folder: Path, secret: bytes) -> list[str]:

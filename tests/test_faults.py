@@ -28,7 +28,7 @@ from components.errors import RegistryError
 from components.promotion import alias_version, move_alias, read_history
 from tests.conftest import REPO
 from tests.deploy_fixtures import NAME, _store_overrides, register, tiny_model  # noqa: F401
-from tests.test_orchestration import _free_port, _wait_http
+from tests import services
 
 # ---------------------------------------------------------------- a real MLflow server and a proxy that breaks it
 
@@ -36,26 +36,8 @@ from tests.test_orchestration import _free_port, _wait_http
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` (SQLite + local artifacts) on a free localhost port; its URL."""
-    work = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    log = open(work / "mlflow.log", "w")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{work / 'mlflow.db'}", "--artifacts-destination", str(work / "artifacts"),
-         "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
-    )
-    try:
-        _wait_http(f"http://127.0.0.1:{port}/health", server, 120)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+    with services.mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
 
 
 @dataclass

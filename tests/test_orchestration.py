@@ -13,6 +13,7 @@ from components.retrain import current_data_md5, params_fingerprint
 from components.transient import is_transient
 from components.versioning import recorded_md5
 from tests.conftest import REPO, tiny_overrides
+from tests.services import free_port, stop, wait_http
 
 
 # ---------------------------------------------------------------- the decision's inputs
@@ -190,12 +191,7 @@ def test_graft_schedule_serves_the_deployment_with_its_cron_and_collision_strate
         assert deployment.concurrency_options.collision_strategy.value == "CANCEL_NEW"
         assert deployment.parameters["params_file"] == str(REPO / "params.yaml")
     finally:
-        os.killpg(served.pid, signal.SIGINT)
-        try:
-            served.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(served.pid, signal.SIGKILL)
-            served.wait()
+        stop(served, signal.SIGINT)
 
 
 # ---------------------------------------------------------------- the schedule's two paths
@@ -252,31 +248,6 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
 # ---------------------------------------------------------------- a Prefect server, a process worker, an MLflow server
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_http(url: str, process, seconds: float) -> None:
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:3]} exited with {process.returncode} before {url} answered")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {seconds:.0f}s")
-
-
 @pytest.fixture
 def services(tmp_path):
     """`mlflow server` and `prefect server start` on free localhost ports; both stopped afterwards."""
@@ -295,7 +266,7 @@ def services(tmp_path):
         started.append(process)
         return process
 
-    mlflow_port, prefect_port = _free_port(), _free_port()
+    mlflow_port, prefect_port = free_port(), free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -307,18 +278,12 @@ def services(tmp_path):
                         "--artifacts-destination", str(tmp_path / "mlflow-artifacts"), "--workers", "1"], env, "mlflow.log")
         prefect = start([str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)],
                         env, "prefect-server.log")
-        _wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, 120)
-        _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", prefect, 120)
+        wait_http(f"http://127.0.0.1:{mlflow_port}/health", mlflow, 120)
+        wait_http(f"http://127.0.0.1:{prefect_port}/api/health", prefect, 120)
         yield env, start
     finally:
         for process in reversed(started):
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-                try:
-                    process.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait()
+            stop(process)
             process.log.close()
 
 
@@ -500,14 +465,14 @@ def test_data_is_pushed_to_and_pulled_from_an_s3_compatible_remote(tmp_path, dig
     from components.data import dir_md5
     from components.versioning import data_version
 
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
         monkeypatch.setenv(key, value)
     server = subprocess.Popen([str(bin_dir / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        _wait_http(f"{endpoint}/moto-api/", server, 60)
+        wait_http(f"{endpoint}/moto-api/", server, 60)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="graft-data")
         project = tmp_path / "project"
         shutil.copytree(digits_dir, project / "images")
@@ -533,8 +498,7 @@ def test_data_is_pushed_to_and_pulled_from_an_s3_compatible_remote(tmp_path, dig
         assert data_version(project / "images") == recorded  # pulled from the S3 remote
         assert len(list((project / "images").rglob("*.png"))) == 60
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=20)
+        stop(server)
 
 
 # ---------------------------------------------------------------- dvc repro on a fresh clone
