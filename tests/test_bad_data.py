@@ -144,3 +144,47 @@ def test_class_present_only_in_validation_is_refused(digits_dir, tmp_path):
         shutil.copytree(digits_dir / cls, root / "val" / cls)
     with pytest.raises(DataError, match="lacks: 7"):
         scan(root)
+
+
+def _tiff_with_a_strip_offset_past_2_63() -> bytes:
+    """An 8x8 TIFF whose StripOffsets tag is a LONG8 holding 2**63 + 1 (Pillow raises OverflowError)."""
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(out, "TIFF")
+    data = bytearray(out.getvalue())
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for index in range(struct.unpack_from("<H", data, ifd)[0]):
+        at = ifd + 2 + 12 * index
+        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets
+            struct.pack_into("<HHII", data, at, 273, 16, 1, len(data))
+    return bytes(data + struct.pack("<Q", 2**63 + 1))
+
+
+def test_a_tiff_with_a_strip_offset_past_2_63_is_a_data_error(tmp_path: Path):
+    path = tmp_path / "overflow.tif"
+    path.write_bytes(_tiff_with_a_strip_offset_past_2_63())
+    with pytest.raises(DataError, match="not a readable image") as err:  # from a file the seek fails with ValueError
+        load_image(path, 32)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [OverflowError("Python int too large to convert to C ssize_t"), EOFError("no more frames"), struct.error("short")],
+    ids=type,
+)
+def test_what_pillow_decoders_raise_for_malformed_files_is_a_data_error(tmp_path: Path, monkeypatch, error):
+    """The same TIFF read from memory makes Pillow raise OverflowError; other plugins raise EOFError or struct.error."""
+    from PIL import TiffImagePlugin
+
+    with pytest.raises(OverflowError):  # what the server's decoder saw
+        Image.open(io.BytesIO(_tiff_with_a_strip_offset_past_2_63())).load()
+
+    def fail(self):  # noqa: ANN001, ANN202
+        raise error
+
+    monkeypatch.setattr(TiffImagePlugin.TiffImageFile, "load", fail)
+    path = tmp_path / "overflow.tif"
+    path.write_bytes(_tiff_with_a_strip_offset_past_2_63())
+    with pytest.raises(DataError, match="not a readable image") as err:
+        load_image(path, 32)
+    assert err.value.__cause__ is error and str(path) in str(err.value)

@@ -32,6 +32,7 @@ from components.errors import DataError
 from components.images import open_image
 from components.server import LiveModel, RequestProblem, ServeSettings, create_app, decode_image, running_server
 from tests.deploy_fixtures import NAME, registry, tiny_model  # noqa: F401
+from tests.test_bad_data import _tiff_with_a_strip_offset_past_2_63
 
 LIMIT = 256 * 1024
 SETTINGS = ServeSettings(poll_seconds=60, max_upload_bytes=LIMIT, max_batch=4, timeout_seconds=10)
@@ -239,18 +240,6 @@ def test_random_multipart_bodies_get_4xx_or_predictions_and_the_server_keeps_ser
     assert not any(mark in response.text for mark in STACK_TRACE_MARKS), response.text[:300]
     assert "error" in response.json() or response.json()["predictions"]
     assert httpx.get(f"{live_url}/health", timeout=10).status_code == 200
-
-
-def _tiff_with_a_strip_offset_past_2_63() -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(out, "TIFF")
-    data = bytearray(out.getvalue())
-    ifd = struct.unpack_from("<I", data, 4)[0]
-    for index in range(struct.unpack_from("<H", data, ifd)[0]):
-        at = ifd + 2 + 12 * index
-        if struct.unpack_from("<H", data, at)[0] == 273:  # StripOffsets, now a LONG8 pointing at 2**63 + 1
-            struct.pack_into("<HHII", data, at, 273, 16, 1, len(data))
-    return bytes(data + struct.pack("<Q", 2**63 + 1))
 
 
 def test_inputs_the_fuzzers_found_get_4xx_not_500(live_url):
