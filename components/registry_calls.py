@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,8 +46,6 @@ MAX_DELAY_S = 8.0
 REGISTRATION_TAG = "graft.registration_id"
 
 _AUTH_ERROR_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
-_HTTP_5XX = re.compile(r"error code 5\d\d\b|too many 5\d\d error responses")
-_TRANSIENT_TEXT = ("database is locked", "Connection reset", "RemoteDisconnected", "timed out")
 
 
 class TrackingAuthError(RegistryError):
@@ -136,20 +133,9 @@ def auth_explained(uri: str | None, what: str) -> Iterator[None]:
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """True when trying the same call again may succeed: the service, not the request, failed."""
-    if is_transient(exc):
-        return True
-    import requests
-    from mlflow.exceptions import MlflowException, RestException
-
-    if isinstance(exc, requests.HTTPError):  # artifact uploads raise these
-        return exc.response is not None and exc.response.status_code >= 500
-    if isinstance(exc, RestException):  # the server answered: its error code says whether it was a 5xx
-        return exc.get_http_status_code() >= 500
-    if isinstance(exc, MlflowException):  # raised by the client: only the text tells a 5xx or a dropped connection
-        text = str(exc)
-        return bool(_HTTP_5XX.search(text)) or any(fragment in text for fragment in _TRANSIENT_TEXT)
-    return False
+    """True when trying the same call again may succeed: the service, not the request, failed
+    (`components.transient.is_transient`, the rule Prefect's task retries follow too)."""
+    return is_transient(exc)
 
 
 def first_line(exc: BaseException) -> str:
@@ -256,11 +242,19 @@ def create_version(client, name: str, source: str, run_id: str, tags: dict[str, 
 
 
 def set_alias(client, name: str, alias: str, version: str) -> None:  # noqa: ANN001
-    call(
-        f"setting alias '{alias}' of '{name}' to v{version}",
-        lambda: client.set_registered_model_alias(name, alias, str(version)),
-        uri=server_uri(client),
-    )
+    from mlflow.exceptions import MlflowException
+
+    def assign() -> None:
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+        except MlflowException as exc:
+            # two runs setting a new alias at once: MLflow's SQL store reads, then inserts, and the
+            # second insert breaks the unique key; the alias row exists now, so setting it again updates it
+            if "UNIQUE constraint failed" not in str(exc) and "duplicate key" not in str(exc):
+                raise
+            client.set_registered_model_alias(name, alias, str(version))
+
+    call(f"setting alias '{alias}' of '{name}' to v{version}", assign, uri=server_uri(client))
 
 
 def set_model_tag(client, name: str, key: str, value: str) -> None:  # noqa: ANN001

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
+
 from components.errors import GraftError, RemoteError
 
 # MLflow REST error codes a retry can cure (the server is restarting, busy, or rate-limiting), and
 # what MLflow's REST client says when it gave up reaching the server (error code INTERNAL_ERROR).
 _TRANSIENT_MLFLOW_CODES = {"TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"}
 _UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection aborted", "Read timed out")
+# what MLflow's client says when the server answered 5xx, or dropped the connection, or its SQLite store was busy
+_HTTP_5XX = re.compile(r"error code 5\d\d\b|too many 5\d\d error responses")
+_TRANSIENT_TEXT = ("database is locked", "Connection reset", "RemoteDisconnected", "timed out")
 
 
 def is_transient(exc: BaseException | None) -> bool:
@@ -29,13 +34,19 @@ def is_transient(exc: BaseException | None) -> bool:
 
         if isinstance(exc, (requests.exceptions.ConnectionError, requests.exceptions.Timeout)):
             return True
+        if isinstance(exc, requests.HTTPError):  # artifact uploads and downloads raise these
+            return exc.response is not None and exc.response.status_code >= 500
     except ImportError:
         pass
     try:
-        from mlflow.exceptions import MlflowException
+        from mlflow.exceptions import MlflowException, RestException
 
-        if isinstance(exc, MlflowException):
-            return exc.error_code in _TRANSIENT_MLFLOW_CODES or any(text in str(exc) for text in _UNREACHABLE)
+        if isinstance(exc, RestException):  # the server answered: its status says whether it was a 5xx
+            return exc.error_code in _TRANSIENT_MLFLOW_CODES or exc.get_http_status_code() >= 500
+        if isinstance(exc, MlflowException):  # raised by the client: only its text tells
+            text = str(exc)
+            return (exc.error_code in _TRANSIENT_MLFLOW_CODES or bool(_HTTP_5XX.search(text))
+                    or any(fragment in text for fragment in _UNREACHABLE + _TRANSIENT_TEXT))
     except ImportError:
         pass
     return isinstance(exc.__cause__, BaseException) and is_transient(exc.__cause__)

@@ -64,6 +64,11 @@ def test_only_transient_failures_are_retried():
     assert is_transient(MlflowException("API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/create failed with "
                                         "exception HTTPConnectionPool: Max retries exceeded"))
     assert not is_transient(MlflowException("no such model", error_code=RESOURCE_DOES_NOT_EXIST))
+    from mlflow.exceptions import RestException
+
+    assert is_transient(RestException({"error_code": "INTERNAL_ERROR", "message": "boom"}))  # a 5xx: the server's fault
+    assert is_transient(MlflowException("API request to /api/2.0/mlflow/runs/create failed with error code 503 != 200"))
+    assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad name"}))  # a 400
     assert not is_transient(DataError("images/cat/1.png: not a readable image"))
     assert not is_transient(ValueError("bad input"))
 
