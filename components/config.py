@@ -142,6 +142,10 @@ class TrainConfig(_Section):
     """On CUDA: autocast (bfloat16 where supported, else float16 with loss scaling); ignored on CPU."""
     channels_last: bool = True
     """On CUDA: channels-last memory format for the backbone (faster convolutions); ignored on CPU."""
+    processes: int = Field(1, ge=1, le=64)
+    """Training processes on this machine for the strategies that train through the backbone: above 1,
+    the step starts them with torchrun and trains with DistributedDataParallel, one GPU each (gloo
+    processes on the CPU where there is no CUDA); each takes its share of every `batch_size` batch."""
     resume: bool = True
     """Continue an interrupted run from its last epoch checkpoint (kept under data.cache_dir, keyed by
     data, backbone and these settings) when started again with the same inputs."""

@@ -79,6 +79,8 @@ class ResumeStore:
     key: str
     enabled: bool = True
     config: dict = field(default_factory=dict)
+    writer: bool = True
+    """False in every training process but the first of a distributed run: it reads, never writes."""
 
     def path(self, phase: str) -> Path:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", phase).strip("-")
@@ -100,10 +102,14 @@ class ResumeStore:
         return state
 
     def save(self, phase: str, content: dict) -> Path:
+        if not self.writer:
+            return self.path(phase)
         return save_checkpoint(self.path(phase), key=self.key, config=self.config, **content)
 
     def clear(self) -> None:
         """Remove this run's checkpoints (after success, or when it diverged)."""
+        if not self.writer:
+            return
         for path in self.directory.glob(f"{self.key}-*.pt"):
             path.unlink(missing_ok=True)
 

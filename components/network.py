@@ -5,6 +5,11 @@ two_stage, scratch, and feature_extraction with augmentation). On CUDA the
 step runs under autocast (bfloat16 where supported, else float16 with loss
 scaling) with channels-last convolutions; on the CPU in float32, which is
 what makes a seeded run repeatable.
+
+Under `torchrun` (`train.processes` above 1, see `components.distributed`) the
+same step runs in every process: the trained part is wrapped in
+DistributedDataParallel, each process takes its share of every batch, and
+losses and validation sums are added up over the processes.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from components.augment import Augmenter
+from components.distributed import World, all_sum, broadcast_buffers, shard, world
 from components.config import Params, TrainConfig
 from components.data import Sample, Split
 from components.errors import TrainingError
@@ -136,6 +142,34 @@ def _logits(model: GraftClassifier, images: torch.Tensor, precision: Precision) 
     return model.head(model.backbone(x))
 
 
+class _TrainingForward(nn.Module):
+    """Images to training logits, as one module DistributedDataParallel can wrap.
+
+    With the backbone frozen its features are computed without gradients and only the head trains.
+    """
+
+    def __init__(self, model: GraftClassifier, precision: Precision, backbone_grad: bool) -> None:
+        super().__init__()
+        self.model, self.precision, self.backbone_grad = model, precision, backbone_grad
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.backbone_grad:
+            return _logits(self.model, images, self.precision)
+        with torch.no_grad():
+            features = self.model.backbone(self.model.preprocess(images))
+        return self.model.head(features)
+
+
+def _data_parallel(forward: _TrainingForward, precision: Precision, place: World) -> nn.Module:
+    """The forward itself in one process; wrapped in DistributedDataParallel under torchrun."""
+    if not place.distributed:
+        return forward
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [torch.cuda.current_device()] if precision.device == "cuda" else None
+    return DistributedDataParallel(forward, device_ids=device_ids)
+
+
 @dataclass(frozen=True)
 class NetworkSetup:
     """What trains in one network phase and how fast."""
@@ -196,7 +230,8 @@ def network_phase(model: GraftClassifier, data: Images, cfg: TrainConfig, setup:
     scaler = precision.scaler()
     criterion = make_criterion(cfg, data.train_labels, data.num_classes, device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    backbone_grad = setup.trainable is not None
+    place = world()
+    forward = _data_parallel(_TrainingForward(model, precision, setup.trainable is not None), precision, place)
 
     def set_modes() -> None:
         model.train()
@@ -209,40 +244,41 @@ def network_phase(model: GraftClassifier, data: Images, cfg: TrainConfig, setup:
         set_modes()
         total = 0.0
         batches = batch_indices(data.train_labels, data.num_classes, cfg, generator)
-        for index in tqdm(batches, desc=f"{setup.name} batches", unit="batch", leave=False, disable=None):
+        for batch in tqdm(batches, desc=f"{setup.name} batches", unit="batch", leave=False, disable=None if place.main else True):
+            index = shard(batch, place)  # the whole batch in one process
             images = data.train[index].to(device, non_blocking=True)
             labels = data.train_labels[index].to(device, non_blocking=True)
             if augmenter is not None:
                 images = augmenter(images)
             with precision.autocast():
-                if backbone_grad:
-                    logits = _logits(model, images, precision)
-                else:
-                    with torch.no_grad():
-                        features = model.backbone(model.preprocess(images))
-                    logits = model.head(features)
-                loss = criterion(logits.float(), labels)
-            if not math.isfinite(loss.item()):
-                return float(loss.item())
+                loss = criterion(forward(images).float(), labels)
+            # summed over the processes, so that all of them see the same loss and stop together
+            (batch_loss,) = all_sum([loss.item() * len(index)], device)
+            if not math.isfinite(batch_loss):
+                return batch_loss
             optimizer_step(loss, optimizer, cfg, scaler)
             if scheduler is not None:
                 scheduler.step()
-            total += loss.item() * len(index)
+            total += batch_loss
         return total / len(data.train)
 
     @torch.inference_mode()
     def validate() -> tuple[float, float]:
         if setup.trainable is not None and not setup.freeze_bn:
             recompute_bn_statistics(model, setup.trainable, data.train, cfg.batch_size, precision)
+            broadcast_buffers(model)
         model.eval()
         loss_sum, correct = 0.0, 0
-        for start in range(0, len(data.val), cfg.batch_size):
-            images = data.val[start : start + cfg.batch_size].to(device)
-            labels = data.val_labels[start : start + cfg.batch_size].to(device)
+        mine = shard(torch.arange(len(data.val)), place)  # every image in one process
+        for start in range(0, len(mine), cfg.batch_size):
+            index = mine[start : start + cfg.batch_size]
+            images = data.val[index].to(device)
+            labels = data.val_labels[index].to(device)
             with precision.autocast():
                 logits = _logits(model, images, precision).float()
             loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(1) == labels).sum())
+        loss_sum, correct = all_sum([loss_sum, correct], device)
         return loss_sum / len(data.val), correct / len(data.val)
 
     # checkpoint only what can change: the head alone while the backbone is frozen

@@ -37,6 +37,7 @@ from torch import nn
 from components.choose import ChooseResult
 from components.config import Params, TrainConfig
 from components.data import Split, file_md5
+from components.distributed import run_distributed, weights_digest
 from components.errors import TrainingError
 from components.features import FeatureCache, cache_key, compute_features
 from components.loop import (
@@ -171,6 +172,24 @@ class _Outcome:
     cached: int = 0
     computed: int = 0
 
+    @property
+    def digest(self) -> str:
+        """A hash of the trained weights (the processes of a distributed run must agree on it)."""
+        state = {f"head.{name}": tensor for name, tensor in self.head.items()}
+        state.update({f"backbone.{name}": tensor for name, tensor in (self.backbone or {}).items()})
+        return weights_digest(state)
+
+    def to_dict(self) -> dict[str, object]:
+        """Tensors and plain values only, so a distributed run can hand it over as a checkpoint."""
+        out = dict(self.__dict__)
+        out["history"] = list(self.history)
+        if self.backbone is None:
+            del out["backbone"]
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> _Outcome:
+        return cls(**{**raw, "backbone": raw.get("backbone"), "history": tuple(raw["history"])})
 
 def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> _Outcome:
     cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
@@ -269,6 +288,35 @@ def _strategy(cfg: TrainConfig) -> Strategy:
     return {"fine_tune": _fine_tune, "two_stage": _two_stage, "scratch": _scratch}[cfg.strategy]
 
 
+def run_strategy(params: Params, split: Split, backbone: str, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> _Outcome:
+    """Train `backbone` with `train.strategy` in this process (one of the processes of a distributed run)."""
+    return _strategy(params.train)(params, split, get_spec(backbone), size, store, on_epoch)
+
+
+def trains_through_network(cfg: TrainConfig) -> bool:
+    """Whether epochs run images through the backbone (and so can be shared by several processes)."""
+    return cfg.strategy != "feature_extraction" or cfg.augment
+
+
+def _train(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, run_dir: Path, on_epoch: MetricsCallback | None) -> _Outcome:
+    """Train here, or in `train.processes` processes under torchrun (`components.distributed`)."""
+    cfg = params.train
+    if cfg.processes == 1:
+        return run_strategy(params, split, spec.name, size, store, on_epoch)
+    if not trains_through_network(cfg):
+        log.info(
+            "train.processes=%d is not used by feature_extraction on cached features: a linear head on a feature "
+            "matrix trains in seconds in one process", cfg.processes,
+        )
+        return run_strategy(params, split, spec.name, size, store, on_epoch)
+    if cfg.strategy == "two_stage" and not cfg.augment:
+        # stage 1 reads cached features in every process; compute them once, here, first
+        cache = FeatureCache(params.data.cache_dir, spec, size, seed=cfg.seed)
+        cache.get([s.path for s in split.train + split.val], params.choose.batch_size)
+    raw = run_distributed(params, split, spec.name, size, store.key, run_dir / "distributed", on_epoch)
+    return _Outcome.from_dict(raw)
+
+
 def training_spec(strategy: str, chosen: str) -> BackboneSpec:
     """The backbone a strategy trains: the chosen one, or its random twin for scratch."""
     if strategy == "scratch":
@@ -304,7 +352,7 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     precision = resolve_precision(cfg)
     log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, precision.describe())
     store = ResumeStore(params.data.cache_dir / "resume", resume_key(params, split, spec, size), cfg.resume, params.model_dump(mode="json"))
-    outcome = _strategy(cfg)(params, split, spec, size, store, on_epoch)
+    outcome = _train(params, split, spec, size, store, run_dir, on_epoch)
     content: dict[str, object] = {
         "backbone": spec.name,
         "image_size": size,
