@@ -127,3 +127,34 @@ def test_progress_is_read_line_by_line_and_a_half_written_line_waits(tmp_path):
         file.write('ss": 0.5}, "step": 2}\n')
     progress.poll()
     assert seen == [(1, {"val/loss": 1.0}), (2, {"val/loss": 0.5})]
+
+
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a crash of the flow's process while the training processes run."""
+
+
+def test_an_interrupted_distributed_run_stops_its_processes_and_the_rerun_resumes(digits_dir, feature_cache_dir, tmp_path, caplog):
+    import subprocess
+
+    params = make_params(
+        digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=3", "train.unfreeze=1",
+        "train.patience=50", "train.processes=2",
+    )
+    split = scan(digits_dir)
+
+    def interrupt(row: dict, step: int) -> None:
+        if step == 2:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fine_tune(params, split, choice(), tmp_path / "interrupted", on_epoch=interrupt)
+    job = str(tmp_path / "interrupted" / "distributed" / "job.json")
+    left = subprocess.run(["pgrep", "-f", job], capture_output=True, text=True).stdout.split()
+    assert not left, f"training processes outlived the interrupted step: {left}"
+
+    steps: list[int] = []
+    with caplog.at_level("INFO", logger="components"):
+        resumed = fine_tune(params, split, choice(), tmp_path / "resumed", on_epoch=lambda row, step: steps.append(step))
+    assert resumed.resumed_from_epoch >= 2  # process 0 had written the epoch-2 checkpoint before reporting epoch 2
+    assert steps == [1, 2, 3]  # the epochs it skipped are replayed to the logger, then it continued
+    assert "resumed fine-tune from its epoch-" in (tmp_path / "resumed" / "distributed" / "torchrun.log").read_text()
