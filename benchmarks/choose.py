@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -72,13 +73,30 @@ def fine_tune_epoch_seconds(params, split, choice, work: Path) -> float:  # noqa
     return result.seconds / result.epochs_run
 
 
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds every process on the machine has been busy, CPU seconds of this process), or None off Linux.
+
+    The difference between two readings, less this process's share, is what other work took from
+    the cores meanwhile: timings on a shared machine are only comparable when that is small.
+    """
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    own = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system
+
+
 def run(name: str, data_dir: Path, work: Path) -> dict:
     params = load_params(
         REPO / "params.yaml",
         [f"data.dir={data_dir}", f"data.cache_dir={work / name}", f"choose.candidates={json.dumps(CANDIDATES)}"],
     )
     split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
+    begun = started
     choice = choose_model(params, split)
     cold = time.perf_counter() - started
     started = time.perf_counter()
@@ -88,6 +106,9 @@ def run(name: str, data_dir: Path, work: Path) -> dict:
     started = time.perf_counter()
     choose_model(params, split)
     new_data = time.perf_counter() - started
+    cpu_after = cpu_seconds()
+    wall = time.perf_counter() - begun
+    others = (cpu_after[0] - cpu_before[0]) - (cpu_after[1] - cpu_before[1]) if cpu_before and cpu_after else None
     rows = [r for r in choice.candidates if r.logme is not None]
     tuned = {r.name: fine_tune_candidate(params, split, r) for r in rows}
     acc = [tuned[r.name]["val_accuracy"] for r in rows]
@@ -120,6 +141,8 @@ def run(name: str, data_dir: Path, work: Path) -> dict:
         "random_below_every_pretrained_logme": all(
             r.logme < min(p.logme for p in rows if p.pretrained) for r in rows if not r.pretrained
         ),
+        "selection_wall_seconds_all_three": round(wall, 1),
+        "other_processes_cpu_seconds_during_selection": round(others, 1) if others is not None else None,
         "selection_seconds_cold": round(cold, 1),
         "selection_seconds_warm": round(warm, 1),
         "selection_seconds_new_data": round(new_data, 1),
@@ -164,6 +187,8 @@ def markdown(results: list[dict]) -> str:
             f"- Kendall tau, LogME vs fine-tuned accuracy: {res['kendall_tau_logme']:.2f} (pre-trained only: {res['kendall_tau_logme_pretrained_only']:.2f}); probe: {res['kendall_tau_probe']:.2f}",
             f"- top by LogME ({res['top_logme']}) within 1 point of the best: {res['top_logme_within_1pt_of_best']}; chosen within 1 point: {res['chosen_within_1pt_of_best']}",
             f"- random baseline below every pre-trained candidate (LogME): {res['random_below_every_pretrained_logme']}",
+            f"- other processes used {res['other_processes_cpu_seconds_during_selection']} CPU seconds of the "
+            f"{os.cpu_count()} x {res['selection_wall_seconds_all_three']} s the three selections took",
             f"- selection of all {len(res['candidates'])}: {res['selection_seconds_cold']} s cold, {res['selection_seconds_new_data']} s on new data, {res['selection_seconds_warm']} s warm; fine-tuning one: {res['fine_tune_one_seconds_mean']} s; ratio {res['selection_over_fine_tune_cold']} cold / {res['selection_over_fine_tune_new_data']} new data / {res['selection_over_fine_tune_warm']} warm (goal <= 0.2)",
             f"- against `train.strategy=fine_tune` ({CANDIDATES[0]}, last blocks unfrozen): {res['fine_tune_strategy_epoch_seconds']} s per epoch, so at least {res['fine_tune_strategy_least_seconds']} s for a run that stops early (patience + 1 epochs); selection is at most {res['selection_over_fine_tune_strategy_cold']}x of that cold, {res['selection_over_fine_tune_strategy_new_data']}x on new data",
             "",
@@ -182,7 +207,7 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "choose.json").write_text(json.dumps({"machine_cpus": __import__("os").cpu_count(), "results": results}, indent=2) + "\n")
+    (RESULTS / "choose.json").write_text(json.dumps({"machine_cpus": os.cpu_count(), "results": results}, indent=2) + "\n")
     (RESULTS / "choose.md").write_text(markdown(results))
     print(markdown(results))
 

@@ -2,11 +2,12 @@
 
 Each candidate is exported once to ONNX (cached), its features are
 extracted once (cached) on a stratified sample of the training split, and
-it is scored with LogME and a quick held-out linear probe. Its size and its
-latency per image on onnxruntime (the deployment runtime) are measured one
-candidate at a time after scoring. A candidate that cannot load, cannot be
-exported, or breaks a limit is listed with the reason and not chosen; the
-others are still ranked.
+it is scored with LogME and a quick held-out linear probe (the sample's
+images are decoded once per image size and shared by the candidates). Its
+size and its latency per image on onnxruntime (the deployment runtime) are
+measured one candidate at a time after scoring. A candidate that cannot
+load, cannot be exported, or breaks a limit is listed with the reason and
+not chosen; the others are still ranked.
 
     plan_candidates -> score_candidate (per name, may run in parallel)
         -> measure_candidates (one at a time) -> rank
@@ -25,6 +26,7 @@ from components.config import Params
 from components.data import Sample, Split
 from components.errors import DataError, ExportError, GraftError, ModelError
 from components.features import FeatureCache
+from components.images import DecodedImages
 from components.latency import OnnxFeatures, backbone_onnx_path, export_backbone, measure_latency, size_mb
 from components.logme import logme
 from components.zoo import ZOO, BackboneSpec, configure, configured_specs, count_params_m, get_spec
@@ -32,6 +34,11 @@ from components.zoo import ZOO, BackboneSpec, configure, configured_specs, count
 log = logging.getLogger(__name__)
 
 BASELINE_STATUS = "baseline: reference only (choose.allow_baseline=false)"
+
+SAMPLE_IMAGES = DecodedImages(max_bytes=256 * 2**20)
+"""The choose sample, decoded once per image size and shared by the candidates scored in this
+process (400 images at 224 px hold 60 MB; past 256 MB the least recently used are dropped).
+`measure_candidates`, which runs once all scoring is done, empties it."""
 
 
 @dataclass(frozen=True)
@@ -207,7 +214,7 @@ def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
                 return CandidateScore(**base, status=f"over limit: {base['params_m']:.1f}M params > choose.max_params_m={limit}")
         onnx_path = _export_cached(params, spec, size, backbone)
         extractor = OnnxFeatures(onnx_path) if params.choose.onnx_features else None
-        features = cache.get([s.path for s in sample], params.choose.batch_size, backbone, extractor)
+        features = cache.get([s.path for s in sample], params.choose.batch_size, backbone, extractor, SAMPLE_IMAGES)
     except DataError:
         raise
     except ExportError as exc:
@@ -250,8 +257,10 @@ def measure_candidates(params: Params, rows: list[CandidateScore]) -> list[Candi
     """Time every exported candidate on onnxruntime, one at a time, and mark those over a limit.
 
     Latency is measured here, after all scoring, because candidates scored in
-    parallel would slow each other down and every figure would be wrong.
+    parallel would slow each other down and every figure would be wrong. Scoring
+    is over by now, so the decoded sample (`SAMPLE_IMAGES`) is released first.
     """
+    SAMPLE_IMAGES.clear()
     out = []
     for row in rows:
         if row.onnx_path is None or not Path(row.onnx_path).is_file():

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.data import file_md5
-from components.images import load_batch
+from components.images import DecodedImages, load_batch
 from components.model import Preprocess
 from components.zoo import BackboneSpec
 
@@ -59,13 +59,25 @@ def compute_features(
     batch_size: int = 64,
     desc: str = "features",
     extractor: Extractor | None = None,
+    decoded: DecodedImages | None = None,
+    keys: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Run `extractor` (or eager `backbone`) over images, returning float32 features N x D."""
+    """Run `extractor` (or eager `backbone`) over images, returning float32 features N x D.
+
+    With `decoded` and `keys` (a digest of each file's bytes), images already decoded at
+    `image_size` by an earlier call are taken from that memo instead of being decoded again.
+    """
+    if decoded is not None and (keys is None or len(keys) != len(paths)):
+        raise ValueError("compute_features(decoded=...) needs one key (the file's md5) per path in keys")
     extract = extractor if extractor is not None else torch_extractor(backbone, spec)
     chunks = []
     bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
     for start in range(0, len(paths), batch_size):
-        batch = load_batch(list(paths[start : start + batch_size]), image_size)
+        part = list(paths[start : start + batch_size])
+        if decoded is not None:
+            batch = decoded.batch(part, list(keys[start : start + batch_size]), image_size)
+        else:
+            batch = load_batch(part, image_size)
         chunks.append(np.asarray(extract(batch), dtype=np.float32))
         bar.update(len(batch))
     bar.close()
@@ -105,6 +117,7 @@ class FeatureCache:
         batch_size: int = 64,
         backbone: torch.nn.Module | None = None,
         extractor: Extractor | None = None,
+        decoded: DecodedImages | None = None,
     ) -> np.ndarray:
         """Features of `paths`, computing (and storing) only the rows not cached yet.
 
@@ -113,6 +126,8 @@ class FeatureCache:
             batch_size: Images per forward pass.
             backbone: The built backbone, if the caller has it (else it is built on a miss).
             extractor: Computes rows instead of eager PyTorch, e.g. the ONNX-exported backbone.
+            decoded: Decoded images shared with other backbones' caches (keyed by md5), so
+                several backbones at one image size decode each image once.
         """
         md5s = [file_md5(p) for p in paths]
         table = self._read()
@@ -125,6 +140,7 @@ class FeatureCache:
             fresh = compute_features(
                 backbone, self.spec, [p for _, p in todo], self.image_size, batch_size,
                 desc=f"{self.spec.name} features", extractor=extractor,
+                decoded=decoded, keys=[m for m, _ in todo],
             )
             table.update({m: row for (m, _), row in zip(todo, fresh, strict=True)})
             self._write(table)

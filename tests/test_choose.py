@@ -2,10 +2,20 @@
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from components.choose import CandidateScore, choose_model, plan_candidates, rank, resolve_spec, stratified_sample
+from components.choose import (
+    SAMPLE_IMAGES,
+    CandidateScore,
+    choose_model,
+    plan_candidates,
+    rank,
+    resolve_spec,
+    stratified_sample,
+)
 from components.config import load_params
 from components.data import Split, scan
 from components.errors import ConfigError, DataError, ModelError
@@ -228,6 +238,84 @@ def test_random_baseline_is_added_when_none_is_listed(tiny_params, digits_dir):
     params = _with_choose(tiny_params, candidates=("efficientnet_lite0",))
     assert plan_candidates(params, scan(digits_dir)) == ("efficientnet_lite0", "random_efficientnet_lite0")
     assert plan_candidates(_with_choose(params, baseline=False), scan(digits_dir)) == ("efficientnet_lite0",)
+
+
+def test_candidates_share_one_decode_of_the_sample(tiny_params, tmp_path, monkeypatch):
+    """Two candidates at one image size, features computed (empty cache): each sample image is decoded
+    once, and the features are those decoding per candidate gives."""
+    import components.images as images
+    from components.features import FeatureCache, compute_features
+    from components.latency import OnnxFeatures
+
+    decoded = []
+    real_load_image = images.load_image
+
+    def counting_load_image(source, size):
+        decoded.append((Path(source), size))
+        return real_load_image(source, size)
+
+    monkeypatch.setattr(images, "load_image", counting_load_image)
+    params = load_params(REPO / "params.yaml", tiny_overrides(tiny_params.data.dir, tmp_path, tmp_path / "cache"))
+    split = scan(params.data.dir)
+    sample = stratified_sample(split.train, params.choose.sample_size, params.data.seed)
+    result = choose_model(params, split)
+    rows = {row.name: row for row in result.candidates}
+    assert set(rows) == {"efficientnet_lite0", "random_efficientnet_lite0"}
+    assert all(row.logme is not None for row in rows.values())
+    assert sorted(decoded) == sorted((s.path, 64) for s in sample)
+    assert SAMPLE_IMAGES.held_bytes == 0  # released once scoring is over
+
+    paths = [s.path for s in sample]
+    for row in rows.values():
+        spec = resolve_spec(params, row.name)
+        shared = FeatureCache(params.data.cache_dir, spec, 64, seed=params.train.seed).get(paths)
+        alone = compute_features(None, spec, paths, 64, extractor=OnnxFeatures(Path(row.onnx_path)))
+        assert np.array_equal(shared, alone), row.name
+
+
+def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
+    """With every feature row cached, the only onnxruntime sessions are the latency measurements."""
+    import components.latency as latency
+
+    split = scan(tiny_params.data.dir)
+    choose_model(tiny_params, split)  # fills the feature cache
+    opened = []
+    real_session = latency.session
+
+    def counting_session(path, threads=0):
+        opened.append(Path(path).name)
+        return real_session(path, threads)
+
+    monkeypatch.setattr(latency, "session", counting_session)
+    result = choose_model(tiny_params, split)
+    assert sorted(opened) == sorted(Path(row.onnx_path).name for row in result.candidates)
+
+
+def _png(path: Path, value: int) -> Path:
+    Image.fromarray(np.full((20, 20, 3), value, dtype=np.uint8)).save(path)
+    return path
+
+
+def test_decoded_images_are_keyed_by_content_and_size_and_bounded(tmp_path):
+    from components.images import DecodedImages, load_image
+
+    paths = [_png(tmp_path / f"{i}.png", 40 * i) for i in range(3)]
+    one = 16 * 16 * 3
+    memo = DecodedImages(max_bytes=2 * one)  # room for two 16 px images
+    batch = memo.batch(paths, ["a", "b", "c"], 16)
+    assert batch.shape == (3, 16, 16, 3) and (batch[2] == load_image(paths[2], 16)).all()
+    assert memo.decoded == 3 and memo.held_bytes == 2 * one  # "a", least recently used, was dropped
+    memo.batch(paths[1:], ["b", "c"], 16)
+    assert (memo.decoded, memo.reused) == (3, 2)
+    memo.batch(paths[:1], ["a"], 16)
+    memo.batch(paths[:1], ["a"], 8)  # another size is another array
+    assert (memo.decoded, memo.reused) == (5, 2)
+    _png(paths[1], 250)  # the same file, new bytes: a new key
+    assert (memo.batch(paths[1:2], ["b2"], 16) == 250).all() and memo.decoded == 6
+    with pytest.raises(ValueError, match="one digest per source"):
+        memo.batch(paths, ["a"], 16)
+    memo.clear()
+    assert memo.held_bytes == 0 and memo.decoded == 0
 
 
 @pytest.mark.slow
