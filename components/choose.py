@@ -27,7 +27,7 @@ from components.data import Sample, Split
 from components.errors import DataError, ExportError, GraftError, ModelError
 from components.features import FeatureCache
 from components.images import DecodedImages
-from components.latency import OnnxFeatures, backbone_onnx_path, export_backbone, measure_latency, size_mb
+from components.latency import OnnxFeatures, backbone_onnx_path, cached_latency, export_backbone, measure_latency, size_mb
 from components.logme import logme
 from components.zoo import ZOO, BackboneSpec, configure, configured_specs, count_params_m, get_spec
 
@@ -266,16 +266,21 @@ def measure_candidates(params: Params, rows: list[CandidateScore]) -> list[Candi
         if row.onnx_path is None or not Path(row.onnx_path).is_file():
             out.append(row)
             continue
+        cfg = params.choose
+        measured_at = None
         try:
-            timing = measure_latency(
-                Path(row.onnx_path), row.image_size or 0, params.choose.latency_batch_size, params.choose.latency_runs
-            )
+            if cfg.latency_cache:
+                timing, measured_at = cached_latency(Path(row.onnx_path), row.image_size or 0, cfg.latency_batch_size, cfg.latency_runs)
+            else:
+                timing = measure_latency(Path(row.onnx_path), row.image_size or 0, cfg.latency_batch_size, cfg.latency_runs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             out.append(replace(row, status=f"skipped: onnxruntime cannot run its export ({exc})"))
             continue
         log.info(
-            "%s: %.2f ms/image at batch 1, %.2f ms/image at batch %d on %s, %.1f MB",
+            "%s: %.2f ms/image at batch 1, %.2f ms/image at batch %d on %s, %.1f MB%s",
             row.name, timing.batch1_ms, timing.batch_ms, timing.batch_size, timing.provider, row.size_mb or 0.0,
+            f" (timed {measured_at} on this machine, same file and runtime; choose.latency_cache=false times it again)"
+            if measured_at else "",
         )
         row = replace(
             row, latency_ms=timing.batch1_ms, latency_batch_ms=timing.batch_ms, latency_batch_size=timing.batch_size

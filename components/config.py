@@ -74,6 +74,10 @@ class ChooseConfig(_Section):
     """The serving batch size at which latency per image is measured besides batch 1."""
     latency_runs: int = Field(20, ge=3)
     """Timed runs per batch size; the median is reported."""
+    latency_cache: bool = True
+    """Reuse a candidate's latency timed earlier on this machine for the same exported file, settings
+    and onnxruntime (a retrain on new data does not time unchanged backbones again); false times
+    every candidate on every run."""
     onnx_features: bool = True
     """Extract the sample's features with the exported backbone on onnxruntime (faster on CPU than eager PyTorch)."""
     baseline: bool = True

@@ -11,11 +11,13 @@ session extracts the choose sample's features faster than eager PyTorch.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import threading
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +184,63 @@ def measure_latency(path: Path, image_size: int, batch_size: int, runs: int, see
     batched = _median_ms(extractor, images, max(3, runs // 4)) / batch_size
     provider = extractor.session.get_providers()[0]
     return Latency(round(batch1, 3), round(batched, 3), batch_size, provider)
+
+
+def _machine() -> dict[str, object]:
+    """What a latency figure depends on besides the file: this machine, its runtime and providers."""
+    import platform
+
+    import onnxruntime as ort
+
+    from components.serving import choose_providers
+
+    cpu = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
+    return {
+        "host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__, "providers": choose_providers(),
+    }
+
+
+LATENCY_RECORDS = 8
+"""Latency records kept per exported file (settings or machines that differ), newest last."""
+
+
+def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> tuple[Latency, str | None]:
+    """`measure_latency`, or the figures measured earlier for the same file, settings and machine.
+
+    The figures are kept beside the exported file (`<name>.latency.json`, the last few settings and
+    machines it was timed with), keyed by the file's size
+    and modification time (exports are written atomically, so a new export changes them), the batch
+    size and runs, and the machine (host, CPU model, cores, onnxruntime version and providers). A
+    scheduled retrain on new data reuses them instead of timing unchanged backbones again.
+
+    Returns:
+        The latency and, when it came from the file, when it was measured (else None).
+    """
+    stat = path.stat()
+    key = {
+        "file": [stat.st_size, stat.st_mtime_ns], "image_size": image_size, "batch_size": batch_size, "runs": runs,
+        "machine": _machine(),
+    }
+    record = path.with_name(path.name + ".latency.json")
+    try:
+        entries = [e for e in json.loads(record.read_text())["entries"] if e["key"]["file"] == key["file"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []  # none yet, or unreadable: measure
+    for entry in entries:
+        if entry["key"] == key:
+            return Latency(**entry["latency"]), entry["measured_at"]
+    latency = measure_latency(path, image_size, batch_size, runs)
+    measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    entries = [*entries, {"key": key, "latency": asdict(latency), "measured_at": measured_at}][-LATENCY_RECORDS:]
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"entries": entries}))
+        os.replace(tmp, record)
+    except OSError as exc:  # a read-only cache still gets its figures, measured each time
+        tmp.unlink(missing_ok=True)
+        log.warning("could not keep the latency of %s in %s (%s); it will be measured again next run", path.name, record, exc)
+    return latency, None

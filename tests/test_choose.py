@@ -274,11 +274,12 @@ def test_candidates_share_one_decode_of_the_sample(tiny_params, tmp_path, monkey
 
 
 def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
-    """With every feature row cached, the only onnxruntime sessions are the latency measurements."""
+    """With every feature row cached, the only onnxruntime sessions are the latency measurements,
+    and none at all while the latency figures are reused."""
     import components.latency as latency
 
     split = scan(tiny_params.data.dir)
-    choose_model(tiny_params, split)  # fills the feature cache
+    choose_model(tiny_params, split)  # fills the feature cache and the latency records
     opened = []
     real_session = latency.session
 
@@ -288,7 +289,46 @@ def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
 
     monkeypatch.setattr(latency, "session", counting_session)
     result = choose_model(tiny_params, split)
+    assert opened == []
+    choose_model(_with_choose(tiny_params, latency_cache=False), split)
     assert sorted(opened) == sorted(Path(row.onnx_path).name for row in result.candidates)
+
+
+def test_latency_is_timed_once_per_export_settings_and_machine(tiny_params, monkeypatch, caplog):
+    import os
+
+    import components.choose as choose_module
+    import components.latency as latency
+
+    split = scan(tiny_params.data.dir)
+    timed: list[str] = []
+    real = latency.measure_latency
+
+    def counting(path, *args, **kwargs):
+        timed.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(latency, "measure_latency", counting)
+    monkeypatch.setattr(choose_module, "measure_latency", counting)
+    for record in (tiny_params.data.cache_dir / "onnx").glob("*.latency.json"):
+        record.unlink()
+    first = choose_model(tiny_params, split)
+    names = sorted(Path(row.onnx_path).name for row in first.candidates)
+    assert sorted(timed) == names
+    with caplog.at_level("INFO", logger="components.choose"):
+        again = choose_model(tiny_params, split)
+    assert sorted(timed) == names  # not timed again: same files, settings, machine
+    assert [r.latency_ms for r in again.candidates] == [r.latency_ms for r in first.candidates]
+    assert "on this machine, same file and runtime; choose.latency_cache=false times it again" in caplog.text
+    # another serving batch size, a new export of one file, or the cache turned off: timed again
+    choose_model(_with_choose(tiny_params, latency_batch_size=8), split)
+    assert len(timed) == 2 * len(names)
+    path = Path(first.candidates[0].onnx_path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    choose_model(tiny_params, split)
+    assert len(timed) == 2 * len(names) + 1 and timed[-1] == path.name
+    choose_model(_with_choose(tiny_params, latency_cache=False), split)
+    assert len(timed) == 3 * len(names) + 1
 
 
 def _png(path: Path, value: int) -> Path:
