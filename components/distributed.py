@@ -38,7 +38,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,6 +116,11 @@ def weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 # --- the parent: launch, follow, collect ---------------------------------------------------------------
+
+
+def uses_cuda(params: Params) -> bool:
+    """Whether the training processes run on GPUs (NCCL) rather than the CPU (gloo)."""
+    return params.train.device != "cpu" and torch.cuda.is_available()
 
 
 def check_setup(params: Params, cuda_devices: int | None = None) -> None:
@@ -227,7 +231,7 @@ def run_distributed(params: Params, split: Split, backbone: str, size: int, resu
         "image_size": size, "resume_key": resume_key,
     }))
     command = launch_command(params.train.processes, job)
-    backend = "NCCL, one GPU each" if params.train.device != "cpu" and torch.cuda.is_available() else "gloo on the CPU"
+    backend = "NCCL, one GPU each" if uses_cuda(params) else "gloo on the CPU"
     log.info("fine-tune in %d processes (%s): %s", params.train.processes, backend, " ".join(command))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     progress = _Progress(job_dir / PROGRESS_FILE, on_epoch)
@@ -253,9 +257,6 @@ def run_distributed(params: Params, split: Split, backbone: str, size: int, resu
 # --- a process under torchrun ------------------------------------------------------------------------
 
 
-Strategy = Callable[..., object]
-
-
 def _rank_output(job_dir: Path, rank: int) -> None:
     """Processes other than 0 write their output to their own log file (process 0's is torchrun.log)."""
     if rank == 0:
@@ -276,7 +277,7 @@ def worker(job: Path) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=f"[rank {rank}] %(message)s")
     raw = json.loads(job.read_text())
     params = Params.model_validate(raw["params"])
-    cuda = params.train.device != "cpu" and torch.cuda.is_available()
+    cuda = uses_cuda(params)
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
