@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from components import errors
 from components.config import Params
-from components.data import Sample, Split
+from components.data import Split
 from components.errors import GraftError, TrainingError
 from components.loop import MetricsCallback, ResumeStore, save_checkpoint
 
@@ -151,23 +151,6 @@ def launch_command(processes: int, job: Path) -> list[str]:
     ]
 
 
-def _split_json(split: Split) -> dict:
-    def rows(samples: tuple[Sample, ...]) -> list[list]:
-        return [[str(s.path), s.label] for s in samples]
-
-    return {
-        "root": str(split.root), "classes": list(split.classes), "train": rows(split.train), "val": rows(split.val),
-        "presplit": split.presplit, "duplicates": split.duplicates,
-    }
-
-
-def _split_from_json(raw: dict) -> Split:
-    def samples(rows: list[list]) -> tuple[Sample, ...]:
-        return tuple(Sample(Path(path), int(label)) for path, label in rows)
-
-    return Split(Path(raw["root"]), tuple(raw["classes"]), samples(raw["train"]), samples(raw["val"]), raw["presplit"], raw["duplicates"])
-
-
 def _error_from(job_dir: Path, returncode: int, command: list[str]) -> GraftError:
     error_file = job_dir / ERROR_FILE
     if error_file.is_file():
@@ -225,10 +208,13 @@ def run_distributed(params: Params, split: Split, backbone: str, size: int, resu
     job_dir.mkdir(parents=True, exist_ok=True)
     for name in (PROGRESS_FILE, OUTCOME_FILE, ERROR_FILE):
         (job_dir / name).unlink(missing_ok=True)
+    from components.prepare import sample_rows  # not at the top: prepare -> evaluate -> train imports this module
+
     job = job_dir / JOB_FILE
-    job.write_text(json.dumps({
-        "params": params.model_dump(mode="json"), "split": _split_json(split), "backbone": backbone,
-        "image_size": size, "resume_key": resume_key,
+    job.write_text(json.dumps({  # the split as `graft prepare` writes it, so `read_split` reads it back
+        "params": params.model_dump(mode="json"), "backbone": backbone, "image_size": size, "resume_key": resume_key,
+        "root": str(split.root), "classes": list(split.classes), "presplit": split.presplit,
+        "train": sample_rows(split.train, split.root), "val": sample_rows(split.val, split.root),
     }))
     command = launch_command(params.train.processes, job)
     backend = "NCCL, one GPU each" if uses_cuda(params) else "gloo on the CPU"
@@ -269,6 +255,7 @@ def _rank_output(job_dir: Path, rank: int) -> None:
 
 def worker(job: Path) -> None:
     """One training process: join the group, run the strategy, and (process 0) write the outcome."""
+    from components.prepare import read_split
     from components.train import run_strategy  # the strategies call back into this module
     from components.zoo import configure
 
@@ -291,7 +278,7 @@ def worker(job: Path) -> None:
                 file.write(json.dumps({"metrics": metrics, "step": step}) + "\n")
 
         store = ResumeStore(params.data.cache_dir / "resume", raw["resume_key"], params.train.resume, params.model_dump(mode="json"), writer=place.main)
-        outcome = run_strategy(params, _split_from_json(raw["split"]), raw["backbone"], raw["image_size"], store, record if place.main else None)
+        outcome = run_strategy(params, read_split(job, Path(raw["root"])), raw["backbone"], raw["image_size"], store, record if place.main else None)
         digests: list[str] = [""] * place.size
         dist.all_gather_object(digests, outcome.digest)
         if place.main:

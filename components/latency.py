@@ -10,6 +10,7 @@ session extracts the choose sample's features faster than eager PyTorch.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -186,6 +187,7 @@ def measure_latency(path: Path, image_size: int, batch_size: int, runs: int, see
     return Latency(round(batch1, 3), round(batched, 3), batch_size, provider)
 
 
+@functools.cache
 def _machine() -> dict[str, object]:
     """What a latency figure depends on besides the file: this machine, its runtime and providers."""
     import platform
@@ -212,10 +214,10 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> t
     """`measure_latency`, or the figures measured earlier for the same file, settings and machine.
 
     The figures are kept beside the exported file (`<name>.latency.json`, the last few settings and
-    machines it was timed with), keyed by the file's size
-    and modification time (exports are written atomically, so a new export changes them), the batch
-    size and runs, and the machine (host, CPU model, cores, onnxruntime version and providers). A
-    scheduled retrain on new data reuses them instead of timing unchanged backbones again.
+    machines it was timed with), keyed by the file's size and modification time (exports are written
+    atomically, so a new export changes them), the batch size and runs, and the machine (host, CPU
+    model, cores, onnxruntime version and providers). A scheduled retrain on new data reuses them
+    instead of timing unchanged backbones again.
 
     Returns:
         The latency and, when it came from the file, when it was measured (else None).

@@ -40,10 +40,6 @@ def prepare(params: Params, split_path: Path) -> PrepareResult:
     log.info("prepare: %s (val_fraction %s, seed %s)", cfg.dir, cfg.val_fraction, cfg.seed)
     md5 = data_version(cfg.dir)
     split = scan(cfg.dir, cfg.val_fraction, cfg.seed)
-
-    def rows(samples: tuple[Sample, ...]) -> list[list[object]]:
-        return [[s.path.relative_to(split.root).as_posix(), s.label] for s in samples]
-
     write_json(
         split_path,
         {
@@ -53,12 +49,17 @@ def prepare(params: Params, split_path: Path) -> PrepareResult:
             "presplit": split.presplit,
             "classes": list(split.classes),
             "counts": split.counts(),
-            "train": rows(split.train),
-            "val": rows(split.val),
+            "train": sample_rows(split.train, split.root),
+            "val": sample_rows(split.val, split.root),
         },
     )
     log.info("split: %d train / %d val images in %d classes -> %s", len(split.train), len(split.val), len(split.classes), split_path)
     return PrepareResult(split_path, md5, split.classes, len(split.train), len(split.val))
+
+
+def sample_rows(samples: tuple[Sample, ...], root: Path) -> list[list[object]]:
+    """[path relative to `root`, label] per sample: how a split file lists images (`read_split` reads them)."""
+    return [[s.path.relative_to(root).as_posix(), s.label] for s in samples]
 
 
 def read_split(split_path: Path, data_dir: Path) -> Split:

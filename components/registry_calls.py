@@ -132,12 +132,6 @@ def auth_explained(uri: str | None, what: str) -> Iterator[None]:
         raise refused from exc
 
 
-def is_retryable(exc: BaseException) -> bool:
-    """True when trying the same call again may succeed: the service, not the request, failed
-    (`components.transient.is_transient`, the rule Prefect's task retries follow too)."""
-    return is_transient(exc)
-
-
 def first_line(exc: BaseException) -> str:
     """The first line of `exc`'s message, at most 300 characters, for one-line errors."""
     text = str(exc).strip().splitlines()
@@ -181,7 +175,7 @@ def call(
                 raise refused from exc
             if isinstance(exc, TrackingAuthError):  # already explained by a nested call
                 raise
-            if not is_retryable(exc):
+            if not is_transient(exc):
                 raise RegistryError(f"{what} failed: {first_line(exc)}; this is not a temporary fault, so it was not retried") from exc
             if attempt == ATTEMPTS:
                 raise RegistryError(

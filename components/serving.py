@@ -123,6 +123,7 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
     from mlflow import MlflowClient
 
     from components import registry_calls
+    from components.transient import is_transient
 
     what = f"alias '{alias}'" if alias else f"version {version}"
     client = MlflowClient()
@@ -135,7 +136,7 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
     except registry_calls.TrackingAuthError:
         raise
     except GraftError as exc:
-        if exc.__cause__ is None or registry_calls.is_retryable(exc.__cause__):
+        if exc.__cause__ is None or is_transient(exc.__cause__):
             raise  # the registry is down, not the alias missing
         raise GraftError(
             f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri} "

@@ -191,6 +191,7 @@ class _Outcome:
     def from_dict(cls, raw: dict) -> _Outcome:
         return cls(**{**raw, "backbone": raw.get("backbone"), "history": tuple(raw["history"])})
 
+
 def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> _Outcome:
     cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
     train_x = cache.get([s.path for s in split.train], params.choose.batch_size)

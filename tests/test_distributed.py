@@ -5,6 +5,7 @@ metrics, or the processes' own error."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,8 +112,8 @@ def test_each_process_takes_a_disjoint_share_of_every_batch():
     assert sorted(torch.cat(shares).tolist()) == sorted(batch.tolist())
     assert [len(s) for s in shares] == [3, 2]
     assert torch.equal(shard(batch, World()), batch)
-    command = launch_command(3, tmp_job := __import__("pathlib").Path("/x/job.json"))
-    assert "--nproc_per_node=3" in command and command[-2:] == ["components.distributed", str(tmp_job)]
+    command = launch_command(3, Path("/x/job.json"))
+    assert "--nproc_per_node=3" in command and command[-2:] == ["components.distributed", "/x/job.json"]
 
 
 def test_progress_is_read_line_by_line_and_a_half_written_line_waits(tmp_path):
