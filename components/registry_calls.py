@@ -235,25 +235,44 @@ def create_version(client, name: str, source: str, run_id: str, tags: dict[str, 
     )
 
 
-def set_alias(client, name: str, alias: str, version: str) -> None:  # noqa: ANN001
+_UPSERT_RACE = ("UNIQUE constraint failed", "duplicate key", "Duplicate entry")
+"""SQLite's, PostgreSQL's and MySQL's words for an insert that broke a unique key."""
+
+
+def _upsert(write: Callable[[], None]) -> Callable[[], None]:
+    """`write` (setting an alias or a tag), made once more when a concurrent writer inserted the same key first.
+
+    MLflow's SQL store sets an alias or tag by reading, then inserting when the key is new. When two
+    runs set the same new key at once, the second insert breaks the unique key and the server answers
+    400. The row exists by then, so writing again updates it; any other error is raised as it came.
+    """
     from mlflow.exceptions import MlflowException
 
-    def assign() -> None:
+    def once_more_after_a_race() -> None:
         try:
-            client.set_registered_model_alias(name, alias, str(version))
+            write()
         except MlflowException as exc:
-            # two runs setting a new alias at once: MLflow's SQL store reads, then inserts, and the
-            # second insert breaks the unique key; the alias row exists now, so setting it again updates it
-            if "UNIQUE constraint failed" not in str(exc) and "duplicate key" not in str(exc):
+            if not any(words in str(exc) for words in _UPSERT_RACE):
                 raise
-            client.set_registered_model_alias(name, alias, str(version))
+            log.info("another run set the same key at the same moment (%s); setting it again", first_line(exc))
+            write()
 
-    call(f"setting alias '{alias}' of '{name}' to v{version}", assign, uri=server_uri(client))
+    return once_more_after_a_race
+
+
+def set_alias(client, name: str, alias: str, version: str) -> None:  # noqa: ANN001
+    call(
+        f"setting alias '{alias}' of '{name}' to v{version}",
+        _upsert(lambda: client.set_registered_model_alias(name, alias, str(version))),
+        uri=server_uri(client),
+    )
 
 
 def set_model_tag(client, name: str, key: str, value: str) -> None:  # noqa: ANN001
     call(
-        f"setting tag {key} of '{name}'", lambda: client.set_registered_model_tag(name, key, value), uri=server_uri(client)
+        f"setting tag {key} of '{name}'",
+        _upsert(lambda: client.set_registered_model_tag(name, key, value)),
+        uri=server_uri(client),
     )
 
 
@@ -273,7 +292,7 @@ def delete_model_tag(client, name: str, key: str) -> None:  # noqa: ANN001
 def set_version_tag(client, name: str, version: str, key: str, value: str) -> None:  # noqa: ANN001
     call(
         f"setting tag {key} of '{name}' v{version}",
-        lambda: client.set_model_version_tag(name, str(version), key, value),
+        _upsert(lambda: client.set_model_version_tag(name, str(version), key, value)),
         uri=server_uri(client),
     )
 

@@ -45,7 +45,9 @@ class Fault:
     """Break the next `times` requests whose path contains `path`.
 
     mode: "503" answers 503 without forwarding; "lost" forwards (so the server acts) and then answers 502,
-    as a proxy does when the server's response is lost; "400" answers a JSON 400 (a real error).
+    as a proxy does when the server's response is lost; "400" answers a JSON 400 (a real error);
+    "race" forwards and then answers the 400 that MLflow's SQL store gives the loser of two simultaneous
+    inserts of the same new key (the row exists, as the winner wrote it).
     """
 
     path: str
@@ -94,6 +96,9 @@ def proxy(mlflow_server, monkeypatch):
             connection.close()
             if fault and fault.mode == "lost":
                 return self._answer(502, b"Bad Gateway", "text/plain")
+            if fault and fault.mode == "race":
+                message = "(sqlite3.IntegrityError) UNIQUE constraint failed: registered_model_tags.workspace, registered_model_tags.key"
+                return self._answer(400, json.dumps({"error_code": "BAD_REQUEST", "message": message}).encode(), "application/json")
             self._answer(response.status, content, response.getheader("Content-Type") or "application/json")
 
         def _answer(self, status: int, content: bytes, content_type: str) -> None:
@@ -210,6 +215,24 @@ def test_a_real_error_from_the_registry_is_not_retried(proxy, tiny_model):  # no
     client = _client(proxy.url)
     assert alias_version(client, name) == first  # challenger failed, so champion was never tried
     assert len(_assert_every_version_has_all_its_tags(client, name)) == 2
+
+
+def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(proxy, tiny_model):  # noqa: F811
+    """Two flows setting the same new tag or alias at once: MLflow's SQL store fails the second insert (seen in CI)."""
+    name = "faults-upsert-race"
+    proxy.faults = [
+        Fault("registered-models/set-tag", "race", 1),
+        Fault("model-versions/set-tag", "race", 1),
+        Fault("registered-models/alias", "race", 1),
+    ]
+    version = _publish(proxy.url, tiny_model.onnx_path, name)
+
+    assert all(fault.hits == 1 for fault in proxy.faults), proxy.faults
+    client = _client(proxy.url)
+    assert alias_version(client, name) == version == alias_version(client, name, "challenger")
+    assert client.get_registered_model(name).tags["graft.champion_version"] == version
+    assert client.get_model_version(name, version).tags["graft.promoted_by"].startswith("gate by")
+    assert [(m.version, m.action) for m in read_history(client, name)] == [(version, "gate")]
 
 
 # ---------------------------------------------------------------- 2. SIGKILL during export and during registration
