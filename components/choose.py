@@ -261,12 +261,12 @@ def measure_candidates(params: Params, rows: list[CandidateScore]) -> list[Candi
     is over by now, so the decoded sample (`SAMPLE_IMAGES`) is released first.
     """
     SAMPLE_IMAGES.clear()
+    cfg = params.choose
     out = []
     for row in rows:
         if row.onnx_path is None or not Path(row.onnx_path).is_file():
             out.append(row)
             continue
-        cfg = params.choose
         measured_at = None
         try:
             if cfg.latency_cache:

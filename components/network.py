@@ -256,7 +256,9 @@ def network_phase(model: GraftClassifier, data: Images, cfg: TrainConfig, setup:
             (batch_loss,) = all_sum([loss.item() * len(index)], device)
             if not math.isfinite(batch_loss):
                 return batch_loss
-            optimizer_step(loss, optimizer, cfg, scaler)
+            # DistributedDataParallel averages the processes' gradients; weighing each share's mean loss by its
+            # part of the batch makes that the whole batch's mean, also when the shares differ by an image (1 here)
+            optimizer_step(loss * (len(index) * place.size / len(batch)), optimizer, cfg, scaler)
             if scheduler is not None:
                 scheduler.step()
             total += batch_loss
