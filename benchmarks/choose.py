@@ -29,14 +29,14 @@ from scipy.stats import kendalltau
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from components.choose import choose_model  # noqa: E402
-from components.config import load_params  # noqa: E402
-from components.data import scan  # noqa: E402
-from components.demo import write_textures  # noqa: E402
-from components.features import FeatureCache  # noqa: E402
-from components.latency import OnnxFeatures  # noqa: E402
-from components.train import fine_tune, train_head  # noqa: E402
-from components.zoo import get_spec  # noqa: E402
+from components.backbones.features import FeatureCache, OnnxFeatures
+from components.backbones.zoo import get_spec
+from components.choose.stage import choose_model
+from components.core.config import load_params
+from components.data.demo import write_textures
+from components.data.folders import scan
+from components.train.stage import fine_tune
+from components.train.strategies import train_head
 
 CANDIDATES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "random_efficientnet_lite0"]
 RESULTS = REPO / "benchmarks" / "results"

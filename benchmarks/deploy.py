@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 
 def measure(name: str, call, one: np.ndarray, many: np.ndarray, runs: int) -> dict:
-    from components.latency import time_calls
+    from components.choose.latency import time_calls
 
     single = np.array(time_calls(call, one, runs, warmup=5)) * 1000
     batch = np.array(time_calls(call, many, max(5, runs // 10), warmup=2))
@@ -48,15 +48,18 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from components.choose import ChooseResult, stratified_sample
-    from components.config import load_params
-    from components.data import scan
-    from components.export import export_and_verify
-    from components.images import load_batch
-    from components.serving import OnnxClassifier, _has_nvidia_gpu, variant_path
-    from components.train import fine_tune, load_classifier
-    from components.variants import build_variants
-    from components.zoo import get_spec
+    from components.backbones.zoo import get_spec
+    from components.choose.ranking import ChooseResult
+    from components.core.config import load_params
+    from components.data.folders import scan
+    from components.data.images import load_batch
+    from components.data.split import stratified_sample
+    from components.deploy.export import export_and_verify
+    from components.deploy.variants import build_variants
+    from components.runtime.model import OnnxClassifier
+    from components.runtime.providers import has_nvidia_gpu
+    from components.runtime.variant_files import variant_path
+    from components.train.stage import fine_tune, load_classifier
 
     params = load_params(ROOT / "params.yaml")
     size = params.data.image_size or get_spec(args.backbone).input_size
@@ -100,7 +103,7 @@ def main() -> int:
         })
         print(rows[-1], flush=True)
     gpu_rows = []
-    if _has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
+    if has_nvidia_gpu() and "CUDAExecutionProvider" in ort.get_available_providers():
         for provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider"):
             for name in ("fp32", "fp16"):
                 path = variant_path(exported.onnx_path, name)

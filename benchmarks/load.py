@@ -36,16 +36,16 @@ CLASSES = (0, 1, 7)
 
 def build_champion(work: Path) -> tuple[Path, list[tuple[Path, str]]]:
     """Train, export and register a small model; returns the serve params file and the (image, class) pairs."""
-    from components.choose import ChooseResult
-    from components.config import load_params
-    from components.data import scan
-    from components.demo import write_digits
-    from components.deploy import _log_onnx_model, register_version
-    from components.export import export_and_verify
-    from components.promotion import move_alias
-    from components.train import fine_tune, load_classifier
-    from components.tracking import parent_run
-    from components.zoo import get_spec
+    from components.backbones.zoo import get_spec
+    from components.choose.ranking import ChooseResult
+    from components.core.config import load_params
+    from components.data.demo import write_digits
+    from components.data.folders import scan
+    from components.deploy.export import export_and_verify
+    from components.deploy.register import log_onnx_model, register_version
+    from components.registry.history import move_alias
+    from components.registry.tracking import parent_run
+    from components.train.stage import fine_tune, load_classifier
 
     images = write_digits(work / "images", per_class=20, classes=CLASSES)
     overrides = [f"data.dir={images}", f"data.cache_dir={work / 'cache'}", "data.image_size=64",
@@ -60,7 +60,7 @@ def build_champion(work: Path) -> tuple[Path, list[tuple[Path, str]]]:
             "backbone": trained.backbone, "data_md5": "benchmark"}
     exported = export_and_verify(model, work / "model" / "model.onnx", 64, 18, meta, [s.path for s in split.val], 1e-4)
     with parent_run(params, run_name="load-benchmark") as run:
-        source = _log_onnx_model(run, exported.onnx_path, 64, len(split.classes))
+        source = log_onnx_model(run, exported.onnx_path, 64, len(split.classes))
         version = register_version(run, NAME, source, {"onnx.sha256": "benchmark"}, "load benchmark")
         move_alias(run.client, NAME, version, "gate", "benchmarks/load.py", "load benchmark")
     params_path = work / "serve-params.yaml"

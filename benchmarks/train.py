@@ -38,12 +38,13 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from components.choose import ChooseResult  # noqa: E402
-from components.config import Params, load_params  # noqa: E402
-from components.data import Split, scan  # noqa: E402
-from components.demo import write_digits, write_textures  # noqa: E402
-from components.network import resolve_precision  # noqa: E402
-from components.train import fine_tune, predict_logits  # noqa: E402
+from components.choose.ranking import ChooseResult
+from components.core.config import Params, load_params
+from components.data.demo import write_digits, write_textures
+from components.data.folders import scan
+from components.data.split import Split
+from components.train.network import resolve_precision
+from components.train.stage import fine_tune, predict_logits
 
 RESULTS = ROOT / "benchmarks" / "results"
 BACKBONE = "efficientnet_lite0"
@@ -229,7 +230,7 @@ def markdown(report: dict) -> str:
 
 def log_to_mlflow(report: dict, files: list[Path]) -> str | None:
     """Log the report to the `graft-benchmarks` experiment of the repo's MLflow store."""
-    from components.tracking import parent_run
+    from components.registry.tracking import parent_run
 
     params = load_params(ROOT / "params.yaml", ["tracking.experiment=graft-benchmarks"])
     with parent_run(params, run_name="benchmarks/train.py") as run:

@@ -1,1 +1,1 @@
-"""Graft's stage logic: plain, typed Python with no orchestration imports."""
+"""Graft's logic, one package per stage; see the README's architecture section."""

@@ -11,15 +11,15 @@ from datetime import timedelta
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
-from components.choose import resolve_spec
-from components.retrain import code_fingerprint, params_fingerprint, split_fingerprint
+from components.choose.candidates import resolve_spec
+from components.core.lineage import code_fingerprint, params_fingerprint, split_fingerprint
 
 # What scoring one candidate reads: the split, the image size and seeds, the choose settings.
 CHOOSE_KEYS = ("data.val_fraction", "data.seed", "data.image_size", "choose", "train.seed")
 CACHE_EXPIRATION = timedelta(days=30)
 
 
-def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.config.Params
+def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.core.config.Params
     """The candidate's weights file as it is now (path, size, time), or why there is none: adding
     a missing file or replacing one must not be answered from the cache."""
     spec = resolve_spec(params, name)

@@ -25,21 +25,40 @@ import os
 import sys
 from pathlib import Path
 
-from components.errors import GraftError
-from components.serving import VARIANT_CHOICES
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from components.core.config import Params, find_params_file, load_params
+from components.core.errors import ConfigError, GraftError
 
 
-def _default_params() -> Path | None:
-    for candidate in (Path.cwd() / "params.yaml", REPO_ROOT / "params.yaml"):
-        if candidate.is_file():
-            return candidate
-    return None
+def _params_file(args: argparse.Namespace) -> Path | None:
+    return find_params_file(getattr(args, "params", None))
 
 
-def _prefect_environment(root: Path) -> None:
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """`--set` values, then `--data` as `data.dir` (it wins)."""
+    overrides = list(getattr(args, "set", None) or [])
+    if getattr(args, "data", None):
+        overrides.append(f"data.dir={Path(args.data).resolve()}")
+    return overrides
+
+
+def _params(args: argparse.Namespace) -> Params:
+    """The one way every command reads its parameters: the params file (`--params`, else ./params.yaml,
+    else the project's), then `--set` overrides and `--data`."""
+    return load_params(_params_file(args), _overrides(args))
+
+
+def _registry_params(args: argparse.Namespace) -> Params:
+    """`_params`, with MLflow pointed at the store `graft run` writes to."""
+    from components.registry.tracking import tracking_uri, use_tracking_uri
+
+    params = _params(args)
+    use_tracking_uri(tracking_uri(params))
+    return params
+
+
+def _prefect_environment(params_file: Path | None) -> None:
     """Embedded Prefect: ephemeral API, home inside the project, telemetry off (unless the user set them)."""
+    root = params_file.resolve().parent if params_file else Path.cwd()
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
@@ -48,40 +67,25 @@ def _prefect_environment(root: Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from components.config import load_params
-
-    params_path = Path(args.params) if args.params else _default_params()
-    overrides = list(args.set or [])
-    if args.data:
-        overrides.append(f"data.dir={Path(args.data).resolve()}")
-    params = load_params(params_path, overrides)
-    _prefect_environment(params_path.resolve().parent if params_path else Path.cwd())
-
-    from components.summary import format_summary
+    params = _params(args)
+    _prefect_environment(_params_file(args))
     from flows.runners import with_task_runner
     from flows.training import train_flow
 
     summary = with_task_runner(train_flow)(params)  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
     if args.summary:
-        from components.evaluate import write_json
-
-        write_json(Path(args.summary), summary)
-    print(format_summary(summary))
+        summary.write(Path(args.summary))
+    print(summary.text())
     if args.summary:
         print(f"summary JSON      {Path(args.summary).resolve()}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from components.serving import OnnxClassifier
+    from components.runtime.model import OnnxClassifier
 
-    if not Path(args.model).is_file():
-        # an MLflow URI: talk to the same store `graft run` wrote to
-        from components.config import load_params
-        from components.tracking import tracking_uri, use_tracking_uri
-
-        params_path = Path(args.params) if args.params else _default_params()
-        use_tracking_uri(tracking_uri(load_params(params_path)))
+    if not Path(args.model).exists():
+        _registry_params(args)  # an MLflow URI: talk to the same store `graft run` wrote to
     model = OnnxClassifier.load(args.model, variant=args.variant)
     logging.getLogger(__name__).info("model %s on %s", model.source.describe(), model.provider)
     failures = 0
@@ -95,17 +99,6 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def _registry_params(args: argparse.Namespace):  # noqa: ANN202 - components.config.Params
-    """Parameters (for limits and gate floors), with MLflow pointed at the store `graft run` writes to."""
-    from components.config import load_params
-    from components.tracking import tracking_uri, use_tracking_uri
-
-    params_path = Path(args.params) if args.params else _default_params()
-    params = load_params(params_path, list(getattr(args, "set", None) or []))
-    use_tracking_uri(tracking_uri(params))
-    return params
-
-
 def _client():  # noqa: ANN202 - mlflow.MlflowClient
     from mlflow import MlflowClient
 
@@ -113,7 +106,7 @@ def _client():  # noqa: ANN202 - mlflow.MlflowClient
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from components.server import ServeSettings, serve
+    from components.serve.server import ServeSettings, serve
 
     params = _registry_params(args)
     print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata); Ctrl-C stops it", flush=True)
@@ -122,7 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from components.promotion import promote
+    from components.deploy.promotion import promote
 
     params = _registry_params(args)
     result = promote(_client(), params, args.name, args.version, args.reason or "promoted with graft promote")
@@ -137,7 +130,7 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    from components.promotion import rollback
+    from components.deploy.promotion import rollback
 
     _registry_params(args)
     result = rollback(_client(), args.name, args.reason or "")
@@ -147,7 +140,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from components.promotion import read_history
+    from components.registry.history import read_history
 
     _registry_params(args)
     moves = read_history(_client(), args.name)
@@ -159,7 +152,7 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from components.bundle import bundle_from_registry
+    from components.runtime.bundle import bundle_from_registry
 
     _registry_params(args)
     bundle = bundle_from_registry(args.model, Path(args.out))
@@ -168,17 +161,10 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stage_params(args: argparse.Namespace):  # noqa: ANN202 - components.config.Params
-    from components.config import load_params
-
-    params_path = Path(args.params) if args.params else _default_params()
-    return load_params(params_path, list(args.set or []))
-
-
 def _prepare(args: argparse.Namespace) -> int:
-    from components.prepare import prepare
+    from components.data.stage import prepare
 
-    result = prepare(_stage_params(args), Path(args.split))
+    result = prepare(_params(args), Path(args.split))
     print(f"split             {result.train_images} train / {result.val_images} val images, {len(result.classes)} classes, "
           f"data md5 {result.data_md5}")
     print(f"written           {result.split_path.resolve()}")
@@ -187,10 +173,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from components.holdout import evaluate_holdout
-    from components.prepare import read_split
+    from components.data.split import read_split
+    from components.evaluate.holdout import evaluate_holdout
 
-    params = _stage_params(args)
+    params = _params(args)
     result = evaluate_holdout(params, read_split(Path(args.split), params.data.dir), Path(args.summary), Path(args.out))
     print(f"ONNX model        {result.onnx_path}")
     print(f"held-out          accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
@@ -202,45 +188,35 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _retrain_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
     """The params file and overrides a retraining run uses, validated now so mistakes show at once."""
-    from components.config import load_params
-
-    params_path = Path(args.params).resolve() if args.params else _default_params()
-    overrides = list(args.set or [])
-    if args.data:
-        overrides.append(f"data.dir={Path(args.data).resolve()}")
-    load_params(params_path, overrides)
-    _prefect_environment(params_path.parent if params_path else Path.cwd())
-    return params_path, overrides
+    _params(args)
+    params_file = _params_file(args)
+    _prefect_environment(params_file)
+    return (params_file.resolve() if params_file else None), _overrides(args)
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    params_path, overrides = _retrain_inputs(args)
+    params_file, overrides = _retrain_inputs(args)
     from flows.schedule import retrain_flow
 
-    result = retrain_flow(str(params_path) if params_path else None, overrides, force=args.force)
+    result = retrain_flow(str(params_file) if params_file else None, overrides, force=args.force)
     print(f"{result['action']}: {result['reason']}")
     if result["summary"]:
-        from components.summary import format_summary
-
-        print(format_summary(result["summary"]))
+        print(result["summary"].text())
     return 0
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    params_path, overrides = _retrain_inputs(args)
+    params_file, overrides = _retrain_inputs(args)
     from prefect import serve
+    from prefect.settings import PREFECT_API_URL
 
     from flows.schedule import retrain_deployment
 
     deployment = retrain_deployment(
-        args.cron, args.collision, str(params_path) if params_path else None, overrides, args.name, args.timezone, args.pool
+        args.cron, args.collision, str(params_file) if params_file else None, overrides, args.name, args.timezone, args.pool
     )
-    from prefect.settings import PREFECT_API_URL
-
     if args.pool:
         if not PREFECT_API_URL.value():
-            from components.errors import ConfigError
-
             raise ConfigError(
                 f"--pool {args.pool} needs a Prefect server that the worker also uses: run `prefect server start` "
                 "and export PREFECT_API_URL=http://127.0.0.1:4200/api (or serve it here without --pool)"
@@ -262,94 +238,75 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The option sets commands share: where the parameters come from, and which images."""
+    params = argparse.ArgumentParser(add_help=False)
+    params.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml, else the project's)")
+    params.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--data", metavar="DIR", help="image folder: DIR/<class>/* or DIR/{train,val}/<class>/* (default: data.dir, the DVC demo data)")
+    return params, data
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graft", description="Transfer learning pipeline: choose, fine-tune, evaluate, deploy.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    params, data = _options()
 
-    run = sub.add_parser("run", help="run the training flow (choose -> fine-tune -> evaluate -> deploy)")
-    run.add_argument("--data", metavar="DIR", help="image folder: DIR/<class>/* or DIR/{train,val}/<class>/* (default: the DVC demo data)")
-    run.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
-    run.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
+    def command(name: str, handler, help: str, *parents: argparse.ArgumentParser) -> argparse.ArgumentParser:  # noqa: A002, ANN001
+        found = sub.add_parser(name, help=help, parents=[params, *parents])
+        found.set_defaults(handler=handler)
+        return found
+
+    run = command("run", _run, "run the training flow (choose -> fine-tune -> evaluate -> deploy)", data)
     run.add_argument("--summary", metavar="PATH", help="write the run summary as JSON here")
-    run.set_defaults(handler=_run)
 
-    predict = sub.add_parser("predict", help="classify images with an ONNX model (onnxruntime only)")
-    predict.add_argument("--model", required=True, help="an .onnx file or an MLflow URI such as models:/NAME@champion")
-    predict.add_argument("--params", metavar="FILE", help="params file naming the MLflow store (default: ./params.yaml)")
+    predict = command("predict", _predict, "classify images with an ONNX model (onnxruntime only)")
+    predict.add_argument("--model", required=True, help="an .onnx file, a bundle folder or an MLflow URI such as models:/NAME@champion")
     predict.add_argument("files", nargs="+", metavar="FILE")
-    predict.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32", help="model variant (auto: fp16 on a GPU, int8 on a CPU, when published)")
-    predict.set_defaults(handler=_predict)
+    predict.add_argument("--variant", default="fp32", help="fp32 (default), optimized, fp16, int8, or auto (fp16 on a GPU, int8 on a CPU, when published)")
 
-    def registry_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--params", metavar="FILE", help="params file naming the MLflow store (default: ./params.yaml)")
-        command.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
-
-    serve = sub.add_parser("serve", help="HTTP service for a model; reloads when its alias moves (onnxruntime only)")
+    serve = command("serve", _serve, "HTTP service for a model; reloads when its alias moves (onnxruntime only)")
     serve.add_argument("--model", required=True, help="models:/NAME@champion, models:/NAME/V, a bundle folder or an .onnx file")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    serve.add_argument("--variant", choices=VARIANT_CHOICES, default="fp32", help="model variant (auto: fp16 on a GPU, int8 on a CPU)")
-    registry_options(serve)
-    serve.set_defaults(handler=_serve)
+    serve.add_argument("--variant", default="fp32", help="fp32 (default), optimized, fp16, int8, or auto (fp16 on a GPU, int8 on a CPU)")
 
-    promote = sub.add_parser("promote", help="run the gate's checks on a registered version and make it champion")
+    promote = command("promote", _promote, "run the gate's checks on a registered version and make it champion")
     promote.add_argument("--name", required=True, help="registered model name")
     promote.add_argument("--version", required=True, help="version number to promote")
     promote.add_argument("--reason", help="why, for the alias history")
-    registry_options(promote)
-    promote.set_defaults(handler=_promote)
 
-    rollback = sub.add_parser("rollback", help="move champion back to the version that held it before")
+    rollback = command("rollback", _rollback, "move champion back to the version that held it before")
     rollback.add_argument("--name", required=True, help="registered model name")
     rollback.add_argument("--reason", help="why, for the alias history")
-    registry_options(rollback)
-    rollback.set_defaults(handler=_rollback)
 
-    history = sub.add_parser("history", help="show who moved champion, when and why")
+    history = command("history", _history, "show who moved champion, when and why")
     history.add_argument("--name", required=True, help="registered model name")
-    registry_options(history)
-    history.set_defaults(handler=_history)
 
-    bundle = sub.add_parser("bundle", help="write a registered version's deploy bundle (ONNX files, labels, card, checksums)")
+    bundle = command("bundle", _bundle, "write a registered version's deploy bundle (ONNX files, labels, card, checksums)")
     bundle.add_argument("--model", required=True, help="models:/NAME@champion or models:/NAME/V")
     bundle.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
-    registry_options(bundle)
-    bundle.set_defaults(handler=_bundle)
 
-    def retrain_options(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--data", metavar="DIR", help="image folder (default: data.dir, the DVC demo data)")
-        command.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
-        command.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
-
-    prepare = sub.add_parser("prepare", help="pull and check the data, split it, write the split (dvc stage `prepare`)")
+    prepare = command("prepare", _prepare, "pull and check the data, split it, write the split (dvc stage `prepare`)")
     prepare.add_argument("--split", default="outputs/split.json", metavar="PATH", help="where to write the split (default: outputs/split.json)")
-    prepare.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
-    prepare.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
-    prepare.set_defaults(handler=_prepare)
 
-    evaluate = sub.add_parser("evaluate", help="score a run's ONNX model with onnxruntime on the held-out split (dvc stage `evaluate`)")
+    evaluate = command("evaluate", _evaluate, "score a run's ONNX model with onnxruntime on the held-out split (dvc stage `evaluate`)")
     evaluate.add_argument("--summary", default="outputs/summary.json", metavar="PATH", help="the run's summary (default: outputs/summary.json)")
     evaluate.add_argument("--split", default="outputs/split.json", metavar="PATH", help="the split `graft prepare` wrote")
     evaluate.add_argument("--out", default="outputs/holdout", metavar="DIR", help="where metrics.json and confusion.json go")
-    evaluate.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml)")
-    evaluate.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
-    evaluate.set_defaults(handler=_evaluate)
 
-    retrain = sub.add_parser("retrain", help="train only if the data or the training parameters changed since the champion")
-    retrain_options(retrain)
+    retrain = command("retrain", _retrain, "train only if the data or the training parameters changed since the champion", data)
     retrain.add_argument("--force", action="store_true", help="train even when nothing changed")
-    retrain.set_defaults(handler=_retrain)
 
-    schedule = sub.add_parser("schedule", help="serve the retraining flow on a cron schedule, one run at a time")
-    retrain_options(schedule)
+    schedule = command("schedule", _schedule, "serve the retraining flow on a cron schedule, one run at a time", data)
     schedule.add_argument("--cron", required=True, help='cron expression, e.g. "0 3 * * 1" (Mondays 03:00)')
     schedule.add_argument("--timezone", default="UTC", help="time zone of the cron expression (default: UTC)")
     schedule.add_argument("--collision", choices=("enqueue", "cancel_new"), default="enqueue",
                           help="a run due while another runs: wait for it (enqueue) or is cancelled (cancel_new)")
     schedule.add_argument("--name", default="graft-retrain", help="deployment name (default: graft-retrain)")
     schedule.add_argument("--pool", metavar="WORK_POOL", help="register the deployment for this work pool (a worker runs it) instead of serving it here")
-    schedule.set_defaults(handler=_schedule)
     return parser
 
 
@@ -387,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:
-        from components.registry_calls import explain_auth
+        from components.registry.mlflow_calls import explain_auth  # MLflow is imported only by commands that use it
 
         refused = explain_auth(exc, None, "an MLflow call")  # one the components did not explain themselves
         if refused is None:

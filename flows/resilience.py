@@ -1,6 +1,6 @@
 """Retry settings for tasks that talk to services: the MLflow server, the DVC remote.
 
-Only transient failures are retried (`components.transient.is_transient`), with
+Only transient failures are retried (`components.core.transient.is_transient`), with
 exponential back-off and jitter; training and other pure computation never is.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from prefect.tasks import exponential_backoff
 
-from components.transient import is_transient
+from components.core.transient import is_transient
 
 
 def retry_if_transient(task, task_run, state) -> bool:  # noqa: ANN001 - Prefect's retry_condition_fn signature

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from components.errors import ConfigError
+from components.core.errors import ConfigError
 
 RUNNERS = ("threads", "dask", "ray")
 

@@ -21,15 +21,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
 
-from components.config import Params, load_params
-from components.errors import ConfigError
-from components.retrain import RetrainDecision, decide, decision_markdown, record_decision
-from components.versioning import data_version
+from components.core.config import REPO_ROOT, Params, find_params_file, load_params
+from components.core.errors import ConfigError
+from components.data.versions import data_version
+from components.deploy.retrain import RetrainDecision, decide, decision_markdown, record_decision
 from flows.resilience import service_retries
 from flows.runners import with_task_runner
 from flows.training import train_flow
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT_NAME = "graft-retrain"
 COLLISION_STRATEGIES = ("enqueue", "cancel_new")
 
@@ -41,9 +40,8 @@ def check_task(params: Params) -> RetrainDecision:
 
 @task(name="record-check", cache_policy=NO_CACHE, **service_retries())
 def record_task(params: Params, decision: RetrainDecision) -> None:
+    from components.registry.tracking import tracking_uri
     from mlflow import MlflowClient
-
-    from components.tracking import tracking_uri
 
     uri = tracking_uri(params)
     record_decision(MlflowClient(uri, uri), decision)
@@ -59,11 +57,11 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
     """Train when the data or the training parameters differ from the registered model's; else stop.
 
     Args:
-        params_file: The params file (default: `params.yaml` of this project).
+        params_file: The params file (default: ./params.yaml, else this project's, as every `graft` command).
         overrides: `section.key=value` strings, as `graft run --set`.
         force: Train even when nothing changed.
     """
-    params = load_params(Path(params_file) if params_file else REPO_ROOT / "params.yaml", list(overrides or []))
+    params = load_params(find_params_file(params_file), list(overrides or []))
     decision = check_task(params)
     record_task(params, decision)
     create_markdown_artifact(key="graft-retrain-check", markdown=decision_markdown(decision), description=decision.action)

@@ -8,23 +8,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import time
-
 from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.choose import CandidateScore, ChooseResult, measure_candidates, plan_candidates, rank, score_candidate
-from components.config import Params
-from components.data import Split, scan
-from components.deploy import DeployResult, deploy
-from components.evaluate import EvalResult, evaluate
-from components.reporting import log_choice, log_evaluation, log_run_start, log_summary
-from components.summary import Stopwatch, build_summary, summary_markdown
-from components.tracking import Run, git_commit, parent_run
-from components.train import TrainResult, fine_tune
-from components.train_logging import log_trained_model
-from components.versioning import data_version
+from components.choose.candidates import CandidateScore, score_candidate
+from components.choose.ranking import ChooseResult
+from components.choose.report import log_choice
+from components.choose.stage import choose_model
+from components.core.config import Params
+from components.core.lineage import git_commit
+from components.data.folders import scan
+from components.data.split import Split
+from components.data.versions import data_version
+from components.deploy.stage import DeployContext, DeployResult, deploy
+from components.evaluate.report import log_evaluation
+from components.evaluate.stage import EvalResult, evaluate
+from components.registry.tracking import Run, parent_run
+from components.report.run_log import log_run_start, log_summary
+from components.report.summary import RunSummary, Stopwatch
+from components.train.report import log_trained_model
+from components.train.stage import TrainResult, fine_tune
 from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE
 from flows.resilience import service_retries
 
@@ -35,34 +39,19 @@ def scan_task(params: Params) -> tuple[Split, str]:
     return scan(params.data.dir, params.data.val_fraction, params.data.seed), md5
 
 
-@task(name="plan-candidates", cache_policy=NO_CACHE)
-def plan_task(params: Params, split: Split) -> tuple[str, ...]:
-    return plan_candidates(params, split)
-
-
 # cached on the images, the choose params, the weights and the code (flows/caching.py); results kept in PREFECT_HOME
 @task(name="score-candidate", cache_policy=CANDIDATE_CACHE, cache_expiration=CACHE_EXPIRATION, persist_result=True, task_run_name="score-{name}")
 def score_candidate_task(params: Params, split: Split, name: str) -> CandidateScore:
     return score_candidate(params, split, name)
 
 
-@task(name="measure-candidates", cache_policy=NO_CACHE)
-def measure_task(params: Params, rows: list[CandidateScore]) -> list[CandidateScore]:
-    return measure_candidates(params, rows)
+def choose_stage(params: Params, split: Split) -> ChooseResult:
+    """The choose stage, each candidate scored as its own (mapped, cached) task on the flow's task runner."""
 
+    def score_all(names: tuple[str, ...]) -> list[CandidateScore]:
+        return score_candidate_task.map(unmapped(params), unmapped(split), names).result()
 
-@task(name="rank", cache_policy=NO_CACHE)
-def rank_task(params: Params, rows: list[CandidateScore], seconds: float) -> ChooseResult:
-    return rank(params, rows, seconds)
-
-
-def choose_subflow(params: Params, split: Split) -> ChooseResult:
-    """Plan, score each candidate as its own (mapped) task, time them one at a time, rank."""
-    started = time.perf_counter()
-    names = plan_task(params, split)
-    rows = score_candidate_task.map(unmapped(params), unmapped(split), names).result()
-    rows = measure_task(params, rows)
-    return rank_task(params, rows, time.perf_counter() - started)
+    return choose_model(params, split, score_all)
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
@@ -76,12 +65,12 @@ def evaluate_task(params: Params, split: Split, trained: TrainResult, run_dir: P
 
 
 @task(name="deploy", cache_policy=NO_CACHE)
-def deploy_task(params: Params, split: Split, trained: TrainResult, evaluation: EvalResult, run: Run, run_dir: Path, data_md5: str, commit: str) -> DeployResult:
-    return deploy(params, split, trained, evaluation, run, run_dir, data_md5, commit)
+def deploy_task(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> DeployResult:
+    return deploy(ctx, trained, evaluation)
 
 
 @flow(name="graft-train")
-def train_flow(params: Params) -> dict:
+def train_flow(params: Params) -> RunSummary:
     """Run the four stages on `params.data.dir` and return the run summary."""
     clock = Stopwatch()
     with clock("data"):
@@ -91,7 +80,7 @@ def train_flow(params: Params) -> dict:
         run_dir = params.deploy.output_dir / "runs" / run.run_id
         log_run_start(run, params, split, md5, commit)
         with clock("choose"):
-            choice = choose_subflow(params, split)
+            choice = choose_stage(params, split)
         log_choice(run, choice, run_dir)
         with clock("fine_tune"):
             trained = fine_tune_task(params, split, choice, run, run_dir)
@@ -100,8 +89,8 @@ def train_flow(params: Params) -> dict:
             evaluation = evaluate_task(params, split, trained, run_dir)
         log_evaluation(run, evaluation, params.deploy.output_dir)
         with clock("deploy"):
-            deployed = deploy_task(params, split, trained, evaluation, run, run_dir, md5, commit)
-        summary = build_summary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds)
-        log_summary(run, summary, run_dir)
-    create_markdown_artifact(key="graft-run-summary", markdown=summary_markdown(summary), description=f"{summary['registered']['name']} v{summary['registered']['version']}")
+            deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit), trained, evaluation)
+        summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds)
+        log_summary(run, summary)
+    create_markdown_artifact(key="graft-run-summary", markdown=summary.markdown(), description=summary.model_label)
     return summary

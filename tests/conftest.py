@@ -30,7 +30,7 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Three real digit classes, 20 images each, as `<class>/<image>.png`."""
-    from components.demo import write_digits
+    from components.data.demo import write_digits
 
     return write_digits(tmp_path_factory.mktemp("digits") / "images", per_class=20, classes=(0, 1, 7))
 
@@ -58,6 +58,6 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path) -> list[str]:
 
 @pytest.fixture
 def tiny_params(tmp_path: Path, digits_dir: Path, feature_cache_dir: Path):
-    from components.config import load_params
+    from components.core.config import load_params
 
     return load_params(REPO / "params.yaml", tiny_overrides(digits_dir, tmp_path, feature_cache_dir))

@@ -16,6 +16,11 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def clean_env() -> dict[str, str]:
+    """This process's environment without the MLflow and Prefect settings a test may have changed."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

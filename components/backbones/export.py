@@ -1,0 +1,124 @@
+"""Backbones to ONNX: the exporters every export goes through, and a candidate backbone's own export.
+
+Each candidate backbone is exported once (uint8 N x S x S x 3 images in,
+pooled features out, preprocessing inside the graph, as the deployed model
+will be) and the file is cached beside its features, under the same key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from components.backbones.classifier import Preprocess
+from components.backbones.features import cache_key
+from components.backbones.zoo import BackboneSpec
+from components.core.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+EXPORT_LOCK = threading.Lock()
+"""torch.export keeps global state: one export at a time per process (mapped choose tasks run in threads)."""
+
+
+def trace_to_onnx(model: torch.nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export `model` (uint8 N x S x S x 3 -> `output_name`) with the torch.export-based exporter, batch axis dynamic."""
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
+    # the exporter prints progress to stdout; keep it in the debug log instead
+    with EXPORT_LOCK, contextlib.redirect_stdout(io.StringIO()) as chatter:
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            input_names=["images"],
+            output_names=[output_name],
+            dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    log.debug("exporter: %s", chatter.getvalue())
+    proto = program.model_proto
+    for value in (proto.graph.input[0], proto.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return proto
+
+
+class _ImagesToFeatures(nn.Module):
+    """uint8 N x S x S x 3 -> normalised N x 3 x S x S -> backbone features."""
+
+    def __init__(self, backbone: nn.Module, spec: BackboneSpec) -> None:
+        super().__init__()
+        self.preprocess = Preprocess(spec.mean, spec.std)
+        self.backbone = backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.preprocess(images))
+
+
+def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path:
+    """Where the exported backbone lives: the feature cache's key, `.onnx`."""
+    return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}.onnx"
+
+
+def quick_trace_to_onnx(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export with the TorchScript-based tracer, falling back to the torch.export-based exporter.
+
+    A candidate's export only serves to measure its size and latency on onnxruntime and to
+    extract the choose sample's features, and onnxruntime optimises both graphs alike at
+    load. The tracer takes ~4 s for an EfficientNet-Lite where the torch.export-based
+    exporter takes 20-40 s on 2 cores, which made exports most of the choose stage's cost.
+    The model Graft deploys is always exported with the torch.export-based exporter
+    (`components.deploy.export.export_onnx`). PyTorch marks the tracer as legacy; when it is gone
+    or fails on a backbone, the other exporter runs instead.
+    """
+    example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
+    buffer = io.BytesIO()
+    try:
+        with EXPORT_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(), (example,), buffer, dynamo=False, input_names=["images"], output_names=[output_name],
+                dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
+            )
+        return onnx.load_model_from_string(buffer.getvalue())
+    except Exception as exc:  # noqa: BLE001 - the tracer raises many types; the other exporter decides
+        log.info("TorchScript tracer failed (%s: %s); using the torch.export-based exporter", exc.__class__.__name__, exc)
+        return trace_to_onnx(model, image_size, output_name, opset)
+
+
+def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, path: Path, opset: int) -> Path:
+    """Export images -> features with a dynamic batch axis, check it, and write it atomically.
+
+    Raises:
+        ExportError: the exporter or `onnx.checker` failed; the backbone cannot be deployed as it is.
+    """
+    model = _ImagesToFeatures(backbone, spec).eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{threading.get_ident()}.tmp.onnx")
+    started = time.perf_counter()
+    try:
+        proto = quick_trace_to_onnx(model, image_size, "features", opset)
+        proto.producer_name = "graft-choose"
+        onnx.save_model(proto, tmp)
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - the exporter and checker raise many types
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{spec.name}: ONNX export failed ({exc.__class__.__name__}: {str(exc)[:300]})") from exc
+    tmp.replace(path)
+    log.info("%s: exported to %s (%.1f MB) in %.1fs", spec.name, path.name, size_mb(path), time.perf_counter() - started)
+    return path
+
+
+def size_mb(path: Path) -> float:
+    """File size in MB (10^6 bytes)."""
+    return path.stat().st_size / 1e6

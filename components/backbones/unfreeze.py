@@ -1,0 +1,84 @@
+"""Which parts of a backbone train: its blocks, counted from the output end.
+
+A backbone is seen as a stem (whatever comes before the first block: the
+first convolution, ViT's patch embedding and position table) followed by its
+blocks. `unfreeze: N` trains the last N of these (the stem counts as one), and
+`all` trains everything. Frozen parts get `requires_grad=False` and stay in
+eval mode, so neither their weights nor their BatchNorm statistics change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from components.core.errors import ConfigError, ModelError
+
+
+def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """The backbone's blocks in input-to-output order, stem excluded.
+
+    Raises:
+        ModelError: the architecture has no known block structure.
+    """
+    net = getattr(backbone, "net", None)
+    if net is not None and hasattr(net, "_blocks"):  # EfficientNet-Lite (components.backbones.zoo)
+        return [*net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+    if hasattr(backbone, "layer4"):  # ResNet
+        return [backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4]
+    if hasattr(backbone, "trunk_output"):  # RegNet
+        return list(backbone.trunk_output.children())
+    if hasattr(backbone, "encoder") and hasattr(backbone.encoder, "layers"):  # ViT
+        return [*backbone.encoder.layers.children(), backbone.encoder.ln]
+    features = getattr(backbone, "features", None)
+    if isinstance(features, nn.Sequential):  # MobileNet, EfficientNet-B, ConvNeXt
+        return list(features.children())[1:]
+    raise ModelError(
+        f"cannot tell the blocks of {type(backbone).__name__} apart, so train.unfreeze cannot pick some; "
+        "use --set train.unfreeze=all or train.strategy=feature_extraction"
+    )
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What `unfreeze` selected: the modules that train and a count for the log."""
+
+    modules: tuple[nn.Module, ...]
+    blocks: int
+    total_blocks: int
+    parameters: int
+
+
+def select_trainable(backbone: nn.Module, unfreeze: int | Literal["all"]) -> Trainable:
+    """Freeze the whole backbone, then unfreeze its last `unfreeze` blocks.
+
+    Raises:
+        ConfigError: `unfreeze` asks for more blocks than the backbone has.
+    """
+    blocks = trunk_blocks(backbone)
+    total = len(blocks) + 1  # + the stem
+    count = total if unfreeze == "all" else unfreeze
+    if count > total:
+        raise ConfigError(
+            f"train.unfreeze={unfreeze} but {type(backbone).__name__} has {total} blocks (stem included); "
+            f"use a number up to {total} or --set train.unfreeze=all"
+        )
+    backbone.requires_grad_(False)
+    modules = (backbone,) if count == total else tuple(blocks[len(blocks) - count :])
+    for module in modules:
+        module.requires_grad_(True)
+    parameters = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
+    return Trainable(modules, count, total, parameters)
+
+
+def set_train_mode(backbone: nn.Module, trainable: Trainable, freeze_bn: bool) -> None:
+    """Train mode for the unfrozen blocks only; BatchNorm in eval mode everywhere when `freeze_bn`."""
+    backbone.eval()
+    for module in trainable.modules:
+        module.train()
+    if freeze_bn:
+        for module in backbone.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()

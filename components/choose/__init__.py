@@ -1,0 +1,1 @@
+"""Stage 1, choose: rank candidate backbones on the user's data (`stage.choose_model`)."""

@@ -1,0 +1,208 @@
+"""Scoring one candidate backbone on a sample of the user's own data.
+
+Each candidate is exported once to ONNX (cached), its features are
+extracted once (cached) on a stratified sample of the training split, and
+it is scored with LogME and a quick held-out linear probe (the sample's
+images are decoded once per image size and shared by the candidates). A
+candidate that cannot load or be exported is listed with the reason and not
+chosen; the others are still ranked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.backbones.export import backbone_onnx_path, export_backbone, size_mb
+from components.backbones.features import FeatureCache, OnnxFeatures
+from components.backbones.zoo import ZOO, BackboneSpec, configured_specs, count_params_m, get_spec, register_backbones
+from components.choose.logme import logme
+from components.core.config import Params
+from components.core.errors import DataError, ExportError, GraftError, ModelError
+from components.data.images import DecodedImages
+from components.data.split import Sample, Split, stratified_sample
+
+log = logging.getLogger(__name__)
+
+
+SAMPLE_IMAGES = DecodedImages(max_bytes=256 * 2**20)
+"""The choose sample, decoded once per image size and shared by the candidates scored in this
+process (400 images at 224 px hold 60 MB; past 256 MB the least recently used are dropped).
+`measure_candidates`, which runs once all scoring is done, empties it."""
+
+
+@dataclass(frozen=True)
+class CandidateScore:
+    """One row of the ranking."""
+
+    name: str
+    pretrained: bool
+    status: str
+    """'ok', or why the candidate is not eligible ('over limit: ...', 'skipped: ...', 'baseline: ...')."""
+    score: float | None = None
+    logme: float | None = None
+    probe_accuracy: float | None = None
+    params_m: float | None = None
+    image_size: int | None = None
+    size_mb: float | None = None
+    """The backbone's fp32 ONNX file (preprocessing included), in MB."""
+    latency_ms: float | None = None
+    """Median onnxruntime time per image at batch 1."""
+    latency_batch_ms: float | None = None
+    """Median onnxruntime time per image at `latency_batch_size`."""
+    latency_batch_size: int | None = None
+    onnx_path: str | None = None
+    seconds: float = 0.0
+    """Wall time to export (if not cached), extract features (if not cached) and score."""
+
+    def to_dict(self) -> dict[str, object]:
+        out = asdict(self)
+        out["params"] = int(self.params_m * 1e6) if self.params_m is not None else None
+        return out
+
+
+def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
+    """Accuracy of a logistic-regression probe on a held-out third of the sample (None if too small)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import train_test_split
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    _, counts = np.unique(labels, return_counts=True)
+    if counts.min() < 2 or len(labels) < 2 * len(counts):
+        return None
+    x_fit, x_test, y_fit, y_test = train_test_split(
+        features, labels, test_size=max(len(counts), int(0.3 * len(labels))), stratify=labels, random_state=seed
+    )
+    from sklearn.decomposition import PCA
+    from threadpoolctl import threadpool_limits
+
+    # An L2-regularised probe's weights lie in the span of the centred training rows, so projecting
+    # onto that span first (at most N-1 dimensions, instead of D) gives the same fit, much faster.
+    rank = min(len(x_fit) - 1, features.shape[1])
+    probe = make_pipeline(StandardScaler(), PCA(rank, svd_solver="full"), LogisticRegression(max_iter=1000, C=0.5))
+    with threadpool_limits(1, user_api="blas"):  # small problem: extra BLAS threads only contend
+        probe.fit(x_fit, y_fit)
+        return float(probe.score(x_test, y_test))
+
+
+def resolve_spec(params: Params, name: str) -> BackboneSpec:
+    """The spec `name` has in this run (zoo, `choose.weights`, `choose.custom`), without global state."""
+    return configured_specs(params.choose).get(name) or get_spec(name)
+
+
+def check_sample(sample: list[Sample], split: Split, params: Params) -> None:
+    """Refuse a choose sample that cannot rank anything.
+
+    Raises:
+        DataError: fewer than two classes, or a class with fewer than two images in the sample.
+    """
+    counts = {label: 0 for label in range(len(split.classes))}
+    for item in sample:
+        counts[item.label] = counts.get(item.label, 0) + 1
+    present = [label for label, count in counts.items() if count]
+    if len(present) < 2:
+        raise DataError(
+            f"the choose sample holds {len(present)} class(es) ({', '.join(split.classes[i] for i in present) or 'none'}); "
+            "ranking backbones needs at least two classes with images in the training split"
+        )
+    thin = [f"{split.classes[label]} ({count})" for label, count in counts.items() if count < 2]
+    if thin:
+        raise DataError(
+            f"classes with fewer than two images in the choose sample: {', '.join(thin)}; "
+            f"add images to those class folders or raise choose.sample_size (now {params.choose.sample_size})"
+        )
+
+
+def plan_candidates(params: Params, split: Split) -> tuple[str, ...]:
+    """Check the names and the sample before any work starts; return the names to score.
+
+    Registers `choose.weights` / `choose.custom` for the later stages, and adds a
+    random twin of the first pre-trained zoo candidate when `choose.baseline` is
+    set and no baseline is listed.
+
+    Raises:
+        ConfigError: an unknown name (listing the valid ones and the closest).
+        DataError: the sample cannot rank anything (see `check_sample`).
+    """
+    register_backbones(params.choose)
+    names = list(dict.fromkeys(params.choose.candidates))
+    specs = [get_spec(name) for name in names]
+    if params.choose.baseline and all(spec.pretrained for spec in specs):
+        twin = next((f"random_{n}" for n in names if f"random_{n}" in ZOO), None)
+        if twin:
+            log.info("adding the random baseline %s (choose.baseline=true)", twin)
+            names.append(twin)
+    check_sample(stratified_sample(split.train, params.choose.sample_size, params.data.seed), split, params)
+    return tuple(names)
+
+
+def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> Path:  # noqa: ANN001 - nn.Module or None
+    path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
+    if not path.is_file():
+        net = backbone if backbone is not None else spec.build(size, seed=params.train.seed)
+        export_backbone(net, spec, size, path, params.deploy.opset)
+    return path
+
+
+def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
+    """Export one candidate (cached), extract its features on the choose sample (cached), score them.
+
+    Never raises for a candidate-specific problem (weights missing or unfit,
+    a failing factory, a failed export, NaN features): the row records it and
+    the other candidates are still ranked. A bad image is a data problem and raises.
+    """
+    spec = resolve_spec(params, name)
+    size = spec.resolve_size(params.data.image_size)
+    base = {"name": name, "pretrained": spec.pretrained, "params_m": spec.params_m, "image_size": size}
+    limit = params.choose.max_params_m
+    if limit is not None and spec.params_m is not None and spec.params_m > limit:
+        return CandidateScore(**base, status=f"over limit: {spec.params_m:.1f}M params > choose.max_params_m={limit}")
+    missing = spec.missing_weights()
+    if missing:
+        log.warning("%s skipped: %s", name, missing)
+        return CandidateScore(**base, status=f"skipped: {missing}")
+    started = time.perf_counter()
+    sample = stratified_sample(split.train, params.choose.sample_size, params.data.seed)
+    labels = np.array([s.label for s in sample])
+    try:
+        cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
+        onnx_path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
+        backbone = None
+        if spec.params_m is None or not onnx_path.is_file():
+            backbone = spec.build(size, seed=params.train.seed)
+        if spec.params_m is None:  # a user backbone: count what was built
+            base["params_m"] = round(count_params_m(backbone), 6)
+            if limit is not None and base["params_m"] > limit:
+                return CandidateScore(**base, status=f"over limit: {base['params_m']:.1f}M params > choose.max_params_m={limit}")
+        onnx_path = _export_cached(params, spec, size, backbone)
+        extractor = OnnxFeatures(onnx_path) if params.choose.onnx_features else None
+        features = cache.get([s.path for s in sample], params.choose.batch_size, backbone, extractor, SAMPLE_IMAGES)
+    except DataError:
+        raise
+    except ExportError as exc:
+        log.warning("%s skipped: %s", name, exc)
+        return CandidateScore(**base, status=f"skipped: cannot export to ONNX, so it could not be deployed ({exc})")
+    except ModelError as exc:
+        log.warning("%s skipped: %s", name, exc)
+        return CandidateScore(**base, status=f"skipped: failed to load ({exc})")
+    except (GraftError, RuntimeError, ValueError, TypeError) as exc:
+        log.warning("%s failed to score: %s", name, exc)
+        return CandidateScore(**base, status=f"skipped: failed to score ({exc.__class__.__name__}: {exc})")
+    base.update(size_mb=round(size_mb(onnx_path), 2), onnx_path=str(onnx_path))
+    bad = int((~np.isfinite(features).all(axis=1)).sum())
+    if bad:
+        log.warning("%s skipped: NaN or inf features on %d of %d images", name, bad, len(features))
+        return CandidateScore(
+            **base, status=f"skipped: its features contain NaN or inf on {bad} of {len(features)} sample images"
+        )
+    evidence = logme(features, labels)
+    probe = probe_accuracy(features, labels, params.data.seed)
+    score = evidence if params.choose.score == "logme" else probe
+    seconds = time.perf_counter() - started
+    log.info("%s: LogME %.4f, probe accuracy %s (%.1fs)", name, evidence, probe, seconds)
+    return CandidateScore(**base, status="ok", score=score, logme=evidence, probe_accuracy=probe, seconds=round(seconds, 2))

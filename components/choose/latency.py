@@ -1,0 +1,128 @@
+"""Candidate backbones on the deployment runtime: their latency per image on onnxruntime.
+
+Each candidate's exported backbone (`components.backbones.export`) is timed at batch 1 and at the
+serving batch; the figures are kept beside the file and reused while the file, the settings, the
+machine and onnxruntime are the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from components.backbones.features import OnnxFeatures
+from components.runtime.providers import choose_providers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Median onnxruntime time per image, in milliseconds."""
+
+    batch1_ms: float
+    batch_ms: float
+    """Per image at `batch_size`."""
+    batch_size: int
+    provider: str
+
+    @property
+    def worst_ms(self) -> float:
+        """The figure a latency limit is checked against."""
+        return max(self.batch1_ms, self.batch_ms)
+
+
+def time_calls(call, batch: np.ndarray, runs: int, warmup: int = 2) -> list[float]:  # noqa: ANN001 - any callable on a batch
+    """Seconds of each of `runs` timed calls of `call(batch)`, after `warmup` untimed ones (first runs allocate)."""
+    for _ in range(warmup):
+        call(batch)
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        call(batch)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _median_ms(run, batch: np.ndarray, runs: int) -> float:  # noqa: ANN001 - a session.run bound with its feed name
+    return float(np.median(time_calls(run, batch, runs))) * 1000.0
+
+
+def measure_latency(path: Path, image_size: int, batch_size: int, runs: int, seed: int = 0) -> Latency:
+    """Median onnxruntime time per image at batch 1 and at `batch_size`, on random uint8 images.
+
+    Run candidates one after another: concurrent work on the same cores would inflate every figure.
+    """
+    extractor = OnnxFeatures(path)
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8)
+    batch1 = _median_ms(extractor, images[:1], runs)
+    batched = _median_ms(extractor, images, max(3, runs // 4)) / batch_size
+    provider = extractor.session.get_providers()[0]
+    return Latency(round(batch1, 3), round(batched, 3), batch_size, provider)
+
+
+@functools.cache
+def _machine() -> dict[str, object]:
+    """What a latency figure depends on besides the file: this machine, its runtime and providers."""
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
+    return {
+        "host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
+        "onnxruntime": ort.__version__, "providers": choose_providers(),
+    }
+
+
+LATENCY_RECORDS = 8
+"""Latency records kept per exported file (settings or machines that differ), newest last."""
+
+
+def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> tuple[Latency, str | None]:
+    """`measure_latency`, or the figures measured earlier for the same file, settings and machine.
+
+    The figures are kept beside the exported file (`<name>.latency.json`, the last few settings and
+    machines it was timed with), keyed by the file's size and modification time (exports are written
+    atomically, so a new export changes them), the batch size and runs, and the machine (host, CPU
+    model, cores, onnxruntime version and providers). A scheduled retrain on new data reuses them
+    instead of timing unchanged backbones again.
+
+    Returns:
+        The latency and, when it came from the file, when it was measured (else None).
+    """
+    stat = path.stat()
+    key = {
+        "file": [stat.st_size, stat.st_mtime_ns], "image_size": image_size, "batch_size": batch_size, "runs": runs,
+        "machine": _machine(),
+    }
+    record = path.with_name(path.name + ".latency.json")
+    try:
+        entries = [e for e in json.loads(record.read_text())["entries"] if e["key"]["file"] == key["file"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        entries = []  # none yet, or unreadable: measure
+    for entry in entries:
+        if entry["key"] == key:
+            return Latency(**entry["latency"]), entry["measured_at"]
+    latency = measure_latency(path, image_size, batch_size, runs)
+    measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
+    entries = [*entries, {"key": key, "latency": asdict(latency), "measured_at": measured_at}][-LATENCY_RECORDS:]
+    tmp = record.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps({"entries": entries}))
+        os.replace(tmp, record)
+    except OSError as exc:  # a read-only cache still gets its figures, measured each time
+        tmp.unlink(missing_ok=True)
+        log.warning("could not keep the latency of %s in %s (%s); it will be measured again next run", path.name, record, exc)
+    return latency, None

@@ -1,0 +1,3 @@
+"""The shared core every package may import: parameters, errors, files, lineage, retry rules.
+
+Imports nothing of Graft outside this package, and neither torch nor Prefect."""

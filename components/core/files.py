@@ -1,0 +1,101 @@
+"""Files: atomic writes (JSON, figures), and file digests (md5 as DVC records it, sha256).
+
+Writers put the bytes in a temp file beside the target and rename it over the target
+only when complete (`os.replace` is atomic on one file system). `temp_write` is the
+guard around the temp write: on any failure it removes the temp file, and a full
+disk or a file-size limit becomes one clear `DiskFullError` naming the file.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from components.core.errors import DiskFullError
+
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def disk_full_cause(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC/EFBIG/EDQUOT `OSError` behind `exc`, if any.
+
+    torch's writer reports a failed write as a `RuntimeError` ("unexpected pos ...") whose
+    context holds the real `OSError`, so the whole cause/context chain is searched.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def temp_write(path: Path, tmp: Path) -> Iterator[None]:
+    """Guard the write of `tmp` (renamed onto `path` afterwards by the caller).
+
+    Raises:
+        DiskFullError: the disk or file-size limit ran out; `tmp` is removed and `path`, if it
+            existed, is untouched.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full_cause(exc)
+        if full is None:
+            raise
+        raise DiskFullError(
+            f"{path}: the disk is full ({full.strerror}) while writing it; free disk space under {path.parent} "
+            f"and rerun (the previous {path.name}, if there was one, is unchanged)"
+        ) from exc
+
+
+def write_json(path: Path, content: object) -> Path:
+    """Write JSON atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    """MD5 of a file's bytes, as DVC records it."""
+    return file_digest(path, "md5")
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    return file_digest(path, "sha256")
+
+
+def save_figure(fig, path: Path, dpi: int = 100) -> Path:  # noqa: ANN001 - matplotlib Figure
+    """Lay out, save (atomically) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        with temp_write(path, tmp):
+            fig.savefig(tmp, dpi=dpi)
+        tmp.replace(path)
+    finally:
+        plt.close(fig)
+    return path

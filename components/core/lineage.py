@@ -1,0 +1,97 @@
+"""What a model came from: the parameter and code fingerprints, the commit, and the names of
+the tags and aliases that record them in the registry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+
+from components.core.config import REPO_ROOT, Params, flatten
+
+CHAMPION = "champion"
+"""The alias production loads: the version now serving."""
+CHALLENGER = "challenger"
+"""The alias of the newest registered version, whatever the gate said about it."""
+
+PARAMS_SHA_TAG = "params_sha"
+"""Version tag: `params_fingerprint` of the parameters it was trained with."""
+DATA_MD5_TAG = "data_md5"
+"""Version tag: the DVC md5 of the data it was trained on."""
+CHAMPION_VERSION_TAG = "graft.champion_version"
+"""Registered-model tag: the version Graft last made champion (a different alias means a move by hand)."""
+
+
+# Where things are and what the result is called: they change no weight of the model.
+# Any other key, including keys added later, counts as training-relevant.
+NOT_TRAINING_RELEVANT = ("data.dir", "data.cache_dir", "deploy.output_dir", "deploy.model_name", "deploy.serve_*", "tracking")
+
+
+def _matches(key: str, patterns: Sequence[str]) -> bool:
+    """`data.seed` matches `data.seed` and `data`; a pattern ending in `*` matches by prefix."""
+    return any(key.startswith(p[:-1]) if p.endswith("*") else (key == p or key.startswith(f"{p}.")) for p in patterns)
+
+
+def params_fingerprint(params: Params, keys: Sequence[str] | None = None) -> str:
+    """A short sha256 of the parameters that change what training produces.
+
+    Args:
+        params: The run's parameters.
+        keys: Only these dotted keys or sections (e.g. `("choose", "data.seed")`); default every
+            training-relevant key, i.e. all but the paths and names in `NOT_TRAINING_RELEVANT`.
+    """
+    flat = flatten(params.model_dump(mode="json"))
+    if keys is None:
+        chosen = {k: v for k, v in flat.items() if not _matches(k, NOT_TRAINING_RELEVANT)}
+    else:
+        chosen = {k: v for k, v in flat.items() if _matches(k, keys)}
+    return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+COMPONENTS_DIR = REPO_ROOT / "components"
+
+
+def code_fingerprint(*modules: str) -> str:
+    """A short sha256 of the source of `components` modules: the named ones (dotted, e.g. `choose.stage`),
+    or every module of every package by default."""
+    if modules:
+        files = [COMPONENTS_DIR.joinpath(*m.split(".")).with_suffix(".py") for m in modules]
+    else:
+        files = sorted(COMPONENTS_DIR.rglob("*.py"), key=lambda p: p.relative_to(COMPONENTS_DIR).as_posix())
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.relative_to(COMPONENTS_DIR).as_posix().encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def split_fingerprint(split) -> str:  # noqa: ANN001 - components.data.split.Split
+    """A short sha256 of a split's classes and images (path, label, size, modification time).
+
+    Cheap (one `stat` per image, no reading), and it changes whenever an image is added, removed,
+    relabelled or rewritten: a cache keyed on it is never stale, at worst recomputed after a checkout.
+    """
+    digest = hashlib.sha256(json.dumps(list(split.classes)).encode())
+    for part, samples in (("train", split.train), ("val", split.val)):
+        for sample in samples:
+            stat = sample.path.stat()
+            digest.update(f"{part}|{sample.path.relative_to(split.root)}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The checked-out commit (with '-dirty' for local changes), or 'unknown' outside git."""
+    cwd = root or REPO_ROOT
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return f"{commit}-dirty" if dirty else commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

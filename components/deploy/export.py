@@ -1,0 +1,115 @@
+"""The deployed model's ONNX export: one function exports, runs the full checker, and proves parity with PyTorch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from components.backbones.classifier import GraftClassifier
+from components.backbones.export import trace_to_onnx
+from components.core.errors import ExportError
+from components.core.files import sha256, temp_write
+from components.data.images import load_batch
+from components.runtime.model import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """The exported file and its parity evidence."""
+
+    onnx_path: Path
+    sha256: str
+    opset: int
+    max_abs_diff: float
+    top1_agreement: float
+    parity_images: int
+    seconds: float
+
+
+REQUIRED_METADATA = ("classes", "image_size")
+"""Keys a consumer cannot work without; export refuses a model that lacks them."""
+
+
+DESCRIPTIVE_METADATA = ("mean", "std", "backbone", "data_md5")
+"""Keys that say what the model is; Graft's deploy stage always writes them."""
+
+
+def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str]) -> Path:
+    """Export `model` (uint8 N x S x S x 3 -> probabilities) with a dynamic batch axis, then check it."""
+    tmp = path.with_suffix(".tmp.onnx")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        proto = trace_to_onnx(model, image_size, "probabilities", opset)
+    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+        raise ExportError(f"torch.onnx.export failed ({exc}); try another deploy.opset or backbone") from exc
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "graft"
+    with temp_write(path, tmp):
+        onnx.save_model(proto, tmp)
+    try:
+        onnx.checker.check_model(str(tmp), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
+    tmp.replace(path)
+    return path
+
+
+def check_parity(model: GraftClassifier, onnx_path: Path, images: np.ndarray, atol: float) -> tuple[float, float]:
+    """Compare onnxruntime with PyTorch on real images.
+
+    Returns:
+        (max |p_onnx - p_torch|, top-1 agreement).
+
+    Raises:
+        ExportError: when the difference exceeds `atol` or any top-1 label differs.
+    """
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    actual = OnnxClassifier(onnx_path, ["CPUExecutionProvider"]).predict_proba(images)
+    max_diff = float(np.abs(actual - expected).max())
+    agreement = float((actual.argmax(1) == expected.argmax(1)).mean())
+    if max_diff > atol or agreement < 1.0:
+        raise ExportError(
+            f"ONNX parity failed on {len(images)} validation images: max |diff| {max_diff:.2e} "
+            f"(limit deploy.parity_atol={atol:g}, {max_diff / atol:.1f}x over), top-1 agreement {agreement:.2%} "
+            "(must be 100%); the model was not registered"
+        )
+    return max_diff, agreement
+
+
+def export_and_verify(
+    model: GraftClassifier,
+    path: Path,
+    image_size: int,
+    opset: int,
+    metadata: dict[str, object],
+    parity_sources: list[Path],
+    atol: float,
+) -> ExportResult:
+    """Export, check with `onnx.checker` (full), and pass the parity gate on `parity_sources`."""
+    started = time.perf_counter()
+    missing = [key for key in REQUIRED_METADATA if key not in metadata]
+    if missing:
+        raise ExportError(f"ONNX metadata lacks {', '.join(missing)}; consumers need them to label and size images")
+    undescribed = [key for key in DESCRIPTIVE_METADATA if key not in metadata]
+    if undescribed:
+        log.warning("ONNX metadata lacks %s; the model will not say what it is", ", ".join(undescribed))
+    text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    export_onnx(model, path, image_size, opset, text_meta)
+    images = load_batch(parity_sources, image_size)
+    max_diff, agreement = check_parity(model, path, images, atol)
+    log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%%", len(images), max_diff, agreement * 100)
+    return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started)

@@ -1,0 +1,122 @@
+"""Is there anything to retrain? The data version and the training parameters against the registry's.
+
+A scheduled run asks this before it pulls data or loads a model: it reads the
+md5 that `data.dvc` records (or hashes the folder when no `.dvc` file names
+it), fingerprints the parameters that change what training produces, and
+compares both with the tags of the `champion` version and of the latest
+`challenger` (a model trained on the same data and parameters but kept out by
+the gate would only be trained again to the same verdict).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from components.core.config import Params
+from components.core.lineage import CHALLENGER, CHAMPION, DATA_MD5_TAG, PARAMS_SHA_TAG, params_fingerprint
+from components.data.versions import current_data_md5
+from components.registry.tracking import open_tracking_store
+from components.registry.versions import version_by_alias
+
+log = logging.getLogger(__name__)
+
+
+LAST_CHECK_TAG = "graft.last_check"
+
+
+@dataclass(frozen=True)
+class RetrainDecision:
+    """Whether a scheduled run should train, and why."""
+
+    retrain: bool
+    reason: str
+    model_name: str
+    data_md5: str
+    params_sha: str
+    champion_version: str | None
+    matched_version: str | None
+    """The registered version already trained on this data with these parameters, if any."""
+
+    @property
+    def action(self) -> str:
+        return "retrain" if self.retrain else "nothing to do"
+
+
+def _same_inputs(version, data_md5: str, params_sha: str) -> bool:  # noqa: ANN001 - MLflow ModelVersion
+    tags = version.tags or {}
+    return tags.get(DATA_MD5_TAG) == data_md5 and tags.get(PARAMS_SHA_TAG) == params_sha
+
+
+def _differences(champion, data_md5: str, params_sha: str) -> list[str]:  # noqa: ANN001
+    tags = champion.tags or {}
+    found = []
+    if tags.get(DATA_MD5_TAG) != data_md5:
+        found.append(f"data changed: md5 {data_md5} now, {tags.get(DATA_MD5_TAG)} for champion v{champion.version}")
+    if PARAMS_SHA_TAG not in tags:
+        found.append(f"champion v{champion.version} has no {PARAMS_SHA_TAG} tag (registered before Graft recorded it)")
+    elif tags[PARAMS_SHA_TAG] != params_sha:
+        found.append(f"parameters changed: params_sha {params_sha} now, {tags[PARAMS_SHA_TAG]} for champion v{champion.version}")
+    return found
+
+
+def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - MlflowClient
+    """Compare this data version and these parameters with the registered champion and challenger.
+
+    Args:
+        params: The parameters the run would train with.
+        client: An `MlflowClient`; default one on the configured tracking store.
+    """
+    if client is None:
+        from mlflow import MlflowClient
+
+        uri = open_tracking_store(params)
+        client = MlflowClient(uri, uri)
+    name = params.deploy.model_name
+    data_md5 = current_data_md5(params.data.dir)
+    params_sha = params_fingerprint(params)
+    champion = version_by_alias(client, name, CHAMPION)
+    facts = {"model_name": name, "data_md5": data_md5, "params_sha": params_sha}
+    champion_version = str(champion.version) if champion is not None else None
+    if champion is None:
+        return RetrainDecision(True, f"no champion of '{name}' yet", champion_version=None, matched_version=None, **facts)
+    if _same_inputs(champion, data_md5, params_sha):
+        reason = f"champion v{champion.version} was trained on data {data_md5} with params {params_sha}"
+        return RetrainDecision(False, reason, champion_version=champion_version, matched_version=champion_version, **facts)
+    challenger = version_by_alias(client, name, CHALLENGER)
+    if challenger is not None and _same_inputs(challenger, data_md5, params_sha):
+        reason = (
+            f"challenger v{challenger.version} was already trained on data {data_md5} with params {params_sha} "
+            f"and the gate kept champion v{champion.version}; the same inputs would give the same verdict"
+        )
+        return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(challenger.version), **facts)
+    reason = "; ".join(_differences(champion, data_md5, params_sha))
+    return RetrainDecision(True, reason, champion_version=champion_version, matched_version=None, **facts)
+
+
+def record_decision(client, decision: RetrainDecision) -> None:  # noqa: ANN001
+    """Note the check on the registered model (`graft.last_check`), so MLflow shows when it last looked."""
+    from mlflow.exceptions import MlflowException
+
+    log.info("retraining check for %s: %s (%s)", decision.model_name, decision.action, decision.reason)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        client.set_registered_model_tag(decision.model_name, LAST_CHECK_TAG, f"{stamp} {decision.action}: {decision.reason}"[:5000])
+    except MlflowException:
+        log.info("no registered model '%s' yet to record the check on", decision.model_name)
+
+
+def decision_markdown(decision: RetrainDecision) -> str:
+    """The check as a short Markdown report (a Prefect artifact)."""
+    rows = [
+        ("decision", f"**{decision.action}**"),
+        ("why", decision.reason),
+        ("model", decision.model_name),
+        ("champion", f"v{decision.champion_version}" if decision.champion_version else "none"),
+        ("data md5", f"`{decision.data_md5}`"),
+        ("params sha", f"`{decision.params_sha}`"),
+    ]
+    lines = ["# Graft retraining check", "", "| | |", "|---|---|"]
+    lines += [f"| {key} | {value.replace('|', '/')} |" for key, value in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,204 @@
+"""Deploy bundles: a folder a consumer outside MLflow can copy, verify and load.
+
+    bundle/
+      model.onnx            fp32, parity-checked against PyTorch
+      model.<variant>.onnx  published variants (optimized, fp16, int8)
+      labels.txt            one class name per line, in output order
+      metadata.json         classes, input size, mean/std, backbone, data md5, variants' accuracy changes, source
+      model_card.md         when the run wrote one
+      SHA256SUMS            sha256 of every other file; `sha256sum -c SHA256SUMS` checks it too
+
+`open_bundle` verifies every checksum before anything is loaded. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from components.core.errors import BundleError
+from components.core.files import sha256
+from components.registry.versions import parse_registry_uri, registry_version
+from components.runtime.variant_files import VARIANT_SUFFIXES, VARIANTS_TAG, published_variants, variant_path
+
+log = logging.getLogger(__name__)
+
+
+CHECKSUMS = "SHA256SUMS"
+
+
+LABELS = "labels.txt"
+
+
+METADATA = "metadata.json"
+
+
+MODEL_CARD = "model_card.md"
+
+
+FP32_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A verified bundle folder."""
+
+    dir: Path
+    name: str | None
+    version: str | None
+    variants: tuple[str, ...]
+    classes: tuple[str, ...]
+    metadata: dict
+
+    def file(self, variant: str = "fp32") -> Path:
+        if variant not in self.variants:
+            raise BundleError(f"bundle {self.dir} has no '{variant}' model (it has {', '.join(self.variants)})")
+        return variant_path(self.dir / FP32_FILE, variant)
+
+
+def write_bundle(
+    fp32_path: Path,
+    out_dir: Path,
+    metadata: dict,
+    variants: dict[str, dict] | None = None,
+    model_card: Path | None = None,
+) -> Bundle:
+    """Write a bundle for the model at `fp32_path` (and its `variants` beside it) into `out_dir`.
+
+    Args:
+        fp32_path: The fp32 `.onnx` file; variant files are looked up beside it.
+        out_dir: A new or empty folder.
+        metadata: Facts for `metadata.json` (name, version, source, ...); classes etc. are read from the model.
+        variants: Published variant name -> its facts (accuracy change, sha256, ...).
+        model_card: A markdown model card to include, when there is one.
+
+    Raises:
+        BundleError: `out_dir` is not empty, or a variant file is missing.
+    """
+    import onnx
+
+    variants = {k: v for k, v in (variants or {}).items() if k != "fp32"}
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BundleError(f"bundle folder '{out_dir}' exists and is not empty; pass a new folder with --out or delete it")
+    model_meta = {p.key: p.value for p in onnx.load(str(fp32_path), load_external_data=False).metadata_props}
+    try:
+        classes = json.loads(model_meta["classes"])
+    except (KeyError, ValueError) as exc:
+        raise BundleError(f"{fp32_path} lacks Graft metadata (classes); export it with Graft") from exc
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        for name in ("fp32", *variants):
+            source = variant_path(fp32_path, name)
+            if not source.is_file():
+                raise BundleError(f"variant '{name}' is listed but {source} does not exist; re-run the deploy stage")
+            shutil.copyfile(source, staging / variant_path(Path(FP32_FILE), name).name)
+        (staging / LABELS).write_text("".join(f"{label}\n" for label in classes))
+        if model_card is not None and model_card.is_file():
+            shutil.copyfile(model_card, staging / MODEL_CARD)
+        facts = {
+            **{k: _maybe_json(v) for k, v in model_meta.items() if not k.startswith("onnx.")},
+            **metadata,
+            "variants": {"fp32": {"file": FP32_FILE}, **{k: {**v, "file": variant_path(Path(FP32_FILE), k).name} for k, v in variants.items()}},
+        }
+        (staging / METADATA).write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
+        lines = [f"{sha256(path)}  {path.name}\n" for path in sorted(staging.iterdir()) if path.is_file()]
+        (staging / CHECKSUMS).write_text("".join(lines))
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.replace(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("deploy bundle written to %s", out_dir)
+    return open_bundle(out_dir)
+
+
+def _maybe_json(value: str) -> object:
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def verify_bundle(bundle_dir: Path) -> dict[str, str]:
+    """Check every file against `SHA256SUMS`; returns {file: sha256}.
+
+    Raises:
+        BundleError: naming every missing, altered or unlisted file at once.
+    """
+    listing = bundle_dir / CHECKSUMS
+    if not listing.is_file():
+        raise BundleError(f"'{bundle_dir}' is not a Graft bundle: it has no {CHECKSUMS}; write one with `graft bundle`")
+    expected: dict[str, str] = {}
+    for number, line in enumerate(listing.read_text().splitlines(), start=1):
+        digest, sep, name = line.partition("  ")
+        if not sep or len(digest) != 64 or "/" in name or name in ("", ".", ".."):
+            raise BundleError(f"{listing} line {number} is not '<sha256>  <file>': {line!r}; rewrite the bundle")
+        expected[name] = digest
+    problems = []
+    for name, digest in expected.items():
+        path = bundle_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256(path) != digest:
+            problems.append(f"{name} does not match its checksum (altered or truncated)")
+    problems += [
+        f"{path.name} is not listed in {CHECKSUMS}"
+        for path in sorted(bundle_dir.iterdir())
+        if path.is_file() and path.name != CHECKSUMS and path.name not in expected
+    ]
+    if problems:
+        raise BundleError(f"bundle {bundle_dir} failed verification: {'; '.join(problems)}; copy the bundle again")
+    return expected
+
+
+def open_bundle(bundle_dir: Path) -> Bundle:
+    """Verify a bundle's checksums and read its metadata."""
+    files = verify_bundle(bundle_dir)
+    for required in (FP32_FILE, LABELS, METADATA):
+        if required not in files:
+            raise BundleError(f"bundle {bundle_dir} has no {required}; rewrite it with `graft bundle`")
+    metadata = json.loads((bundle_dir / METADATA).read_text())
+    variants = tuple(name for name in VARIANT_SUFFIXES if variant_path(Path(FP32_FILE), name).name in files)
+    classes = tuple((bundle_dir / LABELS).read_text().splitlines())
+    version = metadata.get("version")
+    return Bundle(bundle_dir, metadata.get("name"), None if version is None else str(version), variants, classes, metadata)
+
+
+def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
+    """Write the bundle of a registered version (`models:/NAME@ALIAS` or `models:/NAME/V`) to `out_dir`."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    parsed = parse_registry_uri(model_uri)
+    if parsed is None:
+        raise BundleError(f"'{model_uri}' is not a registry URI; pass models:/NAME@champion or models:/NAME/VERSION")
+    name, alias, version = parsed
+    found = registry_version(name, alias, version)
+    client = MlflowClient()
+    root = client.get_model_version_download_uri(name, found.version).rstrip("/")
+    names = published_variants(found.tags)
+    listed = json.loads(found.tags.get(VARIANTS_TAG, "{}") or "{}")
+    with tempfile.TemporaryDirectory(prefix="graft-bundle-") as tmp:
+        local = Path(tmp)
+        for variant in names:
+            filename = variant_path(Path(FP32_FILE), variant).name
+            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{filename}", dst_path=str(local))
+        card = None
+        if found.tags.get("model_card"):
+            try:
+                card = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.tags["model_card"], dst_path=str(local / "card")))
+            except Exception as exc:  # noqa: BLE001 - a missing card should not stop the bundle
+                log.warning("model card %s not found (%s); bundle written without it", found.tags["model_card"], exc)
+        facts = {
+            "name": name,
+            "version": str(found.version),
+            "source": f"models:/{name}/{found.version}",
+            "run_id": found.run_id,
+            **{k: found.tags[k] for k in ("git_commit", "onnx.sha256", "parity.max_abs_diff", "parity.top1_agreement") if k in found.tags},
+        }
+        return write_bundle(local / FP32_FILE, out_dir, facts, {k: v for k, v in listed.items() if k in names}, card)

@@ -1,0 +1,208 @@
+"""Load a Graft ONNX model and classify images with onnxruntime only.
+
+Importable without torch. A model loads from an `.onnx` file, a deploy bundle
+folder (checksums verified first) or an MLflow URI such as
+`models:/NAME@champion`; the label list, input size and backbone are read
+from the ONNX model's own metadata. Each model may come in variants beside
+the fp32 file (`components.runtime.variant_files`); `variant="auto"` picks
+the one that suits the execution provider.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from components.core.errors import GraftError
+from components.data.images import load_batch
+from components.registry.versions import download_artifact, parse_registry_uri, registry_version
+from components.runtime.bundle import open_bundle
+from components.runtime.providers import GPU_PROVIDERS, choose_providers
+from components.runtime.safety import check_external_data
+from components.runtime.variant_files import VARIANT_SUFFIXES, pick_variant, published_variants, variant_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a loaded model came from: what was asked for, and what was resolved."""
+
+    uri: str
+    variant: str
+    name: str | None = None
+    version: str | None = None
+    alias: str | None = None
+
+    def describe(self) -> str:
+        where = f"{self.name} v{self.version}" if self.version else self.uri
+        return f"{where} ({self.variant})"
+
+
+class OnnxClassifier:
+    """A Graft ONNX model ready to classify images."""
+
+    def __init__(
+        self,
+        path: Path,
+        providers: list[str] | None = None,
+        source: ModelSource | None = None,
+        io_binding: bool | None = None,
+    ) -> None:
+        """Open `path` with onnxruntime.
+
+        Args:
+            path: An `.onnx` file with Graft metadata.
+            providers: Execution providers to ask for; default `choose_providers()`.
+            source: Where the file came from (registry version, bundle), for reports.
+            io_binding: Bind inputs and outputs to the device explicitly; default on for CUDA/TensorRT.
+        """
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.path = Path(path)
+        check_external_data(self.path)  # refuse weights files outside the model's folder before onnxruntime reads them
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=providers or choose_providers())
+        except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
+            raise GraftError(f"onnxruntime cannot load {self.path} ({exc}); is it a valid ONNX model?") from exc
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.classes: tuple[str, ...] = tuple(json.loads(meta["classes"]))
+            self.image_size = int(meta["image_size"])
+        except (KeyError, ValueError) as exc:
+            raise GraftError(f"{self.path} lacks Graft metadata (classes, image_size); export it with Graft") from exc
+        self.metadata = dict(meta)
+        self.source = source or ModelSource(str(self.path), meta.get("graft.variant", "fp32"))
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+        on_gpu = self.provider in GPU_PROVIDERS
+        self.io_binding = on_gpu if io_binding is None else io_binding
+        self._device = "cuda" if on_gpu else "cpu"
+
+    @classmethod
+    def load(cls, model: str | Path, providers: list[str] | None = None, variant: str = "fp32") -> OnnxClassifier:
+        """Load from an `.onnx` file, a deploy bundle folder, or an MLflow URI such as `models:/NAME@champion`.
+
+        Args:
+            model: Where the model is.
+            providers: Execution providers; default `choose_providers()`.
+            variant: fp32, optimized, fp16, int8, or auto (fp16 on a GPU, int8 on a CPU, when published).
+        """
+        providers = providers or choose_providers()
+        text = str(model)
+        registry = parse_registry_uri(text)
+        if registry is not None:
+            return cls._from_registry(text, *registry, providers, variant)
+        if "://" in text or text.startswith(("runs:/", "models:/")):
+            with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
+                local = download_artifact(text, Path(tmp))
+                path = _find_onnx(local, text)
+                return cls(path, providers, ModelSource(text, "fp32"))
+        path = Path(text)
+        if path.is_dir():
+            bundle = open_bundle(path)
+            chosen = pick_variant(variant, bundle.variants, providers)
+            return cls(bundle.file(chosen), providers, ModelSource(text, chosen, bundle.name, bundle.version))
+        if not path.is_file():
+            raise GraftError(f"model file '{path}' not found: pass an .onnx file, a bundle folder or models:/NAME@champion")
+        available = [name for name in VARIANT_SUFFIXES if variant_path(path, name).is_file()]
+        chosen = pick_variant(variant, available, providers)
+        return cls(variant_path(path, chosen), providers, ModelSource(text, chosen))
+
+    @classmethod
+    def _from_registry(cls, uri: str, name: str, alias: str | None, version: str | None, providers: list[str], variant: str) -> OnnxClassifier:
+        from mlflow import MlflowClient
+
+        found = registry_version(name, alias, version)
+        chosen = pick_variant(variant, published_variants(found.tags), providers)
+        root = MlflowClient().get_model_version_download_uri(name, found.version)
+        filename = variant_path(Path("model.onnx"), chosen).name
+        # the session holds the model in memory, so the downloaded copy can go at once
+        with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
+            local = download_artifact(f"{root.rstrip('/')}/{filename}", Path(tmp))
+            return cls(local, providers, ModelSource(uri, chosen, name, str(found.version), alias))
+
+    @property
+    def provider(self) -> str:
+        """The execution provider onnxruntime really uses (not just the one asked for)."""
+        return self.session.get_providers()[0]
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if not self.io_binding:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        # I/O binding: the uint8 batch is copied to the device once and the output is
+        # allocated there, instead of onnxruntime staging both through extra host copies
+        binding = self.session.io_binding()
+        binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
+        binding.bind_output(self.output_name, self._device)
+        self.session.run_with_iobinding(binding)
+        return binding.copy_outputs_to_cpu()[0]
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Class probabilities for a uint8 N x S x S x 3 batch."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise GraftError(
+                f"expected uint8 images of shape N x {self.image_size} x {self.image_size} x 3, "
+                f"got {images.dtype} {images.shape}; use components.data.images.load_batch"
+            )
+        outputs = [self._run(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
+
+    def to_input(self, sources: Sequence[object] | np.ndarray) -> np.ndarray:
+        """The uint8 N x S x S x 3 batch for paths, PIL images, H x W (x 3) uint8 arrays, or one N x H x W x 3 array."""
+        if isinstance(sources, np.ndarray):
+            if sources.ndim == 4 and sources.shape[1:] == (self.image_size, self.image_size, 3) and sources.dtype == np.uint8:
+                return sources
+            sources = list(sources) if sources.ndim == 4 else [sources]
+        return load_batch([_as_image(item) for item in sources], self.image_size)
+
+    def predict(self, sources: Sequence[object] | np.ndarray, batch_size: int = 32) -> list[Prediction]:
+        """Top-1 label and probability for each path, PIL image or uint8 array (one image or a batch)."""
+        items = list(sources) if not isinstance(sources, np.ndarray) or sources.ndim == 4 else [sources]
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            probs = self.predict_proba(self.to_input(chunk))
+            for item, row in zip(chunk, probs, strict=True):
+                best = int(row.argmax())
+                name = os.fspath(item) if isinstance(item, (str, Path)) else "<image>"
+                results.append(Prediction(file=name, label=self.classes[best], score=float(row[best])))
+        return results
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One image's top class."""
+
+    file: str
+    label: str
+    score: float
+
+
+def _as_image(item: object) -> Path | str | Image.Image:
+    """Paths and PIL images pass through; a uint8 H x W or H x W x {1,3,4} array becomes a PIL image."""
+    if not isinstance(item, np.ndarray):
+        return item  # type: ignore[return-value] - load_image reports anything else
+    if item.dtype != np.uint8 or item.ndim not in (2, 3) or (item.ndim == 3 and item.shape[2] not in (1, 3, 4)):
+        raise GraftError(
+            f"an image array must be uint8 H x W or H x W x 3 (RGB), got {item.dtype} {item.shape}; "
+            "convert with np.asarray(pil_image) or (x * 255).astype(np.uint8)"
+        )
+    return Image.fromarray(item[..., 0] if item.ndim == 3 and item.shape[2] == 1 else item)
+
+
+def _find_onnx(local: Path, uri: str) -> Path:
+    candidates = [local] if local.is_file() else [p for p in sorted(local.rglob("*.onnx")) if p.name == "model.onnx"] or sorted(local.rglob("*.onnx"))
+    if not candidates:
+        raise GraftError(f"'{uri}' holds no .onnx file; is it a model Graft registered?")
+    return candidates[0]

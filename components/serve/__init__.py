@@ -1,0 +1,1 @@
+"""`graft serve`: the HTTP service for a registered model (onnxruntime, numpy, Pillow; no torch)."""

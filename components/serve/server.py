@@ -1,0 +1,344 @@
+"""`graft serve`: an HTTP service for one registered model, reloaded when its alias moves.
+
+    POST /predict    an image upload (multipart form, one or more files), a raw image body
+                     (Content-Type image/*), or JSON {"images": [<base64>, ...]}
+    GET  /health     liveness, the version served, the provider, the last reload error
+    GET  /metadata   classes, input size, mean/std, backbone, data md5, variant, limits
+
+Every request is bounded: bodies over `deploy.serve_max_upload_mb` get 413,
+batches over `deploy.serve_max_batch` get 413, anything that is not an image
+gets 415, and a request still running after `deploy.serve_timeout_seconds`
+gets 504. Error bodies are `{"error": "..."}` in plain words; stack traces go
+to the server log only. Imports no torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import numpy as np
+from fastapi import Request
+from PIL import Image, UnidentifiedImageError
+
+from components.core.errors import GraftError, RequestProblem
+from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
+from components.registry.versions import parse_registry_uri, registry_version
+from components.runtime.model import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+
+TOP_K = 3
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Limits and polling of one server (from the `deploy.serve_*` parameters)."""
+
+    poll_seconds: float = 10.0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_batch: int = 32
+    timeout_seconds: float = 10.0
+    variant: str = "fp32"
+
+    @classmethod
+    def from_params(cls, params, variant: str = "fp32") -> ServeSettings:  # noqa: ANN001 - components.core.config.Params
+        cfg = params.deploy
+        return cls(cfg.serve_poll_seconds, int(cfg.serve_max_upload_mb * 1024 * 1024), cfg.serve_max_batch, cfg.serve_timeout_seconds, variant)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class LiveModel:
+    """The model being served; swapped in one step when the registry alias points elsewhere.
+
+    A reload that fails (the new version cannot be downloaded or opened) leaves the
+    current model serving and reports the problem in `/health`.
+    """
+
+    def __init__(self, uri: str, variant: str = "fp32") -> None:
+        self.uri = uri
+        self.variant = variant
+        self._registry = parse_registry_uri(uri)
+        self._lock = threading.Lock()
+        self._model = OnnxClassifier.load(uri, variant=variant)
+        self.loaded_at = _now()
+        self.last_check: str | None = None
+        self.last_error: str | None = None
+        self.reloads = 0
+
+    @property
+    def model(self) -> OnnxClassifier:
+        with self._lock:
+            return self._model
+
+    def refresh(self) -> bool:
+        """Reload if the alias now names another version; True when a new model was swapped in."""
+        if self._registry is None or self._registry[1] is None:
+            return False  # a file, bundle or fixed version never moves
+        name, alias, _ = self._registry
+        self.last_check = _now()
+        try:
+            version = str(registry_version(name, alias, None).version)
+            if version == self.model.source.version:
+                return False
+            fresh = OnnxClassifier.load(self.uri, variant=self.variant)
+        except GraftError as exc:
+            self.last_error = str(exc)
+            log.error("reload of %s failed, still serving v%s: %s", self.uri, self.model.source.version, exc)
+            return False
+        with self._lock:
+            previous, self._model = self._model, fresh
+            self.loaded_at, self.last_error = _now(), None
+            self.reloads += 1
+        log.info("%s moved: now serving %s (was v%s)", self.uri, fresh.source.describe(), previous.source.version)
+        return True
+
+    @contextmanager
+    def polling(self, seconds: float) -> Iterator[None]:
+        """Check the alias every `seconds` in a background thread while the block runs."""
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.wait(seconds):
+                try:
+                    self.refresh()
+                except Exception:  # noqa: BLE001 - keep polling whatever MLflow raises
+                    log.exception("alias poll failed")
+
+        thread = threading.Thread(target=loop, name="graft-alias-poll", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=seconds + 5)
+
+
+def decode_image(data: bytes, name: str, size: int) -> np.ndarray:
+    """Decode uploaded bytes into the model's uint8 S x S x 3 input, as `components.data.images` does for files."""
+    if not data:
+        raise RequestProblem(400, f"{name}: empty upload; send the image's bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise RequestProblem(413, f"{name}: {width}x{height} pixels is over the {MAX_PIXELS:,}-pixel limit; resize it")
+            image.load()
+            return to_model_input(to_rgb(image), size)
+    except RequestProblem:
+        raise
+    # Pillow reports malformed data with more than OSError: an in-memory TIFF whose strip offset
+    # is past 2**63 raises OverflowError (found by tests/serve/test_fuzz.py); some plugins raise EOFError
+    # or struct.error on truncated headers.
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, OverflowError, EOFError, struct.error, Image.DecompressionBombError) as exc:
+        kinds = ", ".join(sorted(ext.lstrip(".") for ext in IMAGE_EXTENSIONS))
+        raise RequestProblem(415, f"{name}: not a readable image ({exc.__class__.__name__}); send one of {kinds}") from exc
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestProblem(413, f"request body of {int(declared):,} bytes is over the {limit:,}-byte limit (deploy.serve_max_upload_mb)")
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise RequestProblem(413, f"request body is over the {limit:,}-byte limit (deploy.serve_max_upload_mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _uploads(request: Request, settings: ServeSettings) -> list[tuple[str, bytes]]:
+    """(name, bytes) of every image in the request, whatever its form."""
+    from starlette.datastructures import UploadFile
+
+    body = await _read_body(request, settings.max_upload_bytes)
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+
+        async def replay() -> dict:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=settings.max_batch, max_fields=settings.max_batch)
+        except Exception as exc:  # noqa: BLE001 - starlette/multipart raise several types for a bad form
+            raise RequestProblem(400, f"cannot read the multipart form ({exc}); send files as -F file=@image.png") from exc
+        files = [(value.filename or key, await value.read()) for key, value in form.multi_items() if isinstance(value, UploadFile)]
+    elif kind == "application/json":
+        files = _json_images(body)
+    elif kind.startswith("image/") or kind == "application/octet-stream":
+        files = [("body", body)]
+    else:
+        raise RequestProblem(415, f"content type '{kind or 'none'}' is not accepted; send multipart/form-data, image/*, or JSON {{\"images\": [base64, ...]}}")
+    if not files:
+        raise RequestProblem(400, "no image in the request; send a file (-F file=@image.png) or JSON {\"images\": [base64, ...]}")
+    if len(files) > settings.max_batch:
+        raise RequestProblem(413, f"{len(files)} images in one request is over the limit of {settings.max_batch} (deploy.serve_max_batch); split the batch")
+    return files
+
+
+def _json_images(body: bytes) -> list[tuple[str, bytes]]:
+    import json
+
+    try:
+        payload = json.loads(body)
+    except ValueError as exc:
+        raise RequestProblem(400, f"the body is not valid JSON ({exc}); send {{\"images\": [base64, ...]}}") from exc
+    except RecursionError as exc:  # '[[[[...' a hundred thousand deep
+        raise RequestProblem(400, "the JSON is nested too deeply; send {\"images\": [base64, ...]}") from exc
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise RequestProblem(400, "JSON must be {\"images\": [\"<base64 image>\", ...]}")
+    decoded = []
+    for index, text in enumerate(images):
+        try:
+            decoded.append((f"images[{index}]", base64.b64decode(text.split(",", 1)[-1], validate=True)))
+        except (binascii.Error, ValueError) as exc:
+            raise RequestProblem(400, f"images[{index}] is not valid base64 ({exc})") from exc
+    return decoded
+
+
+def _classify(model: OnnxClassifier, files: list[tuple[str, bytes]]) -> list[dict]:
+    batch = np.stack([decode_image(data, name, model.image_size) for name, data in files])
+    probs = model.predict_proba(batch)
+    rows = []
+    for (name, _), row in zip(files, probs, strict=True):
+        order = np.argsort(-row)[: min(TOP_K, len(row))]
+        rows.append({
+            "file": name,
+            "label": model.classes[int(order[0])],
+            "score": round(float(row[order[0]]), 6),
+            "top": [{"label": model.classes[int(i)], "score": round(float(row[i]), 6)} for i in order],
+        })
+    return rows
+
+
+def _model_facts(model: OnnxClassifier) -> dict:
+    source = model.source
+    return {"uri": source.uri, "name": source.name, "version": source.version, "alias": source.alias, "variant": source.variant, "provider": model.provider}
+
+
+def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fastapi.FastAPI
+    """The FastAPI application serving `live`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException
+
+    app = FastAPI(title="Graft model server", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(RequestProblem)
+    async def refused(_: Request, exc: RequestProblem) -> JSONResponse:
+        return JSONResponse({"error": exc.message}, status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"error": "invalid request; see GET /metadata for what /predict accepts"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> JSONResponse:
+        incident = uuid.uuid4().hex[:12]
+        log.error("request failed (incident %s)", incident, exc_info=exc)
+        return JSONResponse({"error": f"internal error (incident {incident}); see the server log"}, status_code=500)
+
+    @app.get("/health")
+    async def health() -> dict:
+        model = live.model
+        return {
+            "status": "ok",
+            "model": _model_facts(model),
+            "loaded_at": live.loaded_at,
+            "reloads": live.reloads,
+            "last_check": live.last_check,
+            "last_reload_error": live.last_error,
+        }
+
+    @app.get("/metadata")
+    async def metadata() -> dict:
+        model = live.model
+        meta = model.metadata
+        return {
+            "model": _model_facts(model),
+            "classes": list(model.classes),
+            "image_size": model.image_size,
+            **{key: _loads(meta[key]) for key in ("mean", "std", "backbone", "data_md5", "temperature") if key in meta},
+            "input": "POST /predict: multipart files, an image/* body, or JSON {\"images\": [base64, ...]}",
+            "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_batch": settings.max_batch, "timeout_seconds": settings.timeout_seconds},
+        }
+
+    @app.post("/predict")
+    async def predict(request: Request) -> dict:
+        started = time.perf_counter()
+        model = live.model  # one model for the whole request, even if a reload happens meanwhile
+        files = await _uploads(request, settings)
+        try:
+            rows = await asyncio.wait_for(run_in_threadpool(_classify, model, files), settings.timeout_seconds)
+        except asyncio.TimeoutError as exc:
+            raise RequestProblem(504, f"prediction took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
+        return {"model": _model_facts(model), "predictions": rows, "seconds": round(time.perf_counter() - started, 4)}
+
+    return app
+
+
+def _loads(value: str) -> object:
+    import json
+
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+@contextmanager
+def running_server(live: LiveModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve in a background thread (port 0: any free port) and yield the base URL; always shut down."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="warning", limit_concurrency=64, timeout_keep_alive=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="graft-serve", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise GraftError(f"the HTTP server did not start on {host}:{port}; is the port in use?")
+        time.sleep(0.05)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        with live.polling(settings.poll_seconds):
+            yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def serve(uri: str, host: str, port: int, settings: ServeSettings) -> None:
+    """Run the service in the foreground until interrupted."""
+    import uvicorn
+
+    live = LiveModel(uri, settings.variant)
+    log.info("serving %s on %s at http://%s:%d", live.model.source.describe(), live.model.provider, host, port)
+    config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5)
+    with live.polling(settings.poll_seconds):
+        uvicorn.Server(config).run()

@@ -1,0 +1,63 @@
+"""params.yaml and --set: typed, strict, and explicit about what is wrong."""
+
+
+import pytest
+
+from components.core.config import Params, load_params, valid_keys
+from components.core.errors import ConfigError
+from tests.conftest import REPO
+
+
+def test_repo_params_file_parses_with_every_section():
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.dir == (REPO / "data").resolve()
+    assert params.deploy.model_name == "graft-digits"
+
+
+def test_set_overrides_are_typed():
+    params = load_params(REPO / "params.yaml", ["train.lr=0.01", "choose.candidates=[efficientnet_lite0]", "data.image_size=null"])
+    assert params.train.lr == 0.01
+    assert params.choose.candidates == ("efficientnet_lite0",)
+    assert params.data.image_size is None
+
+
+def test_unknown_set_key_lists_valid_keys_and_closest_match():
+    with pytest.raises(ConfigError) as err:
+        load_params(REPO / "params.yaml", ["train.learning_rate=0.1"])
+    message = str(err.value)
+    assert "train.learning_rate" in message
+    assert "train.lr" in message
+    assert all(key in message for key in ("data.dir", "deploy.model_name"))
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  epochz: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epochz'.*Did you mean 'train.epochs'"):
+        load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("train.epochs=many", "train.epochs"), ("data.val_fraction=1.5", "data.val_fraction"), ("choose.score=magic", "choose.score")],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_params(REPO / "params.yaml", [override])
+
+
+def test_malformed_set_says_the_expected_form():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_params(None, ["train.lr"])
+
+
+def test_relative_paths_are_anchored_at_the_params_file(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("data:\n  dir: images\n")
+    assert load_params(path).data.dir == (tmp_path / "images").resolve()
+
+
+def test_valid_keys_cover_all_sections():
+    sections = {key.split(".")[0] for key in valid_keys()}
+    assert sections == {"data", "choose", "train", "evaluate", "deploy", "tracking"}

@@ -1,0 +1,126 @@
+"""Image folders: discovery, stratified split, clear errors, and DVC-compatible versions."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from components.core.errors import DataError
+from components.data.folders import scan
+from components.data.images import load_image
+from components.data.versions import dir_md5
+
+
+def _copy(digits_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "images"
+    shutil.copytree(digits_dir, target)
+    return target
+
+
+def test_split_is_stratified_and_deterministic(digits_dir):
+    first = scan(digits_dir, val_fraction=0.25, seed=1)
+    again = scan(digits_dir, val_fraction=0.25, seed=1)
+    assert first.classes == ("0", "1", "7")
+    assert first.counts()["val"] == {"0": 5, "1": 5, "7": 5}
+    assert first.counts()["train"] == {"0": 15, "1": 15, "7": 15}
+    assert first.val == again.val
+    assert not {s.path for s in first.train} & {s.path for s in first.val}
+
+
+def test_presplit_folder_is_used_as_is(digits_dir, tmp_path):
+    root = tmp_path / "presplit"
+    for part, names in (("train", slice(0, 8)), ("val", slice(8, 12))):
+        for cls in ("0", "1"):
+            (root / part / cls).mkdir(parents=True)
+            for path in sorted((digits_dir / cls).iterdir())[names]:
+                shutil.copy(path, root / part / cls / path.name)
+    split = scan(root)
+    assert split.presplit
+    assert len(split.train) == 16 and len(split.val) == 8
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "no class folders"),
+        ("empty_class", "has no images"),
+        ("corrupt", "not a readable image"),
+        ("text_as_png", "not a readable image"),
+        ("one_class", "at least 2 class folders"),
+        ("one_image", "at least 2 are needed"),
+    ],
+)
+def test_bad_folders_get_one_clear_error_naming_the_path(digits_dir, tmp_path, breakage, message):
+    root = _copy(digits_dir, tmp_path)
+    culprit = root
+    if breakage == "missing":
+        culprit = tmp_path / "nowhere"
+        root = culprit
+    elif breakage == "empty":
+        shutil.rmtree(root)
+        root.mkdir()
+    elif breakage == "empty_class":
+        culprit = root / "9"
+        culprit.mkdir()
+    elif breakage == "corrupt":
+        culprit = root / "0" / "0000.png"
+        culprit.write_bytes(culprit.read_bytes()[:20])
+    elif breakage == "text_as_png":
+        culprit = root / "1" / "notes.png"
+        culprit.write_text("not an image")
+    elif breakage == "one_class":
+        shutil.rmtree(root / "1")
+        shutil.rmtree(root / "7")
+    elif breakage == "one_image":
+        culprit = root / "5"
+        culprit.mkdir()
+        shutil.copy(next((root / "0").iterdir()), culprit / "a.png")
+    with pytest.raises(DataError, match=message) as err:
+        scan(root)
+    assert str(culprit.name) in str(err.value) or breakage == "one_class"
+
+
+def test_validation_class_unknown_to_training_is_refused(digits_dir, tmp_path):
+    root = tmp_path / "presplit"
+    for part, classes in (("train", ("0", "1")), ("val", ("0", "1", "7"))):
+        for cls in classes:
+            shutil.copytree(digits_dir / cls, root / part / cls)
+    with pytest.raises(DataError, match="classes the training set lacks: 7"):
+        scan(root)
+
+
+def test_symlink_outside_the_folder_is_refused(digits_dir, tmp_path):
+    root = _copy(digits_dir, tmp_path)
+    outside = tmp_path / "outside.png"
+    shutil.copy(next((root / "0").iterdir()), outside)
+    (root / "0" / "link.png").symlink_to(outside)
+    with pytest.raises(DataError, match="outside the data folder"):
+        scan(root)
+
+
+def test_image_modes_are_converted_to_rgb(tmp_path):
+    gray = Image.new("L", (8, 8), 200)
+    gray.save(tmp_path / "g.png")
+    gray.convert("RGBA").save(tmp_path / "a.png")
+    gray.convert("P").save(tmp_path / "p.png")
+    reference = load_image(tmp_path / "g.png", 16)
+    assert reference.shape == (16, 16, 3) and reference.dtype.name == "uint8"
+    for name in ("a.png", "p.png"):
+        assert (load_image(tmp_path / name, 16) == reference).all()
+
+
+def test_dir_md5_matches_what_dvc_add_records(digits_dir, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(digits_dir, repo / "images")
+    dvc = str(Path(sys.executable).parent / "dvc")
+    subprocess.run(["git", "init", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc, "init", "-q"], cwd=repo, check=True)
+    subprocess.run([dvc, "add", "-q", "images"], cwd=repo, check=True)
+    import yaml
+
+    recorded = yaml.safe_load((repo / "images.dvc").read_text())["outs"][0]["md5"]
+    assert dir_md5(repo / "images") == recorded

@@ -1,0 +1,157 @@
+"""Fixtures shared by the deploy-side tests: one tiny exported model per session and
+a throwaway MLflow registry holding it (v1) and a deliberately different copy (v2).
+
+Import the fixtures into a test module with `from tests.deploy.fixtures import ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, tiny_overrides
+
+NAME = "graft-test"
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    params: object
+    split: object
+    model: object
+    export: object
+    work: Path
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.export.onnx_path
+
+    def val(self, count: int | None = None) -> tuple[list[Path], np.ndarray]:
+        samples = self.split.val[:count]
+        return [s.path for s in samples], np.array([s.label for s in samples])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
+    """efficientnet_lite0 at 64 px, head trained on 3 digit classes, exported and parity-checked (~30 s)."""
+    from components.backbones.zoo import get_spec
+    from components.choose.ranking import ChooseResult
+    from components.core.config import load_params
+    from components.data.folders import scan
+    from components.deploy.export import export_and_verify
+    from components.train.stage import fine_tune, load_classifier
+
+    work = tmp_path_factory.mktemp("tiny-model")
+    params = load_params(REPO / "params.yaml", tiny_overrides(digits_dir, work, feature_cache_dir))
+    split = scan(params.data.dir)
+    choice = ChooseResult("efficientnet_lite0", 64, "logme", "fixed for tests", (), 0.0)
+    trained = fine_tune(params, split, choice, work / "run")
+    model, _ = load_classifier(trained.checkpoint_path)
+    spec = get_spec(trained.backbone)
+    meta = {
+        "classes": list(split.classes), "image_size": trained.image_size, "mean": list(spec.mean),
+        "std": list(spec.std), "backbone": trained.backbone, "data_md5": "test-md5",
+    }
+    exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4)
+    return TinyModel(params, split, model, exported, work)
+
+
+def biased_copy(source: Path, target: Path, winner: int, margin: float = 50.0) -> Path:
+    """A copy of a Graft ONNX model whose head always prefers class `winner` (a stand-in for a different model)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    gemm = next(node for node in model.graph.node if node.op_type == "Gemm")
+    for init in model.graph.initializer:
+        if init.name == gemm.input[2]:
+            bias = numpy_helper.to_array(init).copy()
+            bias[winner] += margin
+            init.CopyFrom(numpy_helper.from_array(bias, init.name))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(target))
+    return target
+
+
+def register(params, onnx_path: Path, tags: dict[str, str] | None = None, variants: tuple[str, ...] = ()) -> str:
+    """Log `onnx_path` (and variant files beside it) as deploy does, and register it; returns the version."""
+    from components.core.files import sha256
+    from components.deploy.register import log_onnx_model, register_version
+    from components.registry.tracking import Run, open_tracking_store
+    from mlflow import MlflowClient
+
+    uri = open_tracking_store(params)
+    client = MlflowClient(uri, uri)
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    run = Run(client.create_run(experiment.experiment_id).info.run_id, uri)
+    source = log_onnx_model(run, onnx_path, 64, 3, variants)
+    listing = {v: {"file": f"model.{v}.onnx"} for v in variants}
+    base = {
+        "onnx.sha256": sha256(onnx_path), "parity.max_abs_diff": "1.0e-06", "parity.top1_agreement": "1.0000",
+        "val.accuracy": "0.9000", "val.macro_f1": "0.9000", "onnx.variants": json.dumps(listing),
+    }
+    version = register_version(run, NAME, source, {**base, **(tags or {})}, "test version")
+    run.finish()
+    return version
+
+
+@dataclass(frozen=True)
+class Registry:
+    params: object
+    uri: str
+    v1: str
+    v2: str
+    """v2 always answers class index 2 ('7')."""
+
+    @property
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(self.uri, self.uri)
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_model, tmp_path_factory) -> Registry:
+    """A fresh MLflow store: v1 = the tiny model (champion, via the history), v2 = a biased copy."""
+    from components.core.config import load_params
+    from components.registry.history import move_alias
+    from components.registry.tracking import tracking_uri
+
+    work = tmp_path_factory.mktemp("registry")
+    params = load_params(REPO / "params.yaml", [*_store_overrides(tiny_model, work)])
+    first = work / "v1" / "model.onnx"
+    first.parent.mkdir(parents=True)
+    shutil.copyfile(tiny_model.onnx_path, first)
+    v1 = register(params, first)
+    v2 = register(params, biased_copy(tiny_model.onnx_path, work / "v2" / "model.onnx", winner=2))
+    uri = tracking_uri(params)
+    reg = Registry(params, uri, v1, v2)
+    move_alias(reg.client, NAME, v1, "gate", "test fixture", "first model")
+    return reg
+
+
+def _store_overrides(tiny_model: TinyModel, work: Path) -> list[str]:
+    data = tiny_model.params.data
+    return [f"data.dir={data.dir}", f"data.cache_dir={data.cache_dir}", "data.image_size=64",
+            f"deploy.output_dir={work / 'outputs'}", f"deploy.model_name={NAME}", f"tracking.store_dir={work / 'mlflow'}"]
+
+
+def params_file(registry: Registry, folder: Path) -> Path:
+    """A params.yaml naming the registry's store, for CLI calls."""
+    path = folder / "params.yaml"
+    path.write_text(f"tracking:\n  store_dir: {registry.params.tracking.store_dir}\n")
+    return path
+
+
+@pytest.fixture
+def active_registry(registry) -> Registry:
+    """`registry`, with MLflow's default client (what consumers use) pointed at it."""
+    from components.registry.tracking import use_tracking_uri
+
+    use_tracking_uri(registry.uri)
+    return registry

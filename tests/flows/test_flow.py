@@ -1,0 +1,110 @@
+"""The whole pipeline end to end: real Prefect, real MLflow on SQLite, real onnxruntime."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.core.config import load_params
+from flows.cli import main
+from mlflow import MlflowClient
+from tests.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def run_cli(tmp_path, digits_dir, feature_cache_dir, prefect_harness, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    overrides = tiny_overrides(digits_dir, tmp_path, feature_cache_dir)
+
+    def run(*extra: str, summary: str = "summary.json") -> tuple[int, dict | None]:
+        args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / summary)]
+        for item in [*overrides, *extra]:
+            args += ["--set", item]
+        code = main(args)
+        path = tmp_path / summary
+        return code, json.loads(path.read_text()) if path.exists() else None
+
+    run.params = load_params(REPO / "params.yaml", overrides)
+    return run
+
+
+def _client(params):
+    uri = f"sqlite:///{params.tracking.store_dir / 'mlflow.db'}"
+    return MlflowClient(uri, uri)
+
+
+def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, capsys, tmp_path):
+    code, summary = run_cli()
+    assert code == 0
+    for key in ("run_id", "data_md5", "chosen", "candidates", "strategy", "timings"):
+        assert key in summary
+    assert summary["val"]["accuracy"] > 0.6 and "macro_f1" in summary["val"]
+    assert summary["onnx"]["max_abs_diff"] <= 1e-4 and summary["onnx"]["top1_agreement"] == 1.0
+    assert Path(summary["onnx"]["path"]).is_file()
+    assert summary["registered"]["aliases"] == ["challenger", "champion"]
+    assert set(summary["timings"]) == {"data", "choose", "fine_tune", "evaluate", "deploy"}
+    assert {c["name"] for c in summary["candidates"]} == {"efficientnet_lite0", "random_efficientnet_lite0"}
+    printed = capsys.readouterr().out
+    assert "graft predict --model models:/graft-test@champion" in printed
+
+    client = _client(run_cli.params)
+    version = client.get_model_version_by_alias("graft-test", "champion")
+    assert version.version == summary["registered"]["version"] or str(version.version) == str(summary["registered"]["version"])
+    assert version.tags["data_md5"] == summary["data_md5"]
+    for tag in ("git_commit", "backbone", "onnx.sha256", "val.accuracy", "parity.max_abs_diff", "gate.reasons"):
+        assert tag in version.tags
+    run = client.get_run(summary["run_id"])
+    assert run.data.tags["data_md5"] == summary["data_md5"]
+    assert "val/accuracy" in run.data.metrics
+    assert (run_cli.params.deploy.output_dir / "metrics.json").is_file()
+
+    images = sorted((digits_dir / "7").iterdir())[:3] + sorted((digits_dir / "0").iterdir())[:3]
+    capsys.readouterr()
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(f"tracking:\n  store_dir: {run_cli.params.tracking.store_dir}\n")
+    assert main(["predict", "--params", str(params_file), "--model", "models:/graft-test@champion", *map(str, images)]) != 2
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["label"] for r in rows] == ["7", "7", "7", "0", "0", "0"]
+
+
+def test_same_data_and_seed_twice_does_not_replace_the_champion(run_cli):
+    code, first = run_cli(summary="first.json")
+    assert code == 0 and "champion" in first["registered"]["aliases"]
+    code, second = run_cli(summary="second.json")
+    assert code == 0
+    assert second["registered"]["aliases"] == ["challenger"]
+    assert "not above" in second["gate"]["reasons"][0]
+    champion = _client(run_cli.params).get_model_version_by_alias("graft-test", "champion")
+    assert str(champion.version) == str(first["registered"]["version"])
+    assert champion.tags["gate.verdict"] == "promote"
+
+
+def test_bad_input_registers_nothing(run_cli, tmp_path, capsys):
+    code, summary = run_cli(f"data.dir={tmp_path / 'no-such-folder'}")
+    assert code == 2 and summary is None
+    assert "no-such-folder" in capsys.readouterr().err
+    db = run_cli.params.tracking.store_dir / "mlflow.db"
+    if db.exists():
+        assert _client(run_cli.params).search_registered_models() == []
+
+
+def test_a_bad_image_stops_graft_run_with_one_clear_line_and_no_traceback(tmp_path, digits_dir):
+    """What a user sees in the terminal: the file and the fix, not a trace through Prefect's engine."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "images"
+    shutil.copytree(digits_dir, data)
+    (data / "7" / "notes.png").write_text("not an image")
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "graft"), "run", "--data", str(data), "--set", f"tracking.store_dir={tmp_path / 'mlflow'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert f"error: {data / '7' / 'notes.png'}: not a readable image" in done.stderr
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]

@@ -1,0 +1,28 @@
+"""Small real models for tests that need an ONNX file but not a trained network."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def tiny_onnx(path: Path, classes: tuple[str, ...] = ("0", "1", "7"), image_size: int = 8) -> Path:
+    """A real ONNX classifier with Graft's metadata: softmax of the mean pixel per channel (3 classes)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["pixels"], ["means"], axes=[1, 2], keepdims=0),
+            helper.make_node("Softmax", ["means"], ["probabilities"], axis=1),
+        ],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", image_size, image_size, 3])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.helper.set_model_props(model, {"classes": json.dumps(list(classes)), "image_size": str(image_size)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(path))
+    return path

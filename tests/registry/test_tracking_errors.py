@@ -1,0 +1,182 @@
+"""MLflow failing under tracking and alias reads: 5xx retried then a clear error, a 401/403 explained, never
+"no champion" during an outage.
+
+MLflow runs on SQLite in a temp folder; faults are injected by patching one `MlflowClient` method to raise
+what MLflow's REST client raises for a 5xx, 401 or 403 answer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from components.core.errors import GraftError, RegistryError, TrackingAuthError
+from components.registry import mlflow_calls
+from components.registry.tracking import Run
+from components.registry.versions import alias_version
+
+NAME = "tracking-errors"
+ALIAS_ENDPOINT = "/api/2.0/mlflow/registered-models/alias"
+
+
+def _http_error(status: int, endpoint: str = "/api/2.0/mlflow/runs/log-batch"):
+    """What MLflow's REST client raises when a server or proxy answers `status` with a non-JSON body."""
+    from mlflow.exceptions import MlflowException, get_error_code
+
+    return MlflowException(
+        f"API request to endpoint {endpoint} failed with error code {status} != 200. Response body: 'refused'",
+        error_code=get_error_code(status),
+    )
+
+
+@dataclass
+class Flaky:
+    """Counts the calls of one patched `MlflowClient` method; the first `times` raise `error`."""
+
+    error: Exception
+    times: int
+    calls: int = 0
+
+
+def _break(monkeypatch, method: str, error: Exception, times: int) -> Flaky:
+    from mlflow import MlflowClient
+
+    real = getattr(MlflowClient, method)
+    flaky = Flaky(error, times)
+
+    def patched(client, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        flaky.calls += 1
+        if flaky.calls <= flaky.times:
+            raise flaky.error
+        return real(client, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, method, patched)
+    return flaky
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> tuple[str, str, str]:
+    """A SQLite MLflow store with one run and `NAME` v1 as champion: (uri, experiment id, version)."""
+    from mlflow import MlflowClient
+
+    work = tmp_path_factory.mktemp("tracking-errors")
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    experiment_id = client.create_experiment("errors", artifact_location=(work / "artifacts").as_uri())
+    run = client.create_run(experiment_id)
+    client.create_registered_model(NAME)
+    version = client.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    client.set_registered_model_alias(NAME, "champion", str(version))
+    return uri, experiment_id, str(version)
+
+
+@pytest.fixture
+def run(store, monkeypatch) -> Run:
+    from mlflow import MlflowClient
+
+    uri, experiment_id, _ = store
+    monkeypatch.setattr(mlflow_calls, "FIRST_DELAY_S", 0.01)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    return Run(MlflowClient(uri, uri).create_run(experiment_id).info.run_id, uri)
+
+
+# ---------------------------------------------------------------- run logging: 5xx retried, 401/403 explained
+
+
+def test_run_logging_survives_a_5xx_for_a_while(run, monkeypatch):
+    batch = _break(monkeypatch, "log_batch", _http_error(503), times=2)
+    as_dict = _break(monkeypatch, "log_dict", _http_error(502, "/api/2.0/mlflow-artifacts/artifacts"), times=2)
+
+    run.set_tags({"graft.stage": "deploy"})
+    run.log_dict({"accuracy": 0.9}, "summary.json")
+
+    assert (batch.calls, as_dict.calls) == (3, 3)  # two failures, then the real call
+    logged = run.client.get_run(run.run_id)
+    assert logged.data.tags["graft.stage"] == "deploy"
+    assert run.client.list_artifacts(run.run_id)[0].path == "summary.json"
+    assert run.artifact_uri() == logged.info.artifact_uri
+
+
+def test_run_logging_that_keeps_failing_gives_one_clear_error(run, monkeypatch):
+    batch = _break(monkeypatch, "log_batch", _http_error(503), times=100)
+    as_dict = _break(monkeypatch, "log_dict", _http_error(500, "/api/2.0/mlflow-artifacts/artifacts"), times=100)
+
+    with pytest.raises(RegistryError) as tags_err:
+        run.set_tags({"graft.stage": "deploy"})
+    with pytest.raises(RegistryError) as dict_err:
+        run.log_dict({"accuracy": 0.9}, "summary.json")
+
+    assert (batch.calls, as_dict.calls) == (mlflow_calls.ATTEMPTS, mlflow_calls.ATTEMPTS)
+    for err, what, code in ((tags_err, "setting tags of", "503"), (dict_err, "writing summary.json to", "500")):
+        message = str(err.value)
+        assert f"{what} run {run.run_id} failed {mlflow_calls.ATTEMPTS} times" in message
+        assert f"error code {code}" in message and "check that the MLflow server" in message
+
+
+@pytest.mark.parametrize(("status", "words"), [(401, "no credentials were given"), (403, "ask an MLflow admin")])
+def test_a_refused_run_call_is_explained_and_not_retried(run, monkeypatch, status, words):
+    batch = _break(monkeypatch, "log_batch", _http_error(status), times=100)
+    if status == 403:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cret-pw")
+
+    with pytest.raises(TrackingAuthError) as err:
+        run.log_metrics({"val/accuracy": 0.9})
+
+    assert batch.calls == 1
+    message = str(err.value)
+    assert f"logging metrics to run {run.run_id}" in message and run.uri in message and words in message
+    assert ("MLFLOW_TRACKING_USERNAME" in message) == (status == 401)
+    assert "s3cret-pw" not in message
+
+
+def test_a_password_in_the_tracking_uri_is_not_printed():
+    refused = mlflow_calls.explain_auth(_http_error(401), "https://bob:hunter2@mlflow.example:5000", "opening x")
+    assert refused is not None and "https://mlflow.example:5000" in str(refused) and "hunter2" not in str(refused)
+
+
+# ---------------------------------------------------------------- alias reads: none only when there is none
+
+
+def test_alias_version_is_none_only_for_a_missing_alias_or_model(store, monkeypatch):
+    from mlflow import MlflowClient
+
+    uri, _, version = store
+    monkeypatch.setattr(mlflow_calls, "FIRST_DELAY_S", 0.01)
+    client = MlflowClient(uri, uri)
+    assert alias_version(client, NAME) == version
+    assert alias_version(client, NAME, "challenger") is None  # no such alias
+    assert alias_version(client, "no-such-model") is None
+
+    flaky = _break(monkeypatch, "get_model_version_by_alias", _http_error(503, ALIAS_ENDPOINT), 2)
+    assert alias_version(client, NAME) == version and flaky.calls == 3
+
+    down = _break(monkeypatch, "get_model_version_by_alias", _http_error(503, ALIAS_ENDPOINT), 100)
+    with pytest.raises(RegistryError, match=f"alias 'champion' of '{NAME}' failed {mlflow_calls.ATTEMPTS} times"):
+        alias_version(client, NAME)
+    assert down.calls == mlflow_calls.ATTEMPTS
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    _break(monkeypatch, "get_model_version_by_alias", _http_error(401, ALIAS_ENDPOINT), 100)
+    with pytest.raises(TrackingAuthError, match="MLFLOW_TRACKING_USERNAME"):
+        alias_version(client, NAME)
+
+
+def test_registry_version_tells_a_missing_alias_from_a_registry_outage(store, monkeypatch):
+    from components.registry.tracking import use_tracking_uri
+    from components.registry.versions import registry_version
+
+    uri, _, version = store
+    monkeypatch.setattr(mlflow_calls, "FIRST_DELAY_S", 0.01)
+    use_tracking_uri(uri)
+    assert str(registry_version(NAME, "champion", None).version) == version
+    with pytest.raises(GraftError, match="has no alias 'challenger'"):
+        registry_version(NAME, "challenger", None)
+
+    _break(monkeypatch, "get_model_version_by_alias", _http_error(503, ALIAS_ENDPOINT), 100)
+    with pytest.raises(RegistryError) as err:
+        registry_version(NAME, "champion", None)
+    assert "no alias" not in str(err.value) and "check that the MLflow server" in str(err.value)

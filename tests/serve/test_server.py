@@ -1,0 +1,111 @@
+"""`graft serve`: a real uvicorn server on 127.0.0.1 answering real requests, refusing bad ones, following the alias."""
+
+from __future__ import annotations
+
+import base64
+import io
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from components.serve.server import LiveModel, ServeSettings, running_server
+from tests.conftest import REPO
+from tests.deploy.fixtures import NAME, active_registry, registry, tiny_model  # noqa: F401
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def server(active_registry):  # noqa: F811
+    active_registry.client.set_registered_model_alias(NAME, "champion", active_registry.v1)
+    settings = ServeSettings(poll_seconds=0.2, max_upload_bytes=LIMIT, max_batch=4, timeout_seconds=10)
+    live = LiveModel(f"models:/{NAME}@champion")
+    with running_server(live, settings) as url, httpx.Client(base_url=url, timeout=10) as http:
+        yield http
+
+
+def _png(path) -> bytes:
+    return path.read_bytes()
+
+
+def _truth(tiny_model, count):  # noqa: F811
+    samples = tiny_model.split.val[:count]
+    return [s.path for s in samples], [tiny_model.split.classes[s.label] for s in samples]
+
+
+def test_answers_uploads_json_batches_and_raw_bodies(server, tiny_model):  # noqa: F811
+    paths, truth = _truth(tiny_model, 4)
+    one = server.post("/predict", files={"file": ("a.png", _png(paths[0]), "image/png")})
+    assert one.status_code == 200, one.text
+    body = one.json()
+    assert body["model"]["version"] and body["model"]["variant"] == "fp32"
+    assert body["predictions"][0]["label"] == truth[0] and 0 < body["predictions"][0]["score"] <= 1
+    batch = server.post("/predict", json={"images": [base64.b64encode(_png(p)).decode() for p in paths]})
+    assert batch.status_code == 200
+    labels = [row["label"] for row in batch.json()["predictions"]]
+    assert sum(a == b for a, b in zip(labels, truth)) >= 3
+    raw = server.post("/predict", content=_png(paths[1]), headers={"content-type": "image/png"})
+    assert raw.status_code == 200 and raw.json()["predictions"][0]["label"] == labels[1]
+    health, meta = server.get("/health").json(), server.get("/metadata").json()
+    assert health["status"] == "ok" and health["model"]["provider"] == "CPUExecutionProvider"
+    assert meta["classes"] == ["0", "1", "7"] and meta["image_size"] == 64 and len(meta["mean"]) == 3
+    assert meta["limits"]["max_batch"] == 4
+
+
+def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, tiny_model):  # noqa: F811
+    paths, _ = _truth(tiny_model, 1)
+    noisy = io.BytesIO()
+    Image.effect_noise((400, 400), 80).convert("RGB").save(noisy, "PNG")
+    cases = {
+        "non-image": (server.post("/predict", files={"file": ("notes.txt", b"hello, not a picture", "text/plain")}), 415, "not a readable image"),
+        "empty": (server.post("/predict", files={"file": ("empty.png", b"", "image/png")}), 400, "empty upload"),
+        "oversized": (server.post("/predict", files={"file": ("big.png", noisy.getvalue(), "image/png")}), 413, "byte limit"),
+        "too many": (server.post("/predict", json={"images": [base64.b64encode(_png(paths[0])).decode()] * 5}), 413, "deploy.serve_max_batch"),
+        "bad base64": (server.post("/predict", json={"images": ["***"]}), 400, "not valid base64"),
+        "bad json": (server.post("/predict", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
+        "no files": (server.post("/predict", files={"note": (None, "just text")}), 400, "no image"),
+        "wrong type": (server.post("/predict", content=b"x", headers={"content-type": "text/csv"}), 415, "not accepted"),
+    }
+    for case, (response, status, words) in cases.items():
+        assert response.status_code == status, (case, response.text)
+        assert words in response.json()["error"], case
+        assert "Traceback" not in response.text
+    ok = server.post("/predict", files={"file": ("a.png", _png(paths[0]), "image/png")})
+    assert ok.status_code == 200 and server.get("/health").json()["status"] == "ok"
+
+
+def test_reloads_when_the_champion_alias_moves(server, active_registry, tiny_model):  # noqa: F811
+    paths, _ = _truth(tiny_model, 2)
+    before = server.get("/health").json()["model"]["version"]
+    assert before == active_registry.v1
+    active_registry.client.set_registered_model_alias(NAME, "champion", active_registry.v2)
+    deadline = time.monotonic() + 20
+    while server.get("/health").json()["model"]["version"] != active_registry.v2:
+        assert time.monotonic() < deadline, "the server did not follow the alias"
+        time.sleep(0.2)
+    rows = server.post("/predict", json={"images": [base64.b64encode(_png(p)).decode() for p in paths]}).json()["predictions"]
+    assert [row["label"] for row in rows] == ["7", "7"]  # v2 always answers '7'
+    assert server.get("/health").json()["reloads"] == 1
+
+
+def test_a_request_over_the_time_limit_gets_504(active_registry, tiny_model):  # noqa: F811
+    paths, _ = _truth(tiny_model, 1)
+    settings = ServeSettings(poll_seconds=60, max_upload_bytes=LIMIT, max_batch=4, timeout_seconds=1e-6)
+    with running_server(LiveModel(str(tiny_model.onnx_path)), settings) as url:
+        response = httpx.post(f"{url}/predict", files={"file": ("a.png", _png(paths[0]), "image/png")}, timeout=10)
+        assert response.status_code == 504 and "deploy.serve_timeout_seconds" in response.json()["error"]
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_graft_serve_imports_no_torch():
+    code = (
+        "import sys; from flows.cli import build_parser; build_parser();"
+        "import components.serve.server, uvicorn, fastapi; from components.serve.server import create_app;"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr

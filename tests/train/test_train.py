@@ -1,0 +1,423 @@
+"""Fine-tune on tiny real data: every strategy learns, frozen parts stay frozen, the feature cache is
+reused and invalidated, runs repeat exactly and resume after a crash, divergence is reported."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from components.backbones.unfreeze import select_trainable, trunk_blocks
+from components.backbones.zoo import get_spec
+from components.choose.ranking import ChooseResult
+from components.core.config import load_params
+from components.core.errors import ConfigError, TrainingError
+from components.data.folders import scan
+from components.evaluate.stage import evaluate
+from components.train.loop import batch_indices, class_weights
+from components.train.network import Precision, resolve_precision
+from components.train.stage import fine_tune, load_classifier, predict_logits
+from components.train.strategies import feature_standardisation, fold_standardisation, train_head
+from tests.conftest import REPO, tiny_overrides
+
+SIZE = 32  # digits are 8x8 scans: 32 px is plenty, and keeps backbone epochs to about a second
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OpenMP threads on two shared cores stall each other; one thread is faster and as exact."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_params(data_dir: Path, work: Path, cache_dir: Path, *extra: str):
+    """The real params.yaml shrunk to toy size (see conftest.tiny_overrides), plus `extra` overrides."""
+    return load_params(
+        REPO / "params.yaml",
+        [*tiny_overrides(data_dir, work, cache_dir), f"data.image_size={SIZE}", "train.batch_size=16", *extra],
+    )
+
+
+def choice(name: str = "efficientnet_lite0", size: int = SIZE) -> ChooseResult:
+    return ChooseResult(chosen=name, image_size=size, score_name="logme", reason="test", candidates=(), seconds=0.0)
+
+
+def accuracy(params, split, result) -> float:
+    logits = predict_logits(params, result, [s.path for s in split.val])
+    return float((logits.argmax(1) == np.array([s.label for s in split.val])).mean())
+
+
+def backbone_state(result) -> dict[str, torch.Tensor]:
+    return load_classifier(result.checkpoint_path)[0].backbone.state_dict()
+
+
+# --- each strategy learns ------------------------------------------------------------------------
+
+
+def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, feature_cache_dir, tmp_path):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "data.image_size=64")
+    split = scan(digits_dir)
+    result = fine_tune(params, split, choice(size=64), tmp_path / "run")
+    assert result.epochs_run >= result.best_epoch >= 1 and not result.backbone_trained
+    evaluation = evaluate(params, split, result, tmp_path / "run")
+    assert evaluation.metrics["accuracy"] > 0.6  # chance is 1/3
+    model, ckpt = load_classifier(result.checkpoint_path)
+    assert set(ckpt) >= {"backbone", "image_size", "classes", "head", "config", "history"}
+    assert "backbone_state" not in ckpt  # nothing to store: the pre-trained weights are unchanged
+    pretrained = get_spec("efficientnet_lite0").build(64).state_dict()
+    for name, tensor in model.backbone.state_dict().items():
+        assert torch.equal(tensor, pretrained[name]), name
+    # the cached-feature path scores exactly the model that is deployed
+    from components.data.images import load_batch
+
+    with torch.no_grad():
+        direct = model(torch.from_numpy(load_batch([s.path for s in split.val], 64))).numpy()
+    cached = torch.softmax(torch.from_numpy(predict_logits(params, result, [s.path for s in split.val])), 1).numpy()
+    np.testing.assert_allclose(cached, direct, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("fine_tune", ()), ("two_stage", ()), ("scratch", ("train.batch_size=8", "train.epochs=5"))],
+)
+def test_network_strategies_beat_chance(digits_dir, feature_cache_dir, tmp_path, strategy, extra):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, f"train.strategy={strategy}", "train.epochs=3", *extra)
+    split = scan(digits_dir)
+    rows: list[tuple[int, dict]] = []
+    result = fine_tune(params, split, choice(), tmp_path / "run", on_epoch=lambda row, step: rows.append((step, row)))
+    assert result.strategy == strategy and result.backbone_trained
+    assert result.backbone == ("random_efficientnet_lite0" if strategy == "scratch" else "efficientnet_lite0")
+    assert accuracy(params, split, result) > 0.6  # chance is 1/3
+    # per-epoch metrics reach the callback, steps counted across two_stage's stages
+    assert [step for step, _ in rows] == list(range(1, result.epochs_run + 1))
+    assert {"train/loss", "val/loss", "val/accuracy", "lr", "lr/backbone"} <= set(rows[-1][1])
+    # the checkpoint holds the trained backbone, and the model it rebuilds is the one that was scored
+    assert "backbone_state" in load_classifier(result.checkpoint_path)[1]
+    initial = get_spec(result.backbone).build(SIZE, seed=params.train.seed).state_dict()
+    assert any(not torch.equal(tensor, initial[name]) for name, tensor in backbone_state(result).items())
+
+
+def test_predict_logits_through_a_trained_backbone_match_the_deployable_model(digits_dir, feature_cache_dir, tmp_path):
+    from components.data.images import load_batch
+
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=1")
+    split = scan(digits_dir)
+    result = fine_tune(params, split, choice(), tmp_path / "run")
+    model, _ = load_classifier(result.checkpoint_path)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(load_batch([s.path for s in split.val], SIZE))).numpy()
+    logits = predict_logits(params, result, [s.path for s in split.val])
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), direct, atol=1e-5)
+
+
+# --- frozen means frozen -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_fine_tune_changes_only_the_unfrozen_blocks(digits_dir, feature_cache_dir, tmp_path, freeze_bn):
+    params = make_params(
+        digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=2", "train.unfreeze=2",
+        f"train.freeze_bn={str(freeze_bn).lower()}", "train.lr=0.01",
+    )
+    result = fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    trained = backbone_state(result)
+    pretrained = get_spec("efficientnet_lite0").build(SIZE)
+    before = pretrained.state_dict()
+    # the last two blocks are the conv head and the last MBConv block
+    unfrozen = ("net._conv_head.", "net._bn1.", f"net._blocks.{len(pretrained.net._blocks) - 1}.")
+    changed = {name for name, tensor in trained.items() if not torch.equal(tensor, before[name])}
+    assert changed, "fine-tuning changed nothing"
+    assert all(name.startswith(unfrozen) for name in changed), sorted(n for n in changed if not n.startswith(unfrozen))
+    assert any(name.startswith(unfrozen) and name.endswith("weight") for name in changed)
+    stats_changed = {name for name in changed if name.endswith(("running_mean", "running_var"))}
+    if freeze_bn:
+        assert stats_changed == set()
+    else:
+        assert stats_changed and all(name.startswith(unfrozen) for name in stats_changed)
+
+
+def test_unfreeze_counts_blocks_from_the_output_and_rejects_too_many():
+    lite = get_spec("efficientnet_lite0").build(SIZE)
+    total = len(trunk_blocks(lite)) + 1
+    assert total == len(lite.net._blocks) + 2  # stem + MBConv blocks + conv head
+    trainable = select_trainable(lite, 1)
+    assert {n for n, p in lite.named_parameters() if p.requires_grad} == {n for n, _ in lite.named_parameters() if n.startswith(("net._conv_head", "net._bn1"))}
+    assert select_trainable(lite, "all").parameters == sum(p.numel() for p in lite.parameters())
+    assert trainable.blocks == 1 and trainable.total_blocks == total
+    with pytest.raises(ConfigError, match=rf"train.unfreeze={total + 1}.*up to {total}"):
+        select_trainable(lite, total + 1)
+    resnet = get_spec("random_resnet18").build(SIZE)
+    select_trainable(resnet, 1)
+    assert {n.split(".")[0] for n, p in resnet.named_parameters() if p.requires_grad} == {"layer4"}
+
+
+# --- the feature cache ---------------------------------------------------------------------------
+
+
+def test_feature_cache_is_reused_and_invalidated_when_the_data_changes(digits_dir, tmp_path):
+    data = shutil.copytree(digits_dir, tmp_path / "data")
+    cache = tmp_path / "cache"
+    params = make_params(data, tmp_path, cache, "train.epochs=3")
+    first = fine_tune(params, scan(data), choice(), tmp_path / "run1")
+    assert (first.features_cached, first.features_computed) == (0, 60)
+    second = fine_tune(params, scan(data), choice(), tmp_path / "run2")
+    assert (second.features_cached, second.features_computed) == (60, 0)
+    changed = sorted((data / "7").iterdir())[0]
+    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)
+    third = fine_tune(params, scan(data), choice(), tmp_path / "run3")
+    assert (third.features_cached, third.features_computed) == (59, 1)
+
+
+def test_augmentation_bypasses_the_cache_and_says_why(digits_dir, feature_cache_dir, tmp_path, caplog):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.augment=true", "train.epochs=2")
+    with caplog.at_level(logging.INFO, logger="components"):
+        result = fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    assert "feature cache is bypassed" in caplog.text and "random crops" in caplog.text
+    assert (result.features_cached, result.features_computed) == (0, 0)
+    assert not result.backbone_trained
+    pretrained = get_spec("efficientnet_lite0").build(SIZE).state_dict()
+    assert all(torch.equal(t, pretrained[n]) for n, t in backbone_state(result).items())
+
+
+# --- repeatable and resumable --------------------------------------------------------------------
+
+
+def test_same_seed_and_data_give_the_same_model_and_another_seed_does_not(digits_dir, feature_cache_dir, tmp_path):
+    base = ("train.strategy=fine_tune", "train.epochs=2", "train.augment=true", "train.resume=false")
+    split = scan(digits_dir)
+    runs = [
+        fine_tune(make_params(digits_dir, tmp_path, feature_cache_dir, *base, f"train.seed={seed}"), split, choice(), tmp_path / f"run{i}")
+        for i, seed in enumerate((7, 7, 8))
+    ]
+    states = [load_classifier(r.checkpoint_path)[0].state_dict() for r in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert [r.history[-1]["val/loss"] for r in runs[:2]] == [runs[0].history[-1]["val/loss"]] * 2
+    assert not torch.equal(states[0]["head.weight"], states[2]["head.weight"])
+
+
+class Killed(Exception):
+    """Stands in for the process dying right after an epoch's checkpoint was written."""
+
+
+@pytest.mark.parametrize(
+    ("strategy", "kill_at"),
+    [("fine_tune", 2), ("two_stage", 5), ("feature_extraction", 2)],
+)
+def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_dir, feature_cache_dir, tmp_path, caplog, strategy, kill_at):
+    # augmentation on, so the resumed run must also continue the same random crops
+    extra = ("train.augment=true",) if strategy == "fine_tune" else ()
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, f"train.strategy={strategy}", "train.epochs=3", "train.patience=50", *extra)
+    split = scan(digits_dir)
+    reference = fine_tune(params, split, choice(), tmp_path / "reference")
+    assert reference.epochs_run > kill_at
+
+    def die(row: dict, step: int) -> None:
+        if step == kill_at:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
+    assert list((params.data.cache_dir / "resume").glob("*.pt")), "no epoch checkpoint was left behind"
+
+    steps: list[int] = []
+    with caplog.at_level(logging.INFO, logger="components"):
+        resumed = fine_tune(params, split, choice(), tmp_path / "resumed", on_epoch=lambda row, step: steps.append(step))
+    assert "resumed" in caplog.text
+    assert resumed.resumed_from_epoch == kill_at
+    assert steps == list(range(1, reference.epochs_run + 1))  # replayed, then continued
+    expected = load_classifier(reference.checkpoint_path)[0].state_dict()
+    actual = load_classifier(resumed.checkpoint_path)[0].state_dict()
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+    assert [r["val/loss"] for r in resumed.history] == [r["val/loss"] for r in reference.history]
+    assert not list((params.data.cache_dir / "resume").glob("*.pt")), "a finished run leaves no resume state"
+
+
+_SIGKILL_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from components.data.folders import scan
+from components.train.stage import fine_tune
+from tests.train.test_train import choice, make_params
+
+data, work, cache, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
+params = make_params(data, work, cache, *sys.argv[5:])
+
+
+def die(row, step):
+    if step == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up, no finally: what the OOM killer or kill -9 does
+
+
+fine_tune(params, scan(data), choice(), work / "killed", on_epoch=die)
+"""
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(digits_dir, feature_cache_dir, tmp_path):
+    """A real SIGKILL in another process (not an exception): the rerun resumes and ends like an uninterrupted run."""
+    import signal
+    import subprocess
+    import sys
+
+    overrides = ("train.strategy=fine_tune", "train.epochs=3", "train.patience=50")
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, *overrides)
+    split = scan(digits_dir)
+    reference = fine_tune(params, split, choice(), tmp_path / "reference")
+    killed = subprocess.run(
+        [sys.executable, "-c", _SIGKILL_CHILD, str(digits_dir), str(tmp_path), str(feature_cache_dir), "2", *overrides],
+        cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "model.pt").exists(), "a killed run left a final checkpoint"
+    resumed = fine_tune(params, split, choice(), tmp_path / "resumed")
+    assert resumed.resumed_from_epoch == 2 and resumed.epochs_run == reference.epochs_run
+    # two processes may order float sums differently, so "the same" is to float32 rounding here
+    # (within one process the resumed weights are bitwise equal: the test above)
+    expected = load_classifier(reference.checkpoint_path)[0].state_dict()
+    actual = load_classifier(resumed.checkpoint_path)[0].state_dict()
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name].float(), tensor.float(), rtol=1e-4, atol=1e-5), name
+    assert resumed.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-3)
+
+
+def test_other_inputs_do_not_resume(digits_dir, feature_cache_dir, tmp_path):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=3", "train.patience=50")
+    split = scan(digits_dir)
+
+    def die(row: dict, step: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
+    other = params.model_copy(update={"train": params.train.model_copy(update={"lr": 0.002})})
+    assert fine_tune(other, split, choice(), tmp_path / "other").resumed_from_epoch == 0
+    no_resume = params.model_copy(update={"train": params.train.model_copy(update={"resume": False})})
+    assert fine_tune(no_resume, split, choice(), tmp_path / "fresh").resumed_from_epoch == 0
+
+
+# --- the training loop ---------------------------------------------------------------------------
+
+
+def test_early_stopping_restores_the_best_epoch(tiny_params):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    y = rng.integers(0, 2, size=60)  # pure noise: validation loss stops improving quickly
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 500, "patience": 3})})
+    _, result = train_head(params, x[:40], y[:40], x[40:], y[40:])
+    assert len(result.history) < 500
+    best = int(np.argmin([h["val/loss"] for h in result.history]))
+    assert len(result.history) - 1 - best == 3 and result.best_epoch == best + 1
+
+
+def test_divergence_names_the_epoch_and_suggests_a_lower_lr(tiny_params):
+    x = np.full((20, 4), 1e30, dtype=np.float32)
+    x[::2] *= -1
+    y = np.arange(20) % 2
+    params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"lr": 1e30})})
+    with pytest.raises(TrainingError, match=r"diverged at epoch \d+.*nothing was registered.*lower train.lr"):
+        train_head(params, np.vstack([x, x * np.inf]), np.concatenate([y, y]), x, y)
+
+
+def test_a_diverging_fine_tune_saves_nothing(digits_dir, feature_cache_dir, tmp_path):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.lr=1e30", "train.epochs=5")
+    with pytest.raises(TrainingError, match=r"diverged at epoch 1 .*--set train.lr="):
+        fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    assert not (tmp_path / "run" / "model.pt").exists()
+    assert not list((params.data.cache_dir / "resume").glob("*.pt"))
+
+
+def test_balancing_smoothing_and_clipping_still_learn(digits_dir, feature_cache_dir, tmp_path):
+    params = make_params(
+        digits_dir, tmp_path, feature_cache_dir, "train.balance=class_weights", "train.label_smoothing=0.1", "train.grad_clip=1.0",
+    )
+    split = scan(digits_dir)
+    assert accuracy(params, split, fine_tune(params, split, choice(), tmp_path / "run")) > 0.6
+
+
+def test_class_weights_and_the_balanced_sampler_even_out_classes(tiny_params):
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    torch.testing.assert_close(class_weights(labels, 2), torch.tensor([100 / 180, 100 / 20]))
+    cfg = tiny_params.train.model_copy(update={"balance": "sampler", "batch_size": 32})
+    generator = torch.Generator().manual_seed(0)
+    drawn = torch.cat([torch.cat(batch_indices(labels, 2, cfg, generator)) for _ in range(20)])
+    assert 0.4 < float((labels[drawn] == 1).float().mean()) < 0.6  # 10% of the data, half the draws
+    plain = tiny_params.train.model_copy(update={"batch_size": 32})
+    assert sorted(torch.cat(batch_indices(labels, 2, plain, generator)).tolist()) == list(range(100))
+
+
+def test_standardisation_folds_exactly_and_ignores_features_that_never_vary():
+    head = {"weight": torch.randn(3, 5), "bias": torch.randn(3)}
+    mean, scale = torch.randn(5), torch.rand(5) + 0.5
+    features = torch.randn(7, 5)
+    folded = fold_standardisation(head, mean, scale)
+    expected = ((features - mean) / scale) @ head["weight"].T + head["bias"]
+    torch.testing.assert_close(features @ folded["weight"].T + folded["bias"], expected)
+    train = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    train[:, 1] = 0.0  # a dead unit
+    mean, scale = feature_standardisation(train)
+    assert torch.isinf(scale[1]) and torch.isfinite(scale[[0, 2]]).all()
+    assert fold_standardisation({"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, mean, scale)["weight"][:, 1].eq(0).all()
+
+
+def test_mixed_precision_and_channels_last_only_on_cuda(tiny_params):
+    cfg = tiny_params.train
+    cpu = resolve_precision(cfg, cuda_available=False)
+    assert cpu == Precision("cpu", None, False) and cpu.scaler() is None
+    with cpu.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert resolve_precision(cfg, cuda_available=True, bf16_supported=True) == Precision("cuda", torch.bfloat16, True)
+    assert resolve_precision(cfg, cuda_available=True, bf16_supported=False).amp_dtype == torch.float16
+    full = cfg.model_copy(update={"mixed_precision": False, "channels_last": False})
+    assert resolve_precision(full, cuda_available=True, bf16_supported=True) == Precision("cuda", None, False)
+    assert resolve_precision(cfg.model_copy(update={"device": "cpu"}), cuda_available=True).device == "cpu"
+    with pytest.raises(TrainingError, match="train.device=cuda.*no CUDA.*train.device=auto"):
+        resolve_precision(cfg.model_copy(update={"device": "cuda"}), cuda_available=False)
+
+
+def test_augmentation_is_per_image_seeded_and_keeps_the_format(tiny_params):
+    from components.train.augment import Augmenter
+
+    cfg = tiny_params.train.model_copy(update={"augment": True, "augment_flip": True})
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 255, size=(4, SIZE, SIZE, 3), dtype=np.uint8))
+    images[1] = images[0]
+    augmenter = Augmenter(cfg, SIZE)
+    torch.manual_seed(0)
+    first = augmenter(images)
+    torch.manual_seed(0)
+    again = augmenter(images)
+    assert first.shape == images.shape and first.dtype == torch.uint8
+    assert torch.equal(first, again) and not torch.equal(first, images)
+    assert not torch.equal(first[0], first[1])  # same picture, different random crop
+    assert "RandomResizedCrop" in augmenter.describe()
+
+
+@pytest.mark.slow  # torch.export of the whole model takes ~15-30 s on two shared cores
+def test_the_trained_model_is_logged_to_mlflow_with_its_signature(digits_dir, feature_cache_dir, tmp_path):
+    import mlflow.pytorch
+    from mlflow.models import get_model_info
+
+    from components.data.images import load_batch
+    from components.registry.tracking import parent_run
+    from components.train.report import log_trained_model
+
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=2")
+    split = scan(digits_dir)
+    result = fine_tune(params, split, choice(), tmp_path / "run")
+    with parent_run(params) as run:
+        uri = log_trained_model(run, result)
+    signature = get_model_info(uri).signature
+    spec = signature.inputs.to_dict()[0]["tensor-spec"]
+    assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, SIZE, SIZE, 3]
+    assert list(signature.outputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 3]
+    logged = mlflow.pytorch.load_model(uri)
+    images = torch.from_numpy(load_batch([s.path for s in split.val[:4]], SIZE))
+    with torch.no_grad():
+        torch.testing.assert_close(logged(images), load_classifier(result.checkpoint_path)[0](images))
