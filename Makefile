@@ -22,11 +22,11 @@ $(STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
-data: setup  ## fetch the demo images data.dvc names from the DVC remote shipped in dvc-store/
-	$(BIN)/dvc pull -q data.dvc
+data: setup  ## fetch the demo images and the reference run's model from the DVC remote shipped in dvc-store/
+	$(BIN)/dvc pull -q
 
-run: data
-	$(BIN)/graft run --summary outputs/summary.json
+run: data  ## the training flow on the demo data; writes only run folders and stores git and DVC ignore
+	$(BIN)/graft run
 
 test: setup
 	$(BIN)/python -m pytest

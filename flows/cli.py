@@ -72,13 +72,21 @@ def _run(args: argparse.Namespace) -> int:
     from flows.runners import with_task_runner
     from flows.training import train_flow
 
-    summary = with_task_runner(train_flow)(params)  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
+    report_dir = Path(args.report).resolve() if args.report else None
+    summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
     if args.summary:
         summary.write(Path(args.summary))
     print(summary.text())
     if args.summary:
         print(f"summary JSON      {Path(args.summary).resolve()}")
     return 0
+
+
+def _hold(args: argparse.Namespace) -> str | None:
+    """Why this run must not move `champion`: an experiment (`dvc exp run` sets DVC_EXP_NAME) or `--no-promote`."""
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"a DVC experiment ({os.environ['DVC_EXP_NAME']})"
+    return "--no-promote" if args.no_promote else None
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -165,7 +173,7 @@ def _prepare(args: argparse.Namespace) -> int:
     from components.data.stage import prepare
 
     result = prepare(_params(args), Path(args.split))
-    print(f"split             {result.train_images} train / {result.val_images} val images, {len(result.classes)} classes, "
+    print(f"split             {result.train_images} train / {result.val_images} val / {result.test_images} test images, {len(result.classes)} classes, "
           f"data md5 {result.data_md5}")
     print(f"written           {result.split_path.resolve()}")
     print("next:\n  .venv/bin/graft run --summary outputs/summary.json    # or: dvc repro")
@@ -177,10 +185,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     from components.evaluate.holdout import evaluate_holdout
 
     params = _params(args)
-    result = evaluate_holdout(params, read_split(Path(args.split), params.data.dir), Path(args.summary), Path(args.out))
+    split = read_split(Path(args.split), params.data.dir)
+    result = evaluate_holdout(params, split, Path(args.summary), Path(args.out), Path(args.model) if args.model else None)
     print(f"ONNX model        {result.onnx_path}")
-    print(f"held-out          accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
-          f"(largest gap to the run's PyTorch metrics {result.max_gap_to_training:.1e})")
+    print(f"test              accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
+          f"(largest gap to the run's PyTorch test metrics {result.max_gap_to_training:.1e})")
     print(f"written           {result.metrics_path.resolve()}, {result.confusion_path.resolve()}")
     print("next:\n  dvc metrics diff    # against the last commit")
     return 0
@@ -261,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = command("run", _run, "run the training flow (choose -> fine-tune -> evaluate -> deploy)", data)
     run.add_argument("--summary", metavar="PATH", help="write the run summary as JSON here")
+    run.add_argument("--report", metavar="DIR", help="write metrics.json, plots and the ONNX model here (the DVC train stage's outputs)")
+    run.add_argument("--no-promote", action="store_true", help="register as challenger only, whatever the gate says (always so under `dvc exp run`)")
 
     predict = command("predict", _predict, "classify images with an ONNX model (onnxruntime only)")
     predict.add_argument("--model", required=True, help="an .onnx file, a bundle folder or an MLflow URI such as models:/NAME@champion")
@@ -292,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = command("prepare", _prepare, "pull and check the data, split it, write the split (dvc stage `prepare`)")
     prepare.add_argument("--split", default="outputs/split.json", metavar="PATH", help="where to write the split (default: outputs/split.json)")
 
-    evaluate = command("evaluate", _evaluate, "score a run's ONNX model with onnxruntime on the held-out split (dvc stage `evaluate`)")
+    evaluate = command("evaluate", _evaluate, "score a run's ONNX model with onnxruntime on the test split (dvc stage `evaluate`)")
+    evaluate.add_argument("--model", metavar="ONNX", help="the model file (default: the one the summary names)")
     evaluate.add_argument("--summary", default="outputs/summary.json", metavar="PATH", help="the run's summary (default: outputs/summary.json)")
     evaluate.add_argument("--split", default="outputs/split.json", metavar="PATH", help="the split `graft prepare` wrote")
     evaluate.add_argument("--out", default="outputs/holdout", metavar="DIR", help="where metrics.json and confusion.json go")

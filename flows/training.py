@@ -19,12 +19,13 @@ from components.choose.stage import choose_model
 from components.core.config import Params
 from components.core.lineage import git_commit
 from components.data.folders import scan
-from components.data.split import Split
+from components.data.split import Split, SplitSettings
 from components.data.versions import data_version
 from components.deploy.stage import DeployContext, DeployResult, deploy
 from components.evaluate.report import log_evaluation
 from components.evaluate.stage import EvalResult, evaluate
 from components.registry.tracking import Run, parent_run
+from components.report.dvc_outputs import write_dvc_outputs
 from components.report.run_log import log_run_start, log_summary
 from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
@@ -36,7 +37,7 @@ from flows.resilience import service_retries
 @task(name="scan-data", cache_policy=NO_CACHE, **service_retries())  # retried only when the DVC remote fails
 def scan_task(params: Params) -> tuple[Split, str]:
     md5 = data_version(params.data.dir)
-    return scan(params.data.dir, params.data.val_fraction, params.data.seed), md5
+    return scan(params.data.dir, SplitSettings.from_config(params.data)), md5
 
 
 # cached on the images, the choose params, the weights and the code (flows/caching.py); results kept in PREFECT_HOME
@@ -70,8 +71,10 @@ def deploy_task(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult
 
 
 @flow(name="graft-train")
-def train_flow(params: Params) -> RunSummary:
-    """Run the four stages on `params.data.dir` and return the run summary."""
+def train_flow(params: Params, report_dir: Path | None = None, hold: str | None = None) -> RunSummary:
+    """Run the four stages on `params.data.dir` and return the run summary; with `report_dir`, also write
+    the DVC train stage's outputs there (metrics, plots, the ONNX model); with `hold`, register the model
+    as challenger only, whatever the gate says (`hold` says why)."""
     clock = Stopwatch()
     with clock("data"):
         split, md5 = scan_task(params)
@@ -87,10 +90,12 @@ def train_flow(params: Params) -> RunSummary:
         log_trained_model(run, trained)
         with clock("evaluate"):
             evaluation = evaluate_task(params, split, trained, run_dir)
-        log_evaluation(run, evaluation, params.deploy.output_dir)
+        log_evaluation(run, evaluation)
         with clock("deploy"):
-            deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit), trained, evaluation)
-        summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds)
+            deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit, hold), trained, evaluation)
+        summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds, split)
         log_summary(run, summary)
+        if report_dir is not None:
+            write_dvc_outputs(summary, report_dir)
     create_markdown_artifact(key="graft-run-summary", markdown=summary.markdown(), description=summary.model_label)
     return summary

@@ -52,6 +52,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path) -> list[str]:
         f"deploy.output_dir={work / 'outputs'}",
         "deploy.parity_images=16",
         "deploy.model_name=graft-test",
+        "evaluate.min_comparison_images=5",  # the tiny folders hold 13 test images
         f"tracking.store_dir={work / 'mlflow'}",
     ]
 

@@ -76,7 +76,7 @@ def light_project(tmp_path_factory, digits_dir):
     shutil.copytree(digits_dir, root / "images")
     (root / "params.yaml").write_text(yaml.safe_dump({"data": {"dir": "images"}, "tracking": {"store_dir": "mlflow"}}))
     model = tiny_onnx(root / "model" / "model.onnx", ("0", "1", "7"))
-    (root / "summary.json").write_text(json.dumps({"onnx": {"path": str(model)}, "val": {}}))
+    (root / "summary.json").write_text(json.dumps({"onnx": {"path": str(model)}, "val": {}, "test": {}}))
     return root, model
 
 
@@ -91,7 +91,7 @@ def test_prepare_evaluate_predict_and_serve_never_import_torch(light_project):
     for command, result in runs.items():
         assert result.returncode == 0, f"graft {command}: {result.stderr[-3000:]}"
         assert not {"torch", "torchvision", "prefect"} & _imported(result.stderr), command
-    assert json.loads((root / "holdout" / "metrics.json").read_text())["holdout"]["accuracy"] >= 0
+    assert json.loads((root / "holdout" / "metrics.json").read_text())["test"]["accuracy"] >= 0
     assert json.loads(runs["predict"].stdout)["label"] in ("0", "1", "7")
 
     port = services.free_port()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.core.errors import ConfigError
 
@@ -29,14 +29,27 @@ class DataConfig(_Section):
 
     dir: Path = Path("data")
     """Image folder: `<class>/*`, or `train/<class>/*` and `val/<class>/*`."""
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    """Share of each class held out for validation when the folder is not pre-split."""
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    """Share of the images held out for validation (early stopping, temperature) when the folder is not pre-split."""
+    test_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    """Share held out for the test split (the gate, the reported metrics); 0 runs with two splits, and every
+    report then says the test metrics are validation metrics."""
     seed: int = 42
-    """Seed of the stratified split."""
+    """Salt of the content-hash split: each image's part depends only on its bytes and this seed."""
     image_size: int | None = Field(112, ge=32, le=1024)
     """Side in pixels every image is resized to; null uses each backbone's own input size."""
     cache_dir: Path = Path(".cache/graft")
     """Feature cache and other derived data that can be rebuilt at any time."""
+
+
+    @model_validator(mode="after")
+    def _room_for_training(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction {self.val_fraction:g} + test_fraction {self.test_fraction:g} leave no training images; "
+                "keep their sum below 1, e.g. 0.15 + 0.15"
+            )
+        return self
 
 
 class CustomBackbone(_Section):
@@ -162,7 +175,7 @@ class EvaluateConfig(_Section):
 
     top_k: int = Field(3, ge=1)
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
-    """Metric the champion gate compares."""
+    """Metric the champion gate compares, on the test split."""
     calibration_bins: int = Field(15, ge=2, le=100)
     """Equal-width confidence bins of the expected calibration error and the reliability diagram."""
     temperature_scaling: bool = False
@@ -178,9 +191,12 @@ class EvaluateConfig(_Section):
     bootstrap_samples: int = Field(2000, ge=100, le=100_000)
     """Resamples of the paired bootstrap."""
     min_accuracy: float | None = Field(None, ge=0.0, le=1.0)
-    """Floor: a challenger below this validation accuracy is registered but never made champion; null for none."""
+    """Floor: a challenger below this test accuracy is registered but never made champion; null for none."""
     min_macro_f1: float | None = Field(None, ge=0.0, le=1.0)
-    """Floor on validation macro-F1, like `min_accuracy`; null for none."""
+    """Floor on test macro-F1, like `min_accuracy`; null for none."""
+    min_comparison_images: int = Field(30, ge=1)
+    """The gate compares challenger and champion only on test images neither trained or early-stopped on; with
+    fewer than this many such images it does not promote (too few to tell the two apart)."""
     max_class_drop: float | None = Field(None, ge=0.0, le=1.0)
     """Largest drop in any one class's recall, challenger vs champion, that still allows promotion; null for no limit."""
 

@@ -66,6 +66,18 @@ def write_json(path: Path, content: object) -> Path:
     return path
 
 
+def copy_file(source: Path, target: Path) -> Path:
+    """Copy `source` to `target` atomically (a reader never sees half a file); returns `target`."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    with temp_write(target, tmp):
+        shutil.copyfile(source, tmp)
+    tmp.replace(target)
+    return target
+
+
 def file_digest(path: Path, algorithm: str = "md5") -> str:
     """Hex digest of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.new(algorithm)

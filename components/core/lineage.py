@@ -21,6 +21,12 @@ PARAMS_SHA_TAG = "params_sha"
 """Version tag: `params_fingerprint` of the parameters it was trained with."""
 DATA_MD5_TAG = "data_md5"
 """Version tag: the DVC md5 of the data it was trained on."""
+MANIFEST_SHA_TAG = "split.manifest_sha256"
+"""Version tag: sha256 of the version's split manifest (which images it trained, early-stopped and was tested on)."""
+SPLIT_SETTINGS_TAG = "split.settings"
+"""Version tag: the split settings it was trained with, in words."""
+HOLD_TAG = "graft.hold"
+"""Version tag: why the run that registered it could not move `champion` (a DVC experiment, `--no-promote`)."""
 CHAMPION_VERSION_TAG = "graft.champion_version"
 """Registered-model tag: the version Graft last made champion (a different alias means a move by hand)."""
 
@@ -75,7 +81,7 @@ def split_fingerprint(split) -> str:  # noqa: ANN001 - components.data.split.Spl
     relabelled or rewritten: a cache keyed on it is never stale, at worst recomputed after a checkout.
     """
     digest = hashlib.sha256(json.dumps(list(split.classes)).encode())
-    for part, samples in (("train", split.train), ("val", split.val)):
+    for part, samples in (("train", split.train), ("val", split.val), ("test", split.test)):
         for sample in samples:
             stat = sample.path.stat()
             digest.update(f"{part}|{sample.path.relative_to(split.root)}|{sample.label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())

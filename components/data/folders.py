@@ -1,13 +1,14 @@
 """Image folders: discovery and validation, then the split (`components.data.split`).
 
-A folder is either `<class>/<image>` (split here, stratified, with a fixed seed)
-or `train/<class>/<image>` plus `val/<class>/<image>`. Every problem is reported
+A folder is either `<class>/<image>` (split here by each image's content hash)
+or `train/<class>/<image>` plus `val/<class>/<image>` and/or `test/<class>/<image>`. Every problem is reported
 with the path at fault and what to do about it, before any training starts.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -15,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from components.core.errors import DataError
 from components.core.files import file_md5
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS
-from components.data.split import Sample, Split, stratified_split
+from components.data.split import PARTS, Sample, Split, SplitSettings, carve, check_parts, hash_split
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     if not folders:
         raise DataError(
             f"data folder '{root}' has no class folders: put images in {root}/<class>/ "
-            f"(or {root}/train/<class>/ and {root}/val/<class>/)"
+            f"(or {root}/train/<class>/, {root}/val/<class>/ and {root}/test/<class>/)"
         )
     classes: dict[str, list[Path]] = {}
     for folder in folders:
@@ -74,58 +75,82 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     return classes
 
 
-def scan(root: Path, val_fraction: float = 0.2, seed: int = 42) -> Split:
-    """Find and check every image under `root` and split it into train and validation.
+def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
+    """Find and check every image under `root` and split it into train, validation and test.
 
     Raises:
-        DataError: for a missing or empty folder, a class without images, a
-            corrupt file, fewer than two classes, or validation classes that
-            do not match the training classes.
+        DataError: for a missing or empty folder, a class without images, a corrupt file, fewer
+            than two classes, held-out classes that do not match the training classes, or a class
+            left without an image in one of the splits.
     """
     root = Path(root)
-    presplit = (root / "train").is_dir() and (root / "val").is_dir()
-    if presplit:
-        train_files = _class_folders(root / "train")
-        val_files = _class_folders(root / "val")
-        unknown = sorted(set(val_files) - set(train_files))
-        if unknown:
-            raise DataError(
-                f"{root}/val has classes the training set lacks: {', '.join(unknown)}; "
-                f"add them to {root}/train or remove them from {root}/val"
-            )
-        missing = sorted(set(train_files) - set(val_files))
-        if missing:
-            raise DataError(
-                f"{root}/val lacks classes the model will learn: {', '.join(missing)}; "
-                f"add images of them to {root}/val"
-            )
-        classes = tuple(train_files)
-        train = [Sample(p, i) for i, c in enumerate(classes) for p in train_files[c]]
-        val = [Sample(p, i) for i, c in enumerate(classes) for p in val_files[c]]
+    present = [part for part in PARTS if (root / part).is_dir()]
+    if "train" in present and len(present) > 1:
+        split = _presplit(root, present, settings)
     else:
         files = _class_folders(root)
-        classes = tuple(files)
-        train, val = stratified_split(files, val_fraction, seed)
-    if len(classes) < 2:
+        parts = hash_split(files, settings)
+        test = parts["test"] if settings.test_fraction else parts["val"]
+        split = Split(root, tuple(files), tuple(parts["train"]), tuple(parts["val"]), tuple(test), settings=settings)
+    if len(split.classes) < 2:
         raise DataError(
-            f"'{root}' has {len(classes)} class ({', '.join(classes)}); a classifier needs at least 2 class folders"
+            f"'{root}' has {len(split.classes)} class ({', '.join(split.classes)}); a classifier needs at least 2 class folders"
         )
-    split = Split(
-        root=root, classes=classes, train=tuple(train), val=tuple(val), presplit=presplit,
-        duplicates=_count_duplicates(train, val),
-    )
+    check_parts(split)
     _warn_about_balance(split)
-    log.info("data %s: %d classes, %d train / %d val images", root, len(classes), len(train), len(val))
+    counts = ", ".join(f"{len(getattr(split, part))} {part}" for part in PARTS)
+    log.info("data %s: %d classes, %s images (%s; %s)%s", root, len(split.classes), counts, split.source, settings.describe(),
+             "; no test split: test metrics are validation metrics (data.test_fraction=0)" if split.test_is_val else "")
     return split
 
 
-def _count_duplicates(train: list[Sample], val: list[Sample]) -> int:
-    """Validation images whose bytes also occur in the training split."""
-    seen = {file_md5(s.path) for s in train}
-    count = sum(file_md5(s.path) in seen for s in val)
+def _presplit(root: Path, present: list[str], settings: SplitSettings) -> Split:
+    """A folder with `train/` and `val/` and/or `test/`: those parts, the missing one carved by content hash."""
+    found = {part: _class_folders(root / part) for part in present}
+    classes = tuple(found["train"])
+    for part in present[1:]:
+        unknown = sorted(set(found[part]) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{root}/{part} has classes the training set lacks: {', '.join(unknown)}; "
+                f"add them to {root}/train or remove them from {root}/{part}"
+            )
+        missing = sorted(set(classes) - set(found[part]))
+        if missing:
+            raise DataError(
+                f"{root}/{part} lacks classes the model will learn: {', '.join(missing)}; add images of them to {root}/{part}"
+            )
+    parts = {
+        part: [Sample(p, i, file_md5(p)) for i, c in enumerate(classes) for p in found[part][c]] for part in present
+    }
+    source = f"folders {', '.join(f'{part}/' for part in present)}"
+    if "val" not in parts:  # carved from train/
+        held_out = settings.val_fraction / (1 - settings.test_fraction) if settings.test_fraction < 1 else settings.val_fraction
+        parts["train"], parts["val"] = carve(parts["train"], held_out, settings)
+        source += f"; val carved from train/ by content hash ({held_out:.0%})"
+        log.info("no %s/val folder: %d images of train/ form the validation split, by content hash", root, len(parts["val"]))
+    if "test" not in parts:
+        if settings.test_fraction:  # carved from val/
+            share = settings.test_fraction / (settings.test_fraction + settings.val_fraction)
+            parts["val"], parts["test"] = carve(parts["val"], share, settings)
+            source += f"; test carved from val/ by content hash ({share:.0%} of it)"
+            log.info("no %s/test folder: %d images of val/ form the test split, by content hash (data.test_fraction)", root, len(parts["test"]))
+        else:
+            parts["test"] = parts["val"]
+    split = Split(root, classes, tuple(parts["train"]), tuple(parts["val"]), tuple(parts["test"]), presplit=True,
+                  settings=settings, source=source)
+    return replace(split, duplicates=_count_duplicates(split))
+
+
+def _count_duplicates(split: Split) -> int:
+    """Held-out images whose bytes also occur in the training split (folders given pre-split only:
+    the content-hash split keeps byte-identical copies together)."""
+    seen = {s.digest for s in split.train}
+    held_out = {s.digest for s in split.val + split.test}
+    count = len(held_out & seen)
     if count:
         log.warning(
-            "%d validation image(s) are byte-identical to training images: validation scores will be optimistic; "
+            "%d validation or test image(s) are byte-identical to training images: their scores will be optimistic; "
             "remove the duplicates from one side", count,
         )
     return count

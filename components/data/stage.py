@@ -16,7 +16,7 @@ from pathlib import Path
 from components.core.config import Params
 from components.core.files import write_json
 from components.data.folders import scan
-from components.data.split import sample_rows
+from components.data.split import SplitSettings, split_document
 from components.data.versions import data_version
 
 log = logging.getLogger(__name__)
@@ -31,26 +31,16 @@ class PrepareResult:
     classes: tuple[str, ...]
     train_images: int
     val_images: int
+    test_images: int
 
 
 def prepare(params: Params, split_path: Path) -> PrepareResult:
     """Pull the data if it is DVC-tracked and missing, check every image, split it, write `split_path`."""
-    cfg = params.data
-    log.info("prepare: %s (val_fraction %s, seed %s)", cfg.dir, cfg.val_fraction, cfg.seed)
-    md5 = data_version(cfg.dir)
-    split = scan(cfg.dir, cfg.val_fraction, cfg.seed)
-    write_json(
-        split_path,
-        {
-            "data_md5": md5,
-            "val_fraction": cfg.val_fraction,
-            "seed": cfg.seed,
-            "presplit": split.presplit,
-            "classes": list(split.classes),
-            "counts": split.counts(),
-            "train": sample_rows(split.train, split.root),
-            "val": sample_rows(split.val, split.root),
-        },
-    )
-    log.info("split: %d train / %d val images in %d classes -> %s", len(split.train), len(split.val), len(split.classes), split_path)
-    return PrepareResult(split_path, md5, split.classes, len(split.train), len(split.val))
+    settings = SplitSettings.from_config(params.data)
+    log.info("prepare: %s (%s)", params.data.dir, settings.describe())
+    md5 = data_version(params.data.dir)
+    split = scan(params.data.dir, settings)
+    write_json(split_path, {"data_md5": md5, **split_document(split)})
+    log.info("split: %d train / %d val / %d test images in %d classes -> %s",
+             len(split.train), len(split.val), len(split.test), len(split.classes), split_path)
+    return PrepareResult(split_path, md5, split.classes, len(split.train), len(split.val), len(split.test))

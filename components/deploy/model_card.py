@@ -73,18 +73,28 @@ def _table(header: tuple[str, ...], rows: list[tuple[object, ...]]) -> list[str]
 def _data_section(facts: CardFacts) -> list[str]:
     split = facts.split
     counts = split.counts()
-    how = "pre-split `train/` and `val/` folders" if split.presplit else (
-        f"stratified split, {facts.params.data.val_fraction:.0%} of each class held out, seed {facts.params.data.seed}"
+    test_note = (
+        "There is no separate test split (`data.test_fraction: 0`): **the test metrics below are validation metrics**, "
+        "and the validation images chose the epoch."
+        if split.test_is_val else
+        "The test images were not looked at until the model was trained: the gate and the metrics below come from them."
     )
     lines = [
         "## Data",
         "",
         f"- **Version (DVC md5):** `{facts.data_md5}`",
-        f"- **Folder:** `{split.root}` ({how})",
+        f"- **Folder:** `{split.root}`; split by {split.source} ({split.settings.describe()})",
         f"- **Classes ({len(split.classes)}):** {', '.join(f'`{c}`' for c in split.classes)}",
         "",
+        "Three splits, each with one job: **train** fits the weights; **validation** chooses the epoch (early stopping)"
+        " and fits the softmax temperature, so its figures are optimistic; **test** judges the model. An image's split"
+        " follows from its content hash and the split settings, so adding, removing or renaming other images never"
+        f" moves it. {test_note} The version carries the content hashes of each split (`split_manifest.json`), and the"
+        " gate compares it with the champion only on test images neither of them trained or early-stopped on.",
+        "",
     ]
-    lines += _table(("class", "train images", "val images"), [(c, counts["train"][c], counts["val"][c]) for c in split.classes])
+    lines += _table(("class", "train images", "val images", "test images"),
+                    [(c, counts["train"][c], counts["val"][c], counts["test"][c]) for c in split.classes])
     return [*lines, ""]
 
 
@@ -117,9 +127,11 @@ def _model_section(facts: CardFacts) -> list[str]:
 
 def _metrics_section(facts: CardFacts) -> list[str]:
     evaluation = facts.evaluation
-    lines = ["## Validation metrics", ""]
-    lines += _table(("metric", "value"), [(name, f"{value:.4f}") for name, value in evaluation.metrics.items()])
-    lines += ["", "Per class:", ""]
+    lines = ["## Metrics", "", f"Validation ({len(facts.split.val)} images, chose the epoch) and {evaluation.test_label} "
+             f"({len(facts.split.evaluation)} images):", ""]
+    lines += _table(("metric", "validation", evaluation.test_label),
+                    [(name, f"{value:.4f}", f"{evaluation.test.get(name, float('nan')):.4f}") for name, value in evaluation.val.items()])
+    lines += ["", f"Per class ({evaluation.test_label}):", ""]
     lines += _table(
         ("class", "precision", "recall", "F1", "support"),
         [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"]) for c, m in evaluation.per_class.items()],
@@ -128,7 +140,8 @@ def _metrics_section(facts: CardFacts) -> list[str]:
     for picture in evaluation.pictures:
         lines.append(f"![{picture.stem.replace('_', ' ')}](../{REPORT_ARTIFACT_DIR}/{picture.name})")
     if facts.params.evaluate.temperature_scaling:
-        lines += ["", "The temperature was fitted on the same validation images, so the calibration numbers above are optimistic."]
+        lines += ["", "The temperature was fitted on the validation images, so their calibration numbers are optimistic; "
+                  "the test figures are not."]
     return [*lines, ""]
 
 
@@ -201,9 +214,10 @@ def render_card(facts: CardFacts) -> str:
         "## Intended use and limits",
         "",
         f"Classifies images into the {len(facts.trained.classes)} classes above and nothing else: an image of any "
-        "other kind still gets one of these labels. The numbers come from "
-        f"{len(facts.split.val)} validation images of this data version only; the same validation images chose "
-        "the training epoch (early stopping), so they are slightly optimistic.",
+        "other kind still gets one of these labels. The test figures come from "
+        f"{len(facts.split.evaluation)} test images of this data version only"
+        + (" (validation images: there is no test split), which also chose the epoch, so they are optimistic."
+           if facts.split.test_is_val else "; images unlike them may score lower."),
         "",
     ]
     sections = (_data_section, _model_section, _metrics_section, _gate_section, _export_section, _reproduce_section)
@@ -213,15 +227,16 @@ def render_card(facts: CardFacts) -> str:
 
 def summarise(facts: CardFacts) -> str:
     """A few lines for the registry's version description (rendered as Markdown by the MLflow UI)."""
-    metrics, exported, verdict = facts.evaluation.metrics, facts.exported, facts.verdict
+    metrics, exported, verdict = facts.evaluation.test, facts.exported, facts.verdict
     gate = verdict.text()
     if len(gate) > MAX_DESCRIPTION // 2:
         gate = gate[: MAX_DESCRIPTION // 2] + " ... (all reasons in the model card)"
     return "\n".join([
         f"**{facts.trained.backbone}** ({facts.trained.strategy}, {facts.trained.image_size}px), "
         f"{len(facts.trained.classes)} classes, data md5 `{facts.data_md5}`.",
-        f"Validation: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
-        f"ECE {metrics['ece']:.4f}, temperature {facts.evaluation.temperature:.3f}.",
+        f"{facts.evaluation.test_label.capitalize()}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}, "
+        f"ECE {metrics['ece']:.4f}, temperature {facts.evaluation.temperature:.3f} "
+        f"(validation accuracy {facts.evaluation.val['accuracy']:.4f}).",
         f"ONNX parity: max |diff| {exported.max_abs_diff:.1e}, top-1 agreement {exported.top1_agreement:.0%}.",
         f"Gate: {gate}",
         f"Model card: `runs:/{facts.run_id}/{CARD_ARTIFACT_DIR}/{CARD_NAME}`",

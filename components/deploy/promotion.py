@@ -65,12 +65,12 @@ def version_checks(params: Params, tags: dict[str, str], file_sha256: str | None
     for metric, floor in (("accuracy", rules.min_accuracy), ("macro_f1", rules.min_macro_f1)):
         if floor is None:
             continue
-        value = _tag_float(tags, f"val.{metric}")
+        value = _tag_float(tags, f"test.{metric}")
         if value is None:
-            checks.append(Check(f"floor.{metric}", False, f"no val.{metric} tag to compare with the floor {floor:.3f} (evaluate.min_{metric})"))
+            checks.append(Check(f"floor.{metric}", False, f"no test.{metric} tag to compare with the floor {floor:.3f} (evaluate.min_{metric})"))
         else:
             relation = "meets" if value >= floor else "is below"
-            checks.append(Check(f"floor.{metric}", value >= floor, f"{metric} {value:.3f} {relation} the floor {floor:.3f} (evaluate.min_{metric})"))
+            checks.append(Check(f"floor.{metric}", value >= floor, f"test {metric} {value:.3f} {relation} the floor {floor:.3f} (evaluate.min_{metric})"))
     expected = tags.get("onnx.sha256")
     if expected is None or file_sha256 is None:
         checks.append(Check("checksum", False, "no onnx.sha256 tag to verify the registered file against"))

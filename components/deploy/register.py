@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from components.core.config import Params
-from components.core.lineage import CHAMPION, PARAMS_SHA_TAG, params_fingerprint
+from components.core.lineage import CHAMPION, CHAMPION_VERSION_TAG, MANIFEST_SHA_TAG, PARAMS_SHA_TAG, SPLIT_SETTINGS_TAG, params_fingerprint
+from components.data.split import MANIFEST_FILE, SplitManifest
 from components.deploy.export import ExportResult
 from components.evaluate.gate import Verdict
 from components.evaluate.stage import EvalResult
@@ -34,7 +35,7 @@ def record_manual_promotion(client, name: str) -> None:  # noqa: ANN001
     if champion is None:
         return
     try:
-        recorded = client.get_registered_model(name).tags.get("graft.champion_version")
+        recorded = client.get_registered_model(name).tags.get(CHAMPION_VERSION_TAG)
     except MlflowException:
         return
     if recorded and recorded != str(champion.version):
@@ -43,7 +44,8 @@ def record_manual_promotion(client, name: str) -> None:  # noqa: ANN001
         mlflow_calls.set_version_tag(client, name, champion.version, "graft.promoted_by", "manual (MLflow UI or API)")
 
 
-def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict, data_md5: str, commit: str) -> dict[str, str]:
+def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict, data_md5: str,
+                 commit: str, manifest: SplitManifest) -> dict[str, str]:
     """Tags every registered version carries, so the MLflow UI tells its whole story."""
     import onnxruntime
     import torch
@@ -65,15 +67,19 @@ def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, e
         "runtime.python": platform.python_version(),
         **verdict.tags(),
     }
-    tags.update({f"val.{k}": f"{v:.4f}" for k, v in evaluation.metrics.items()})
+    tags.update({f"val.{k}": f"{v:.4f}" for k, v in evaluation.val.items()})
+    tags.update({f"test.{k}": f"{v:.4f}" for k, v in evaluation.test.items()})
+    tags[SPLIT_SETTINGS_TAG] = manifest.settings.describe() + (" (no test split: test = val)" if evaluation.test_is_val else "")
+    tags[MANIFEST_SHA_TAG] = manifest.sha256()
     return tags
 
 
-def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int, variants: tuple[str, ...] = ()) -> str:
+def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int, variants: tuple[str, ...] = (),
+                   manifest: SplitManifest | None = None) -> str:
     """Save with MLflow's ONNX flavour (signature + input example) and log it to the run.
 
-    Published variant files (`model.int8.onnx`, ...) go into the same folder, so the
-    registered version holds them beside `model.onnx` and one copy of it carries all.
+    Published variant files (`model.int8.onnx`, ...) and the split manifest go into the same
+    folder, so the registered version holds them beside `model.onnx` and one copy of it carries all.
     """
     import mlflow.onnx
     import onnx
@@ -93,6 +99,8 @@ def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int,
             save_as_external_data=False,
         )
         copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)
+        if manifest is not None:
+            (local / MANIFEST_FILE).write_text(manifest.to_json())
         mlflow_calls.log_artifacts(run.client, run.run_id, str(local), "model")
     return f"{run.artifact_uri()}/model"
 

@@ -9,30 +9,25 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from components.backbones.zoo import get_spec
 from components.core.config import Params
-from components.core.errors import GraftError
-from components.core.lineage import CHALLENGER, CHAMPION
+from components.core.lineage import CHALLENGER, CHAMPION, HOLD_TAG
 from components.data.images import load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
+from components.deploy.judge import TestImages, judge_challenger
 from components.deploy.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, ModelCard, write_model_card
 from components.deploy.register import log_onnx_model, record_manual_promotion, register_version, version_tags
 from components.deploy.variants import VariantsReport, build_variants
-from components.evaluate.gate import GateRules, Verdict, judge
+from components.evaluate.gate import GateRules, Verdict
 from components.evaluate.stage import EvalResult
 from components.registry import mlflow_calls
 from components.registry.history import move_alias
 from components.registry.tracking import Run
-from components.registry.versions import version_by_alias
 from components.runtime.bundle import write_bundle
-from components.runtime.model import OnnxClassifier
 from components.train.stage import TrainResult, load_classifier
 
 log = logging.getLogger(__name__)
@@ -53,6 +48,8 @@ class DeployResult:
     """fp16/int8/optimised variants, their accuracy change vs fp32, and which were published."""
     bundle_dir: Path | None = None
     """The deploy bundle (`run_dir/bundle`): ONNX files, labels, model card, SHA256SUMS."""
+    held: str | None = None
+    """Why `champion` was not moved although the gate would have promoted (see `DeployContext.hold`)."""
 
 
 @dataclass(frozen=True)
@@ -65,20 +62,8 @@ class DeployContext:
     run_dir: Path
     data_md5: str
     commit: str
-
-
-class ValidationImages:
-    """The validation images and labels, decoded once per image size (challenger and champion may differ)."""
-
-    def __init__(self, split: Split) -> None:
-        self.paths = [s.path for s in split.val]
-        self.labels = np.array([s.label for s in split.val])
-        self._decoded: dict[int, np.ndarray] = {}
-
-    def at(self, size: int) -> np.ndarray:
-        if size not in self._decoded:
-            self._decoded[size] = load_batch(self.paths, size)
-        return self._decoded[size]
+    hold: str | None = None
+    """Why `champion` must not move in this run whatever the gate says (a `dvc exp run`, `--no-promote`); None to let the gate decide."""
 
 
 def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> ExportResult:
@@ -102,37 +87,19 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol)
 
 
-def champion_probabilities(client, name: str, classes: tuple[str, ...], images_at: Callable[[int], np.ndarray]) -> tuple[str | None, np.ndarray | None, str | None]:  # noqa: ANN001
-    """(champion version, its probabilities on `images_at(its image size)`, why it cannot be compared)."""
-    champion = version_by_alias(client, name, CHAMPION)
-    if champion is None:
-        return None, None, None
-    champion_version = str(champion.version)
-    try:
-        model = OnnxClassifier.load(f"models:/{name}/{champion.version}")
-    except GraftError as exc:
-        return champion_version, None, f"it cannot be loaded ({exc})"
-    if model.classes != classes:
-        return champion_version, None, f"its classes {list(model.classes)} differ from the challenger's {list(classes)}"
-    return champion_version, model.predict_proba(images_at(model.image_size)), None
-
-
-def judge_challenger(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: ValidationImages) -> Verdict:
-    """The gate's verdict on the exported challenger against the champion, on the same images; logged to the run."""
+def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:
+    """The gate's verdict on the exported challenger against the champion (`components.deploy.judge`); logged to the run."""
     client, name = ctx.run.client, ctx.params.deploy.model_name
     record_manual_promotion(client, name)
-    challenger_probs = OnnxClassifier(exported.onnx_path).predict_proba(images.at(trained.image_size))
-    champion_version, champion_probs, problem = champion_probabilities(client, name, trained.classes, images.at)
-    rules = GateRules.from_params(ctx.params)
-    verdict = judge(challenger_probs, images.labels, rules, champion_probs, champion_version, problem, trained.classes)
+    verdict = judge_challenger(client, name, ctx.split, exported.onnx_path, trained.classes, GateRules.from_params(ctx.params))
     log.info("gate: %s", verdict.text())
     ctx.run.set_tags(verdict.tags())
     ctx.run.log_dict(verdict.to_dict(), f"{REPORT_ARTIFACT_DIR}/gate.json")
     return verdict
 
 
-def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: ValidationImages) -> VariantsReport:
-    """The optimised, fp16 and INT8 variants beside the fp32 file, each judged on the validation images."""
+def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages) -> VariantsReport:
+    """The optimised, fp16 and INT8 variants beside the fp32 file, each judged on the test images."""
     cfg = ctx.params.deploy
     calibration_paths = [s.path for s in stratified_sample(ctx.split.train, cfg.calibration_images, ctx.params.data.seed)]
     calibration = load_batch(calibration_paths, trained.image_size)
@@ -144,18 +111,22 @@ def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult
 def register(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict,
              card: ModelCard, variants: VariantsReport) -> str:
     """Log the ONNX model (with its published variants) and create the version with every tag; returns its number."""
-    source = log_onnx_model(ctx.run, exported.onnx_path, trained.image_size, len(trained.classes), variants.published)
-    tags = version_tags(ctx.params, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit)
+    manifest = ctx.split.manifest()
+    source = log_onnx_model(ctx.run, exported.onnx_path, trained.image_size, len(trained.classes), variants.published, manifest)
+    tags = version_tags(ctx.params, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, manifest)
+    if ctx.hold:
+        tags[HOLD_TAG] = f"{ctx.hold}: challenger only, champion not moved by this run"
     tags["model_card"] = card.uri
     tags.update(variants.tags())
     return register_version(ctx.run, ctx.params.deploy.model_name, source, tags, card.summary)
 
 
 def publish(ctx: DeployContext, version: str, verdict: Verdict) -> tuple[str, ...]:
-    """`challenger` onto the new version, then `champion` too when the gate says so (the alias moves last)."""
+    """`challenger` onto the new version, then `champion` too when the gate says so and the run may promote
+    (the alias moves last)."""
     client, name = ctx.run.client, ctx.params.deploy.model_name
     mlflow_calls.set_alias(client, name, CHALLENGER, version)
-    if not verdict.promote:
+    if not verdict.promote or ctx.hold:
         return (CHALLENGER,)
     move_alias(client, name, version, "gate", f"graft run {ctx.run.run_id}", verdict.text())
     return (CHALLENGER, CHAMPION)
@@ -165,12 +136,11 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     """Export, judge, register and publish the challenger: `champion` moves only when the gate agrees."""
     started = time.perf_counter()
     name = ctx.params.deploy.model_name
-    images = ValidationImages(ctx.split)
     exported = export(ctx, trained, evaluation)
-    verdict = judge_challenger(ctx, trained, exported, images)
+    verdict = gate(ctx, trained, exported)
     card = write_model_card(CardFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, ctx.run.run_id), ctx.run_dir)
     ctx.run.log_artifact(card.path, CARD_ARTIFACT_DIR)
-    variants = variants_of(ctx, trained, exported, images)
+    variants = variants_of(ctx, trained, exported, TestImages(ctx.split))
     version = register(ctx, trained, evaluation, exported, verdict, card, variants)
     bundle = write_bundle(
         exported.onnx_path, ctx.run_dir / "bundle",
@@ -178,5 +148,9 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
         variants.listing(), card.path,
     )
     aliases = publish(ctx, version, verdict)
+    held = f"{ctx.hold}: registered as challenger only; promote it with `graft promote --name {name} --version {version}`" if ctx.hold and verdict.promote else None
+    if held:
+        log.warning("the gate would promote %s v%s, but %s", name, version, held)
     log.info("registered %s v%s with aliases %s", name, version, ", ".join(aliases))
-    return DeployResult(exported, name, version, aliases, verdict, f"models:/{name}/{version}", time.perf_counter() - started, variants, bundle.dir)
+    return DeployResult(exported, name, version, aliases, verdict, f"models:/{name}/{version}", time.perf_counter() - started,
+                        variants, bundle.dir, held)

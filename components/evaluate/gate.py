@@ -1,11 +1,13 @@
 """The promotion gate: should the challenger replace the champion?
 
-Both models' probabilities on the same validation images come in; a verdict
-with one plain-words line per check goes out. Every check runs, so a refusal
-lists all its reasons at once:
+Both models' probabilities on the same test images come in, with which of those
+images neither model trained or early-stopped on; a verdict with one plain-words
+line per check goes out. Every check runs, so a refusal lists all its reasons at once:
 
-- floors (`evaluate.min_accuracy`, `evaluate.min_macro_f1`), so a poor first
-  model is registered but not made champion;
+- floors (`evaluate.min_accuracy`, `evaluate.min_macro_f1`) on every test image,
+  so a poor first model is registered but not made champion;
+- enough test images that neither model saw (`evaluate.min_comparison_images`);
+  the checks below compare the two on those images only;
 - the gain on `evaluate.metric`, at least `deploy.min_improvement` and above 0;
 - a paired test that the gain is not noise (`evaluate.gate_test`);
 - optionally, no class's recall may drop by more than `evaluate.max_class_drop`.
@@ -44,6 +46,7 @@ class GateRules:
     min_accuracy: float | None = None
     min_macro_f1: float | None = None
     max_class_drop: float | None = None
+    min_comparison_images: int = 1
     seed: int = 0
 
     @classmethod
@@ -58,8 +61,27 @@ class GateRules:
             min_accuracy=cfg.min_accuracy,
             min_macro_f1=cfg.min_macro_f1,
             max_class_drop=cfg.max_class_drop,
+            min_comparison_images=cfg.min_comparison_images,
             seed=params.data.seed,
         )
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Which test images the challenger and the champion are compared on: those neither trained or early-stopped on."""
+
+    fair: np.ndarray
+    """Boolean mask over the test images."""
+    notes: tuple[str, ...] = ()
+    """What the reader must know about the set (the split settings changed, there is no test split, ...)."""
+
+    @classmethod
+    def every(cls, count: int) -> Comparison:
+        return cls(np.ones(count, dtype=bool))
+
+    @property
+    def size(self) -> int:
+        return int(self.fair.sum())
 
 
 @dataclass(frozen=True)
@@ -80,6 +102,7 @@ class Verdict:
     """Failed checks first, then passed ones."""
     metric: str
     challenger_score: float
+    """On the compared images when there is a champion to compare with, else on every test image."""
     champion_score: float | None = None
     champion_version: str | None = None
     mcnemar_p: float | None = None
@@ -87,6 +110,8 @@ class Verdict:
     bootstrap_interval: tuple[float, float] | None = None
     """Interval of challenger - champion on `metric` when `test` is bootstrap."""
     checks: tuple[Check, ...] = field(default=())
+    compared_images: int | None = None
+    """Test images the two models were compared on (neither trained or early-stopped on them); None without a champion."""
 
     @property
     def failures(self) -> tuple[Check, ...]:
@@ -106,6 +131,8 @@ class Verdict:
         }
         if self.champion_version is not None:
             tags["gate.champion_version"] = self.champion_version
+        if self.compared_images is not None:
+            tags["gate.compared_images"] = str(self.compared_images)
         if self.mcnemar_p is not None:
             tags["gate.mcnemar_p"] = f"{self.mcnemar_p:.4g}"
         if self.bootstrap_interval is not None:
@@ -256,6 +283,19 @@ def _class_drop_check(challenger: np.ndarray, champion: np.ndarray, labels: np.n
     )
 
 
+def _comparison_check(comparison: Comparison, total: int, version: str, rules: GateRules) -> Check:
+    notes = "".join(f"; {note}" for note in comparison.notes)
+    if comparison.size < rules.min_comparison_images:
+        return Check(
+            "comparison", False,
+            f"only {_images(comparison.size)} of the {total} test images were seen by neither model (champion v{version} "
+            f"trained or early-stopped on the others){notes}; at least {rules.min_comparison_images} are needed to tell the two "
+            "apart (evaluate.min_comparison_images): registered as challenger, promote by hand if intended",
+        )
+    return Check("comparison", True, f"compared on {_images(comparison.size)} of the {total} test images that neither model "
+                                     f"trained or early-stopped on{notes}")
+
+
 def judge(
     challenger_probs: np.ndarray,
     labels: np.ndarray,
@@ -264,54 +304,65 @@ def judge(
     champion_version: str | None = None,
     comparable: str | None = None,
     classes: tuple[str, ...] | None = None,
+    comparison: Comparison | None = None,
 ) -> Verdict:
-    """Run every check of the gate on the challenger (and the champion, on the same images).
+    """Run every check of the gate: the floors on every test image, the comparison with the champion on
+    the test images neither model trained or early-stopped on.
 
     Args:
-        challenger_probs: Validation probabilities of the challenger, N x classes.
+        challenger_probs: Test probabilities of the challenger, N x classes.
         labels: True class indices of those N images.
         rules: The gate's settings.
-        champion_probs: The champion's probabilities on the same images, in the same class order.
+        champion_probs: The champion's probabilities on the same N images, in the same class order.
         champion_version: The champion's registry version; None when there is no champion.
-        comparable: None when the champion can be compared, else why it cannot (classes differ, unreadable).
+        comparable: None when the champion can be compared, else why it cannot (classes differ, unreadable,
+            no record of what it trained on).
         classes: Class names, for the per-class check's wording.
+        comparison: Which of the N images both models may be compared on; default all of them.
     """
     num_classes = challenger_probs.shape[1]
     names = classes or tuple(str(i) for i in range(num_classes))
     predicted = challenger_probs.argmax(1)
     own_score = score(predicted, labels, rules.metric, num_classes)
     checks = _floor_checks(predicted, labels, num_classes, rules)
-    best = p = interval = None
+    best = p = interval = compared = None
+    challenger_score = own_score
     if champion_version is None:
-        checks.insert(0, Check("champion", True, f"no champion yet; challenger {rules.metric} {own_score:.3f}"))
+        checks.insert(0, Check("champion", True, f"no champion yet; challenger test {rules.metric} {own_score:.3f}"))
     elif comparable is not None or champion_probs is None:
-        why = comparable or "its validation predictions are unavailable"
+        why = comparable or "its test predictions are unavailable"
         checks.insert(0, Check("comparable", False, f"cannot compare with champion v{champion_version}: {why}; it stays champion, promote by hand if intended"))
     else:
-        theirs = champion_probs.argmax(1)
-        best = score(theirs, labels, rules.metric, num_classes)
-        checks.insert(0, _improvement_check(own_score, best, champion_version, rules))
-        if rules.test == "mcnemar":
-            check, p = _mcnemar_check(predicted, theirs, labels, rules.alpha)
-        elif rules.test == "bootstrap":
-            check, interval = _bootstrap_check(predicted, theirs, labels, num_classes, rules)
-            p = mcnemar_p(predicted == labels, theirs == labels)  # reported beside it
-        else:
-            check = Check("significance", True, "no significance test (evaluate.gate_test: none)")
-            p = mcnemar_p(predicted == labels, theirs == labels)
-        checks.insert(1, check)
-        if rules.max_class_drop is not None:
-            checks.append(_class_drop_check(predicted, theirs, labels, names, champion_version, rules.max_class_drop))
+        comparison = comparison or Comparison.every(len(labels))
+        compared = comparison.size
+        checks.insert(0, _comparison_check(comparison, len(labels), champion_version, rules))
+        if compared >= rules.min_comparison_images:
+            fair = comparison.fair
+            mine, theirs, truth = predicted[fair], champion_probs.argmax(1)[fair], labels[fair]
+            challenger_score, best = score(mine, truth, rules.metric, num_classes), score(theirs, truth, rules.metric, num_classes)
+            checks.insert(0, _improvement_check(challenger_score, best, champion_version, rules))
+            if rules.test == "mcnemar":
+                check, p = _mcnemar_check(mine, theirs, truth, rules.alpha)
+            elif rules.test == "bootstrap":
+                check, interval = _bootstrap_check(mine, theirs, truth, num_classes, rules)
+                p = mcnemar_p(mine == truth, theirs == truth)  # reported beside it
+            else:
+                check = Check("significance", True, "no significance test (evaluate.gate_test: none)")
+                p = mcnemar_p(mine == truth, theirs == truth)
+            checks.insert(1, check)
+            if rules.max_class_drop is not None:
+                checks.append(_class_drop_check(mine, theirs, truth, names, champion_version, rules.max_class_drop))
     ordered = [c for c in checks if not c.passed] + [c for c in checks if c.passed]
     return Verdict(
         promote=all(c.passed for c in checks),
         reasons=tuple(c.reason for c in ordered),
         metric=rules.metric,
-        challenger_score=own_score,
+        challenger_score=challenger_score,
         champion_score=best,
         champion_version=champion_version,
         mcnemar_p=p,
         test=rules.test,
         bootstrap_interval=interval,
         checks=tuple(ordered),
+        compared_images=compared,
     )

@@ -1,8 +1,9 @@
-"""The `evaluate` stage of `dvc repro`: the exported ONNX model, through onnxruntime, on the held-out split.
+"""The `evaluate` stage of `dvc repro`: the exported ONNX model, through onnxruntime, on the test split.
 
 `graft run` evaluates the PyTorch model it trained; this checks the artifact
-production loads, on the images `prepare` set aside, with the same metric
-functions (`components.evaluate.classification_metrics`), and writes what
+production loads, on the test images `prepare` set aside (which nothing looked
+at during training), with the same metric functions
+(`components.evaluate.metrics.classification_metrics`), and writes what
 `dvc metrics diff` and `dvc plots diff` compare between commits.
 """
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.core.config import Params
+from components.core.config import REPO_ROOT, Params
 from components.core.errors import DataError
 from components.core.files import write_json
 from components.data.images import load_batch
@@ -28,44 +29,51 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class HoldoutResult:
-    """The ONNX model's held-out metrics, and how far they are from what training reported."""
+    """The ONNX model's test metrics, and how far they are from what training reported."""
 
     onnx_path: Path
     metrics: dict[str, float]
     metrics_path: Path
     confusion_path: Path
     max_gap_to_training: float
-    """Largest |ONNX metric - the run's PyTorch metric| over the metrics both report."""
+    """Largest |ONNX metric - the run's PyTorch metric| on the test split, over the metrics both report."""
 
 
-def onnx_of_run(summary_path: Path) -> tuple[Path, dict[str, float]]:
-    """The ONNX file and the validation metrics a `graft run --summary` file records.
+def run_metrics(summary_path: Path) -> tuple[dict[str, float], Path]:
+    """The test metrics a `graft run --summary` file records, and the ONNX file it names.
 
     Raises:
-        DataError: the summary is missing or names no existing ONNX file.
+        DataError: the summary is missing or unreadable.
     """
     try:
         summary = json.loads(summary_path.read_text())
-        onnx_path, val = Path(summary["onnx"]["path"]), dict(summary["val"])
+        return dict(summary["test"]), Path(summary["onnx"]["path"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"run summary {summary_path} is missing or unreadable ({exc}); run `graft run --summary {summary_path}` first") from exc
+
+
+def evaluate_holdout(params: Params, split: Split, summary_path: Path, out_dir: Path, model_path: Path | None = None) -> HoldoutResult:
+    """Score the run's ONNX model (`model_path`, else the file the summary names) on the test split;
+    write `metrics.json`, `per_class.json` and `confusion.json` under `out_dir`.
+
+    Raises:
+        DataError: the summary or the model file is missing, or the test split does not match the model.
+    """
+    trained_metrics, named = run_metrics(summary_path)
+    onnx_path = model_path or (named if named.is_absolute() else REPO_ROOT / named)  # summaries name files relative to the project
     if not onnx_path.is_file():
-        raise DataError(f"{summary_path} names {onnx_path}, which does not exist; run `graft run --summary {summary_path}` again")
-    return onnx_path, val
-
-
-def evaluate_holdout(params: Params, split: Split, summary_path: Path, out_dir: Path) -> HoldoutResult:
-    """Score the run's ONNX model on `split.val`; write `metrics.json` and `confusion.json` under `out_dir`."""
-    onnx_path, trained_metrics = onnx_of_run(summary_path)
+        raise DataError(f"ONNX model {onnx_path} does not exist; run `dvc pull` (or `graft run --summary {summary_path}`) first")
     model = OnnxClassifier(onnx_path)
-    check_classes(split, model.classes)
-    labels = np.array([s.label for s in split.val])
-    probs = model.predict_proba(load_batch([s.path for s in split.val], model.image_size))
+    check_classes(split, model.classes, parts=("test",))
+    tested = split.evaluation
+    labels = np.array([s.label for s in tested])
+    probs = model.predict_proba(load_batch([s.path for s in tested], model.image_size))
     metrics, per_class = classification_metrics(probs, labels, split.classes, params.evaluate.top_k, params.evaluate.calibration_bins)
     shared = [k for k in metrics if isinstance(trained_metrics.get(k), (int, float))]
     gap = max((abs(metrics[k] - trained_metrics[k]) for k in shared), default=0.0)
-    log.info("ONNX on %d held-out images: accuracy %.4f (largest gap to the run's own metrics %.2e)", len(labels), metrics["accuracy"], gap)
-    metrics_path = write_json(out_dir / "metrics.json", {"holdout": metrics})
+    part = "validation (no test split)" if split.test_is_val else "test"
+    log.info("ONNX on %d %s images: accuracy %.4f (largest gap to the run's own metrics %.2e)", len(labels), part, metrics["accuracy"], gap)
+    metrics_path = write_json(out_dir / "metrics.json", {"test": metrics})
     write_json(out_dir / "per_class.json", per_class)
     predicted = probs.argmax(axis=1)
     confusion = [{"actual": split.classes[t], "predicted": split.classes[p]} for t, p in zip(labels, predicted, strict=True)]

@@ -75,11 +75,11 @@ def classification_metrics(
     return metrics, per_class
 
 
-def check_classes(split: Split, model_classes: tuple[str, ...]) -> None:
-    """Make sure the validation split holds exactly the model's classes, each with images.
+def check_classes(split: Split, model_classes: tuple[str, ...], parts: tuple[str, ...] = ("val", "test")) -> None:
+    """Make sure the held-out parts hold exactly the model's classes, each with images.
 
     Raises:
-        DataError: naming the classes the validation data lacks or the model does not know.
+        DataError: naming the classes the held-out data lacks or the model does not know.
     """
     missing = [c for c in model_classes if c not in split.classes]
     unknown = [c for c in split.classes if c not in model_classes]
@@ -90,15 +90,15 @@ def check_classes(split: Split, model_classes: tuple[str, ...]) -> None:
         problems.append(f"it has classes the model does not know: {', '.join(unknown)}")
     if not problems and split.classes != model_classes:
         problems.append(f"its class order {list(split.classes)} differs from the model's {list(model_classes)}")
-    counts = split.counts()["val"]
-    empty = [name for name, count in counts.items() if count == 0 and name in model_classes]
-    if empty:
-        problems.append(f"it has no images of: {', '.join(empty)}")
+    counts = split.counts()
+    for part in parts:
+        empty = [name for name, count in counts[part].items() if count == 0 and name in model_classes]
+        if empty and (part != "test" or not split.test_is_val):
+            problems.append(f"its {part} split has no images of: {', '.join(empty)}")
     if problems:
         raise DataError(
-            f"validation data in {split.root} does not match the model: {'; '.join(problems)}; "
-            f"add {split.root}/val/<class> folders for exactly the model's classes ({', '.join(model_classes)}), "
-            "or retrain on this data"
+            f"held-out data in {split.root} does not match the model: {'; '.join(problems)}; "
+            f"add images of exactly the model's classes ({', '.join(model_classes)}), or retrain on this data"
         )
 
 

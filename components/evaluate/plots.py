@@ -35,8 +35,9 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: tuple[str
     return save_figure(fig, path)
 
 
-def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], indices: list[int], path: Path) -> Path:
-    """Save a grid of the given validation images titled with their true and predicted class."""
+def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], indices: list[int],
+                  path: Path, part: str = "test") -> Path:
+    """Save a grid of the given images of `part` titled with their true and predicted class."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -46,7 +47,7 @@ def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, clas
     if not indices:
         fig, ax = plt.subplots(figsize=(4, 1.5))
         ax.axis("off")
-        ax.text(0.5, 0.5, f"no misclassified images among {len(labels)} validation images", ha="center", va="center")
+        ax.text(0.5, 0.5, f"no misclassified images among {len(labels)} {part} images", ha="center", va="center")
         return save_figure(fig, path)
     columns = min(4, len(indices))
     rows = -(-len(indices) // columns)
@@ -58,7 +59,7 @@ def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, clas
             ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
         guess = int(probs[index].argmax())
         ax.set_title(f"true {classes[labels[index]]}\npred {classes[guess]} ({probs[index, guess]:.2f})", fontsize=8, color="#b30000")
-    fig.suptitle(f"most confidently wrong validation images ({len(indices)} shown)", fontsize=10)
+    fig.suptitle(f"most confidently wrong {part} images ({len(indices)} shown)", fontsize=10)
     return save_figure(fig, path)
 
 

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from components.core.errors import RegistryError
-from components.core.lineage import CHAMPION
+from components.core.lineage import CHAMPION, CHAMPION_VERSION_TAG
 from components.registry import mlflow_calls
 from components.registry.versions import alias_version
 
@@ -145,11 +145,11 @@ def move_alias(client, name: str, version: str, action: str, who: str, why: str,
             mlflow_calls.set_model_tag(client, name, key, _encode(entry))
             written.append(key)
         if alias == CHAMPION:
-            mlflow_calls.set_model_tag(client, name, "graft.champion_version", str(version))
+            mlflow_calls.set_model_tag(client, name, CHAMPION_VERSION_TAG, str(version))
             mlflow_calls.set_version_tag(client, name, str(version), "graft.promoted_by", f"{action} by {who}")
         mlflow_calls.set_alias(client, name, alias, str(version))
     except RegistryError as exc:
-        _undo(client, name, written, before_tags.get("graft.champion_version") if alias == CHAMPION else None)
+        _undo(client, name, written, before_tags.get(CHAMPION_VERSION_TAG) if alias == CHAMPION else None)
         raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc}); it still points at v{current}") from exc
     _forget_old_moves(client, name, before_tags, len(written))
     log.info("%s of %s: v%s -> v%s (%s by %s)", alias, name, current, version, action, who)
@@ -162,7 +162,7 @@ def _undo(client, name: str, written: list[str], champion_version: str | None) -
         for key in written:
             mlflow_calls.delete_model_tag(client, name, key)
         if champion_version is not None:
-            mlflow_calls.set_model_tag(client, name, "graft.champion_version", champion_version)
+            mlflow_calls.set_model_tag(client, name, CHAMPION_VERSION_TAG, champion_version)
     except RegistryError as exc:
         log.warning("could not undo the failed move's tags on '%s' (%s); `graft history` may list a move that did not happen", name, exc)
 

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.choose.ranking import ChooseResult, ranking_table
+from components.core.config import REPO_ROOT
 from components.core.files import write_json
 from components.core.lineage import CHALLENGER, CHAMPION
+from components.data.split import PARTS, Split
 from components.deploy.model_card import CARD_NAME
 from components.deploy.stage import DeployResult
 from components.deploy.variants import VariantsReport
@@ -48,6 +50,12 @@ class RunSummary:
     deployed: DeployResult
     run_dir: Path
     timings: dict[str, float]
+    split: Split
+
+    @property
+    def split_counts(self) -> dict[str, int]:
+        """Images in train, val and test."""
+        return {part: len(getattr(self.split, part)) for part in PARTS}
 
     @property
     def model_label(self) -> str:
@@ -55,11 +63,15 @@ class RunSummary:
         return f"{self.deployed.model_name} v{self.deployed.version}"
 
     def to_dict(self) -> dict:
-        """Everything a person or a script needs to know about the run, as plain JSON values."""
+        """Everything a person or a script needs to know about the run, as plain JSON values; files inside the
+        project are named relative to it, so a committed summary holds no machine's folders."""
+        return _relative(self._content())
+
+    def _content(self) -> dict:
         choice, trained, evaluation, deployed = self.choice, self.trained, self.evaluation, self.deployed
         return {
             "run_id": self.run_id,
-            "data_dir": str(self.data_dir),
+            "data_dir": _project_path(self.data_dir),
             "data_md5": self.data_md5,
             "git_commit": self.commit,
             "chosen": choice.chosen,
@@ -76,9 +88,12 @@ class RunSummary:
                 "features_from_cache": trained.features_cached,
                 "seconds": round(trained.seconds, 2),
             },
-            "val": evaluation.metrics,
+            "val": evaluation.val,
+            "test": evaluation.test,
+            "test_is_val": evaluation.test_is_val,
+            "split": {"settings": self.split.settings.to_dict(), "source": self.split.source, "counts": self.split_counts},
             "onnx": {
-                "path": str(deployed.export.onnx_path),
+                "path": _project_path(deployed.export.onnx_path),
                 "sha256": deployed.export.sha256,
                 "opset": deployed.export.opset,
                 "max_abs_diff": deployed.export.max_abs_diff,
@@ -92,20 +107,22 @@ class RunSummary:
                 "uri": deployed.model_uri,
             },
             "variants": deployed.variants.to_dict() if deployed.variants else None,
-            "bundle": str(deployed.bundle_dir) if deployed.bundle_dir else None,
+            "bundle": _project_path(deployed.bundle_dir) if deployed.bundle_dir else None,
             "gate": {
                 "promote": deployed.verdict.promote,
                 "reasons": list(deployed.verdict.reasons),
                 "failed": [check.name for check in deployed.verdict.failures],
                 "test": deployed.verdict.test,
                 "mcnemar_p": deployed.verdict.mcnemar_p,
+                "compared_images": deployed.verdict.compared_images,
+                "held": deployed.held,
             },
             "files": {
-                "run_dir": str(self.run_dir),
-                "checkpoint": str(trained.checkpoint_path),
-                "metrics": str(evaluation.metrics_path),
-                **{picture.stem: str(picture) for picture in evaluation.pictures},
-                "model_card": str(self.run_dir / CARD_NAME),
+                "run_dir": _project_path(self.run_dir),
+                "checkpoint": _project_path(trained.checkpoint_path),
+                "metrics": _project_path(evaluation.metrics_path),
+                **{picture.stem: _project_path(picture) for picture in evaluation.pictures},
+                "model_card": _project_path(self.run_dir / CARD_NAME),
             },
             "timings": {k: round(v, 2) for k, v in self.timings.items()},
         }
@@ -116,17 +133,21 @@ class RunSummary:
 
     def text(self) -> str:
         """The human-readable end of `graft run`: what was chosen, how good, where it went, what next."""
-        deployed, val = self.deployed, self.evaluation.metrics
+        deployed, val, test = self.deployed, self.evaluation.val, self.evaluation.test
         champion = CHAMPION in deployed.aliases
         timings = ", ".join(f"{k} {round(v, 2)}" for k, v in self.timings.items())
         lines = ["backbone ranking:", ranking_table([row.to_dict() for row in self.choice.candidates]), ""]
         lines += [
             f"chosen backbone   {self.choice.chosen}  ({self.choice.reason})",
-            f"validation        accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}",
+            f"data split        {', '.join(f'{n} {part}' for part, n in self.split_counts.items())} images ({self.split.source}; {self.split.settings.describe()})",
+            f"validation        accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}  (chose the epoch: optimistic)",
+            f"{'test (= val)' if self.evaluation.test_is_val else 'test':<17} accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
+            f"{'  (no test split: data.test_fraction=0)' if self.evaluation.test_is_val else '  (unseen until now: what the gate judges)'}",
             f"ONNX parity       max |diff| {deployed.export.max_abs_diff:.1e}, top-1 agreement {deployed.export.top1_agreement:.0%}",
             *_variant_lines(deployed.variants),
             f"registered        {self.model_label}  aliases: {', '.join(deployed.aliases)}",
             f"gate              {'; '.join(deployed.verdict.reasons)}",
+            *([f"held back         {deployed.held}"] if deployed.held else []),
             f"files             {self.run_dir}",
             f"MLflow run        {self.run_id}",
             f"timings (s)       {timings}",
@@ -158,8 +179,10 @@ class RunSummary:
             latency = f"{row.latency_ms:.1f} ms" if row.latency_ms is not None else "-"
             status = row.status.replace("|", "/")
             lines.append(f"| {index} | {row.name} | {row.pretrained} | {score} | {probe} | {size} | {latency} | {status} |")
-        lines += ["", "## Validation metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {value:.4f} |" for key, value in self.evaluation.metrics.items() if isinstance(value, (int, float))]
+        evaluation = self.evaluation
+        lines += ["", "## Metrics", "", f"| metric | validation | {evaluation.test_label} |", "|---|---|---|"]
+        lines += [f"| {key} | {value:.4f} | {evaluation.test.get(key, float('nan')):.4f} |"
+                  for key, value in evaluation.val.items() if isinstance(value, (int, float))]
         verdict = "promoted to champion" if deployed.verdict.promote else "champion kept"
         lines += ["", f"## Gate: {verdict}", ""]
         lines += [f"- {reason}" for reason in deployed.verdict.reasons]
@@ -173,6 +196,23 @@ class RunSummary:
             "Timings (s): " + ", ".join(f"{k} {round(v, 2)}" for k, v in self.timings.items()),
         ]
         return "\n".join(lines) + "\n"
+
+
+def _relative(value: object) -> object:
+    """`value` with every string naming a path inside the project rewritten relative to it."""
+    if isinstance(value, dict):
+        return {key: _relative(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_relative(item) for item in value]
+    if isinstance(value, str) and value.startswith(f"{REPO_ROOT}/"):
+        return _project_path(Path(value))
+    return value
+
+
+def _project_path(path: Path) -> str:
+    """A path inside the project as written relative to it (committed summaries hold no machine's folders), else whole."""
+    resolved = Path(path).resolve()
+    return resolved.relative_to(REPO_ROOT).as_posix() if resolved.is_relative_to(REPO_ROOT) else str(resolved)
 
 
 def _variant_lines(variants: VariantsReport | None) -> list[str]:

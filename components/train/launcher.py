@@ -44,7 +44,7 @@ import torch
 from components.core import errors
 from components.core.config import Params
 from components.core.errors import GraftError, TrainingError
-from components.data.split import Split, sample_rows
+from components.data.split import Split, split_document
 from components.train.loop import MetricsCallback
 
 log = logging.getLogger(__name__)
@@ -159,8 +159,7 @@ def run_distributed(params: Params, split: Split, backbone: str, size: int, resu
     job = job_dir / JOB_FILE
     job.write_text(json.dumps({  # the split as `graft prepare` writes it, so `read_split` reads it back
         "params": params.model_dump(mode="json"), "backbone": backbone, "image_size": size, "resume_key": resume_key,
-        "root": str(split.root), "classes": list(split.classes), "presplit": split.presplit,
-        "train": sample_rows(split.train, split.root), "val": sample_rows(split.val, split.root),
+        "root": str(split.root), **split_document(split),
     }))
     command = launch_command(params.train.processes, job)
     backend = "NCCL, one GPU each" if uses_cuda(params) else "gloo on the CPU"

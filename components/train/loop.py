@@ -270,10 +270,11 @@ def make_criterion(cfg: TrainConfig, labels: torch.Tensor, num_classes: int, dev
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
 
 
-def batch_indices(labels: torch.Tensor, num_classes: int, cfg: TrainConfig, generator: torch.Generator) -> list[torch.Tensor]:
+def batch_indices(labels: torch.Tensor, num_classes: int, cfg: TrainConfig, generator: torch.Generator, min_batch: int = 2) -> list[torch.Tensor]:
     """One epoch's mini-batches: a shuffle, or class-balanced draws with replacement (`balance: sampler`).
 
-    A last batch of one image joins the one before (BatchNorm cannot train on a single image).
+    A last batch smaller than `min_batch` joins the one before: BatchNorm cannot train on a single image,
+    so with several processes each needs two images of every batch (`min_batch` = 2 x processes).
     """
     if cfg.balance == "sampler":
         per_class = torch.bincount(labels, minlength=num_classes).clamp_min(1).double()
@@ -281,7 +282,7 @@ def batch_indices(labels: torch.Tensor, num_classes: int, cfg: TrainConfig, gene
     else:
         order = torch.randperm(len(labels), generator=generator)
     batches = list(order.split(cfg.batch_size))
-    if len(batches) > 1 and len(batches[-1]) == 1:
+    if len(batches) > 1 and len(batches[-1]) < min_batch:
         batches[-2:] = [torch.cat(batches[-2:])]
     return batches
 

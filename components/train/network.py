@@ -236,12 +236,13 @@ def network_phase(model: GraftClassifier, data: Images, cfg: TrainConfig, setup:
         groups.append({"params": backbone_params, "lr": setup.backbone_lr})
         lr_names = ("lr", "lr/backbone")
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps = len(batch_indices(data.train_labels, data.num_classes, cfg, torch.Generator().manual_seed(0)))
+    place = world()
+    min_batch = 2 * place.size  # two images per process and batch, for BatchNorm
+    steps = len(batch_indices(data.train_labels, data.num_classes, cfg, torch.Generator().manual_seed(0), min_batch))
     scheduler = warmup_cosine(optimizer, cfg.warmup_epochs * steps, cfg.epochs * steps) if setup.schedule else None
     scaler = precision.scaler()
     criterion = make_criterion(cfg, data.train_labels, data.num_classes, device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    place = world()
     forward = _data_parallel(_TrainingForward(model, precision, setup.trainable is not None), precision, place)
 
     def set_modes() -> None:
@@ -254,7 +255,7 @@ def network_phase(model: GraftClassifier, data: Images, cfg: TrainConfig, setup:
     def train_epoch() -> float:
         set_modes()
         total = 0.0
-        batches = batch_indices(data.train_labels, data.num_classes, cfg, generator)
+        batches = batch_indices(data.train_labels, data.num_classes, cfg, generator, min_batch)
         for batch in tqdm(batches, desc=f"{setup.name} batches", unit="batch", leave=False, disable=None if place.main else True):
             index = shard(batch, place)  # the whole batch in one process
             images = data.train[index].to(device, non_blocking=True)

@@ -23,7 +23,6 @@ from components.backbones.features import FeatureCache, cache_key, compute_featu
 from components.backbones.zoo import BackboneSpec, get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import Params
-from components.core.files import file_md5
 from components.data.split import Split
 from components.train.launcher import run_distributed
 from components.train.loop import (
@@ -96,8 +95,8 @@ def resume_key(params: Params, split: Split, spec: BackboneSpec, size: int) -> s
         "train_settings": settings,
         "backbone": cache_key(spec, size, params.train.seed),
         "classes": list(split.classes),
-        "train": [[file_md5(s.path), s.label] for s in split.train],
-        "val": [[file_md5(s.path), s.label] for s in split.val],
+        "train": [[s.digest, s.label] for s in split.train],
+        "val": [[s.digest, s.label] for s in split.val],
     }
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
     return f"{spec.name}-{params.train.strategy}-{size}px-{digest}"

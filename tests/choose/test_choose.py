@@ -14,7 +14,7 @@ from components.choose.stage import choose_model
 from components.core.config import load_params
 from components.core.errors import ConfigError, DataError, ModelError
 from components.data.folders import scan
-from components.data.split import Split, stratified_sample
+from components.data.split import Split, SplitSettings, stratified_sample
 from tests.conftest import REPO, tiny_overrides
 
 SUMMARY_KEYS = {"name", "pretrained", "score", "probe_accuracy", "params", "latency_ms", "status"}
@@ -27,7 +27,7 @@ def _with_choose(params, **changes):
 def test_unknown_candidate_lists_valid_names_and_closest(tiny_params):
     params = tiny_params.model_copy(update={"choose": tiny_params.choose.model_copy(update={"candidates": ("efficientnet_lite9",)})})
     with pytest.raises(ConfigError, match=r"Did you mean 'efficientnet_lite\d'.*Valid names: .*resnet18"):
-        choose_model(params, scan(params.data.dir))
+        choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
 
 
 def test_stratified_sample_keeps_every_class(digits_dir):
@@ -41,7 +41,7 @@ def test_ranking_scores_candidates_and_keeps_baseline_as_reference(tiny_params, 
     params = tiny_params.model_copy(
         update={"choose": tiny_params.choose.model_copy(update={"candidates": ("efficientnet_lite0", "random_efficientnet_lite0", "resnet18")})}
     )
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
     assert result.chosen == "efficientnet_lite0"
     assert rows["efficientnet_lite0"].status == "ok" and rows["efficientnet_lite0"].logme is not None
@@ -61,7 +61,7 @@ def test_params_limit_marks_candidate_and_it_is_not_chosen(tiny_params):
     params = tiny_params.model_copy(
         update={"choose": tiny_params.choose.model_copy(update={"candidates": ("efficientnet_lite0", "efficientnet_lite2"), "max_params_m": 4.0})}
     )
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
     assert rows["efficientnet_lite2"].status.startswith("over limit")
     assert result.chosen == "efficientnet_lite0"
@@ -79,7 +79,9 @@ def texture_params(tmp_path_factory, feature_cache_dir):
 
     work = tmp_path_factory.mktemp("textures")
     data = write_textures(work / "images", per_class=10, size=64)
-    return load_params(REPO / "params.yaml", tiny_overrides(data, work, feature_cache_dir) + ["choose.sample_size=80"])
+    # 10 crops a class: this seed gives every class an image in each split (the split follows each image's bytes)
+    split = ["data.seed=2", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    return load_params(REPO / "params.yaml", tiny_overrides(data, work, feature_cache_dir) + ["choose.sample_size=80", *split])
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +98,7 @@ def digit_params(tmp_path_factory, feature_cache_dir):
 def test_random_baseline_ranks_below_every_pretrained_candidate(dataset, request):
     """What pre-training buys shows in both scores, on photos and textures and on the demo digits."""
     params = request.getfixturevalue(dataset)
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
     pretrained, random = rows["efficientnet_lite0"], rows["random_efficientnet_lite0"]
     assert result.chosen == "efficientnet_lite0" and result.candidates[0].name == "efficientnet_lite0"
@@ -123,13 +125,13 @@ def test_random_baseline_is_the_network_training_starts_from():
 def test_latency_limit_marks_every_candidate_and_says_which(tiny_params):
     params = _with_choose(tiny_params, max_latency_ms=0.001)
     with pytest.raises(ModelError, match=r"efficientnet_lite0: over limit: [\d.]+ ms/image > choose.max_latency_ms=0.001"):
-        choose_model(params, scan(params.data.dir))
+        choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
 
 
 def test_size_limit_is_measured_on_the_onnx_file(tiny_params):
     params = _with_choose(tiny_params, max_size_mb=1.0, allow_baseline=True)
     with pytest.raises(ModelError, match=r"over limit: 1\d\.\d MB > choose.max_size_mb=1"):
-        choose_model(params, scan(params.data.dir))
+        choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
 
 
 def test_over_limit_candidate_is_shown_but_not_chosen(tiny_params):
@@ -195,7 +197,7 @@ def test_user_backbones_and_faulty_candidates_leave_the_others_ranked(tiny_param
         tiny_overrides(tiny_params.data.dir, tmp_path, tiny_params.data.cache_dir)
         + [f"choose.custom={custom}", "choose.candidates=[efficientnet_lite0, my_tiny, my_nan, my_misfit, my_missing]", "choose.baseline=false"],
     )
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
     assert result.chosen in {"efficientnet_lite0", "my_tiny"}
     assert rows["my_tiny"].status == "ok" and rows["my_tiny"].params_m == pytest.approx(224 / 1e6, abs=1e-6)
@@ -250,7 +252,7 @@ def test_candidates_share_one_decode_of_the_sample(tiny_params, tmp_path, monkey
 
     monkeypatch.setattr(images, "load_image", counting_load_image)
     params = load_params(REPO / "params.yaml", tiny_overrides(tiny_params.data.dir, tmp_path, tmp_path / "cache"))
-    split = scan(params.data.dir)
+    split = scan(params.data.dir, SplitSettings.from_config(params.data))
     sample = stratified_sample(split.train, params.choose.sample_size, params.data.seed)
     result = choose_model(params, split)
     rows = {row.name: row for row in result.candidates}
@@ -371,7 +373,7 @@ def test_every_torchvision_backbone_loads_from_torch_home_exports_and_is_ranked(
         kwargs = {"image_size": 224} if name.startswith("vit") else {}
         torch.save(torchvision.models.get_model(name, weights=None, **kwargs).state_dict(), path)
     params = _with_choose(tiny_params, candidates=tuple(names), baseline=False, latency_runs=3)
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
     assert set(rows) == set(names)
     for name, row in rows.items():

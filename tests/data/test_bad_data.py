@@ -113,15 +113,18 @@ def test_duplicates_across_train_and_val_are_counted_and_warned(digits_dir, tmp_
     with caplog.at_level(logging.WARNING, logger="components.data.folders"):
         split = scan(root)
     assert split.duplicates == 4
-    assert "4 validation image(s) are byte-identical" in caplog.text
+    assert "4 validation or test image(s) are byte-identical" in caplog.text
 
 
 def test_heavy_imbalance_is_warned_about(digits_dir, tmp_path, caplog):
-    root = _copy(digits_dir, tmp_path)
-    for path in sorted((root / "7").iterdir())[2:]:
+    root = tmp_path / "presplit"
+    for part in ("train", "val", "test"):
+        for cls in ("0", "7"):
+            shutil.copytree(digits_dir / cls, root / part / cls)
+    for path in sorted((root / "train" / "7").iterdir())[2:]:
         path.unlink()
     for i in range(200):
-        shutil.copy(next((root / "0").iterdir()), root / "0" / f"copy{i}.png")
+        Image.new("L", (8, 8), i).save(root / "train" / "0" / f"extra{i}.png")
     with caplog.at_level(logging.WARNING, logger="components.data.folders"):
         scan(root)
     assert "imbalanced" in caplog.text and "'7'" in caplog.text

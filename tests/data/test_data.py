@@ -1,4 +1,4 @@
-"""Image folders: discovery, stratified split, clear errors, and DVC-compatible versions."""
+"""Image folders: discovery, clear errors, and DVC-compatible versions (the split itself: test_split.py)."""
 
 import shutil
 import subprocess
@@ -20,26 +20,17 @@ def _copy(digits_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def test_split_is_stratified_and_deterministic(digits_dir):
-    first = scan(digits_dir, val_fraction=0.25, seed=1)
-    again = scan(digits_dir, val_fraction=0.25, seed=1)
-    assert first.classes == ("0", "1", "7")
-    assert first.counts()["val"] == {"0": 5, "1": 5, "7": 5}
-    assert first.counts()["train"] == {"0": 15, "1": 15, "7": 15}
-    assert first.val == again.val
-    assert not {s.path for s in first.train} & {s.path for s in first.val}
-
-
 def test_presplit_folder_is_used_as_is(digits_dir, tmp_path):
     root = tmp_path / "presplit"
-    for part, names in (("train", slice(0, 8)), ("val", slice(8, 12))):
+    for part, names in (("train", slice(0, 8)), ("val", slice(8, 12)), ("test", slice(12, 15))):
         for cls in ("0", "1"):
             (root / part / cls).mkdir(parents=True)
             for path in sorted((digits_dir / cls).iterdir())[names]:
                 shutil.copy(path, root / part / cls / path.name)
     split = scan(root)
-    assert split.presplit
-    assert len(split.train) == 16 and len(split.val) == 8
+    assert split.presplit and not split.test_is_val
+    assert (len(split.train), len(split.val), len(split.test)) == (16, 8, 6)
+    assert all(s.path.parent.parent.name == "test" for s in split.test)
 
 
 @pytest.mark.parametrize(
@@ -51,7 +42,7 @@ def test_presplit_folder_is_used_as_is(digits_dir, tmp_path):
         ("corrupt", "not a readable image"),
         ("text_as_png", "not a readable image"),
         ("one_class", "at least 2 class folders"),
-        ("one_image", "at least 2 are needed"),
+        ("one_image", "too few images for three splits"),
     ],
 )
 def test_bad_folders_get_one_clear_error_naming_the_path(digits_dir, tmp_path, breakage, message):

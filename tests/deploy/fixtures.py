@@ -26,6 +26,10 @@ class TinyModel:
     model: object
     export: object
     work: Path
+    trained: object
+    """The `TrainResult` behind the model, for driving `deploy()` itself."""
+    evaluation: object
+    """Its `EvalResult`."""
 
     @property
     def onnx_path(self) -> Path:
@@ -44,6 +48,7 @@ def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
     from components.core.config import load_params
     from components.data.folders import scan
     from components.deploy.export import export_and_verify
+    from components.evaluate.stage import evaluate
     from components.train.stage import fine_tune, load_classifier
 
     work = tmp_path_factory.mktemp("tiny-model")
@@ -58,7 +63,49 @@ def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
         "std": list(spec.std), "backbone": trained.backbone, "data_md5": "test-md5",
     }
     exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4)
-    return TinyModel(params, split, model, exported, work)
+    return TinyModel(params, split, model, exported, work, trained, evaluate(params, split, trained, work / "run"))
+
+
+def deploy_params(tiny_model: TinyModel, work: Path, name: str = NAME, *extra: str):
+    """The tiny model's parameters for a `deploy()` of model `name` from `work` (no fp16/int8 variants: faster)."""
+    from components.core.config import load_params
+
+    return load_params(REPO / "params.yaml", [*_store_overrides(tiny_model, work), f"deploy.model_name={name}",
+                                              "deploy.variants=[]", "evaluate.min_comparison_images=5", *extra])
+
+
+def dump_deploy_inputs(tiny_model: TinyModel, path: Path) -> Path:
+    """Save what `deploy_tiny` needs, for a child process (`deploy_dumped`) to deploy the same model."""
+    import pickle
+
+    path.write_bytes(pickle.dumps(TinyModel(tiny_model.params, tiny_model.split, None, tiny_model.export, tiny_model.work,
+                                            tiny_model.trained, tiny_model.evaluation)))
+    return path
+
+
+def deploy_dumped(path: Path, uri: str, name: str, work: Path):  # noqa: ANN201 - DeployResult
+    """In a child process: `deploy_tiny` of the model `dump_deploy_inputs` saved."""
+    import pickle
+
+    return deploy_tiny(pickle.loads(path.read_bytes()), uri, name, work)
+
+
+def deploy_tiny(tiny_model: TinyModel, uri: str, name: str, work: Path, experiment: str = "faults"):  # noqa: ANN201 - DeployResult
+    """`deploy()` of the tiny model as model `name`, in a new run of `experiment` on the tracking server `uri`."""
+    from mlflow import MlflowClient
+
+    from components.deploy.stage import DeployContext, deploy
+    from components.registry.tracking import Run, use_tracking_uri
+
+    use_tracking_uri(uri)  # consumers (the gate loading the champion) read the same registry
+    client = MlflowClient(uri, uri)
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    run = Run(client.create_run(experiment_id).info.run_id, uri)
+    ctx = DeployContext(deploy_params(tiny_model, work, name), tiny_model.split, run, work, "test-md5", "test")
+    result = deploy(ctx, tiny_model.trained, tiny_model.evaluation)
+    run.finish()
+    return result
 
 
 def biased_copy(source: Path, target: Path, winner: int, margin: float = 50.0) -> Path:
@@ -93,7 +140,8 @@ def register(params, onnx_path: Path, tags: dict[str, str] | None = None, varian
     listing = {v: {"file": f"model.{v}.onnx"} for v in variants}
     base = {
         "onnx.sha256": sha256(onnx_path), "parity.max_abs_diff": "1.0e-06", "parity.top1_agreement": "1.0000",
-        "val.accuracy": "0.9000", "val.macro_f1": "0.9000", "onnx.variants": json.dumps(listing),
+        "val.accuracy": "0.9000", "val.macro_f1": "0.9000", "test.accuracy": "0.9000", "test.macro_f1": "0.9000",
+        "onnx.variants": json.dumps(listing),
     }
     version = register_version(run, NAME, source, {**base, **(tags or {})}, "test version")
     run.finish()

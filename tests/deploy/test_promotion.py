@@ -36,14 +36,14 @@ def test_promote_then_rollback_walks_the_recorded_history(active_registry):  # n
 def test_a_version_failing_the_checks_is_refused_with_every_reason(active_registry, tmp_path):  # noqa: F811
     reg = active_registry
     bad = register(reg.params, _copy_v1(reg, tmp_path),
-                   tags={"parity.max_abs_diff": "3.0e-02", "val.accuracy": "0.2000"})
+                   tags={"parity.max_abs_diff": "3.0e-02", "test.accuracy": "0.2000"})
     before = alias_version(reg.client, NAME)
     history = read_history(reg.client, NAME)
     with pytest.raises(PromotionError) as err:
         promote(reg.client, reg.params, NAME, bad, "should fail")
     message = str(err.value)
     assert "3.00e-02" in message and "deploy.parity_atol" in message
-    assert "accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
+    assert "test accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
     assert alias_version(reg.client, NAME) == before
     assert read_history(reg.client, NAME) == history
     with pytest.raises(PromotionError, match="has no version 99"):

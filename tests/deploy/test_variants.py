@@ -141,7 +141,7 @@ def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_di
     from components.core.config import load_params
     from components.data.demo import write_digits
     from components.data.folders import scan
-    from components.data.split import stratified_sample
+    from components.data.split import SplitSettings, stratified_sample
     from components.deploy.export import export_and_verify
     from components.train.stage import fine_tune, load_classifier
     from tests.conftest import REPO
@@ -151,7 +151,7 @@ def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_di
         f"data.dir={images_dir}", f"data.cache_dir={feature_cache_dir}", f"deploy.output_dir={tmp_path / 'outputs'}",
         f"tracking.store_dir={tmp_path / 'mlflow'}",
     ])
-    split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+    split = scan(params.data.dir, SplitSettings.from_config(params.data))
     size = params.data.image_size
     trained = fine_tune(params, split, ChooseResult("efficientnet_lite0", size, "logme", "fixed for tests", (), 0.0), tmp_path / "run")
     model, _ = load_classifier(trained.checkpoint_path)
@@ -161,11 +161,11 @@ def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_di
     exported = export_and_verify(model, tmp_path / "model" / "model.onnx", size, params.deploy.opset, meta, val_paths[:16], 1e-4)
     calibration_samples = stratified_sample(split.train, params.deploy.calibration_images, params.data.seed)
     calibration = load_batch([s.path for s in calibration_samples], size)
-    labels = np.array([s.label for s in split.val])
+    labels = np.array([s.label for s in split.test])  # deploy judges variants on the test images
     report = build_variants(
-        exported.onnx_path, ("int8",), load_batch(val_paths, size), labels, calibration, params.deploy.max_variant_drop
+        exported.onnx_path, ("int8",), load_batch([s.path for s in split.test], size), labels, calibration, params.deploy.max_variant_drop
     )
     int8 = report.get("int8")
-    assert len(labels) > 300 and report.fp32_accuracy > 0.9
+    assert len(labels) > 250 and report.fp32_accuracy > 0.9
     assert int8.published, int8.reason
     assert -int8.accuracy_change <= params.deploy.max_variant_drop and int8.top1_agreement >= 0.97

@@ -20,7 +20,7 @@ from components.evaluate.calibration import (
     softmax,
 )
 from components.evaluate.metrics import check_classes, classification_metrics, most_confident_mistakes
-from components.evaluate.stage import evaluate, val_logits
+from components.evaluate.stage import evaluate, logits_of
 from components.train.stage import fine_tune
 
 # Four images, two classes: predictions [a, a, b, a] for truths [a, b, b, b].
@@ -92,16 +92,19 @@ def test_most_confident_mistakes_come_first():
     assert most_confident_mistakes(probs, np.array([1, 0, 1, 1]), limit=5) == []
 
 
-def _split(classes, labels):
+def _split(classes, labels, test_labels=None):
     val = tuple(Sample(Path(f"/data/val/{i}.png"), label) for i, label in enumerate(labels))
-    return Split(root=Path("/data"), classes=classes, train=(), val=val, presplit=True)
+    test = tuple(Sample(Path(f"/data/test/{i}.png"), label) for i, label in enumerate(labels if test_labels is None else test_labels))
+    return Split(root=Path("/data"), classes=classes, train=(), val=val, test=test, presplit=True)
 
 
-def test_validation_classes_that_differ_from_the_model_are_named():
+def test_held_out_classes_that_differ_from_the_model_are_named():
     with pytest.raises(DataError, match=r"lacks classes the model knows: 2; it has classes the model does not know: 7"):
         check_classes(_split(("0", "1", "7"), [0, 1, 2]), ("0", "1", "2"))
-    with pytest.raises(DataError, match="has no images of: 1"):
-        check_classes(_split(("0", "1"), [0, 0]), ("0", "1"))
+    with pytest.raises(DataError, match="its val split has no images of: 1"):
+        check_classes(_split(("0", "1"), [0, 0], [0, 1]), ("0", "1"))
+    with pytest.raises(DataError, match="its test split has no images of: 0"):
+        check_classes(_split(("0", "1"), [0, 1], [1, 1]), ("0", "1"))
     check_classes(_split(("0", "1"), [0, 1]), ("0", "1"))
 
 
@@ -126,24 +129,26 @@ def tiny_model(tmp_path_factory, digits_dir, feature_cache_dir):
     return params, split, fine_tune(params, split, choice, work / "run"), work
 
 
-def test_evaluate_writes_pictures_plot_data_and_a_fitted_temperature(tiny_model):
+def test_evaluate_reports_val_and_test_and_draws_the_test_split(tiny_model):
+    """Temperature fitted on val; metrics for both splits; pictures, plot data and per-class figures from test."""
     params, split, trained, work = tiny_model
     result = evaluate(params, split, trained, work / "run")
-    assert result.metrics["accuracy"] > 0.6  # chance is 1/3
-    assert result.temperature > 0 and result.metrics["temperature"] == result.temperature
-    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(result.metrics)
-    assert result.metrics["log_loss"] <= result.metrics["log_loss_uncalibrated"] + 1e-9  # the fit minimises NLL
+    assert result.test["accuracy"] > 0.6 and result.val["accuracy"] > 0.6  # chance is 1/3
+    assert not result.test_is_val and len(split.test) and not {s.path for s in split.test} & {s.path for s in split.val}
+    assert result.temperature > 0 and result.val["temperature"] == result.test["temperature"] == result.temperature
+    assert {"ece_uncalibrated", "log_loss_uncalibrated"} <= set(result.val)
+    assert result.val["log_loss"] <= result.val["log_loss_uncalibrated"] + 1e-9  # the fit minimises NLL on val
     for picture in result.pictures:
         assert picture.stat().st_size > 1000, picture
     assert [p.name for p in result.pictures] == ["confusion_matrix.png", "reliability_diagram.png", "misclassified.png"]
     confusion, reliability = (json.loads(p.read_text()) for p in result.plot_data)
-    assert len(confusion) == len(split.val) and set(confusion[0]) == {"actual", "predicted"}
+    assert len(confusion) == len(split.test) and set(confusion[0]) == {"actual", "predicted"}
     right = sum(row["actual"] == row["predicted"] for row in confusion)
-    assert right / len(confusion) == pytest.approx(result.metrics["accuracy"])
-    assert sum(row["count"] for row in reliability) == len(split.val)
+    assert right / len(confusion) == pytest.approx(result.test["accuracy"])
+    assert sum(row["count"] for row in reliability) == len(split.test)
     written = json.loads(result.metrics_path.read_text())
-    assert written["val"]["accuracy"] == result.metrics["accuracy"]
-    assert sum(c["support"] for c in written["per_class"].values()) == len(split.val)
+    assert written["val"]["accuracy"] == result.val["accuracy"] and written["test"]["accuracy"] == result.test["accuracy"]
+    assert sum(c["support"] for c in written["per_class"].values()) == len(split.test)
 
 
 @pytest.mark.slow
@@ -160,9 +165,9 @@ def test_the_exported_model_carries_the_fitted_temperature(tiny_model):
     paths = [s.path for s in split.val]
     exported = export_and_verify(model, work / "t.onnx", trained.image_size, 18, {"classes": list(split.classes), "image_size": 64}, paths, 1e-4)
     onnx_probs = OnnxClassifier(exported.onnx_path, ["CPUExecutionProvider"]).predict_proba(load_batch(paths, 64))
-    expected = softmax(val_logits(params, split, trained), result.temperature)
+    expected = softmax(logits_of(params, trained, split.val), result.temperature)
     np.testing.assert_allclose(onnx_probs, expected, atol=1e-4)
     if abs(result.temperature - 1.0) > 0.05:  # the temperature really changed the probabilities
-        assert np.abs(onnx_probs - softmax(val_logits(params, split, trained))).max() > 1e-3
+        assert np.abs(onnx_probs - softmax(logits_of(params, trained, split.val))).max() > 1e-3
     with torch.no_grad():
         assert float(model.temperature) == pytest.approx(result.temperature)

@@ -99,7 +99,7 @@ def test_a_gate_with_many_rules_reports_every_failure_at_once():
     verdict = verdict_of(worse, rules)
     assert not verdict.promote
     assert {c.name for c in verdict.failures} == {"improvement", "significance", "floor.accuracy", "class_drop"}
-    assert [c.passed for c in verdict.checks] == [False] * 4 + [True]  # failures first, then floor.macro_f1
+    assert [c.passed for c in verdict.checks] == [False] * 4 + [True, True]  # failures first, then comparison, floor.macro_f1
     text = verdict.text()
     assert text.startswith("KEEP CHAMPION: ")
     assert "accuracy 0.700 is below the floor 0.750 (evaluate.min_accuracy); registered, but not made champion" in text
@@ -114,7 +114,7 @@ def test_a_poor_first_model_is_not_made_champion_but_a_good_one_is():
     assert not poor.promote
     assert poor.reasons[0] == "accuracy 0.800 is below the floor 0.900 (evaluate.min_accuracy); registered, but not made champion"
     first = judge(CHAMPION, LABELS, GateRules(min_accuracy=0.5), classes=CLASSES)
-    assert first.promote and first.reasons[0] == "no champion yet; challenger accuracy 0.800"
+    assert first.promote and first.reasons[0] == "no champion yet; challenger test accuracy 0.800"
 
 
 def test_a_champion_that_cannot_be_compared_is_never_replaced_silently():
@@ -172,23 +172,45 @@ def registry(tiny_params, tmp_path):
 
 def test_a_champion_with_other_classes_cannot_be_compared(registry):
     from components.core.lineage import CHAMPION
-    from components.deploy.stage import champion_probabilities
+    from components.deploy.judge import champion_probabilities
+    from components.registry.versions import version_by_alias
 
     client, name, register = registry
     images = np.random.default_rng(0).integers(0, 255, (6, 8, 8, 3), dtype=np.uint8)
     version = register(classes=("cat", "dog", "fox"))
     client.set_registered_model_alias(name, CHAMPION, version)
-    champion_version, probs, problem = champion_probabilities(client, name, ("0", "1", "7"), lambda size: images)
-    assert champion_version == version and probs is None
+    probs, problem = champion_probabilities(name, version_by_alias(client, name), ("0", "1", "7"), lambda size: images)
+    assert probs is None
     assert problem == "its classes ['cat', 'dog', 'fox'] differ from the challenger's ['0', '1', '7']"
-    verdict = judge(np.eye(3)[[0, 1, 2, 0, 1, 2]], np.array([0, 1, 2, 0, 1, 2]), GateRules(), probs, champion_version, problem)
+    verdict = judge(np.eye(3)[[0, 1, 2, 0, 1, 2]], np.array([0, 1, 2, 0, 1, 2]), GateRules(), probs, version, problem)
     assert not verdict.promote and "cannot compare with champion" in verdict.reasons[0]
 
     same = register(classes=("0", "1", "7"))
     client.set_registered_model_alias(name, CHAMPION, same)
-    champion_version, probs, problem = champion_probabilities(client, name, ("0", "1", "7"), lambda size: images)
+    probs, problem = champion_probabilities(name, version_by_alias(client, name), ("0", "1", "7"), lambda size: images)
     assert problem is None and probs.shape == (6, 3)
     np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+
+def test_the_comparison_uses_only_the_images_neither_model_saw_and_needs_enough_of_them():
+    """Champion-seen images are left out of the comparison; too few left and the gate does not promote."""
+    from components.evaluate.gate import Comparison
+
+    better = probs_of(CHAMPION_WRONG[:3])  # its 3 mistakes are among the champion's 20
+    fair = np.ones(len(LABELS), dtype=bool)
+    fair[CHAMPION_WRONG] = False  # say the champion trained on exactly the images it gets wrong
+    verdict = judge(better, LABELS, GateRules(min_comparison_images=50, test="none"), CHAMPION, "4", None, CLASSES, Comparison(fair))
+    assert verdict.compared_images == len(LABELS) - len(CHAMPION_WRONG)
+    assert verdict.champion_score == 1.0  # on the images it never saw, the champion is never wrong here
+    assert any("compared on 80 images of the 100 test images that neither model trained or early-stopped on" in r
+               for r in verdict.reasons)
+    assert not verdict.promote and {c.name for c in verdict.failures} == {"improvement"}
+    few = judge(better, LABELS, GateRules(min_comparison_images=85), CHAMPION, "4", None, CLASSES,
+                Comparison(fair, ("the split settings changed since champion v4",)))
+    assert not few.promote and [c.name for c in few.failures] == ["comparison"]
+    assert "only 80 images of the 100 test images were seen by neither model" in few.reasons[0]
+    assert "the split settings changed since champion v4" in few.reasons[0] and "evaluate.min_comparison_images" in few.reasons[0]
+    assert few.tags()["gate.compared_images"] == "80"
 
 
 def test_a_champion_moved_by_hand_is_recorded_on_the_next_run(registry):

@@ -18,8 +18,8 @@ def run_cli(tmp_path, digits_dir, feature_cache_dir, prefect_harness, monkeypatc
     monkeypatch.chdir(tmp_path)
     overrides = tiny_overrides(digits_dir, tmp_path, feature_cache_dir)
 
-    def run(*extra: str, summary: str = "summary.json") -> tuple[int, dict | None]:
-        args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / summary)]
+    def run(*extra: str, summary: str = "summary.json", extra_args: tuple[str, ...] = ()) -> tuple[int, dict | None]:
+        args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / summary), *extra_args]
         for item in [*overrides, *extra]:
             args += ["--set", item]
         code = main(args)
@@ -41,6 +41,8 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     for key in ("run_id", "data_md5", "chosen", "candidates", "strategy", "timings"):
         assert key in summary
     assert summary["val"]["accuracy"] > 0.6 and "macro_f1" in summary["val"]
+    assert summary["test"]["accuracy"] > 0.6 and not summary["test_is_val"]
+    assert sum(summary["split"]["counts"].values()) == 60 and summary["split"]["counts"]["test"] > 0
     assert summary["onnx"]["max_abs_diff"] <= 1e-4 and summary["onnx"]["top1_agreement"] == 1.0
     assert Path(summary["onnx"]["path"]).is_file()
     assert summary["registered"]["aliases"] == ["challenger", "champion"]
@@ -53,12 +55,14 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     version = client.get_model_version_by_alias("graft-test", "champion")
     assert version.version == summary["registered"]["version"] or str(version.version) == str(summary["registered"]["version"])
     assert version.tags["data_md5"] == summary["data_md5"]
-    for tag in ("git_commit", "backbone", "onnx.sha256", "val.accuracy", "parity.max_abs_diff", "gate.reasons"):
+    for tag in ("git_commit", "backbone", "onnx.sha256", "val.accuracy", "test.accuracy", "split.manifest_sha256",
+                "parity.max_abs_diff", "gate.reasons"):
         assert tag in version.tags
     run = client.get_run(summary["run_id"])
     assert run.data.tags["data_md5"] == summary["data_md5"]
-    assert "val/accuracy" in run.data.metrics
-    assert (run_cli.params.deploy.output_dir / "metrics.json").is_file()
+    assert {"val/accuracy", "test/accuracy"} <= set(run.data.metrics)
+    # without --report, `graft run` writes its run folder and nothing DVC or git track
+    assert sorted(p.name for p in run_cli.params.deploy.output_dir.iterdir()) == ["runs"]
 
     images = sorted((digits_dir / "7").iterdir())[:3] + sorted((digits_dir / "0").iterdir())[:3]
     capsys.readouterr()
@@ -67,6 +71,19 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     assert main(["predict", "--params", str(params_file), "--model", "models:/graft-test@champion", *map(str, images)]) != 2
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label"] for r in rows] == ["7", "7", "7", "0", "0", "0"]
+
+
+def test_report_writes_the_dvc_stage_outputs(run_cli, tmp_path):
+    code, summary = run_cli("choose.candidates=[efficientnet_lite0]", "choose.baseline=false")
+    assert code == 0
+    report = tmp_path / "report"
+    code, _ = run_cli("choose.candidates=[efficientnet_lite0]", "choose.baseline=false", extra_args=["--report", str(report), "--no-promote"])
+    assert code == 0
+    written = sorted(p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file())
+    assert written == ["confusion_matrix.png", "metrics.json", "misclassified.png", "model/model.onnx", "plots/confusion.json",
+                       "plots/reliability.json", "reliability_diagram.png"]
+    metrics = json.loads((report / "metrics.json").read_text())
+    assert set(metrics) >= {"val", "test", "per_class"}
 
 
 def test_same_data_and_seed_twice_does_not_replace_the_champion(run_cli):
@@ -79,6 +96,23 @@ def test_same_data_and_seed_twice_does_not_replace_the_champion(run_cli):
     champion = _client(run_cli.params).get_model_version_by_alias("graft-test", "champion")
     assert str(champion.version) == str(first["registered"]["version"])
     assert champion.tags["gate.verdict"] == "promote"
+
+
+def test_a_dvc_experiment_registers_a_challenger_and_never_moves_the_champion(run_cli, monkeypatch, capsys):
+    """`dvc exp run` sets DVC_EXP_NAME: the gate judges as always, but only a normal run or a person promotes."""
+    weak = ("choose.candidates=[efficientnet_lite0]", "choose.baseline=false", "evaluate.min_accuracy=null")
+    code, first = run_cli(*weak, "train.epochs=1", "train.lr=0.00001", summary="weak.json")
+    assert code == 0 and "champion" in first["registered"]["aliases"]
+    monkeypatch.setenv("DVC_EXP_NAME", "better-head")
+    code, second = run_cli(*weak, summary="experiment.json")
+    assert code == 0 and second["gate"]["promote"]  # truly better: the gate would promote it
+    assert second["registered"]["aliases"] == ["challenger"]
+    assert "DVC experiment (better-head)" in second["gate"]["held"] and "graft promote" in second["gate"]["held"]
+    assert "held back" in capsys.readouterr().out
+    client = _client(run_cli.params)
+    assert str(client.get_model_version_by_alias("graft-test", "champion").version) == str(first["registered"]["version"])
+    version = client.get_model_version("graft-test", second["registered"]["version"])
+    assert version.tags["graft.hold"].startswith("a DVC experiment (better-head)")
 
 
 def test_bad_input_registers_nothing(run_cli, tmp_path, capsys):

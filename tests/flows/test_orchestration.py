@@ -42,14 +42,14 @@ def test_data_version_comes_from_the_dvc_file_without_pulling(tmp_path, digits_d
 
 def test_prepare_writes_the_split_that_scan_makes_and_reads_it_back(tmp_path, digits_dir, feature_cache_dir):
     from components.data.folders import scan
-    from components.data.split import read_split
+    from components.data.split import SplitSettings, read_split
     from components.data.stage import prepare
 
     params = load_params(REPO / "params.yaml", tiny_overrides(digits_dir, tmp_path, feature_cache_dir))
     result = prepare(params, tmp_path / "split.json")
-    assert (result.train_images, result.val_images) == (48, 12) and result.classes == ("0", "1", "7")
+    assert (result.train_images, result.val_images, result.test_images) == (35, 12, 13) and result.classes == ("0", "1", "7")
     assert result.data_md5 == current_data_md5(digits_dir)
-    assert read_split(result.split_path, digits_dir) == scan(digits_dir, params.data.val_fraction, params.data.seed)
+    assert read_split(result.split_path, digits_dir) == scan(digits_dir, SplitSettings.from_config(params.data))
     with pytest.raises(DataError, match="are not in"):
         read_split(result.split_path, tmp_path / "elsewhere")
 
@@ -434,7 +434,7 @@ def test_choose_candidates_map_over_a_local_dask_cluster(prefect_harness, tiny_p
     from flows.runners import task_runner
     from flows.training import choose_stage
 
-    split = scan(tiny_params.data.dir, tiny_params.data.val_fraction, tiny_params.data.seed)
+    split = scan(tiny_params.data.dir)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
 
         @flow(task_runner=task_runner("dask", cluster.scheduler_address))
@@ -524,7 +524,10 @@ def _snapshot_clone(dst: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_dvc_repro_on_a_fresh_clone_reproduces_the_committed_metrics(tmp_path):
+def test_a_fresh_clone_runs_clean_reproduces_the_committed_metrics_and_reruns_each_stage(tmp_path):
+    """`make run` on a fresh clone writes nothing git or DVC tracks and trains the committed reference model;
+    `dvc repro` of the `evaluate` stage alone then reruns from the pulled model; a `dvc exp run` registers a
+    challenger but never moves `champion`."""
     import json
     import os
     import subprocess
@@ -536,51 +539,52 @@ def test_dvc_repro_on_a_fresh_clone_reproduces_the_committed_metrics(tmp_path):
     if sorted(listed) != ["dvc.lock", "outputs/metrics.json"]:
         pytest.skip("no committed run: run `dvc repro`, then commit dvc.lock and outputs/")
     clone = _snapshot_clone(tmp_path / "clone")
-    (clone / ".venv").symlink_to(REPO / ".venv")  # dvc.yaml runs .venv/bin/graft
+    (clone / ".venv").symlink_to(REPO / ".venv")  # the Makefile and dvc.yaml run .venv/bin/graft
     if (REPO / ".cache").is_dir():  # derived features, keyed by content: safe to share, saves minutes
         (clone / ".cache").symlink_to(REPO / ".cache")
-    expected = json.loads((clone / "outputs" / "metrics.json").read_text())
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    committed = json.loads((clone / "outputs" / "metrics.json").read_text())
+    committed_test = json.loads((clone / "outputs" / "holdout" / "metrics.json").read_text())["test"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "DVC_"))}
     env.update({"PYTHONPATH": str(clone), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     dvc = str(Path(sys.executable).parent / "dvc")
 
-    # `repro --force` reruns every stage from the data, whether or not the code changed since the committed run
-    pulled = subprocess.run([dvc, "pull", "-q", "data.dvc"], cwd=clone, env=env, capture_output=True, text=True, timeout=600)
-    assert pulled.returncode == 0, pulled.stderr[-3000:]
-    done = subprocess.run([dvc, "repro", "--force"], cwd=clone, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "Running stage 'train'" in done.stdout, done.stdout[-3000:]  # really retrained, not taken as up to date
-    reproduced = json.loads((clone / "outputs" / "metrics.json").read_text())
-    for key in ("accuracy", "macro_f1", "balanced_accuracy"):
-        assert reproduced["val"][key] == pytest.approx(expected["val"][key], abs=0.01), key
-    holdout = json.loads((clone / "outputs" / "holdout" / "metrics.json").read_text())["holdout"]
-    assert holdout["accuracy"] == pytest.approx(reproduced["val"]["accuracy"], abs=0.005)  # ONNX agrees with torch
+    def run(*command: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+        done = subprocess.run(list(command), cwd=clone, env=env, capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, " ".join(command) + "\n" + done.stdout[-3000:] + done.stderr[-3000:]
+        return done
 
-    diff = subprocess.run([dvc, "metrics", "diff", "--json"], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
-    assert diff.returncode == 0, diff.stderr
-    changes = json.loads(diff.stdout or "{}")
-    for path, metrics in changes.items():
-        for name, change in metrics.items():
-            if name.endswith(("accuracy", "macro_f1")) and change.get("diff") is not None:
-                assert abs(change["diff"]) <= 0.01, (path, name, change)
-    status = subprocess.run([dvc, "status", "--json"], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
-    assert json.loads(status.stdout or "{}") == {}, status.stdout
+    # the README's first command (the install is the shared .venv: -o keeps make from redoing it)
+    run("make", "-o", ".venv/.graft-installed", "run")
+    assert run("git", "status", "--porcelain").stdout == ""
+    assert json.loads(run(dvc, "status", "--json").stdout or "{}") == {}
+    (run_metrics,) = [json.loads(path.read_text()) for path in (clone / "outputs" / "runs").glob("*/metrics.json")]
+    for part in ("val", "test"):
+        for key in ("accuracy", "macro_f1", "balanced_accuracy"):
+            assert run_metrics[part][key] == pytest.approx(committed[part][key], abs=0.01), (part, key)
 
-    # an experiment with another strategy (kept small: one epoch at 32 px), listed with its params and metrics
-    experiment = subprocess.run(
-        [dvc, "exp", "run", "--name", "fine-tune-check", "--set-param", "train.strategy=fine_tune",
-         "--set-param", "train.epochs=1", "--set-param", "data.image_size=32"],
-        cwd=clone, env=env, capture_output=True, text=True, timeout=1200,
-    )
-    assert experiment.returncode == 0, experiment.stdout[-3000:] + experiment.stderr[-3000:]
-    shown = subprocess.run([dvc, "exp", "show", "--json"], cwd=clone, env=env, capture_output=True, text=True, timeout=120)
-    assert shown.returncode == 0, shown.stderr
-    runs = [exp for commit in json.loads(shown.stdout) for exp in (commit.get("experiments") or [])]
-    ours = [run for exp in runs for run in exp.get("revs", []) if run.get("name") == "fine-tune-check"]
-    assert ours, shown.stdout[-3000:]
-    data = ours[0]["data"]
-    assert data["params"]["params.yaml"]["data"]["train"]["strategy"] == "fine_tune"
-    assert 0.0 <= data["metrics"]["outputs/metrics.json"]["data"]["val"]["accuracy"] <= 1.0
+    # the evaluate stage alone, on the model `dvc pull` brought: the committed ONNX test metrics again
+    done = run(dvc, "repro", "--force", "--single-item", "evaluate")
+    assert "Running stage 'evaluate'" in done.stdout and "Running stage 'train'" not in done.stdout
+    reproduced = json.loads((clone / "outputs" / "holdout" / "metrics.json").read_text())["test"]
+    assert reproduced == pytest.approx(committed_test, abs=1e-6)
+    assert abs(reproduced["accuracy"] - committed["test"]["accuracy"]) <= 0.005  # the ONNX model agrees with torch
+
+    # an experiment with another strategy (kept small: one epoch at 32 px): listed, registered, champion unmoved
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{clone / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    champion = client.get_model_version_by_alias("graft-digits", "champion").version
+    run(dvc, "exp", "run", "--name", "fine-tune-check", "--set-param", "train.strategy=fine_tune",
+        "--set-param", "train.epochs=1", "--set-param", "data.image_size=32")
+    shown = json.loads(run(dvc, "exp", "show", "--json").stdout)
+    runs = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    ours = [found for exp in runs for found in exp.get("revs", []) if found.get("name") == "fine-tune-check"]
+    assert ours and ours[0]["data"]["params"]["params.yaml"]["data"]["train"]["strategy"] == "fine_tune"
+    newest = max(client.search_model_versions("name = 'graft-digits'"), key=lambda v: int(v.version))
+    assert int(newest.version) > int(champion) and "DVC experiment (fine-tune-check)" in newest.tags["graft.hold"]
+    assert client.get_model_version_by_alias("graft-digits", "champion").version == champion
+    assert client.get_model_version_by_alias("graft-digits", "challenger").version == newest.version
 
 
 # ---------------------------------------------------------------- caching
@@ -601,7 +605,7 @@ def test_an_unchanged_candidate_score_comes_from_the_cache(prefect_harness, tmp_
     @flow
     def score(extra: list[str]):
         params = load_params(REPO / "params.yaml", overrides + extra)
-        split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+        split = scan(params.data.dir)
         return score_candidate_task(params, split, "efficientnet_lite0", return_state=True)
 
     first, again = score([]), score([])

@@ -29,7 +29,7 @@ from components.registry.history import move_alias, read_history
 from components.registry.versions import alias_version
 from tests import services
 from tests.conftest import REPO
-from tests.deploy.fixtures import NAME, _store_overrides, register, tiny_model  # noqa: F401
+from tests.deploy.fixtures import NAME, deploy_tiny, dump_deploy_inputs, tiny_model  # noqa: F401
 
 # ---------------------------------------------------------------- a real MLflow server and a proxy that breaks it
 
@@ -54,6 +54,8 @@ class Fault:
     path: str
     mode: str
     times: int
+    method: str | None = None
+    """Only requests of this HTTP method (None: any)."""
     hits: int = 0
 
 
@@ -82,7 +84,8 @@ def proxy(mlflow_server, monkeypatch):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             with lock:
                 state.requests.append(self.path)
-                fault = next((f for f in state.faults if f.path in self.path and f.hits < f.times), None)
+                fault = next((f for f in state.faults if f.path in self.path and f.hits < f.times
+                              and f.method in (None, self.command)), None)
                 if fault:
                     fault.hits += 1
             if fault and fault.mode == "503":
@@ -130,36 +133,20 @@ def _client(uri: str):
     return MlflowClient(uri, uri)
 
 
-def _new_run(uri: str, experiment: str = "faults"):
-    from components.registry.tracking import Run
-
-    client = _client(uri)
-    found = client.get_experiment_by_name(experiment)  # the tests create it before starting concurrent children
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
-    return Run(client.create_run(experiment_id).info.run_id, uri)
+DEPLOY_TAGS = ("onnx.sha256", "parity.max_abs_diff", "parity.top1_agreement", "test.accuracy", "split.manifest_sha256",
+               "gate.verdict", mlflow_calls.REGISTRATION_TAG)
+"""Tags `deploy()` sets on every version it registers, in the create call itself."""
 
 
-FULL_TAGS = {"onnx.sha256": "0" * 64, "parity.max_abs_diff": "1.0e-06", "parity.top1_agreement": "1.0000", "val.accuracy": "0.9000"}
-
-
-def _publish(uri: str, onnx_path: Path, name: str, promote: bool = True) -> str:
-    """Deploy's registry steps in deploy's order: log the ONNX model, register, challenger, then champion."""
-    from components.core.lineage import CHALLENGER
-    from components.deploy.register import log_onnx_model, register_version
-
-    run = _new_run(uri)
-    source = log_onnx_model(run, onnx_path, 64, 3)
-    version = register_version(run, name, source, dict(FULL_TAGS), "fault test")
-    mlflow_calls.set_alias(run.client, name, CHALLENGER, version)
-    if promote:
-        move_alias(run.client, name, version, "gate", f"graft run {run.run_id}", "test")
-    return version
+def _publish(uri: str, tiny_model, name: str, work: Path) -> str:  # noqa: ANN001
+    """`deploy()` of the tiny model as `name` through `uri` (the first one becomes champion, identical later ones do not)."""
+    return deploy_tiny(tiny_model, uri, name, work).version
 
 
 def _assert_every_version_has_all_its_tags(client, name: str) -> list:  # noqa: ANN001
     versions = client.search_model_versions(f"name = '{name}'")
     for version in versions:
-        missing = [key for key in (*FULL_TAGS, mlflow_calls.REGISTRATION_TAG) if key not in version.tags]
+        missing = [key for key in DEPLOY_TAGS if key not in version.tags]
         assert not missing, f"v{version.version} lacks {missing}"
     return versions
 
@@ -167,7 +154,7 @@ def _assert_every_version_has_all_its_tags(client, name: str) -> list:  # noqa: 
 # ---------------------------------------------------------------- 1. MLflow answers 5xx for a while
 
 
-def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplicate(proxy, tiny_model):  # noqa: F811
+def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplicate(proxy, tiny_model, tmp_path):  # noqa: F811
     name = "faults-flaky"
     proxy.faults = [
         Fault("registered-models/create", "503", 1),
@@ -177,7 +164,7 @@ def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplica
         Fault("registered-models/alias", "503", 2),
         Fault("registered-models/set-tag", "503", 1),
     ]
-    version = _publish(proxy.url, tiny_model.onnx_path, name)
+    version = _publish(proxy.url, tiny_model, name, tmp_path)
 
     assert all(fault.hits == fault.times for fault in proxy.faults), proxy.faults
     client = _client(proxy.url)
@@ -188,13 +175,13 @@ def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplica
     assert [(m.version, m.action) for m in read_history(client, name)] == [(version, "gate")]
 
 
-def test_a_registry_that_keeps_failing_gives_one_clear_error_and_leaves_the_champion(proxy, tiny_model):  # noqa: F811
+def test_a_registry_that_keeps_failing_gives_one_clear_error_and_leaves_the_champion(proxy, tiny_model, tmp_path):  # noqa: F811
     name = "faults-down"
-    first = _publish(proxy.url, tiny_model.onnx_path, name)
+    first = _publish(proxy.url, tiny_model, name, tmp_path / "first")
     proxy.faults = [Fault("model-versions/create", "503", 100)]
 
     with pytest.raises(RegistryError) as err:
-        _publish(proxy.url, tiny_model.onnx_path, name)
+        _publish(proxy.url, tiny_model, name, tmp_path / "second")
     message = str(err.value)
     assert f"registering a version of '{name}'" in message and f"failed {mlflow_calls.ATTEMPTS} times" in message
     assert "503" in message and "check that the MLflow server" in message
@@ -205,12 +192,12 @@ def test_a_registry_that_keeps_failing_gives_one_clear_error_and_leaves_the_cham
     assert len(read_history(client, name)) == 1
 
 
-def test_a_real_error_from_the_registry_is_not_retried(proxy, tiny_model):  # noqa: F811
+def test_a_real_error_from_the_registry_is_not_retried(proxy, tiny_model, tmp_path):  # noqa: F811
     name = "faults-refused"
-    first = _publish(proxy.url, tiny_model.onnx_path, name)
-    proxy.faults = [Fault("registered-models/alias", "400", 100)]
+    first = _publish(proxy.url, tiny_model, name, tmp_path / "first")
+    proxy.faults = [Fault("registered-models/alias", "400", 100, method="POST")]
     with pytest.raises(RegistryError, match="not a temporary fault, so it was not retried") as err:
-        _publish(proxy.url, tiny_model.onnx_path, name)
+        _publish(proxy.url, tiny_model, name, tmp_path / "second")
     assert "setting alias 'challenger'" in str(err.value)
     assert proxy.faults[0].hits == 1
     proxy.faults = []
@@ -219,15 +206,15 @@ def test_a_real_error_from_the_registry_is_not_retried(proxy, tiny_model):  # no
     assert len(_assert_every_version_has_all_its_tags(client, name)) == 2
 
 
-def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(proxy, tiny_model):  # noqa: F811
+def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(proxy, tiny_model, tmp_path):  # noqa: F811
     """Two flows setting the same new tag or alias at once: MLflow's SQL store fails the second insert (seen in CI)."""
     name = "faults-upsert-race"
     proxy.faults = [
         Fault("registered-models/set-tag", "race", 1),
         Fault("model-versions/set-tag", "race", 1),
-        Fault("registered-models/alias", "race", 1),
+        Fault("registered-models/alias", "race", 1, method="POST"),
     ]
-    version = _publish(proxy.url, tiny_model.onnx_path, name)
+    version = _publish(proxy.url, tiny_model, name, tmp_path)
 
     assert all(fault.hits == 1 for fault in proxy.faults), proxy.faults
     client = _client(proxy.url)
@@ -243,7 +230,7 @@ _CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
 
-work, checkpoint, uri, hold = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+work, inputs, uri, hold = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 
 def stop_here():
     (work / "reached").touch()
@@ -266,24 +253,17 @@ elif hold == "register":  # the version exists, its aliases do not yet
         stop_here()
     MlflowClient.create_model_version = create_then_stop
 
-from components.core.files import sha256
-from components.deploy.export import export_onnx
-from components.train.stage import load_classifier
-from tests.reliability.test_faults import FULL_TAGS, _publish
-import tests.reliability.test_faults as faults
+from tests.deploy.fixtures import deploy_dumped
 
-model, _ = load_classifier(checkpoint)
-onnx_path = export_onnx(model, work / "model.onnx", 64, 18, {"classes": '["0", "1", "7"]', "image_size": "64"})
-faults.FULL_TAGS["onnx.sha256"] = sha256(onnx_path)
-print(json.dumps({"version": _publish(uri, onnx_path, "graft-test")}))
+print(json.dumps({"version": deploy_dumped(inputs, uri, "graft-test", work).version}))
 """
 
 
-def _run_child(work: Path, checkpoint: Path, uri: str, hold: str, timeout: float = 240) -> subprocess.CompletedProcess | None:
-    """Run `_CHILD`; with `hold`, SIGKILL it once it reaches that point (returns None then)."""
+def _run_child(work: Path, inputs: Path, uri: str, hold: str, timeout: float = 240) -> subprocess.CompletedProcess | None:
+    """Run `_CHILD` (`deploy()` itself); with `hold`, SIGKILL it once it reaches that point (returns None then)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(work), str(checkpoint), uri, hold], cwd=REPO, env=env,
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, str(work), str(inputs), uri, hold], cwd=REPO, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if hold == "none":
         out, err = child.communicate(timeout=timeout)
@@ -304,42 +284,39 @@ def _run_child(work: Path, checkpoint: Path, uri: str, hold: str, timeout: float
 @pytest.mark.slow
 @pytest.mark.parametrize("hold", ["export", "register"])
 def test_sigkill_during_export_or_registration_leaves_the_previous_model_and_a_rerun_completes(hold, tiny_model, tmp_path):  # noqa: F811
-    from components.core.config import load_params
+    """`deploy()` SIGKILLed with half of the ONNX file written, or right after the version was created: the champion
+    stays, no file is torn where readers look, no version lacks its tags; the rerun registers and sets the aliases."""
     from components.registry.tracking import tracking_uri
     from components.runtime.model import OnnxClassifier
+    from tests.deploy.fixtures import deploy_params
 
-    params = load_params(REPO / "params.yaml", _store_overrides(tiny_model, tmp_path))
-    previous = tmp_path / "previous" / "model.onnx"
-    previous.parent.mkdir()
-    shutil.copyfile(tiny_model.onnx_path, previous)
-    champion = register(params, previous)
-    uri = tracking_uri(params)
+    uri = tracking_uri(deploy_params(tiny_model, tmp_path))
+    champion = deploy_tiny(tiny_model, uri, NAME, tmp_path / "previous", experiment="graft").version
     client = _client(uri)
-    move_alias(client, NAME, champion, "gate", "test", "the previous champion, passed its gate")
+    assert alias_version(client, NAME) == champion
     work = tmp_path / "deploy"
     work.mkdir()
     shutil.copyfile(tiny_model.onnx_path, work / "model.onnx")  # the last export, still where readers look
     before = hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
-    checkpoint = tiny_model.work / "run" / "model.pt"
+    inputs = dump_deploy_inputs(tiny_model, tmp_path / "inputs.pickle")
 
-    _run_child(work, checkpoint, uri, hold)
+    _run_child(work, inputs, uri, hold)
 
     if hold == "export":
         assert hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest() == before  # never half-written
     OnnxClassifier(work / "model.onnx")  # a complete model
     assert (work / "model.tmp.onnx").exists() == (hold == "export")  # only the temp file is torn
-    versions = client.search_model_versions(f"name = '{NAME}'")
+    versions = _assert_every_version_has_all_its_tags(client, NAME)  # none without its tags
     assert len(versions) == (2 if hold == "register" else 1)
-    assert all("onnx.sha256" in v.tags and "parity.max_abs_diff" in v.tags for v in versions)  # none without tags
-    assert alias_version(client, NAME) == champion
-    assert alias_version(client, NAME, "challenger") is None
+    assert alias_version(client, NAME) == champion == alias_version(client, NAME, "challenger")
 
-    rerun = _run_child(work, checkpoint, uri, "none")
+    rerun = _run_child(work, inputs, uri, "none")
     assert not (work / "model.tmp.onnx").exists()
     OnnxClassifier(work / "model.onnx")
-    assert alias_version(client, NAME) == rerun["version"] == alias_version(client, NAME, "challenger")
+    assert alias_version(client, NAME, "challenger") == rerun["version"] != champion
+    assert alias_version(client, NAME) == champion  # the same model again: the gate keeps the champion
     assert client.get_model_version(NAME, rerun["version"]).tags["onnx.sha256"] == hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
-    assert [m.version for m in read_history(client, NAME)] == [champion, rerun["version"]]
+    assert [m.version for m in read_history(client, NAME)] == [champion]
 
 
 # ---------------------------------------------------------------- 3. disk full
@@ -412,7 +389,7 @@ import json, sys, time
 from pathlib import Path
 from mlflow import MlflowClient
 
-uri, onnx_path, go, me, peer = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
+uri, inputs, go, me, peer = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), Path(sys.argv[5])
 
 def meet():
     me.touch()
@@ -428,10 +405,10 @@ def set_tag_after_the_peer_has_read(self, name, key, value):
     return real_set_tag(self, name, key, value)
 MlflowClient.set_registered_model_tag = set_tag_after_the_peer_has_read
 
-from tests.reliability.test_faults import _publish
+from tests.deploy.fixtures import deploy_dumped
 while not go.exists():
     time.sleep(0.02)
-print(json.dumps({"version": _publish(uri, onnx_path, "faults-concurrent")}))
+print(json.dumps({"version": deploy_dumped(inputs, uri, "faults-concurrent", me.parent / me.name.replace("at-history", "work")).version}))
 """
 
 
@@ -446,8 +423,9 @@ def test_two_flows_registering_the_same_name_at_once_get_distinct_versions_and_k
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_TRACKING_URI", None)
     go = tmp_path / "go"
+    inputs = dump_deploy_inputs(tiny_model, tmp_path / "inputs.pickle")
     children = [
-        subprocess.Popen([sys.executable, "-c", _CONCURRENT, mlflow_server, str(tiny_model.onnx_path), str(go),
+        subprocess.Popen([sys.executable, "-c", _CONCURRENT, mlflow_server, str(inputs), str(go),
                           str(tmp_path / f"at-history-{me}"), str(tmp_path / f"at-history-{1 - me}")],
                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for me in (0, 1)
@@ -467,14 +445,14 @@ def test_two_flows_registering_the_same_name_at_once_get_distinct_versions_and_k
     assert sorted(m.version for m in moves if m.action == "gate") == ["1", "2"]
 
 
-def test_two_simultaneous_promotions_keep_both_history_entries(proxy, tiny_model, monkeypatch):  # noqa: F811
+def test_two_simultaneous_promotions_keep_both_history_entries(proxy, tiny_model, monkeypatch, tmp_path):  # noqa: F811
     """Both moves read the history before either writes (forced): neither entry may be lost."""
     from mlflow import MlflowClient
 
     name = "faults-promote-race"
-    first = _publish(proxy.url, tiny_model.onnx_path, name)
-    second = _publish(proxy.url, tiny_model.onnx_path, name, promote=False)
-    third = _publish(proxy.url, tiny_model.onnx_path, name, promote=False)
+    first = _publish(proxy.url, tiny_model, name, tmp_path / "first")  # champion: there was none
+    second = _publish(proxy.url, tiny_model, name, tmp_path / "second")  # the same model again: challenger only
+    third = _publish(proxy.url, tiny_model, name, tmp_path / "third")
     barrier = threading.Barrier(2, timeout=60)
     waited = threading.local()
     real_set_tag = MlflowClient.set_registered_model_tag

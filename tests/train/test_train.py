@@ -17,6 +17,7 @@ from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import load_params
 from components.core.errors import ConfigError, TrainingError
+from components.core.files import file_md5
 from components.data.folders import scan
 from components.evaluate.stage import evaluate
 from components.train.loop import batch_indices, class_weights
@@ -67,7 +68,7 @@ def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, f
     result = fine_tune(params, split, choice(size=64), tmp_path / "run")
     assert result.epochs_run >= result.best_epoch >= 1 and not result.backbone_trained
     evaluation = evaluate(params, split, result, tmp_path / "run")
-    assert evaluation.metrics["accuracy"] > 0.6  # chance is 1/3
+    assert evaluation.test["accuracy"] > 0.6  # chance is 1/3
     model, ckpt = load_classifier(result.checkpoint_path)
     assert set(ckpt) >= {"backbone", "image_size", "classes", "head", "config", "history"}
     assert "backbone_state" not in ckpt  # nothing to store: the pre-trained weights are unchanged
@@ -98,6 +99,18 @@ def test_network_strategies_beat_chance(digits_dir, feature_cache_dir, tmp_path,
     # per-epoch metrics reach the callback, steps counted across two_stage's stages
     assert [step for step, _ in rows] == list(range(1, result.epochs_run + 1))
     assert {"train/loss", "val/loss", "val/accuracy", "lr", "lr/backbone"} <= set(rows[-1][1])
+    # discriminative learning rates: the unfrozen blocks at train.backbone_lr_ratio of the head's rate
+    ratio = {"fine_tune": params.train.backbone_lr_ratio, "two_stage": 1.0, "scratch": 1.0}[strategy]
+    backbone_rows = [row for _, row in rows if "lr/backbone" in row]
+    assert backbone_rows and all(row["lr/backbone"] == pytest.approx(row["lr"] * ratio) for row in backbone_rows)
+    if strategy == "two_stage":
+        # stage 1 trains the head alone on cached features (no backbone rate), at train.lr; stage 2 runs every
+        # trainable layer at train.lr x train.backbone_lr_ratio, warm-up first
+        head_rows = [row for _, row in rows if "lr/backbone" not in row]
+        assert head_rows and rows[0][1] is head_rows[0] and all(row["lr"] == params.train.lr for row in head_rows)
+        assert result.features_cached + result.features_computed == len(split.train) + len(split.val)
+        low = params.train.lr * params.train.backbone_lr_ratio
+        assert max(row["lr"] for row in backbone_rows) == pytest.approx(low)
     # the checkpoint holds the trained backbone, and the model it rebuilds is the one that was scored
     assert "backbone_state" in load_classifier(result.checkpoint_path)[1]
     initial = get_spec(result.backbone).build(SIZE, seed=params.train.seed).state_dict()
@@ -165,14 +178,18 @@ def test_feature_cache_is_reused_and_invalidated_when_the_data_changes(digits_di
     data = shutil.copytree(digits_dir, tmp_path / "data")
     cache = tmp_path / "cache"
     params = make_params(data, tmp_path, cache, "train.epochs=3")
-    first = fine_tune(params, scan(data), choice(), tmp_path / "run1")
-    assert (first.features_cached, first.features_computed) == (0, 60)
+    split = scan(data)
+    trained_on = len(split.train) + len(split.val)  # training reads train and val features; test waits for evaluate
+    first = fine_tune(params, split, choice(), tmp_path / "run1")
+    assert (first.features_cached, first.features_computed) == (0, trained_on)
     second = fine_tune(params, scan(data), choice(), tmp_path / "run2")
-    assert (second.features_cached, second.features_computed) == (60, 0)
+    assert (second.features_cached, second.features_computed) == (trained_on, 0)
     changed = sorted((data / "7").iterdir())[0]
-    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)
-    third = fine_tune(params, scan(data), choice(), tmp_path / "run3")
-    assert (third.features_cached, third.features_computed) == (59, 1)
+    Image.fromarray(255 - np.asarray(Image.open(changed))).save(changed)  # new bytes: a new image, maybe in another split
+    split = scan(data)
+    used = [s.digest for s in split.train + split.val]
+    third = fine_tune(params, split, choice(), tmp_path / "run3")
+    assert third.features_computed == used.count(file_md5(changed)) and third.features_cached == len(used) - third.features_computed
 
 
 def test_augmentation_bypasses_the_cache_and_says_why(digits_dir, feature_cache_dir, tmp_path, caplog):
@@ -306,14 +323,20 @@ def test_other_inputs_do_not_resume(digits_dir, feature_cache_dir, tmp_path):
 
 
 def test_early_stopping_restores_the_best_epoch(tiny_params):
+    """Training stops `patience` epochs after the best validation loss, and the head it returns is the best
+    epoch's: its validation loss is the best one recorded, below the last epoch's."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 8)).astype(np.float32)
     y = rng.integers(0, 2, size=60)  # pure noise: validation loss stops improving quickly
     params = tiny_params.model_copy(update={"train": tiny_params.train.model_copy(update={"epochs": 500, "patience": 3})})
-    _, result = train_head(params, x[:40], y[:40], x[40:], y[40:])
-    assert len(result.history) < 500
-    best = int(np.argmin([h["val/loss"] for h in result.history]))
-    assert len(result.history) - 1 - best == 3 and result.best_epoch == best + 1
+    head, result = train_head(params, x[:40], y[:40], x[40:], y[40:])
+    losses = [h["val/loss"] for h in result.history]
+    assert len(losses) < 500
+    best = int(np.argmin(losses))
+    assert len(losses) - 1 - best == 3 and result.best_epoch == best + 1
+    logits = torch.from_numpy(x[40:]) @ head["weight"].T + head["bias"]  # the returned head takes raw features
+    restored = float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y[40:]).long()))
+    assert restored == pytest.approx(losses[best], rel=1e-5) and restored < losses[-1] - 1e-6
 
 
 def test_divergence_names_the_epoch_and_suggests_a_lower_lr(tiny_params):
