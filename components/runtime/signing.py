@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -121,6 +122,22 @@ def sign_folder(folder: Path, private_key: Path) -> str:
     return fingerprint
 
 
+def _reason(exc: Exception) -> str:
+    """model-signing's refusal in a few words: which files changed, were added or went missing, else its first line."""
+    text = str(exc)
+    # the messages arrive inside a list's repr, so their quotes may come escaped
+    changed = re.findall(r"Hash mismatch for \\?'([^'\\]+)\\?'", text)
+    extra = re.search(r"Extra files found in model \\?'[^']*\\?': ([^'\"\]\\]+)", text)
+    missing = re.search(r"Missing files in model \\?'[^']*\\?': ([^'\"\]\\]+)", text)
+    parts = [f"changed since signing: {', '.join(changed)}"] if changed else []
+    parts += [f"not in the signature: {extra[1]}"] if extra else []
+    parts += [f"signed but missing: {missing[1]}"] if missing else []
+    if parts:
+        return "; ".join(parts)
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else exc.__class__.__name__
+
+
 def verify_folder(folder: Path, public_keys: Sequence[Path], what: str) -> str:
     """Verify `folder/model.sig` over every file in `folder` with one of `public_keys`; returns that key's fingerprint.
 
@@ -135,6 +152,7 @@ def verify_folder(folder: Path, public_keys: Sequence[Path], what: str) -> str:
     """
     from model_signing import verifying
 
+    trusted = {key: key_fingerprint(key) for key in public_keys}  # a misconfigured key is named before anything else
     signature = folder / SIGNATURE_FILE
     if not signature.is_file():
         raise SignatureError(
@@ -143,17 +161,17 @@ def verify_folder(folder: Path, public_keys: Sequence[Path], what: str) -> str:
         )
     claimed = signer_fingerprint(signature)
     problems = []
-    for key in public_keys:
+    for key, fingerprint in trusted.items():
         try:
             verifying.Config().use_elliptic_key_verifier(public_key=key).verify(folder, signature)
-            return key_fingerprint(key)
+            return fingerprint
         # model-signing reports a bad signature as ValueError, cryptography's InvalidSignature or a protobuf
         # ParseError, depending on where it breaks; each is a refusal, reported below with the key it used
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"{key.name}: {str(exc).splitlines()[0][:300] or exc.__class__.__name__}")
+            problems.append(f"{key.name}: {_reason(exc)}")
     signer = f"signed with key {claimed[:16]}..." if claimed else "its signature is unreadable"
     raise SignatureError(
         f"{what}: the signature does not verify with {VERIFY_KEY_ENV} ({'; '.join(problems)}); {signer}, trusted keys are "
-        f"{', '.join(key_fingerprint(k)[:16] + '...' for k in public_keys)}; refusing to load it (a file was altered, "
+        f"{', '.join(f[:16] + '...' for f in trusted.values())}; refusing to load it (a file was altered, "
         "or another key signed it)"
     )
