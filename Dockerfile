@@ -37,9 +37,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 RUN useradd --create-home --uid 10001 graft
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
-# the consumer side only: onnxruntime, image decoding, config, MLflow client for models:/ URIs
+# the consumer side only: onnxruntime, image decoding, config, MLflow client for models:/ URIs,
+# model-signing to verify signed models (GRAFT_VERIFY_KEY)
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install -c requirements.lock onnx onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny fastapi uvicorn python-multipart
+ && /opt/venv/bin/pip install -c requirements.lock onnx onnxruntime-gpu numpy pillow pydantic pyyaml mlflow-skinny fastapi uvicorn python-multipart \
+    model-signing pyopenssl
 COPY components ./components
 COPY flows ./flows
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app

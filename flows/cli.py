@@ -5,7 +5,7 @@
     graft serve --model models:/NAME@champion [--port P]   # HTTP: POST /predict, GET /health, GET /metadata
     graft promote --name NAME --version V [--reason TEXT]  # the gate's checks, then champion -> V
     graft rollback --name NAME [--reason TEXT]             # champion back to the one before
-    graft history --name NAME                              # who moved champion, when, why
+    graft history --name NAME                              # who moved champion, when, why; ! marks failed versions
     graft bundle --model models:/NAME@champion --out DIR   # ONNX files, labels, card, SHA256SUMS
     graft prepare [--split PATH]                  # dvc stage: pull, check and split the data
     graft evaluate [--summary PATH] [--split PATH] [--out DIR]   # dvc stage: the ONNX model on the held-out split
@@ -19,6 +19,7 @@ and runs where the training stack is not installed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -148,13 +149,24 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _history(args: argparse.Namespace) -> int:
-    from components.registry.history import read_history
+    from components.core.lineage import CHAMPION
+    from components.registry.history import read_history, unrecorded_champion
+    from components.registry.versions import version_concerns
 
     _registry_params(args)
-    moves = read_history(_client(), args.name)
+    client = _client()
+    moves = read_history(client, args.name)
+    concerns = functools.cache(lambda version: version_concerns(client, args.name, version))
     for move in moves:
         print(f"{move.when}  {move.alias} v{move.previous or '-'} -> v{move.version}  {move.action} by {move.who}: {move.why}")
-    if not moves:
+        for concern in concerns(move.version) if move.alias == CHAMPION else ():
+            print(f"    ! v{move.version}: {concern}")
+    moved = unrecorded_champion(client, args.name, moves)
+    if moved is not None:
+        print(f"now                        {CHAMPION} -> v{moved}  moved outside Graft (MLflow UI or API), not yet in the history")
+        for concern in concerns(moved):
+            print(f"    ! v{moved}: {concern}")
+    if not moves and moved is None:
         print(f"no recorded alias moves for {args.name}")
     return 0
 

@@ -60,6 +60,18 @@ class UnsafeModelError(GraftError):
     """An ONNX file refers to data outside its own folder."""
 
 
+class IntegrityError(GraftError):
+    """A model file is not what registration recorded: its sha256 differs, or no digest was recorded to check it by."""
+
+
+class SignatureError(IntegrityError):
+    """A model is unsigned or wrongly signed while verification is on, or a signing or verification key is unusable."""
+
+
+class UntrustedSourceError(IntegrityError):
+    """A model version's source lies outside the artifact folder of its own run (the CVE-2023-1177 family)."""
+
+
 class VariantError(ExportError):
     """A variant could not be built (the fp32 model is unaffected)."""
 

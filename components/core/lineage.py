@@ -29,6 +29,30 @@ HOLD_TAG = "graft.hold"
 """Version tag: why the run that registered it could not move `champion` (a DVC experiment, `--no-promote`)."""
 CHAMPION_VERSION_TAG = "graft.champion_version"
 """Registered-model tag: the version Graft last made champion (a different alias means a move by hand)."""
+PROMOTED_BY_TAG = "graft.promoted_by"
+"""Version tag: how it last became champion (`gate by graft run ...`, `promote by user@host`, `manual (...)`)."""
+
+# The trust chain. These live in the registry database, which someone who can write to the artifact
+# store cannot change, so a consumer can check the files it downloads against them.
+SHA256_TAG_PREFIX = "sha256."
+"""Version tag prefix: `sha256.<file>` is the sha256 of each ONNX file registration uploaded
+(`sha256.model.onnx`, `sha256.model.int8.onnx`, ...); every consumer checks the file it loads against it."""
+ONNX_SHA256_TAG = "onnx.sha256"
+"""Version tag: the sha256 of the exported `model.onnx`; read for versions registered before `sha256.<file>`."""
+SIGNATURE_KEY_TAG = "signature.key"
+"""Version tag: the fingerprint (model-signing's key hint: sha256 of the PEM public key) of the key that signed
+the version's folder; absent when it was registered unsigned."""
+GATE_VERDICT_TAG = "gate.verdict"
+"""Version tag written by `evaluate.gate.Verdict.tags`: `promote` or `keep champion`."""
+GATE_REASONS_TAG = "gate.reasons"
+"""Version tag written by `evaluate.gate.Verdict.tags`: the verdict and every reason, in words."""
+PARITY_AGREEMENT_TAG = "parity.top1_agreement"
+"""Version tag: share of parity images where ONNX and PyTorch gave the same top-1 class."""
+
+
+def sha256_tag(filename: str) -> str:
+    """The version tag holding the sha256 registration recorded for `filename`."""
+    return f"{SHA256_TAG_PREFIX}{filename}"
 
 
 # Where things are and what the result is called: they change no weight of the model.

@@ -1,7 +1,8 @@
 """`graft promote` and `graft rollback`: moving `champion` by hand, with the gate's checks.
 
 `promote` re-runs the gate's checks that a model version carries with it
-(parity recorded at export, the metric floors, the ONNX file's checksum) and
+(parity recorded at export, the metric floors, the ONNX file's checksum against
+the digest registration recorded, its source inside its run's folder) and
 then moves the alias; `rollback` moves it back to the champion before the
 current one. Both record the move in the alias history
 (`components.registry.history`), and the alias moves last, so a failure leaves
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.core.config import Params
-from components.core.errors import PromotionError
+from components.core.errors import PromotionError, UntrustedSourceError
 from components.core.files import sha256
 from components.evaluate.gate import Check, GateRules
 from components.registry.history import AliasMove, champion_stack, move_alias, read_history, who_am_i
-from components.registry.versions import alias_version
+from components.registry.versions import alias_version, download_artifact, trusted_download_uri
+from components.runtime.trust import expected_sha256
+from components.runtime.variant_files import FP32_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +47,15 @@ def _tag_float(tags: dict[str, str], key: str) -> float | None:
         return None
 
 
-def _file_sha256(client, name: str, version: str) -> str:  # noqa: ANN001
-    import mlflow
-    root = client.get_model_version_download_uri(name, version).rstrip("/")
+def _file_sha256(client, found) -> tuple[str | None, Check]:  # noqa: ANN001 - MlflowClient, ModelVersion
+    """The sha256 of the registered model.onnx (None when its source is not to be trusted), and the source check."""
+    try:
+        root = trusted_download_uri(client, found).rstrip("/")
+    except UntrustedSourceError as exc:
+        return None, Check("source", False, str(exc))
     with tempfile.TemporaryDirectory(prefix="graft-promote-") as tmp:
-        return sha256(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/model.onnx", dst_path=tmp)))
+        digest = sha256(download_artifact(f"{root}/{FP32_FILE}", Path(tmp)))
+    return digest, Check("source", True, f"its files lie inside the artifact folder of its run {found.run_id}")
 
 
 def version_checks(params: Params, tags: dict[str, str], file_sha256: str | None) -> list[Check]:
@@ -71,12 +78,14 @@ def version_checks(params: Params, tags: dict[str, str], file_sha256: str | None
         else:
             relation = "meets" if value >= floor else "is below"
             checks.append(Check(f"floor.{metric}", value >= floor, f"test {metric} {value:.3f} {relation} the floor {floor:.3f} (evaluate.min_{metric})"))
-    expected = tags.get("onnx.sha256")
-    if expected is None or file_sha256 is None:
-        checks.append(Check("checksum", False, "no onnx.sha256 tag to verify the registered file against"))
+    expected = expected_sha256(tags, FP32_FILE)
+    if expected is None:
+        checks.append(Check("checksum", False, f"no sha256 recorded for {FP32_FILE} to verify the registered file against"))
+    elif file_sha256 is None:
+        checks.append(Check("checksum", False, f"the registered {FP32_FILE} was not read (see the source check)"))
     else:
         same = expected == file_sha256
-        checks.append(Check("checksum", same, "the registered model.onnx matches onnx.sha256" if same else f"model.onnx has sha256 {file_sha256[:12]}..., the tag says {expected[:12]}... (file altered)"))
+        checks.append(Check("checksum", same, f"the registered {FP32_FILE} has the sha256 registration recorded" if same else f"{FP32_FILE} has sha256 {file_sha256}, registration recorded {expected} (file altered)"))
     return checks
 
 
@@ -96,7 +105,8 @@ def promote(client, params: Params, name: str, version: str, why: str, who: str 
     if current == str(found.version):
         log.info("%s v%s is already champion", name, version)
         return PromotionResult(name, str(version), current, False, (), None)
-    checks = tuple(version_checks(params, found.tags, _file_sha256(client, name, str(found.version))))
+    file_sha256, source_check = _file_sha256(client, found)
+    checks = (*version_checks(params, found.tags, file_sha256), source_check)
     failures = [c for c in checks if not c.passed]
     if failures:
         kept = f"champion stays on v{current}" if current else "no champion was set"

@@ -63,7 +63,7 @@ def evaluate_holdout(params: Params, split: Split, summary_path: Path, out_dir: 
     onnx_path = model_path or (named if named.is_absolute() else REPO_ROOT / named)  # summaries name files relative to the project
     if not onnx_path.is_file():
         raise DataError(f"ONNX model {onnx_path} does not exist; run `dvc pull` (or `graft run --summary {summary_path}`) first")
-    model = OnnxClassifier(onnx_path)
+    model = OnnxClassifier.load(onnx_path)  # checked against its sidecar (and signature) first
     check_classes(split, model.classes, parts=("test",))
     tested = split.evaluation
     labels = np.array([s.label for s in tested])

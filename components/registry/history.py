@@ -82,6 +82,13 @@ def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
     return [move for _, move in _history_entries(name, tags)]
 
 
+def unrecorded_champion(client, name: str, moves: list[AliasMove]) -> str | None:  # noqa: ANN001
+    """The version `champion` points at, when it was moved outside Graft after the last recorded move; else None."""
+    current = alias_version(client, name, CHAMPION)
+    recorded = next((m.version for m in reversed(moves) if m.alias == CHAMPION), None)
+    return current if current is not None and current != recorded else None
+
+
 def _history_entries(name: str, tags: dict[str, str]) -> list[tuple[str | None, AliasMove]]:
     """(tag key, move), oldest first: the legacy list (key None) first, then one tag per move in time order."""
     entries: list[tuple[str | None, AliasMove]] = []

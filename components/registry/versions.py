@@ -1,14 +1,21 @@
 """Registered versions as consumers and the flow read them: `models:/` URIs, the version an alias
-names, and their files.
+names, where their files may come from, and what their tags recorded.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
-from components.core.errors import GraftError
-from components.core.lineage import CHAMPION
+from components.core.errors import GraftError, UntrustedSourceError
+from components.core.lineage import (
+    CHAMPION,
+    GATE_REASONS_TAG,
+    GATE_VERDICT_TAG,
+    PARITY_AGREEMENT_TAG,
+)
 from components.registry import mlflow_calls
 
 _REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))/?$")
@@ -96,3 +103,97 @@ def download_artifact(artifact_uri: str, dst: Path) -> Path:
         if refused is not None:
             raise refused from exc
         raise GraftError(f"cannot download '{artifact_uri}' from MLflow ({exc}); check the name/alias in the MLflow UI") from exc
+
+
+def _split_uri(text: str) -> tuple[str, str, str, bool]:
+    """(scheme, host, decoded path, clean) of an artifact URI; a plain absolute path counts as `file`.
+
+    The path is percent-decoded until it stops changing, so `%252e%252e` reads as `..`; it is not clean
+    with a `.` or `..` segment, a backslash, a NUL, a query or a fragment.
+    """
+    parts = urlsplit(text)
+    path = parts.path
+    for _ in range(5):
+        decoded = unquote(path)
+        if decoded == path:
+            break
+        path = decoded
+    clean = not (parts.query or parts.fragment or "\\" in path or "\x00" in path or {".", ".."} & set(path.split("/")))
+    scheme = parts.scheme or ("file" if path.startswith("/") else "")
+    return scheme, parts.netloc, path.rstrip("/"), clean
+
+
+def uri_inside(uri: str, root: str) -> bool:
+    """Whether artifact URI `uri` is `root` or lies beneath it, judged on clean, decoded paths (see `_split_uri`)."""
+    scheme, host, path, clean = _split_uri(uri)
+    root_scheme, root_host, root_path, root_clean = _split_uri(root)
+    same_place = (scheme, host) == (root_scheme, root_host)
+    return clean and root_clean and same_place and (path == root_path or path.startswith(f"{root_path}/"))
+
+
+def _resolve_runs_uri(uri: str, run_id: str, run_root: str) -> str | None:
+    """`runs:/RUN/path` as a plain artifact URI under `run_root` (None when RUN is another run); others unchanged."""
+    if not uri.startswith("runs:/"):
+        return uri
+    named_run, _, path = uri[len("runs:/"):].partition("/")
+    return f"{run_root.rstrip('/')}/{path}" if named_run == run_id else None
+
+
+def trusted_download_uri(client, found) -> str:  # noqa: ANN001 - MlflowClient, mlflow ModelVersion
+    """Where to download version `found` from, once its source is known to lie inside its own run's artifact folder.
+
+    Graft registers a version only from its own run's folder; a source anywhere else (another path on the
+    server, `..` in plain or encoded form, a query, no run at all) is the CVE-2023-1177 family, refused here
+    whatever the server accepted. Both the recorded source and the URI MLflow resolves it to are checked.
+
+    Raises:
+        UntrustedSourceError: naming the version, its source and the run's artifact folder.
+        RegistryError: the registry kept failing.
+    """
+    what = f"{found.name} v{found.version}"
+    fix = "delete that version in the MLflow UI and register the model again with `graft run`"
+    if not found.run_id:
+        raise UntrustedSourceError(
+            f"{what} names no run, so its source {found.source!r} cannot be traced to a run's artifact folder; "
+            f"refusing to load it; {fix}"
+        )
+    run = _read_or_none(client, f"reading run {found.run_id} of {what}", lambda: client.get_run(found.run_id))
+    if run is None:
+        raise UntrustedSourceError(f"{what} comes from run {found.run_id}, which no longer exists; refusing to load it; {fix}")
+    root = run.info.artifact_uri
+    download = mlflow_calls.call(
+        f"resolving the files of {what}", lambda: client.get_model_version_download_uri(found.name, str(found.version)),
+        uri=mlflow_calls.server_uri(client),
+    )
+    for uri in dict.fromkeys((found.source, download)):
+        resolved = _resolve_runs_uri(uri, found.run_id, root)
+        if resolved is None or not uri_inside(resolved, root):
+            raise UntrustedSourceError(
+                f"{what}: source {uri!r} lies outside the artifact folder of its run {found.run_id} ({root}); "
+                f"refusing to load it (a version pointing elsewhere is how CVE-2023-1177 reads other files); {fix}"
+            )
+    return download
+
+
+def recorded_concerns(tags: Mapping[str, str]) -> tuple[str, ...]:
+    """What a version's own record says against serving it: the gate did not promote it, or ONNX and PyTorch disagreed.
+
+    Only recorded failures count; a version without a gate verdict (registered outside `graft run`) has none.
+    """
+    concerns = []
+    verdict = tags.get(GATE_VERDICT_TAG)
+    if verdict is not None and verdict != "promote":
+        concerns.append(f"the gate did not promote it ({tags.get(GATE_REASONS_TAG) or verdict})")
+    try:
+        agreement = float(tags[PARITY_AGREEMENT_TAG])
+    except (KeyError, ValueError):
+        agreement = None
+    if agreement is not None and agreement < 1.0:
+        concerns.append(f"its parity check failed (ONNX and PyTorch agreed on {agreement:.2%} of the parity images)")
+    return tuple(concerns)
+
+
+def version_concerns(client, name: str, version: str) -> tuple[str, ...]:  # noqa: ANN001 - MlflowClient
+    """`recorded_concerns` of version `version` of `name`; none when the version no longer exists."""
+    found = _read_or_none(client, f"reading version {version} of '{name}'", lambda: client.get_model_version(name, version))
+    return () if found is None else recorded_concerns(found.tags)

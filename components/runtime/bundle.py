@@ -7,8 +7,11 @@
       metadata.json         classes, input size, mean/std, backbone, data md5, variants' accuracy changes, source
       model_card.md         when the run wrote one
       SHA256SUMS            sha256 of every other file; `sha256sum -c SHA256SUMS` checks it too
+      model.sig             when GRAFT_SIGNING_KEY was set: model-signing's signature over all of the above
 
-`open_bundle` verifies every checksum before anything is loaded. Imports no torch.
+`open_bundle` verifies every checksum, and the signature when GRAFT_VERIFY_KEY is set, before anything
+is loaded. A bundle of a registered version is written only from files that match the digests
+registration recorded. Imports no torch.
 """
 
 from __future__ import annotations
@@ -23,7 +26,16 @@ from pathlib import Path
 from components.core.errors import BundleError
 from components.core.files import sha256
 from components.registry.versions import parse_registry_uri, registry_version
-from components.runtime.variant_files import VARIANT_SUFFIXES, VARIANTS_TAG, published_variants, variant_path
+from components.runtime.signing import SIGNATURE_FILE, sign_folder, signing_key, verify_folder, verify_keys
+from components.runtime.trust import fetch_registered
+from components.runtime.variant_files import (
+    FP32_FILE,
+    VARIANT_SUFFIXES,
+    VARIANTS_TAG,
+    published_variants,
+    variant_filename,
+    variant_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +52,6 @@ METADATA = "metadata.json"
 MODEL_CARD = "model_card.md"
 
 
-FP32_FILE = "model.onnx"
-
-
 @dataclass(frozen=True)
 class Bundle:
     """A verified bundle folder."""
@@ -53,6 +62,10 @@ class Bundle:
     variants: tuple[str, ...]
     classes: tuple[str, ...]
     metadata: dict
+    sha256: dict[str, str]
+    """File name -> its verified sha256 (from `SHA256SUMS`)."""
+    signed_by: str | None = None
+    """Fingerprint of the key whose signature verified, when GRAFT_VERIFY_KEY is set."""
 
     def file(self, variant: str = "fp32") -> Path:
         if variant not in self.variants:
@@ -78,9 +91,11 @@ def write_bundle(
 
     Raises:
         BundleError: `out_dir` is not empty, or a variant file is missing.
+        SignatureError: GRAFT_SIGNING_KEY is set but unusable.
     """
     import onnx
 
+    key = signing_key()
     variants = {k: v for k, v in (variants or {}).items() if k != "fp32"}
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"bundle folder '{out_dir}' exists and is not empty; pass a new folder with --out or delete it")
@@ -108,6 +123,8 @@ def write_bundle(
         (staging / METADATA).write_text(json.dumps(facts, indent=2, sort_keys=True) + "\n")
         lines = [f"{sha256(path)}  {path.name}\n" for path in sorted(staging.iterdir()) if path.is_file()]
         (staging / CHECKSUMS).write_text("".join(lines))
+        if key is not None:
+            sign_folder(staging, key)
         if out_dir.exists():
             out_dir.rmdir()
         staging.replace(out_dir)
@@ -149,7 +166,7 @@ def verify_bundle(bundle_dir: Path) -> dict[str, str]:
     problems += [
         f"{path.name} is not listed in {CHECKSUMS}"
         for path in sorted(bundle_dir.iterdir())
-        if path.is_file() and path.name != CHECKSUMS and path.name not in expected
+        if path.is_file() and path.name not in (CHECKSUMS, SIGNATURE_FILE) and path.name not in expected
     ]
     if problems:
         raise BundleError(f"bundle {bundle_dir} failed verification: {'; '.join(problems)}; copy the bundle again")
@@ -157,20 +174,31 @@ def verify_bundle(bundle_dir: Path) -> dict[str, str]:
 
 
 def open_bundle(bundle_dir: Path) -> Bundle:
-    """Verify a bundle's checksums and read its metadata."""
+    """Verify a bundle's checksums (and its signature when GRAFT_VERIFY_KEY is set), then read its metadata.
+
+    Raises:
+        BundleError: a file is missing, altered or unlisted.
+        SignatureError: verification is on and the bundle is unsigned or wrongly signed.
+    """
     files = verify_bundle(bundle_dir)
     for required in (FP32_FILE, LABELS, METADATA):
         if required not in files:
             raise BundleError(f"bundle {bundle_dir} has no {required}; rewrite it with `graft bundle`")
+    keys = verify_keys()
+    signed_by = verify_folder(bundle_dir, keys, f"bundle {bundle_dir}") if keys else None
     metadata = json.loads((bundle_dir / METADATA).read_text())
     variants = tuple(name for name in VARIANT_SUFFIXES if variant_path(Path(FP32_FILE), name).name in files)
     classes = tuple((bundle_dir / LABELS).read_text().splitlines())
     version = metadata.get("version")
-    return Bundle(bundle_dir, metadata.get("name"), None if version is None else str(version), variants, classes, metadata)
+    return Bundle(bundle_dir, metadata.get("name"), None if version is None else str(version), variants, classes, metadata, files, signed_by)
 
 
 def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
-    """Write the bundle of a registered version (`models:/NAME@ALIAS` or `models:/NAME/V`) to `out_dir`."""
+    """Write the bundle of a registered version (`models:/NAME@ALIAS` or `models:/NAME/V`) to `out_dir`.
+
+    Its files are checked against the digests registration recorded (and the version's signature when
+    GRAFT_VERIFY_KEY is set) before anything is written; the bundle is signed when GRAFT_SIGNING_KEY is set.
+    """
     import mlflow
     from mlflow import MlflowClient
 
@@ -179,15 +207,11 @@ def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
         raise BundleError(f"'{model_uri}' is not a registry URI; pass models:/NAME@champion or models:/NAME/VERSION")
     name, alias, version = parsed
     found = registry_version(name, alias, version)
-    client = MlflowClient()
-    root = client.get_model_version_download_uri(name, found.version).rstrip("/")
     names = published_variants(found.tags)
     listed = json.loads(found.tags.get(VARIANTS_TAG, "{}") or "{}")
     with tempfile.TemporaryDirectory(prefix="graft-bundle-") as tmp:
         local = Path(tmp)
-        for variant in names:
-            filename = variant_path(Path(FP32_FILE), variant).name
-            mlflow.artifacts.download_artifacts(artifact_uri=f"{root}/{filename}", dst_path=str(local))
+        checked = fetch_registered(MlflowClient(), found, [variant_filename(v) for v in names], local / "files")
         card = None
         if found.tags.get("model_card"):
             try:
@@ -201,4 +225,5 @@ def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
             "run_id": found.run_id,
             **{k: found.tags[k] for k in ("git_commit", "onnx.sha256", "parity.max_abs_diff", "parity.top1_agreement") if k in found.tags},
         }
-        return write_bundle(local / FP32_FILE, out_dir, facts, {k: v for k, v in listed.items() if k in names}, card)
+        fp32 = checked.paths[FP32_FILE]
+        return write_bundle(fp32, out_dir, facts, {k: v for k, v in listed.items() if k in names}, card)

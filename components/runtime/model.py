@@ -1,11 +1,12 @@
 """Load a Graft ONNX model and classify images with onnxruntime only.
 
 Importable without torch. A model loads from an `.onnx` file, a deploy bundle
-folder (checksums verified first) or an MLflow URI such as
-`models:/NAME@champion`; the label list, input size and backbone are read
-from the ONNX model's own metadata. Each model may come in variants beside
-the fp32 file (`components.runtime.variant_files`); `variant="auto"` picks
-the one that suits the execution provider.
+folder or an MLflow URI such as `models:/NAME@champion`; whichever it is, the
+file is checked against what registration recorded before onnxruntime opens
+it (`components.runtime.trust`). The label list, input size and backbone are
+read from the ONNX model's own metadata. Each model may come in variants
+beside the fp32 file (`components.runtime.variant_files`); `variant="auto"`
+picks the one that suits the execution provider.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from components.registry.versions import download_artifact, parse_registry_uri, 
 from components.runtime.bundle import open_bundle
 from components.runtime.providers import GPU_PROVIDERS, choose_providers
 from components.runtime.safety import check_external_data
-from components.runtime.variant_files import VARIANT_SUFFIXES, pick_variant, published_variants, variant_path
+from components.runtime.trust import champion_warning, check_local_file, fetch_registered
+from components.runtime.variant_files import VARIANT_SUFFIXES, pick_variant, published_variants, variant_filename, variant_path
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,12 @@ class ModelSource:
     name: str | None = None
     version: str | None = None
     alias: str | None = None
+    sha256: str | None = None
+    """The loaded file's sha256, once checked against what was recorded (None: nothing recorded to check)."""
+    signed_by: str | None = None
+    """Fingerprint of the key whose signature verified the model's folder (None: verification off)."""
+    warning: str | None = None
+    """Why this model should not be serving although it was asked for (champion moved onto a failed version)."""
 
     def describe(self) -> str:
         where = f"{self.name} v{self.version}" if self.version else self.uri
@@ -105,19 +113,25 @@ class OnnxClassifier:
             return cls._from_registry(text, *registry, providers, variant)
         if "://" in text or text.startswith(("runs:/", "models:/")):
             with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
-                local = download_artifact(text, Path(tmp))
-                path = _find_onnx(local, text)
-                return cls(path, providers, ModelSource(text, "fp32"))
+                return cls._from_file(_find_onnx(download_artifact(text, Path(tmp)), text), providers, "fp32", text)
         path = Path(text)
         if path.is_dir():
             bundle = open_bundle(path)
             chosen = pick_variant(variant, bundle.variants, providers)
-            return cls(bundle.file(chosen), providers, ModelSource(text, chosen, bundle.name, bundle.version))
+            file = bundle.file(chosen)
+            source = ModelSource(text, chosen, bundle.name, bundle.version, sha256=bundle.sha256[file.name], signed_by=bundle.signed_by)
+            return cls(file, providers, source)
         if not path.is_file():
             raise GraftError(f"model file '{path}' not found: pass an .onnx file, a bundle folder or models:/NAME@champion")
         available = [name for name in VARIANT_SUFFIXES if variant_path(path, name).is_file()]
-        chosen = pick_variant(variant, available, providers)
-        return cls(variant_path(path, chosen), providers, ModelSource(text, chosen))
+        return cls._from_file(path, providers, pick_variant(variant, available, providers), text)
+
+    @classmethod
+    def _from_file(cls, fp32_path: Path, providers: list[str], variant: str, uri: str) -> OnnxClassifier:
+        """A plain file (or one variant beside it): its sidecar, and its folder's signature when verification is on."""
+        file = variant_path(fp32_path, variant)
+        checked = check_local_file(file)
+        return cls(file, providers, ModelSource(uri, variant, sha256=checked.sha256.get(file.name), signed_by=checked.signed_by))
 
     @classmethod
     def _from_registry(cls, uri: str, name: str, alias: str | None, version: str | None, providers: list[str], variant: str) -> OnnxClassifier:
@@ -125,12 +139,16 @@ class OnnxClassifier:
 
         found = registry_version(name, alias, version)
         chosen = pick_variant(variant, published_variants(found.tags), providers)
-        root = MlflowClient().get_model_version_download_uri(name, found.version)
-        filename = variant_path(Path("model.onnx"), chosen).name
+        filename = variant_filename(chosen)
         # the session holds the model in memory, so the downloaded copy can go at once
         with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
-            local = download_artifact(f"{root.rstrip('/')}/{filename}", Path(tmp))
-            return cls(local, providers, ModelSource(uri, chosen, name, str(found.version), alias))
+            checked = fetch_registered(MlflowClient(), found, [filename], Path(tmp))
+            warning = champion_warning(name, str(found.version), alias, found.tags)
+            source = ModelSource(uri, chosen, name, str(found.version), alias, checked.sha256[filename], checked.signed_by, warning)
+            loaded = cls(checked.paths[filename], providers, source)
+        if warning:
+            log.warning("%s", warning)
+        return loaded
 
     @property
     def provider(self) -> str:

@@ -18,6 +18,10 @@ VARIANT_SUFFIXES: dict[str, str] = {"fp32": "", "optimized": ".optimized", "fp16
 VARIANT_CHOICES = ("auto", *VARIANT_SUFFIXES)
 
 
+FP32_FILE = "model.onnx"
+"""The fp32 model's file name in a registered version's folder and in a bundle."""
+
+
 VARIANTS_TAG = "onnx.variants"
 """Model-version tag: JSON {variant: {file, sha256, accuracy_change, ...}} of the published variants."""
 
@@ -27,6 +31,11 @@ def variant_path(fp32_path: Path, variant: str) -> Path:
     if variant not in VARIANT_SUFFIXES:
         raise GraftError(f"unknown model variant '{variant}'; choose one of {', '.join(VARIANT_CHOICES)}")
     return fp32_path.with_name(f"{fp32_path.stem}{VARIANT_SUFFIXES[variant]}{fp32_path.suffix}")
+
+
+def variant_filename(variant: str) -> str:
+    """The file name of `variant` in a registered version's folder or a bundle (`model.int8.onnx`)."""
+    return variant_path(Path(FP32_FILE), variant).name
 
 
 def pick_variant(requested: str, available: Sequence[str], providers: Sequence[str]) -> str:

@@ -2,7 +2,7 @@
 
     POST /predict    an image upload (multipart form, one or more files), a raw image body
                      (Content-Type image/*), or JSON {"images": [<base64>, ...]}
-    GET  /health     liveness, the version served, the provider, the last reload error
+    GET  /health     liveness, the version served, the provider, the last reload error, a refused version
     GET  /metadata   classes, input size, mean/std, backbone, data md5, variant, limits
 
 Every request is bounded: bodies over `deploy.serve_max_upload_mb` get 413,
@@ -10,6 +10,15 @@ batches over `deploy.serve_max_batch` get 413, anything that is not an image
 gets 415, and a request still running after `deploy.serve_timeout_seconds`
 gets 504. Error bodies are `{"error": "..."}` in plain words; stack traces go
 to the server log only. Imports no torch.
+
+A new version is swapped in only once it passes every check a load makes
+(`components.runtime.trust`: its source, the sha256 of the file against what
+registration recorded, its signature when GRAFT_VERIFY_KEY is set). One that
+fails is refused: the last good model keeps serving, the log says so once per
+refusal, and `/health` reports `"status": "degraded"` with the refused version
+and why. When `champion` is moved onto a version whose gate or parity check
+failed, it is served (the alias is the user's call) with a warning in the log
+and in `/health`.
 """
 
 from __future__ import annotations
@@ -32,7 +41,7 @@ import numpy as np
 from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 
-from components.core.errors import GraftError, RequestProblem
+from components.core.errors import GraftError, IntegrityError, RequestProblem
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.model import OnnxClassifier
@@ -66,8 +75,8 @@ def _now() -> str:
 class LiveModel:
     """The model being served; swapped in one step when the registry alias points elsewhere.
 
-    A reload that fails (the new version cannot be downloaded or opened) leaves the
-    current model serving and reports the problem in `/health`.
+    A reload that fails (the new version cannot be downloaded or opened, or fails its
+    integrity checks) leaves the current model serving and reports the problem in `/health`.
     """
 
     def __init__(self, uri: str, variant: str = "fp32") -> None:
@@ -79,6 +88,8 @@ class LiveModel:
         self.loaded_at = _now()
         self.last_check: str | None = None
         self.last_error: str | None = None
+        self.refused_version: str | None = None
+        """The version the alias names that failed its integrity checks and is not served."""
         self.reloads = 0
 
     @property
@@ -92,21 +103,34 @@ class LiveModel:
             return False  # a file, bundle or fixed version never moves
         name, alias, _ = self._registry
         self.last_check = _now()
+        version = None
         try:
             version = str(registry_version(name, alias, None).version)
             if version == self.model.source.version:
+                self.last_error = self.refused_version = None  # the alias is back on what is served
                 return False
             fresh = OnnxClassifier.load(self.uri, variant=self.variant)
         except GraftError as exc:
-            self.last_error = str(exc)
-            log.error("reload of %s failed, still serving v%s: %s", self.uri, self.model.source.version, exc)
+            self._keep_serving(version, exc)
             return False
         with self._lock:
             previous, self._model = self._model, fresh
-            self.loaded_at, self.last_error = _now(), None
+            self.loaded_at, self.last_error, self.refused_version = _now(), None, None
             self.reloads += 1
         log.info("%s moved: now serving %s (was v%s)", self.uri, fresh.source.describe(), previous.source.version)
         return True
+
+    def _keep_serving(self, version: str | None, exc: GraftError) -> None:
+        """Record why `version` is not served; log it once per distinct problem (polling retries it quietly)."""
+        repeated = self.last_error == str(exc)
+        self.last_error = str(exc)
+        served = self.model.source.version
+        if isinstance(exc, IntegrityError):
+            self.refused_version = version
+            if not repeated:
+                log.error("refused %s v%s, still serving the last good model, v%s: %s", self.uri, version, served, exc)
+        elif not repeated:
+            log.error("reload of %s failed, still serving v%s: %s", self.uri, served, exc)
 
     @contextmanager
     def polling(self, seconds: float) -> Iterator[None]:
@@ -230,7 +254,10 @@ def _classify(model: OnnxClassifier, files: list[tuple[str, bytes]]) -> list[dic
 
 def _model_facts(model: OnnxClassifier) -> dict:
     source = model.source
-    return {"uri": source.uri, "name": source.name, "version": source.version, "alias": source.alias, "variant": source.variant, "provider": model.provider}
+    return {
+        "uri": source.uri, "name": source.name, "version": source.version, "alias": source.alias, "variant": source.variant,
+        "provider": model.provider, "sha256": source.sha256, "signed_by": source.signed_by,
+    }
 
 
 def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fastapi.FastAPI
@@ -265,12 +292,14 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
     async def health() -> dict:
         model = live.model
         return {
-            "status": "ok",
+            "status": "degraded" if live.last_error else "ok",
             "model": _model_facts(model),
             "loaded_at": live.loaded_at,
             "reloads": live.reloads,
             "last_check": live.last_check,
             "last_reload_error": live.last_error,
+            "refused_version": live.refused_version,
+            "warning": model.source.warning,
         }
 
     @app.get("/metadata")

@@ -80,8 +80,8 @@ def test_report_writes_the_dvc_stage_outputs(run_cli, tmp_path):
     code, _ = run_cli("choose.candidates=[efficientnet_lite0]", "choose.baseline=false", extra_args=["--report", str(report), "--no-promote"])
     assert code == 0
     written = sorted(p.relative_to(report).as_posix() for p in report.rglob("*") if p.is_file())
-    assert written == ["confusion_matrix.png", "metrics.json", "misclassified.png", "model/model.onnx", "plots/confusion.json",
-                       "plots/reliability.json", "reliability_diagram.png"]
+    assert written == ["confusion_matrix.png", "metrics.json", "misclassified.png", "model/model.onnx", "model/model.onnx.sha256",
+                       "plots/confusion.json", "plots/reliability.json", "reliability_diagram.png"]
     metrics = json.loads((report / "metrics.json").read_text())
     assert set(metrics) >= {"val", "test", "per_class"}
 
