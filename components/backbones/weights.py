@@ -24,6 +24,8 @@ import os
 import re
 import sys
 import threading
+import urllib.error
+import urllib.request
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,10 @@ Download = Literal["auto", "never"]
 
 
 _TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+CONNECT_TIMEOUT_S = 10.0
+"""How long a download waits for the host to answer before it is reported as failed."""
 
 
 def hub_offline() -> bool:
@@ -248,6 +254,7 @@ class TorchHubFile(Weights):
         prefix = self.hash_prefix()
         log.info("%s: downloading %s into %s", name, self.url(), target.parent)
         try:
+            _check_host_answers(self.url())
             download_url_to_file(self.url(), str(target), hash_prefix=prefix, progress=sys.stderr.isatty())
         except RuntimeError as exc:
             if "invalid hash value" not in str(exc):
@@ -268,6 +275,18 @@ class TorchHubFile(Weights):
             f"{name}: download of {self.url()} failed ({exc.__class__.__name__}: {exc}); nothing was kept. "
             f"Check the network and run again, or {self.instruction()}"
         )
+
+
+def _check_host_answers(url: str) -> None:
+    """One HEAD request with a time limit: torch.hub waits on a dead network without one.
+
+    Raises:
+        OSError: the host cannot be reached (an HTTP error status is left to the download to report).
+    """
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=CONNECT_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        pass
 
 
 def hub_cache_dir() -> Path:

@@ -186,3 +186,18 @@ def test_without_network_a_hub_download_names_its_url(hub_model, weights_server,
     url = f"{weights_server.address}/timm/test_convnext.r160_in1k/resolve/main/model.safetensors"
     assert status.startswith(f"download of {url} failed") and "hf download" in status
     assert files_under(caches["hub"]) == []
+
+
+def test_a_missing_file_is_never_answered_from_the_prefect_cache(tiny_params, digits_dir, caches):
+    """A download that failed (no network) is tried again on the next run, not replayed from Prefect's cache."""
+    from components.data.folders import scan
+    from flows.caching import candidate_cache_key
+
+    split = scan(digits_dir)
+
+    def keys(name: str) -> set[str]:
+        return {candidate_cache_key(None, {"params": tiny_params, "split": split, "name": name}) for _ in range(2)}
+
+    assert len(keys("resnet50")) == 2  # missing from $TORCH_HOME: a key of its own each time
+    assert len(keys("efficientnet_lite0")) == 1  # present: the same inputs give the same key
+    assert all(key.startswith("score-timm--test_convnext.r160_in1k-") for key in keys(TIMM_NAME))
