@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.backbones.classifier import Preprocess
-from components.backbones.zoo import BackboneSpec
+from components.backbones.spec import BackboneSpec
 from components.core.files import file_md5
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session

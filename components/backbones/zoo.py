@@ -24,6 +24,7 @@ from pathlib import Path
 
 from torch import nn
 
+# re-exported: the rest of Graft looks backbones up here (BackboneSpec, count_params_m, settle_batchnorm)
 from components.backbones.spec import (
     IMAGENET_MEAN,
     IMAGENET_STD,
