@@ -7,6 +7,7 @@ CLI), so a later run, in another process, finds them.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from datetime import timedelta
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
@@ -20,12 +21,15 @@ CACHE_EXPIRATION = timedelta(days=30)
 
 
 def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.core.config.Params
-    """The candidate's weights file as it is now (path, size, time), or why there is none: adding
-    a missing file or replacing one must not be answered from the cache."""
+    """The candidate's weights file as it is now (path, size, time): adding a missing file or
+    replacing one must not be answered from the cache. A missing file gives a key of its own each
+    time, so a failed download is tried again on the next run, not answered from the cache."""
     spec = resolve_spec(params, name)
     path = spec.weights_path()
-    if path is None or not path.is_file():
-        return f"{path}:{spec.missing_weights()}"
+    if path is None:
+        return "no weights file"
+    if not path.is_file():
+        return f"{path}:missing:{uuid.uuid4().hex}"
     stat = path.stat()
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
@@ -39,7 +43,7 @@ def candidate_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - pre
     params, split, name = parameters["params"], parameters["split"], parameters["name"]
     inputs = "|".join((_weights_state(params, name), str(params.data.cache_dir), split_fingerprint(split),
                        params_fingerprint(params, CHOOSE_KEYS), code_fingerprint()))
-    return f"score-{name}-{hashlib.sha256(inputs.encode()).hexdigest()[:24]}"
+    return f"score-{resolve_spec(params, name).slug}-{hashlib.sha256(inputs.encode()).hexdigest()[:24]}"
 
 
 # TASK_SOURCE adds the task function's own source to the key.

@@ -21,7 +21,7 @@ from torch import nn
 
 from components.backbones.classifier import Preprocess
 from components.backbones.features import cache_key
-from components.backbones.zoo import BackboneSpec
+from components.backbones.spec import BackboneSpec
 from components.core.errors import ExportError
 
 log = logging.getLogger(__name__)

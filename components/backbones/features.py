@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from components.backbones.classifier import Preprocess
-from components.backbones.zoo import BackboneSpec
+from components.backbones.spec import BackboneSpec
 from components.core.files import file_md5
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session
@@ -38,9 +38,10 @@ Extractor = Callable[[np.ndarray], np.ndarray]
 def cache_key(spec: BackboneSpec, image_size: int, seed: int) -> str:
     """Name of the cache file for one backbone at one image size."""
     weights = spec.weights_path()
-    tag = f"{weights.name}:{weights.stat().st_size}" if weights is not None else f"random-seed{seed}-bn-settled"
+    # a Hub cache file is a link to a blob named by its sha256: the blob's name tells revisions apart
+    tag = f"{weights.resolve().name}:{weights.stat().st_size}" if weights is not None else f"random-seed{seed}-bn-settled"
     raw = f"{spec.name}|{spec.family}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
-    return f"{spec.name}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
+    return f"{spec.slug}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 
 
 def torch_extractor(backbone: torch.nn.Module, spec: BackboneSpec) -> Extractor:

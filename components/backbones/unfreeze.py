@@ -9,6 +9,7 @@ eval mode, so neither their weights nor their BatchNorm statistics change.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Literal
 
@@ -23,6 +24,8 @@ def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
     Raises:
         ModelError: the architecture has no known block structure.
     """
+    if hasattr(backbone, "group_matcher") and hasattr(backbone, "pretrained_cfg"):  # timm (components.backbones.timm_models)
+        return timm_blocks(backbone)
     net = getattr(backbone, "net", None)
     if net is not None and hasattr(net, "_blocks"):  # EfficientNet-Lite (components.backbones.zoo)
         return [*net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
@@ -39,6 +42,34 @@ def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
         f"cannot tell the blocks of {type(backbone).__name__} apart, so train.unfreeze cannot pick some; "
         "use --set train.unfreeze=all or train.strategy=feature_extraction"
     )
+
+
+def timm_blocks(backbone: nn.Module) -> list[nn.Module]:
+    """A timm model's blocks as timm itself groups them (`group_matcher(coarse=True)`, the groups of its
+    layer-wise learning-rate decay): the first group is the stem; a last group of normalisation layers only
+    (ConvNeXt's `head.norm`, ViT's `fc_norm`) goes with the block before it."""
+    from timm.models import group_modules
+
+    groups = [names for _, names in sorted(group_modules(backbone, backbone.group_matcher(coarse=True)).items())]
+    blocks = [_group_module(backbone, names) for names in groups[1:]]
+    if len(blocks) > 1 and all(_is_norm(module) for module in blocks[-1].modules() if not list(module.children())):
+        blocks[-2:] = [nn.ModuleList([blocks[-2], blocks[-1]])]
+    return blocks
+
+
+def _group_module(backbone: nn.Module, names: list[str]) -> nn.Module:
+    """The one submodule holding exactly these layers (`stages.2`, so its dropout follows train mode too), else a list of them."""
+    prefix = os.path.commonprefix([name.split(".") for name in names])
+    if prefix:
+        module = backbone.get_submodule(".".join(prefix))
+        owners = {f"{'.'.join(prefix)}.{n}".rstrip(".") for n, m in module.named_modules() if list(m.parameters(recurse=False))}
+        if owners == set(names):
+            return module
+    return nn.ModuleList(backbone.get_submodule(name) for name in names)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or "Norm" in type(module).__name__
 
 
 @dataclass(frozen=True)

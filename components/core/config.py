@@ -97,8 +97,12 @@ class ChooseConfig(_Section):
     """Extract the sample's features with the exported backbone on onnxruntime (faster on CPU than eager PyTorch)."""
     baseline: bool = True
     """Always rank a randomly initialised twin of the first pre-trained candidate when none is listed."""
+    download: Literal["auto", "never"] = "auto"
+    """A pre-trained backbone's missing weights file: fetch it into its library's cache ($TORCH_HOME for
+    torchvision, $HF_HOME for timm; checksum verified), or never download and say where to put it.
+    HF_HUB_OFFLINE=1 also keeps Hub files offline."""
     weights: dict[str, Path] = {}
-    """Local weights files for zoo backbones, used instead of $TORCH_HOME, e.g. {resnet18: /models/resnet18.pth}."""
+    """Local weights files for zoo or timm backbones, used instead of the caches, e.g. {resnet18: /models/resnet18.pth}."""
     custom: dict[str, CustomBackbone] = {}
     """Backbones of your own by name, e.g. {mynet: {factory: mypkg.nets:mynet, weights: mynet.pth}}."""
     batch_size: int = Field(64, ge=1)

@@ -24,6 +24,10 @@ class ModelError(GraftError):
     """A backbone cannot be built or its weights cannot be loaded."""
 
 
+class WeightsError(ModelError):
+    """A backbone's weights file is missing, could not be downloaded, or failed its checksum."""
+
+
 class TrainingError(GraftError):
     """Training diverged or could not start."""
 

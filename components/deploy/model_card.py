@@ -111,6 +111,7 @@ def _model_section(facts: CardFacts) -> list[str]:
         f"- **Backbone:** `{spec.name}` ({spec.family}, {spec.params_m:.1f}M parameters, "
         f"{'ImageNet pre-trained' if spec.pretrained else 'randomly initialised'})",
         f"- **Weights source:** {spec.weights_source}",
+        *_weights_lines(spec),
         f"- **Licence:** {spec.licence}",
         f"- **Strategy:** `{trained.strategy}`; {trained.epochs_run} epochs run, best epoch {trained.best_epoch} "
         f"(validation loss {trained.best_val_loss:.4f})",
@@ -123,6 +124,16 @@ def _model_section(facts: CardFacts) -> list[str]:
         *_table(("parameter", "value"), [(f"`{k}`", v) for k, v in facts.params.train.model_dump(mode="json").items()]),
         "",
     ]
+
+
+def _weights_lines(spec: BackboneSpec) -> list[str]:
+    """The weights file used: its revision, sha256 and where it is published (`BackboneSpec.provenance`)."""
+    facts = spec.provenance()
+    labels = (("weights.revision", "Weights revision"), ("weights.sha256", "Weights sha256"), ("weights.url", "Weights URL"))
+    lines = [f"- **{label}:** `{facts[key]}`" for key, label in labels if key in facts]
+    if spec.interpolation != "bilinear":
+        lines.append(f"- **Published resize:** {spec.interpolation} (Graft resizes bilinearly, in training and in serving alike)")
+    return lines
 
 
 def _metrics_section(facts: CardFacts) -> list[str]:

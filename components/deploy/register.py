@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components.backbones.zoo import get_spec
 from components.core.config import Params
 from components.core.errors import UntrustedSourceError
 from components.core.files import sha256
@@ -86,6 +87,7 @@ def version_tags(params: Params, trained: TrainResult, evaluation: EvalResult, e
         "runtime.torch": torch.__version__,
         "runtime.python": platform.python_version(),
         **verdict.tags(),
+        **get_spec(trained.backbone).provenance(),  # weights.source, .revision, .url, .sha256
     }
     tags.update({f"val.{k}": f"{v:.4f}" for k, v in evaluation.val.items()})
     tags.update({f"test.{k}": f"{v:.4f}" for k, v in evaluation.test.items()})

@@ -39,7 +39,7 @@ def test_stratified_sample_keeps_every_class(digits_dir):
 def test_ranking_scores_candidates_and_keeps_baseline_as_reference(tiny_params, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))
     params = tiny_params.model_copy(
-        update={"choose": tiny_params.choose.model_copy(update={"candidates": ("efficientnet_lite0", "random_efficientnet_lite0", "resnet18")})}
+        update={"choose": tiny_params.choose.model_copy(update={"candidates": ("efficientnet_lite0", "random_efficientnet_lite0", "resnet18"), "download": "never"})}
     )
     result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
     rows = {row.name: row for row in result.candidates}
