@@ -22,17 +22,10 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from torch import nn
 
-# re-exported: the rest of Graft looks backbones up here (BackboneSpec, count_params_m, settle_batchnorm)
-from components.backbones.spec import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    BackboneSpec,
-    count_params_m,
-    load_state_dict_checked,
-    settle_batchnorm,
-)
+from components.backbones.spec import IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, load_state_dict_checked
 from components.backbones.timm_models import TIMM_PREFIX, is_timm_name, timm_names_hint, timm_spec
 from components.backbones.weights import LocalFile, PipPackageFile, TorchHubFile
 from components.core.config import ChooseConfig, CustomBackbone

@@ -19,7 +19,8 @@ import numpy as np
 
 from components.backbones.export import backbone_onnx_path, export_backbone, size_mb
 from components.backbones.features import FeatureCache, OnnxFeatures
-from components.backbones.zoo import BackboneSpec, configured_specs, count_params_m, get_spec, random_twin, register_backbones
+from components.backbones.spec import BackboneSpec, count_params_m
+from components.backbones.zoo import configured_specs, get_spec, random_twin, register_backbones
 from components.choose.logme import logme
 from components.core.config import Params
 from components.core.errors import DataError, ExportError, GraftError, ModelError

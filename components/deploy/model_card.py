@@ -14,7 +14,8 @@ from pathlib import Path
 
 import yaml
 
-from components.backbones.zoo import BackboneSpec, get_spec
+from components.backbones.spec import BackboneSpec
+from components.backbones.zoo import get_spec
 from components.core.config import Params
 from components.data.split import Split
 from components.data.versions import dvc_file_for

@@ -29,7 +29,13 @@ from components.runtime.bundle import open_bundle
 from components.runtime.providers import GPU_PROVIDERS, choose_providers
 from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
-from components.runtime.variant_files import VARIANT_SUFFIXES, pick_variant, published_variants, variant_filename, variant_path
+from components.runtime.variant_files import (
+    VARIANT_SUFFIXES,
+    pick_variant,
+    published_variants,
+    variant_filename,
+    variant_path,
+)
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from components.backbones.classifier import GraftClassifier
+from components.backbones.spec import BackboneSpec
 from components.backbones.unfreeze import Trainable, set_train_mode
-from components.backbones.zoo import BackboneSpec
 from components.core.config import Params, TrainConfig
 from components.core.errors import TrainingError
 from components.data.images import load_batch

@@ -20,7 +20,8 @@ import torch
 
 from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache, cache_key, compute_features
-from components.backbones.zoo import BackboneSpec, get_spec
+from components.backbones.spec import BackboneSpec
+from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import Params
 from components.data.split import Split

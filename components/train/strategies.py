@@ -32,8 +32,9 @@ from torch import nn
 
 from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache
+from components.backbones.spec import BackboneSpec
 from components.backbones.unfreeze import select_trainable
-from components.backbones.zoo import BackboneSpec, get_spec
+from components.backbones.zoo import get_spec
 from components.core.config import Params, TrainConfig
 from components.core.errors import TrainingError
 from components.data.split import Split

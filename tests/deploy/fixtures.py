@@ -92,10 +92,9 @@ def deploy_dumped(path: Path, uri: str, name: str, work: Path):  # noqa: ANN201 
 
 def deploy_tiny(tiny_model: TinyModel, uri: str, name: str, work: Path, experiment: str = "faults"):  # noqa: ANN201 - DeployResult
     """`deploy()` of the tiny model as model `name`, in a new run of `experiment` on the tracking server `uri`."""
-    from mlflow import MlflowClient
-
     from components.deploy.stage import DeployContext, deploy
     from components.registry.tracking import Run, use_tracking_uri
+    from mlflow import MlflowClient
 
     use_tracking_uri(uri)  # consumers (the gate loading the champion) read the same registry
     client = MlflowClient(uri, uri)

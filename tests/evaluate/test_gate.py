@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from tests.models import tiny_onnx
 from components.evaluate.gate import GateRules, bootstrap_interval, judge
 from components.evaluate.metrics import score
+from tests.models import tiny_onnx
 
 CLASSES = ("cat", "dog", "fox", "owl")
 LABELS = np.repeat(np.arange(4), 25)  # 100 validation images, 25 per class

@@ -30,8 +30,8 @@ from schemathesis.specs.openapi.checks import (
 from components.core.errors import DataError
 from components.data.images import open_image
 from components.serve.server import LiveModel, RequestProblem, ServeSettings, create_app, decode_image, running_server
-from tests.deploy.fixtures import NAME, registry, tiny_model  # noqa: F401
 from tests.data.test_bad_data import _tiff_with_a_strip_offset_past_2_63
+from tests.deploy.fixtures import NAME, registry, tiny_model  # noqa: F401
 
 LIMIT = 256 * 1024
 SETTINGS = ServeSettings(poll_seconds=60, max_upload_bytes=LIMIT, max_batch=4, timeout_seconds=10)
