@@ -34,6 +34,7 @@ from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache
 from components.backbones.unfreeze import select_trainable
 from components.backbones.zoo import BackboneSpec, get_spec
+from components.choose.finalists import HeadTrial
 from components.core.config import Params, TrainConfig
 from components.core.errors import TrainingError
 from components.data.split import Split
@@ -103,6 +104,18 @@ def train_head(
     phase = Phase("head", head, optimizer, train_epoch, validate, cfg.epochs, cfg.patience, generator, images_per_epoch=len(x))
     result = fit(phase, store, on_epoch)
     return fold_standardisation(head.state_dict(), mean, scale), result
+
+
+def fit_finalist_head(params: Params, train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray) -> HeadTrial:
+    """The choose stage's second round (`components.choose.finalists`): `train_head` on one finalist's
+    features, so its validation accuracy is the one feature_extraction will reach with the same settings.
+
+    Raises:
+        TrainingError: the loss became NaN or infinite.
+    """
+    _, result = train_head(params, train_x, train_y, val_x, val_y)
+    best = result.history[result.best_epoch - 1]
+    return HeadTrial(val_accuracy=float(best["val/accuracy"]), val_loss=result.best_val_loss, epochs=len(result.history))
 
 
 def feature_standardisation(features: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
