@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -131,13 +130,17 @@ def cpu_seconds() -> tuple[float, float] | None:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
 
 
-@dataclass
 class Timer:
-    """Repeated timings of one thing, and how much other work shared the machine meanwhile."""
+    """Repeated timings of one thing, and how much other work shared the machine meanwhile.
 
-    runs: list[float]
-    others_cores: float | None
-    """Other processes' CPU seconds per wall second while the runs went on."""
+    A plain class: `tests/test_benchmarks.py` loads this file without registering it as a module,
+    which `dataclasses` needs.
+    """
+
+    def __init__(self, runs: list[float], others_cores: float | None) -> None:
+        self.runs = runs
+        self.others_cores = others_cores
+        """Other processes' CPU seconds per wall second while the runs went on."""
 
     @property
     def median(self) -> float:
@@ -303,7 +306,8 @@ def judge(orders: dict[str, list[str]], rows: dict[str, dict]) -> dict[str, dict
 # ---------------------------------------------------------------- one data set
 
 
-def accuracy_part(name: str, data_dir: Path, work: Path) -> tuple[dict, Params, Split, ChooseResult]:
+def accuracy_part(name: str, data_dir: Path, work: Path, timing: bool) -> tuple[dict, Params, Split, ChooseResult]:
+    """Selection, the ground truth and every method's verdict; latency only where timings are allowed."""
     params = params_for(data_dir, work / name / "cache")
     split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
     log.info("%s: %d train / %d val images, %d classes", name, len(split.train), len(split.val), len(split.classes))
@@ -317,11 +321,12 @@ def accuracy_part(name: str, data_dir: Path, work: Path) -> tuple[dict, Params, 
             "score_rank": row.score_rank, "finalist_val_accuracy": row.val_accuracy, "trained_rank": row.trained_rank,
             "trained_val_accuracy": trained_accuracy(params, split, row.name, size, work / name / "truth"),
             "trained_val_accuracy_seed_mean": seed_mean_accuracy(params, split, train_x, val_x),
-            "params_m": row.params_m, "size_mb": row.size_mb, "latency_ms": row.latency_ms,
+            "params_m": row.params_m, "size_mb": row.size_mb, "latency_ms": row.latency_ms if timing else None,
             **alternative_scores(params, split, train_x, val_x),
         }
     judged = judge(method_orders(choice, rows), rows)
     finalists = [row for row in rows.values() if row["finalist_val_accuracy"] is not None]
+    pretrained = [row["trained_val_accuracy"] for row in rows.values() if row["pretrained"]]
     result = {
         "dataset": name,
         "images": {"train": len(split.train), "val": len(split.val), "classes": len(split.classes)},
@@ -329,6 +334,9 @@ def accuracy_part(name: str, data_dir: Path, work: Path) -> tuple[dict, Params, 
         "strategy": params.train.strategy,
         "chosen": choice.chosen, "reason": choice.reason, "score_pick": choice.score_pick,
         "candidates": rows, "methods": judged,
+        "random_trains_below_every_pretrained": all(
+            row["trained_val_accuracy"] < min(pretrained) for row in rows.values() if not row["pretrained"]
+        ),
         "finalists_match_the_fine_tune_stage": all(
             abs(row["finalist_val_accuracy"] - row["trained_val_accuracy"]) < 1e-6 for row in finalists
         ),
@@ -415,8 +423,12 @@ def misses(results: list[dict]) -> list[str]:
     return out
 
 
+def _cell(value: float | None, fmt: str) -> str:
+    return f"{value:{fmt}}" if value is not None else "-"
+
+
 def _acc(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "-"
+    return _cell(value, ".3f")
 
 
 def markdown(report: dict) -> str:
@@ -458,7 +470,8 @@ def _dataset_markdown(res: dict) -> list[str]:
         f"{res['image_size']} px, sample {res['sample_size']})",
         "",
         f"Chosen: **{res['chosen']}** ({res['reason']}). Each finalist's validation accuracy in selection is the "
-        f"fine-tune stage's: {res['finalists_match_the_fine_tune_stage']}.",
+        f"fine-tune stage's: {res['finalists_match_the_fine_tune_stage']}. The random baseline trains below every "
+        f"pre-trained candidate: {res['random_trains_below_every_pretrained']}.",
         "",
         "| candidate | LogME | probe (sample) | trained val acc | mean of 5 seeds | LogME (whole split) | probe CV | probe val | k-NN val | head on sample | ms/img | MB |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -468,7 +481,7 @@ def _dataset_markdown(res: dict) -> list[str]:
             f"| {name} | {c['logme']:.4f} | {_acc(c['probe_accuracy'])} | {c['trained_val_accuracy']:.3f} | "
             f"{c['trained_val_accuracy_seed_mean']:.3f} | {c['logme_whole_split']:.4f} | {c['probe_cv_whole_split']:.3f} | "
             f"{c['probe_whole_split_val']:.3f} | {c['knn_whole_split_val']:.3f} | {c['head_on_sample_val']:.3f} | "
-            f"{c['latency_ms'] or 0:.2f} | {c['size_mb'] or 0:.1f} |"
+            f"{_cell(c['latency_ms'], '.2f')} | {_cell(c['size_mb'], '.1f')} |"
         )
     lines += ["", "| selection | pick | Kendall tau | regret (points) | regret vs the 5-seed mean |", "|---|---|---:|---:|---:|"]
     for method, m in res["methods"].items():
@@ -482,7 +495,7 @@ def _dataset_markdown(res: dict) -> list[str]:
 
 
 def run_dataset(name: str, data_dir: Path, work: Path, args: argparse.Namespace, timing: bool) -> dict:
-    result, params, split, choice = accuracy_part(name, data_dir, work)
+    result, params, split, choice = accuracy_part(name, data_dir, work, timing)
     if timing:
         timers = cost_part(params, split, choice, work / name, args.repeats, args.fine_tune_repeats)
         noisy = {key: round(timer.others_cores or 0, 2) for key, timer in timers.items() if not timer.quiet}
