@@ -44,7 +44,7 @@ class ChooseResult:
         by_name = {row.name: row for row in self.trained}
         if not by_name or self.score_pick not in by_name:
             return None
-        return (by_name[self.chosen].val_accuracy or 0.0) - (by_name[self.score_pick].val_accuracy or 0.0)
+        return round((by_name[self.chosen].val_accuracy or 0.0) - (by_name[self.score_pick].val_accuracy or 0.0), 6)
 
 
 def _over_limits(params: Params, row: CandidateScore) -> list[str]:
@@ -110,7 +110,8 @@ def _limits_text(params: Params) -> str:
 
 
 def rank(params: Params, rows: list[CandidateScore], seconds: float = 0.0) -> ChooseResult:
-    """Order candidates best first and pick the best eligible one.
+    """The first round: order candidates by score, number the eligible ones (`score_rank`) and pick the
+    best eligible one (the winner when no finalists are trained, else `score_pick`).
 
     Raises:
         ModelError: no candidate could be scored within the limits.
@@ -175,9 +176,10 @@ def settle(params: Params, ranking: ChooseResult, finalists: list[CandidateScore
     rest = [row for row in ranking.candidates if row.name not in settled]
     best, others = trained[0], trained[1:]
     runners_up = f" ({', '.join(f'{r.name} {r.val_accuracy:.3f}' for r in others)})" if others else ""
+    heads = f"the {len(trained)} finalists' heads" if others else "the only finalist's head that trained"
     reason = (
-        f"validation accuracy {best.val_accuracy:.3f} after training the {len(trained)} finalists' heads on the whole "
-        f"training split{runners_up}; {score_label(params)} ranked it {_ordinal(best.score_rank or 0)}{_limits_text(params)}"
+        f"validation accuracy {best.val_accuracy:.3f} after training {heads} on the whole training split{runners_up}; "
+        f"{score_label(params)} ranked it {_ordinal(best.score_rank or 0)}{_limits_text(params)}"
     )
     log.info("chose %s: %s", best.name, reason)
     return replace(
