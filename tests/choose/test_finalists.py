@@ -160,3 +160,23 @@ def test_mlflow_holds_the_predicted_and_the_realised_ranking(tiny_params, tmp_pa
     )
     ranks = {c.data.params["backbone"]: (c.data.metrics.get("choose/score_rank"), c.data.metrics.get("choose/trained_rank")) for c in children}
     assert ranks == {"a": (1.0, 2.0), "b": (2.0, 1.0), "c": (None, None)}
+
+
+@pytest.mark.slow
+def test_the_flows_choose_stage_trains_the_finalists(prefect_harness, misordered):
+    """`graft run`'s wiring: the candidates scored as mapped Prefect tasks, the finalists trained with the
+    fine-tune stage's head trainer, the same choice as `choose_model` in-process."""
+    from prefect import flow
+
+    from flows.training import choose_stage
+
+    params, split = misordered
+
+    @flow
+    def choose_in_a_flow(params, split):
+        return choose_stage(params, split)
+
+    in_flow = choose_in_a_flow(params, split)
+    here = choose_model(params, split, fit_head=partial(fit_finalist_head, params))
+    assert in_flow.chosen == here.chosen and in_flow.reason == here.reason
+    assert [(r.name, r.val_accuracy, r.trained_rank) for r in in_flow.trained] == [(r.name, r.val_accuracy, r.trained_rank) for r in here.trained]
