@@ -62,6 +62,7 @@ from components.data.split import Split, stratified_sample
 from components.train.stage import fine_tune
 from components.train.strategies import fit_finalist_head, train_head
 
+DATASETS = ("digits", "textures", "photos")
 CANDIDATES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "random_efficientnet_lite0")
 RESULTS = REPO / "benchmarks" / "results"
 REGRET_GOAL = 1.0
@@ -440,10 +441,9 @@ def markdown(report: dict) -> str:
         "Ground truth: each candidate trained by the fine-tune stage with params.yaml's `train.strategy` "
         f"({report['results'][0]['strategy']}), scored on validation. Regret: the best trained accuracy minus the pick's, in points.",
         "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_flags'])}); load average "
-        f"{machine['load_average']} at the start, {report['load_average_at_end']} at the end; Python {machine['python']}, "
-        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, numpy {machine['numpy']}, scikit-learn {machine['scikit-learn']}.",
-        f"Timings: {report['timings']}",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores ({', '.join(machine['cpu_flags'])}); Python {machine['python']}, "
+        f"torch {machine['torch']}, onnxruntime {machine['onnxruntime']}, numpy {machine['numpy']}, scikit-learn "
+        f"{machine['scikit-learn']}. Each data set below says when it ran, the load average then, and what became of its timings.",
         "",
         "| data set | images (train / val / classes) | default pick | regret | tau | LogME pick | LogME regret | LogME tau | selection / feature_extraction run | selection / fine_tune run |",
         "|---|---|---|---:|---:|---|---:|---:|---:|---:|",
@@ -468,6 +468,8 @@ def _dataset_markdown(res: dict) -> list[str]:
         "",
         f"## {res['dataset']} ({images['train']} train / {images['val']} val, {images['classes']} classes, "
         f"{res['image_size']} px, sample {res['sample_size']})",
+        "",
+        _measured(res),
         "",
         f"Chosen: **{res['chosen']}** ({res['reason']}). Each finalist's validation accuracy in selection is the "
         f"fine-tune stage's: {res['finalists_match_the_fine_tune_stage']}. The random baseline trains below every "
@@ -494,8 +496,19 @@ def _dataset_markdown(res: dict) -> list[str]:
     return lines
 
 
-def run_dataset(name: str, data_dir: Path, work: Path, args: argparse.Namespace, timing: bool) -> dict:
+def _measured(res: dict) -> str:
+    measured = res.get("measured", {})
+    refused = f"; not written: {res['cost_refused']}" if res.get("cost_refused") else ""
+    return (
+        f"Run {measured.get('at', '?')}, load average {measured.get('load_average_at_start', '?')} at the start and "
+        f"{measured.get('load_average_at_end', '?')} at the end; timings {measured.get('timings', '?')}{refused}."
+    )
+
+
+def run_dataset(name: str, data_dir: Path, work: Path, args: argparse.Namespace, timing: bool, timings_note: str) -> dict:
+    started_load = [round(x, 2) for x in os.getloadavg()]
     result, params, split, choice = accuracy_part(name, data_dir, work, timing)
+    result["measured"] = {"at": time.strftime("%Y-%m-%d %H:%M"), "load_average_at_start": started_load, "timings": timings_note}
     if timing:
         timers = cost_part(params, split, choice, work / name, args.repeats, args.fine_tune_repeats)
         noisy = {key: round(timer.others_cores or 0, 2) for key, timer in timers.items() if not timer.quiet}
@@ -505,12 +518,26 @@ def run_dataset(name: str, data_dir: Path, work: Path, args: argparse.Namespace,
         if not noisy or args.quick:  # --quick writes nothing: show them anyway
             result["cost"] = {key: timer.to_dict() for key, timer in timers.items()}
             result["cost_ratios"] = ratios(timers)
+    result["measured"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return result
+
+
+def merged(results: list[dict]) -> list[dict]:
+    """These results, and the committed ones of the data sets not run now (each keeps its own machine state)."""
+    path = RESULTS / "choose.json"
+    try:
+        earlier = {res["dataset"]: res for res in json.loads(path.read_text())["results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        earlier = {}
+    earlier.update({res["dataset"]: res for res in results})
+    return [earlier[name] for name in DATASETS if name in earlier]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--datasets", default="digits,textures,photos", help="comma-separated subset")
+    parser.add_argument(
+        "--datasets", default=",".join(DATASETS), help="comma-separated subset; the others' committed results are kept"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (the median is reported)")
     parser.add_argument("--fine-tune-repeats", type=int, default=3, help="timed fine_tune runs (0 skips them)")
     parser.add_argument("--no-timings", action="store_true", help="accuracy and regret only")
@@ -526,23 +553,27 @@ def main() -> None:
     machine = machine_state()
     load = machine["load_average"][0]
     timing = not args.no_timings and (load <= busy_load() or args.quick)
-    timings_note = (
-        "not measured (--no-timings)" if args.no_timings
-        else f"not measured: the 1-minute load average was {load} before starting, above {busy_load():g} "
-        f"({BUSY_LOAD_PER_CORE} per core)" if not timing
-        else f"medians of {args.repeats} runs ({args.fine_tune_repeats} for fine_tune); written only if other processes kept "
-        f"at most {BUSY_OTHERS_CORES} cores busy meanwhile (load average at the start {load} <= {busy_load():g})"
-    )
+    if args.no_timings:
+        timings_note = "not measured (--no-timings)"
+    elif not timing:
+        timings_note = f"not measured: the 1-minute load average was {load} before starting, above {busy_load():g} ({BUSY_LOAD_PER_CORE} per core)"
+    else:
+        timings_note = (
+            f"medians of {args.repeats} runs ({args.fine_tune_repeats} for fine_tune), written only if other processes kept "
+            f"at most {BUSY_OTHERS_CORES} cores busy meanwhile"
+            + (" (--quick: measured whatever the load)" if args.quick else f" (load average before starting {load} <= {busy_load():g})")
+        )
     log.info("machine: %s; timings %s", machine, timings_note)
     work = Path(tempfile.mkdtemp(prefix="graft-choose-bench-"))
     try:
         sets = datasets(work / "data", args.quick)
         chosen = [name.strip() for name in args.datasets.split(",")]
-        results = [run_dataset(name, sets[name], work, args, timing) for name in chosen]
+        results = [run_dataset(name, sets[name], work, args, timing, timings_note) for name in chosen]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"machine": machine, "timings": timings_note, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-              "goals": {"regret_points": REGRET_GOAL, "selection_over": COST_GOALS}, "results": results}
+    if not args.quick:
+        results = merged(results)
+    report = {"machine": machine, "goals": {"regret_points": REGRET_GOAL, "selection_over": COST_GOALS}, "results": results}
     report["misses"] = misses(results)
     text = markdown(report)
     print(text)
