@@ -374,9 +374,10 @@ def test_every_torchvision_backbone_loads_from_torch_home_exports_and_is_ranked(
         kwargs = {"image_size": 224} if name.startswith("vit") else {}
         torch.save(torchvision.models.get_model(name, weights=None, **kwargs).state_dict(), path)
     params = _with_choose(tiny_params, candidates=tuple(names), baseline=False, latency_runs=3)
-    result = choose_model(params, scan(params.data.dir))
+    result = choose_model(params, scan(params.data.dir), fit_head=partial(fit_finalist_head, params))
     rows = {row.name: row for row in result.candidates}
     assert set(rows) == set(names)
+    assert len(result.trained) == params.choose.finalists and rows[result.chosen].trained_rank == 1
     for name, row in rows.items():
         assert row.status == "ok", (name, row.status)
         assert row.logme is not None and row.latency_ms > 0 and Path(row.onnx_path).is_file(), name
