@@ -6,6 +6,7 @@ work happens in the component each one calls.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 from prefect import flow, task, unmapped
@@ -30,6 +31,7 @@ from components.report.run_log import log_run_start, log_summary
 from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
 from components.train.stage import TrainResult, fine_tune
+from components.train.strategies import fit_finalist_head
 from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE
 from flows.resilience import service_retries
 
@@ -47,12 +49,13 @@ def score_candidate_task(params: Params, split: Split, name: str) -> CandidateSc
 
 
 def choose_stage(params: Params, split: Split) -> ChooseResult:
-    """The choose stage, each candidate scored as its own (mapped, cached) task on the flow's task runner."""
+    """The choose stage, each candidate scored as its own (mapped, cached) task on the flow's task runner;
+    the finalists' heads are trained with the fine-tune stage's recipe."""
 
     def score_all(names: tuple[str, ...]) -> list[CandidateScore]:
         return score_candidate_task.map(unmapped(params), unmapped(split), names).result()
 
-    return choose_model(params, split, score_all)
+    return choose_model(params, split, score_all, fit_head=partial(fit_finalist_head, params))
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)

@@ -1,4 +1,4 @@
-"""Scoring one candidate backbone on a sample of the user's own data.
+"""Scoring one candidate backbone on a sample of the user's own data (the choose stage's first round).
 
 Each candidate is exported once to ONNX (cached), its features are
 extracted once (cached) on a stratified sample of the training split, and
@@ -59,6 +59,16 @@ class CandidateScore:
     onnx_path: str | None = None
     seconds: float = 0.0
     """Wall time to export (if not cached), extract features (if not cached) and score."""
+    score_rank: int | None = None
+    """Its place by `score` among the eligible candidates (1 = first): the first round's prediction."""
+    val_accuracy: float | None = None
+    """Finalists only: validation accuracy of its head trained on the whole training split (second round)."""
+    val_loss: float | None = None
+    """Finalists only: validation loss of that head, at the epoch early stopping kept."""
+    trained_rank: int | None = None
+    """Finalists only: its place by `val_accuracy` among the finalists: the realised ranking."""
+    train_seconds: float | None = None
+    """Finalists only: wall time to extract the whole split's features (rows not cached) and train the head."""
 
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)

@@ -1,4 +1,5 @@
-"""Ranking the scored candidates: latency and size limits, then the best eligible one.
+"""Ranking the scored candidates: latency and size limits, the first round's order by score,
+and the winner: the best-trained finalist (`settle`), or the best score when nothing was trained.
 """
 
 from __future__ import annotations
@@ -28,6 +29,22 @@ class ChooseResult:
     reason: str
     candidates: tuple[CandidateScore, ...]
     seconds: float
+    score_pick: str | None = None
+    """What the first-round score alone would have chosen (the same as `chosen` when nothing was trained)."""
+
+    @property
+    def trained(self) -> tuple[CandidateScore, ...]:
+        """The finalists whose heads were trained, best validation accuracy first."""
+        return tuple(sorted((r for r in self.candidates if r.trained_rank is not None), key=lambda r: r.trained_rank or 0))
+
+    @property
+    def score_regret(self) -> float | None:
+        """Validation accuracy the first-round pick loses against the chosen finalist (0 when it is the
+        chosen one), or None when the score's pick was not trained."""
+        by_name = {row.name: row for row in self.trained}
+        if not by_name or self.score_pick not in by_name:
+            return None
+        return round((by_name[self.chosen].val_accuracy or 0.0) - (by_name[self.score_pick].val_accuracy or 0.0), 6)
 
 
 def _over_limits(params: Params, row: CandidateScore) -> list[str]:
@@ -93,7 +110,8 @@ def _limits_text(params: Params) -> str:
 
 
 def rank(params: Params, rows: list[CandidateScore], seconds: float = 0.0) -> ChooseResult:
-    """Order candidates best first and pick the best eligible one.
+    """The first round: order candidates by score, number the eligible ones (`score_rank`) and pick the
+    best eligible one (the winner when no finalists are trained, else `score_pick`).
 
     Raises:
         ModelError: no candidate could be scored within the limits.
@@ -115,15 +133,61 @@ def rank(params: Params, rows: list[CandidateScore], seconds: float = 0.0) -> Ch
             f"no candidate backbone is eligible ({reasons}); fix one of them, relax a choose.max_* limit "
             "or change choose.candidates"
         )
+    eligible = [replace(row, score_rank=place) for place, row in enumerate(eligible, 1)]
     best = eligible[0]
-    score_name = "LogME" if params.choose.score == "logme" else "linear-probe accuracy"
-    reason = f"highest {score_name} ({best.score:.4f}){_limits_text(params)} among {len(eligible)} eligible candidates"
+    reason = f"highest {score_label(params)} ({best.score:.4f}){_limits_text(params)} among {len(eligible)} eligible candidates"
     return ChooseResult(
         chosen=best.name,
         image_size=best.image_size or 0,
         score_name=params.choose.score,
         reason=reason,
         candidates=tuple(sorted(eligible + others, key=lambda r: (r.score is None, -(r.score or 0.0)))),
+        seconds=seconds,
+        score_pick=best.name,
+    )
+
+
+def score_label(params: Params) -> str:
+    """How reports name the first-round score."""
+    return "LogME" if params.choose.score == "logme" else "linear-probe accuracy"
+
+
+def _ordinal(place: int) -> str:
+    suffix = "th" if 10 <= place % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(place % 10, "th")
+    return f"{place}{suffix}"
+
+
+def settle(params: Params, ranking: ChooseResult, finalists: list[CandidateScore], seconds: float) -> ChooseResult:
+    """The winner of the second round: the finalist with the best validation accuracy (ties: the lower
+    validation loss, then the better score). Rows list the trained finalists first, best first.
+
+    Raises:
+        ModelError: no finalist could be trained.
+    """
+    trained = sorted(
+        (row for row in finalists if row.val_accuracy is not None),
+        key=lambda r: (-(r.val_accuracy or 0.0), r.val_loss if r.val_loss is not None else float("inf"), r.score_rank or 0),
+    )
+    if not trained:
+        reasons = "; ".join(f"{r.name}: {r.status}" for r in finalists)
+        raise ModelError(f"no finalist could be trained ({reasons}); fix one of them or set choose.finalists=1")
+    trained = [replace(row, trained_rank=place) for place, row in enumerate(trained, 1)]
+    settled = {row.name: row for row in trained + [r for r in finalists if r.val_accuracy is None]}
+    rest = [row for row in ranking.candidates if row.name not in settled]
+    best, others = trained[0], trained[1:]
+    runners_up = f" ({', '.join(f'{r.name} {r.val_accuracy:.3f}' for r in others)})" if others else ""
+    heads = f"the {len(trained)} finalists' heads" if others else "the only finalist's head that trained"
+    reason = (
+        f"validation accuracy {best.val_accuracy:.3f} after training {heads} on the whole training split{runners_up}; "
+        f"{score_label(params)} ranked it {_ordinal(best.score_rank or 0)}{_limits_text(params)}"
+    )
+    log.info("chose %s: %s", best.name, reason)
+    return replace(
+        ranking,
+        chosen=best.name,
+        image_size=best.image_size or 0,
+        reason=reason,
+        candidates=tuple(list(settled.values()) + rest),
         seconds=seconds,
     )
 
@@ -133,14 +197,19 @@ def _cell(value: object, fmt: str, width: int) -> str:
 
 
 def ranking_table(rows: list[dict]) -> str:
-    """The ranking (rows as in `CandidateScore.to_dict`) as a fixed-width text table for the terminal."""
+    """The ranking (rows as in `CandidateScore.to_dict`) as a fixed-width text table for the terminal.
+
+    `val acc` is a finalist's trained head on validation; `score #` is where the first-round score placed it.
+    """
     lines = [
-        f"{'#':>2}  {'backbone':<28} {'pretrained':<10} {'score':>9} {'probe':>6} {'params':>7} {'MB':>6} {'ms/img':>7}  status"
+        f"{'#':>2}  {'backbone':<28} {'pretrained':<10} {'val acc':>7} {'score':>9} {'score #':>7} {'probe':>6} "
+        f"{'params':>7} {'MB':>6} {'ms/img':>7}  status"
     ]
     for index, row in enumerate(rows, 1):
         params_m = f"{row['params_m']:6.1f}M" if row.get("params_m") is not None else f"{'-':>7}"
         lines.append(
-            f"{index:>2}  {row['name']:<28} {str(row['pretrained']):<10} {_cell(row['score'], '9.4f', 9)} "
+            f"{index:>2}  {row['name']:<28} {str(row['pretrained']):<10} {_cell(row.get('val_accuracy'), '7.3f', 7)} "
+            f"{_cell(row['score'], '9.4f', 9)} {_cell(row.get('score_rank'), '7d', 7)} "
             f"{_cell(row['probe_accuracy'], '6.3f', 6)} {params_m} {_cell(row.get('size_mb'), '6.1f', 6)} "
             f"{_cell(row.get('latency_ms'), '7.2f', 7)}  {row['status']}"
         )

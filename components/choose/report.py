@@ -1,4 +1,9 @@
 """What the choose stage leaves in MLflow: a child run per candidate, the ranking and its chart.
+
+When finalists were trained, each child run holds both rankings (`choose/score_rank`, predicted
+by the first-round score, and `choose/trained_rank`, realised by the trained heads) and the parent
+run says how well the score predicted on this data (`choose/score_kendall_tau`, `choose/score_regret`):
+compare them across runs to see whether the first round can be trusted on your images.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def plot_ranking(choice: ChooseResult, path: Path) -> Path:
         note = f"{row.score:.3f}" if row.score is not None else ""
         if row.status != "ok":
             note += f"  ({row.status.split(':')[0]})"
+        if row.val_accuracy is not None:
+            note += f"  val acc {row.val_accuracy:.3f} (#{row.trained_rank} trained)"
         ax.text(values[index], index, f" {note}", va="center", fontsize=8)
     ax.axvline(0.0, color="black", linewidth=0.5)
     ax.set_xlabel("LogME (higher is better)" if choice.score_name == "logme" else "linear-probe accuracy")
@@ -46,8 +53,23 @@ def plot_ranking(choice: ChooseResult, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def prediction_metrics(choice: ChooseResult) -> dict[str, float]:
+    """How well the first-round score predicted the trained finalists (empty when none were trained):
+    Kendall's tau between the two rankings, and the validation accuracy the score's own pick loses."""
+    from scipy.stats import kendalltau
+
+    trained = choice.trained
+    if len(trained) < 2:
+        return {}
+    tau = kendalltau([r.score_rank for r in trained], [r.trained_rank for r in trained]).statistic
+    metrics = {"choose/finalists_trained": float(len(trained)), "choose/score_kendall_tau": float(tau)}
+    if choice.score_regret is not None:
+        metrics["choose/score_regret"] = choice.score_regret
+    return metrics
+
+
 def log_choice(run: Run, choice: ChooseResult, run_dir: Path) -> None:
-    """A child run per candidate, the ranking as JSON and text, and its bar chart."""
+    """A child run per candidate, the predicted and realised rankings, the ranking as JSON and text, and its bar chart."""
     for row in choice.candidates:
         child = run.child(f"candidate: {row.name}")
         child.log_params({"backbone": row.name, "pretrained": row.pretrained, "image_size": row.image_size, "status": row.status[:500]})
@@ -59,14 +81,23 @@ def log_choice(run: Run, choice: ChooseResult, run_dir: Path) -> None:
             "choose/latency_ms": row.latency_ms,
             "choose/latency_batch_ms": row.latency_batch_ms,
             "choose/seconds": row.seconds,
+            "choose/score_rank": row.score_rank,
+            "choose/val_accuracy": row.val_accuracy,
+            "choose/val_loss": row.val_loss,
+            "choose/trained_rank": row.trained_rank,
+            "choose/train_seconds": row.train_seconds,
         }
         metrics = {k: v for k, v in metrics.items() if v is not None}
         if metrics:
             child.log_metrics(metrics)
         child.set_tags({"chosen": str(row.name == choice.chosen).lower()})
         child.finish()
-    run.set_tags({"chosen_backbone": choice.chosen, "choose.reason": choice.reason})
-    run.log_metrics({"choose/seconds": choice.seconds})
-    run.log_dict({"chosen": choice.chosen, "reason": choice.reason, "score": choice.score_name, "candidates": [r.to_dict() for r in choice.candidates]}, "choose/ranking.json")
+    run.set_tags({"chosen_backbone": choice.chosen, "choose.reason": choice.reason, "choose.score_pick": choice.score_pick})
+    run.log_metrics({"choose/seconds": choice.seconds, **prediction_metrics(choice)})
+    run.log_dict(
+        {"chosen": choice.chosen, "reason": choice.reason, "score": choice.score_name, "score_pick": choice.score_pick,
+         "candidates": [r.to_dict() for r in choice.candidates]},
+        "choose/ranking.json",
+    )
     run.client.log_text(run.run_id, ranking_table([r.to_dict() for r in choice.candidates]), "choose/ranking.txt")
     run.log_artifact(plot_ranking(choice, run_dir / "ranking.png"), "choose")

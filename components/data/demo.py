@@ -7,6 +7,9 @@ data's origin is code, not folklore.
 `write_textures` makes a second, natural-image set from the photographs and
 textures bundled inside the scikit-image wheel (no download): one class per
 picture, samples are random crops. It is where ImageNet pre-training matters.
+`write_photos` makes a third from the colour photographs bundled with
+scikit-image, scikit-learn and matplotlib: smaller crops, turned and mirrored,
+pre-split into train/ and val/. The choose benchmark ranks backbones on all three.
 """
 
 from __future__ import annotations
@@ -95,6 +98,61 @@ def write_textures(root: Path, per_class: int | None = None, size: int = 64, see
             crop.resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{n:03d}.png", optimize=False)
     return root
 
+
+# Colour photographs shipped inside pip wheels (no download): package -> {class: file in its data folder}.
+PHOTO_IMAGES: dict[str, dict[str, str]] = {
+    "skimage": {
+        "astronaut": "data/astronaut.png",
+        "cat": "data/chelsea.png",
+        "coffee": "data/coffee.png",
+        "rocket": "data/rocket.jpg",
+        "motorcycle": "data/motorcycle_left.png",
+        "galaxies": "data/hubble_deep_field.jpg",
+        "retina": "data/retina.jpg",
+        "stained_tissue": "data/ihc.png",
+    },
+    "sklearn": {"temple": "datasets/images/china.jpg", "flower": "datasets/images/flower.jpg"},
+    "matplotlib": {"portrait": "mpl-data/sample_data/grace_hopper.jpg"},
+}
+
+
+def write_photos(root: Path, per_class: int = 80, size: int = 32, seed: int = 0) -> Path:
+    """Write small colour crops of the photographs bundled with scikit-image, scikit-learn and matplotlib.
+
+    Each class is one photograph (11 classes); its samples are square crops of 5-12% of the
+    picture's short side at random places, turned by a random multiple of 90 degrees, mirrored
+    half the time and shrunk to `size`. Crops that small show a patch of skin, fur, sky or metal,
+    which several pictures share: harder than `write_textures`, and the backbones differ here.
+    The folder is pre-split, `root/train/<class>/` and `root/val/<class>/` (alternate crops), so
+    its validation set does not depend on Graft's split. The same seed gives the same files.
+
+    Args:
+        root: Folder to create; it must not exist yet or be empty.
+        per_class: Crops per class, half for training and half for validation.
+        size: Side of the written square images in pixels.
+        seed: Seed of the crop positions and turns.
+    """
+    from importlib.resources import files
+
+    pictures = [(package, label, name) for package, named in PHOTO_IMAGES.items() for label, name in named.items()]
+    for index, (package, label, filename) in enumerate(pictures):
+        with Image.open(str(files(package) / filename)) as opened:
+            picture = opened.convert("RGB")
+        rng = np.random.default_rng([seed, index])
+        width, height = picture.size
+        short = min(width, height)
+        for n in range(per_class):
+            side = int(rng.uniform(0.05, 0.12) * short)
+            left = int(rng.integers(0, width - side + 1))
+            top = int(rng.integers(0, height - side + 1))
+            crop = picture.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
+            crop = crop.rotate(90 * int(rng.integers(0, 4)))
+            if rng.random() < 0.5:
+                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            folder = root / ("train" if n % 2 == 0 else "val") / label
+            folder.mkdir(parents=True, exist_ok=True)
+            crop.save(folder / f"{n:03d}.png", optimize=False)
+    return root
 
 if __name__ == "__main__":
     write_digits(Path(sys.argv[1] if len(sys.argv) > 1 else "data"))

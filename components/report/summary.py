@@ -75,7 +75,8 @@ class RunSummary:
             "data_md5": self.data_md5,
             "git_commit": self.commit,
             "chosen": choice.chosen,
-            "choose": {"score": choice.score_name, "reason": choice.reason},
+            "choose": {"score": choice.score_name, "reason": choice.reason, "score_pick": choice.score_pick,
+                       "score_regret": choice.score_regret},
             "candidates": [row.to_dict() for row in choice.candidates],
             "strategy": trained.strategy,
             "image_size": trained.image_size,
@@ -169,16 +170,20 @@ class RunSummary:
             "",
             "## Backbone ranking",
             "",
-            "| # | backbone | pretrained | score | probe | params | latency | status |",
-            "|---|---|---|---|---|---|---|---|",
+            "| # | backbone | pretrained | val acc (trained) | score | score # | probe | params | latency | status |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for index, row in enumerate(self.choice.candidates, 1):
+            trained = f"{row.val_accuracy:.3f}" if row.val_accuracy is not None else "-"
             score = f"{row.score:.4f}" if row.score is not None else "-"
+            score_rank = str(row.score_rank) if row.score_rank is not None else "-"
             probe = f"{row.probe_accuracy:.3f}" if row.probe_accuracy is not None else "-"
             size = f"{row.params_m:.1f}M" if row.params_m is not None else "-"
             latency = f"{row.latency_ms:.1f} ms" if row.latency_ms is not None else "-"
             status = row.status.replace("|", "/")
-            lines.append(f"| {index} | {row.name} | {row.pretrained} | {score} | {probe} | {size} | {latency} | {status} |")
+            lines.append(
+                f"| {index} | {row.name} | {row.pretrained} | {trained} | {score} | {score_rank} | {probe} | {size} | {latency} | {status} |"
+            )
         evaluation = self.evaluation
         lines += ["", "## Metrics", "", f"| metric | validation | {evaluation.test_label} |", "|---|---|---|"]
         lines += [f"| {key} | {value:.4f} | {evaluation.test.get(key, float('nan')):.4f} |"

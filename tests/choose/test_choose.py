@@ -1,5 +1,6 @@
 """The choose stage on real pip-packaged weights, real digit and texture images, real onnxruntime."""
 
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from components.core.config import load_params
 from components.core.errors import ConfigError, DataError, ModelError
 from components.data.folders import scan
 from components.data.split import Split, SplitSettings, stratified_sample
+from components.train.strategies import fit_finalist_head
 from tests.conftest import REPO, tiny_overrides
 
 SUMMARY_KEYS = {"name", "pretrained", "score", "probe_accuracy", "params", "latency_ms", "status"}
@@ -197,9 +199,10 @@ def test_user_backbones_and_faulty_candidates_leave_the_others_ranked(tiny_param
         tiny_overrides(tiny_params.data.dir, tmp_path, tiny_params.data.cache_dir)
         + [f"choose.custom={custom}", "choose.candidates=[efficientnet_lite0, my_tiny, my_nan, my_misfit, my_missing]", "choose.baseline=false"],
     )
-    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)), fit_head=partial(fit_finalist_head, params))
     rows = {row.name: row for row in result.candidates}
     assert result.chosen in {"efficientnet_lite0", "my_tiny"}
+    assert {row.name for row in result.trained} == {"efficientnet_lite0", "my_tiny"}  # the faulty ones are no finalists
     assert rows["my_tiny"].status == "ok" and rows["my_tiny"].params_m == pytest.approx(224 / 1e6, abs=1e-6)
     assert rows["my_tiny"].latency_ms is not None
     assert rows["my_nan"].status.startswith("skipped: its features contain NaN or inf on")
@@ -373,9 +376,10 @@ def test_every_torchvision_backbone_loads_from_torch_home_exports_and_is_ranked(
         kwargs = {"image_size": 224} if name.startswith("vit") else {}
         torch.save(torchvision.models.get_model(name, weights=None, **kwargs).state_dict(), path)
     params = _with_choose(tiny_params, candidates=tuple(names), baseline=False, latency_runs=3)
-    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)), fit_head=partial(fit_finalist_head, params))
     rows = {row.name: row for row in result.candidates}
     assert set(rows) == set(names)
+    assert len(result.trained) == params.choose.finalists and rows[result.chosen].trained_rank == 1
     for name, row in rows.items():
         assert row.status == "ok", (name, row.status)
         assert row.logme is not None and row.latency_ms > 0 and Path(row.onnx_path).is_file(), name

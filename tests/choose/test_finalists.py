@@ -1,0 +1,183 @@
+"""The choose stage's second round on real backbones and real digits: the finalists' heads are trained
+as the fine-tune stage trains them, and the best validation accuracy wins where LogME picks wrong."""
+
+from dataclasses import replace
+from functools import partial
+
+import pytest
+
+from components.choose.candidates import CandidateScore
+from components.choose.ranking import ChooseResult, rank, settle
+from components.choose.report import log_choice, prediction_metrics
+from components.choose.stage import choose_model
+from components.core.config import load_params
+from components.core.errors import ModelError, TrainingError
+from components.data.folders import scan
+from components.data.split import SplitSettings
+from components.train.stage import fine_tune
+from components.train.strategies import fit_finalist_head
+from tests.conftest import REPO, tiny_overrides
+
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+@pytest.fixture(scope="module")
+def misordered(tmp_path_factory, feature_cache_dir):
+    """All ten digits, 20 a class (160 train / 40 val), at the demo's 112 px: LogME ranks Lite0 first,
+    while a trained head does best on Lite1 (0.85 against 0.80)."""
+    from components.data.demo import write_digits
+
+    work = tmp_path_factory.mktemp("misordered")
+    data = write_digits(work / "images", per_class=20)
+    params = load_params(
+        REPO / "params.yaml",
+        tiny_overrides(data, work, feature_cache_dir)
+        + ["data.image_size=112", "choose.sample_size=200", f"choose.candidates=[{', '.join(LITES)}]", "choose.baseline=false"],
+    )
+    return params, scan(params.data.dir, SplitSettings.from_config(params.data))
+
+
+def _with_choose(params, **changes):
+    return params.model_copy(update={"choose": params.choose.model_copy(update=changes)})
+
+
+def trained_accuracy(params, split, name: str, run_dir) -> float:
+    """The ground truth: the fine-tune stage's validation accuracy for `name` (train.strategy=feature_extraction)."""
+    trained = fine_tune(params, split, ChooseResult(name, params.data.image_size, "logme", "truth", (), 0.0), run_dir / name)
+    return trained.history[trained.best_epoch - 1]["val/accuracy"]
+
+
+def test_default_selection_picks_the_best_trained_backbone_where_logme_misorders(misordered, tmp_path):
+    params, split = misordered
+    assert params.train.strategy == "feature_extraction" and params.choose.finalists >= len(LITES)
+    result = choose_model(params, split, fit_head=partial(fit_finalist_head, params))
+    truth = {name: trained_accuracy(params, split, name, tmp_path) for name in LITES}
+    best = max(truth.values())
+    assert truth[result.score_pick] < best - 0.01, f"LogME's pick trains as well as the best here: {truth}"
+    assert truth[result.chosen] == best
+    rows = {row.name: row for row in result.candidates}
+    assert {name: rows[name].val_accuracy for name in LITES} == pytest.approx(truth, abs=1e-6)
+    assert [row.trained_rank for row in result.candidates] == [1, 2, 3]
+    assert result.score_regret == pytest.approx(best - truth[result.score_pick], abs=1e-6)
+    place = {1: "1st", 2: "2nd", 3: "3rd"}[rows[result.chosen].score_rank]
+    assert result.reason.startswith(f"validation accuracy {best:.3f} after training the 3 finalists' heads")
+    assert result.reason.endswith(f"LogME ranked it {place}")
+
+
+def test_one_finalist_keeps_choosing_by_the_score_alone(misordered):
+    params, split = misordered
+    result = choose_model(_with_choose(params, finalists=1), split)
+    assert result.chosen == result.score_pick == result.candidates[0].name
+    assert all(row.val_accuracy is None and row.trained_rank is None for row in result.candidates)
+    assert result.reason.startswith("highest LogME") and result.score_regret is None
+
+
+def test_finalists_are_the_best_by_score_within_the_limits(misordered):
+    params, split = misordered
+    limited = _with_choose(params, finalists=2, max_params_m=4.5)  # Lite2 (4.8M) is over the limit
+    result = choose_model(limited, split, fit_head=partial(fit_finalist_head, limited))
+    rows = {row.name: row for row in result.candidates}
+    assert rows["efficientnet_lite2"].status.startswith("over limit") and rows["efficientnet_lite2"].val_accuracy is None
+    assert {row.name for row in result.trained} == {"efficientnet_lite0", "efficientnet_lite1"}
+
+
+def test_training_finalists_needs_the_fine_tune_stages_head_trainer(misordered):
+    params, split = misordered
+    with pytest.raises(ValueError, match=r"choose.finalists=3 .*fit_head=functools.partial\(.*fit_finalist_head"):
+        choose_model(params, split)
+
+
+def test_a_finalist_whose_head_fails_is_marked_and_the_others_still_compete(misordered):
+    params, split = misordered
+    fit = partial(fit_finalist_head, params)
+    calls = []
+
+    def first_diverges(*arrays):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TrainingError("loss became NaN at epoch 3; lower train.lr")
+        return fit(*arrays)
+
+    result = choose_model(params, split, fit_head=first_diverges)
+    failed = [row for row in result.candidates if row.status.startswith("skipped: its head did not train")]
+    assert len(failed) == 1 and failed[0].score_rank == 1 and failed[0].name != result.chosen
+    assert len(result.trained) == 2 and "after training the 2 finalists' heads" in result.reason
+
+
+def _row(name: str, score: float, pretrained: bool = True) -> CandidateScore:
+    return CandidateScore(name, pretrained, "ok", score=score, logme=score, image_size=64)
+
+
+def replace_trained(row: CandidateScore, accuracy: float, loss: float) -> CandidateScore:
+    return replace(row, val_accuracy=accuracy, val_loss=loss)
+
+
+def test_ties_in_validation_accuracy_go_to_the_lower_validation_loss(tiny_params):
+    ranking = rank(tiny_params, [_row("a", 0.9), _row("b", 0.5), _row("c", 0.1)])
+    by_name = {row.name: row for row in ranking.candidates}
+    finalists = [
+        replace_trained(by_name["a"], 0.90, 0.40),
+        replace_trained(by_name["b"], 0.95, 0.30),
+        replace_trained(by_name["c"], 0.95, 0.20),
+    ]
+    result = settle(tiny_params, ranking, finalists, 1.0)
+    assert [row.name for row in result.candidates] == ["c", "b", "a"]
+    assert result.chosen == "c" and result.score_pick == "a" and result.score_regret == pytest.approx(0.05)
+    assert result.reason == (
+        "validation accuracy 0.950 after training the 3 finalists' heads on the whole training split "
+        "(b 0.950, a 0.900); LogME ranked it 3rd"
+    )
+    assert prediction_metrics(result) == pytest.approx(
+        {"choose/finalists_trained": 3.0, "choose/score_kendall_tau": -1.0, "choose/score_regret": 0.05}
+    )
+
+
+def test_no_trained_finalist_is_a_model_error_naming_each(tiny_params):
+    ranking = rank(tiny_params, [_row("a", 0.9), _row("b", 0.5)])
+    failed = [
+        CandidateScore(row.name, True, "skipped: its head did not train (loss NaN)", score=row.score, score_rank=row.score_rank)
+        for row in ranking.candidates
+    ]
+    with pytest.raises(ModelError, match=r"no finalist could be trained \(a: skipped: its head did not train.*b: skipped"):
+        settle(tiny_params, ranking, failed, 1.0)
+
+
+def test_mlflow_holds_the_predicted_and_the_realised_ranking(tiny_params, tmp_path):
+    from mlflow import MlflowClient
+
+    from components.registry.tracking import parent_run
+
+    ranking = rank(tiny_params, [_row("a", 0.9), _row("b", 0.5), _row("c", 0.1, pretrained=False)])
+    by_name = {row.name: row for row in ranking.candidates}
+    choice = settle(tiny_params, ranking, [replace_trained(by_name["a"], 0.80, 0.5), replace_trained(by_name["b"], 0.90, 0.4)], 2.0)
+    with parent_run(tiny_params) as run:
+        log_choice(run, choice, tmp_path)
+    client = MlflowClient(run.uri, run.uri)
+    parent = client.get_run(run.run_id).data
+    assert parent.metrics["choose/score_kendall_tau"] == -1.0 and parent.metrics["choose/score_regret"] == pytest.approx(0.1)
+    assert parent.tags["chosen_backbone"] == "b" and parent.tags["choose.score_pick"] == "a"
+    children = client.search_runs(
+        [client.get_run(run.run_id).info.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'"
+    )
+    ranks = {c.data.params["backbone"]: (c.data.metrics.get("choose/score_rank"), c.data.metrics.get("choose/trained_rank")) for c in children}
+    assert ranks == {"a": (1.0, 2.0), "b": (2.0, 1.0), "c": (None, None)}
+
+
+@pytest.mark.slow
+def test_the_flows_choose_stage_trains_the_finalists(prefect_harness, misordered):
+    """`graft run`'s wiring: the candidates scored as mapped Prefect tasks, the finalists trained with the
+    fine-tune stage's head trainer, the same choice as `choose_model` in-process."""
+    from prefect import flow
+
+    from flows.training import choose_stage
+
+    params, split = misordered
+
+    @flow
+    def choose_in_a_flow(params, split):
+        return choose_stage(params, split)
+
+    in_flow = choose_in_a_flow(params, split)
+    here = choose_model(params, split, fit_head=partial(fit_finalist_head, params))
+    assert in_flow.chosen == here.chosen and in_flow.reason == here.reason
+    assert [(r.name, r.val_accuracy, r.trained_rank) for r in in_flow.trained] == [(r.name, r.val_accuracy, r.trained_rank) for r in here.trained]
