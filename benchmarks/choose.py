@@ -58,7 +58,7 @@ from components.choose.stage import choose_model
 from components.core.config import Params, load_params
 from components.data.demo import write_digits, write_photos, write_textures
 from components.data.folders import scan
-from components.data.split import Split, stratified_sample
+from components.data.split import Split, SplitSettings, stratified_sample
 from components.train.stage import fine_tune
 from components.train.strategies import fit_finalist_head, train_head
 
@@ -310,7 +310,7 @@ def judge(orders: dict[str, list[str]], rows: dict[str, dict]) -> dict[str, dict
 def accuracy_part(name: str, data_dir: Path, work: Path, timing: bool) -> tuple[dict, Params, Split, ChooseResult]:
     """Selection, the ground truth and every method's verdict; latency only where timings are allowed."""
     params = params_for(data_dir, work / name / "cache")
-    split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+    split = scan(params.data.dir, SplitSettings.from_config(params.data))
     log.info("%s: %d train / %d val images, %d classes", name, len(split.train), len(split.val), len(split.classes))
     choice = select(params, split)
     rows: dict[str, dict] = {}

@@ -53,7 +53,7 @@ def main() -> int:
     from components.core.config import load_params
     from components.data.folders import scan
     from components.data.images import load_batch
-    from components.data.split import stratified_sample
+    from components.data.split import SplitSettings, stratified_sample
     from components.deploy.export import export_and_verify
     from components.deploy.variants import build_variants
     from components.runtime.model import OnnxClassifier
@@ -63,7 +63,7 @@ def main() -> int:
 
     params = load_params(ROOT / "params.yaml")
     size = params.data.image_size or get_spec(args.backbone).input_size
-    split = scan(params.data.dir, params.data.val_fraction, params.data.seed)
+    split = scan(params.data.dir, SplitSettings.from_config(params.data))
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     print(f"training the {args.backbone} head at {size}px on {len(split.train)} images ...", flush=True)
     trained = fine_tune(params, split, ChooseResult(args.backbone, size, "logme", "benchmark", (), 0.0), work)

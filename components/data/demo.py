@@ -9,7 +9,7 @@ textures bundled inside the scikit-image wheel (no download): one class per
 picture, samples are random crops. It is where ImageNet pre-training matters.
 `write_photos` makes a third from the colour photographs bundled with
 scikit-image, scikit-learn and matplotlib: smaller crops, turned and mirrored,
-pre-split into train/ and val/. The choose benchmark ranks backbones on all three.
+pre-split into train/, val/ and test/. The choose benchmark ranks backbones on all three.
 """
 
 from __future__ import annotations
@@ -123,12 +123,13 @@ def write_photos(root: Path, per_class: int = 80, size: int = 32, seed: int = 0)
     picture's short side at random places, turned by a random multiple of 90 degrees, mirrored
     half the time and shrunk to `size`. Crops that small show a patch of skin, fur, sky or metal,
     which several pictures share: harder than `write_textures`, and the backbones differ here.
-    The folder is pre-split, `root/train/<class>/` and `root/val/<class>/` (alternate crops), so
-    its validation set does not depend on Graft's split. The same seed gives the same files.
+    The folder is pre-split into `root/train/<class>/` (half the crops), `root/val/<class>/` and
+    `root/test/<class>/` (a quarter each), so its held-out sets do not depend on Graft's split.
+    The same seed gives the same files.
 
     Args:
         root: Folder to create; it must not exist yet or be empty.
-        per_class: Crops per class, half for training and half for validation.
+        per_class: Crops per class: half for training, a quarter each for validation and test.
         size: Side of the written square images in pixels.
         seed: Seed of the crop positions and turns.
     """
@@ -149,7 +150,7 @@ def write_photos(root: Path, per_class: int = 80, size: int = 32, seed: int = 0)
             crop = crop.rotate(90 * int(rng.integers(0, 4)))
             if rng.random() < 0.5:
                 crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            folder = root / ("train" if n % 2 == 0 else "val") / label
+            folder = root / ("train", "train", "val", "test")[n % 4] / label
             folder.mkdir(parents=True, exist_ok=True)
             crop.save(folder / f"{n:03d}.png", optimize=False)
     return root

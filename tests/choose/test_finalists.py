@@ -23,16 +23,17 @@ LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 @pytest.fixture(scope="module")
 def misordered(tmp_path_factory, feature_cache_dir):
-    """All ten digits, 20 a class (160 train / 40 val), at the demo's 112 px: LogME ranks Lite0 first,
-    while a trained head does best on Lite1 (0.85 against 0.80)."""
+    """All ten digits, 24 a class, split with data.seed=5, at the demo's 112 px: LogME ranks Lite2 first,
+    while a trained head does best on Lite0 (0.950 against 0.875 on the 40 validation images)."""
     from components.data.demo import write_digits
 
     work = tmp_path_factory.mktemp("misordered")
-    data = write_digits(work / "images", per_class=20)
+    data = write_digits(work / "images", per_class=24)
     params = load_params(
         REPO / "params.yaml",
         tiny_overrides(data, work, feature_cache_dir)
-        + ["data.image_size=112", "choose.sample_size=200", f"choose.candidates=[{', '.join(LITES)}]", "choose.baseline=false"],
+        + ["data.image_size=112", "data.seed=5", "choose.sample_size=200", f"choose.candidates=[{', '.join(LITES)}]",
+           "choose.baseline=false"],
     )
     return params, scan(params.data.dir, SplitSettings.from_config(params.data))
 
