@@ -65,22 +65,29 @@ def _prefect_environment(params_file: Path | None) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
+    # Graft retries each MLflow call itself (components.registry.mlflow_calls), a few seconds in all; MLflow's own
+    # HTTP retries on top of that would keep a run waiting for minutes on a server that is gone
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 def _run(args: argparse.Namespace) -> int:
     params = _params(args)
     _prefect_environment(_params_file(args))
+    from flows.interrupts import stoppable
     from flows.runners import with_task_runner
     from flows.training import train_flow
 
-    report_dir = Path(args.report).resolve() if args.report else None
-    summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
-    if args.summary:
-        summary.write(Path(args.summary))
-    print(summary.text())
-    if args.summary:
-        print(f"summary JSON      {Path(args.summary).resolve()}")
-    return 0
+    def run() -> int:
+        report_dir = Path(args.report).resolve() if args.report else None
+        summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
+        if args.summary:
+            summary.write(Path(args.summary))
+        print(summary.text())
+        if args.summary:
+            print(f"summary JSON      {Path(args.summary).resolve()}")
+        return 0
+
+    return stoppable(run)
 
 
 def _hold(args: argparse.Namespace) -> str | None:
@@ -217,13 +224,17 @@ def _retrain_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
 
 def _retrain(args: argparse.Namespace) -> int:
     params_file, overrides = _retrain_inputs(args)
+    from flows.interrupts import stoppable
     from flows.schedule import retrain_flow
 
-    result = retrain_flow(str(params_file) if params_file else None, overrides, force=args.force)
-    print(f"{result['action']}: {result['reason']}")
-    if result["summary"]:
-        print(result["summary"].text())
-    return 0
+    def retrain() -> int:
+        result = retrain_flow(str(params_file) if params_file else None, overrides, force=args.force)
+        print(f"{result['action']}: {result['reason']}")
+        if result["summary"]:
+            print(result["summary"].text())
+        return 0
+
+    return stoppable(retrain)
 
 
 def _schedule(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from components.report.dvc_outputs import write_dvc_outputs
 from components.report.run_log import log_run_start, log_summary
 from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
-from components.train.stage import TrainResult, fine_tune
+from components.train.stage import TrainResult, fine_tune, forget_checkpoints
 from components.train.strategies import fit_finalist_head
 from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE
 from flows.resilience import service_retries
@@ -96,6 +96,7 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
         log_evaluation(run, evaluation)
         with clock("deploy"):
             deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit, hold), trained, evaluation)
+        forget_checkpoints(params, trained)  # registered: nothing left to resume
         summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds, split)
         log_summary(run, summary)
         if report_dir is not None:

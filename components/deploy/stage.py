@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.backbones.zoo import get_spec
+from components.core import progress
 from components.core.config import Params
 from components.core.lineage import CHALLENGER, CHAMPION, HOLD_TAG
 from components.data.images import load_batch
@@ -136,17 +137,22 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     """Export, judge, register and publish the challenger: `champion` moves only when the gate agrees."""
     started = time.perf_counter()
     name = ctx.params.deploy.model_name
+    progress.note("export")
     exported = export(ctx, trained, evaluation)
+    progress.note("the gate")
     verdict = gate(ctx, trained, exported)
     card = write_model_card(CardFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, ctx.run.run_id), ctx.run_dir)
     ctx.run.log_artifact(card.path, CARD_ARTIFACT_DIR)
+    progress.note("the variants")
     variants = variants_of(ctx, trained, exported, TestImages(ctx.split))
+    progress.note("registration")
     version = register(ctx, trained, evaluation, exported, verdict, card, variants)
     bundle = write_bundle(
         exported.onnx_path, ctx.run_dir / "bundle",
         {"name": name, "version": version, "source": f"models:/{name}/{version}", "run_id": ctx.run.run_id, "git_commit": ctx.commit},
         variants.listing(), card.path,
     )
+    progress.note("the aliases")
     aliases = publish(ctx, version, verdict)
     held = f"{ctx.hold}: registered as challenger only; promote it with `graft promote --name {name} --version {version}`" if ctx.hold and verdict.promote else None
     if held:

@@ -140,7 +140,7 @@ class Run:
 
 @contextmanager
 def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Run]:
-    """Open the pipeline's parent run; it ends FAILED if the body raises."""
+    """Open the pipeline's parent run; it ends FAILED if the body raises, KILLED if it is interrupted."""
     from mlflow import MlflowClient
 
     uri = open_tracking_store(params)
@@ -152,10 +152,12 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     log.info("MLflow run %s in experiment '%s' at %s", run.run_id, params.tracking.experiment, uri)
     try:
         yield run
-    except BaseException:
+    except BaseException as exc:
+        # an error ends the run FAILED; an interrupt (Ctrl-C, SIGTERM: not an Exception) ends it KILLED
+        status = "FAILED" if isinstance(exc, Exception) else "KILLED"
         try:
-            run.finish("FAILED")
-        except GraftError as exc:  # the body's error is the one to report
-            log.warning("could not mark run %s FAILED (%s); it stays RUNNING in the MLflow UI", run.run_id, exc)
+            run.finish(status)
+        except GraftError as error:  # the body's error is the one to report
+            log.warning("could not mark run %s %s (%s); it stays RUNNING in the MLflow UI", run.run_id, status, error)
         raise
     run.finish("FINISHED")

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from components.choose.ranking import ChooseResult, ranking_table
+from components.core import progress
 from components.core.config import REPO_ROOT
 from components.core.files import write_json
 from components.core.lineage import CHALLENGER, CHAMPION
@@ -22,18 +23,22 @@ from components.train.stage import TrainResult
 
 
 class Stopwatch:
-    """Seconds spent per named stage: `with clock("choose"): ...`."""
+    """Seconds spent per named stage: `with clock("choose"): ...`; it also marks where the run is
+    (`components.core.progress`), for the line an interrupted run prints."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        name = stage.replace("_", "-")
+        progress.enter_stage(name)
         started = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+        progress.leave_stage(name)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from components.core import progress
 from components.core.config import TrainConfig
 from components.core.errors import TrainingError
 from components.core.files import temp_write
@@ -220,6 +221,7 @@ def fit(phase: Phase, store: ResumeStore | None = None, on_epoch: MetricsCallbac
     resumed_from = start - 1
     bar = tqdm(range(start, phase.epochs + 1), desc=phase.name, unit="epoch", leave=False, disable=None)
     for epoch in bar:
+        progress.note(f"epoch {epoch} of {phase.epochs}" + (f" ({phase.name})" if phase.name not in ("head", "fine-tune", "scratch") else ""))
         lrs = [group["lr"] for group in phase.optimizer.param_groups]
         epoch_start = time.perf_counter()
         train_loss = phase.train_epoch()

@@ -53,6 +53,9 @@ class TrainResult:
     backbone_trained: bool = False
     """True when training changed the backbone's weights (fine_tune, two_stage, scratch): features
     cached for the pre-trained backbone no longer describe this model."""
+    resume_key: str = ""
+    """Names this run's epoch checkpoints: kept until the whole run succeeds (`forget_checkpoints`), so a run
+    interrupted after training resumes without training again."""
     resumed_from_epoch: int = 0
     """The epoch an interrupted run continued after; 0 when it ran from the start."""
     features_cached: int = 0
@@ -130,7 +133,6 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     if outcome.backbone is not None:
         content["backbone_state"] = outcome.backbone
     path = save_checkpoint(run_dir / "model.pt", **content)
-    store.clear()
     fitted = outcome.fit
     best = fitted.history[fitted.best_epoch - 1] if fitted.best_epoch else {}
     log.info(
@@ -148,11 +150,17 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
         best_val_loss=fitted.best_val_loss,
         seconds=time.perf_counter() - started,
         backbone_trained=outcome.backbone is not None,
+        resume_key=store.key,
         resumed_from_epoch=fitted.resumed_from,
         features_cached=outcome.cached,
         features_computed=outcome.computed,
         history=fitted.history,
     )
+
+
+def forget_checkpoints(params: Params, trained: TrainResult) -> None:
+    """Remove the epoch checkpoints of a run that finished (registered): nothing is left to resume."""
+    ResumeStore(params.data.cache_dir / "resume", trained.resume_key, params.train.resume).clear()
 
 
 def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) -> np.ndarray:

@@ -1,0 +1,239 @@
+"""Stopping a run: Ctrl-C and SIGTERM end it within seconds, and a lost Prefect API ends it at once.
+
+`graft run` (and `graft retrain`) run inside `stoppable()`:
+
+- **The embedded Prefect API lives in its own session.** Prefect's ephemeral server is a child
+  process; in the terminal's process group a Ctrl-C killed it first, and the run then spent minutes
+  retrying the dead API. Started here in a session of its own, it outlives the Ctrl-C, so the flow
+  run is recorded as crashed, not left running, and the run ends at once. A watchdog notices when
+  it dies anyway and stops the run with one line saying so, instead of minutes of retries.
+- **SIGINT and SIGTERM interrupt the run** wherever it is: the main thread gets an exception at
+  its next Python instruction, so training stops within a batch (the last epoch checkpoint stays),
+  and exports, registration and alias moves are abandoned. The MLflow run ends KILLED.
+
+A run against a real Prefect server (PREFECT_API_URL) keeps Prefect's own retry settings.
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from unittest import mock
+
+from components.core import progress
+
+log = logging.getLogger(__name__)
+
+EXIT_INTERRUPTED = 130
+"""What a shell reports for a process ended by SIGINT: 128 + 2."""
+
+
+@dataclass
+class Stop:
+    """Why the run is being stopped: a signal, or a service that went away."""
+
+    signal: str | None = None
+    lost: str | None = None
+    where: str = field(default="start-up")
+
+    def line(self) -> str:
+        """The one line the user sees."""
+        if self.lost:
+            when = self.where if self.where.startswith("after ") else f"during {self.where}"
+            return (f"error: {self.lost} {when}; the run stopped there. Run the same command again: "
+                    "finished stages are cached and training resumes from its last epoch checkpoint")
+        if self.where.startswith("fine-tune"):
+            again = "to resume from its last epoch checkpoint"
+        elif self.where.startswith(("evaluate", "deploy", "after fine-tune", "after evaluate")):
+            again = "to finish it (the trained model is kept: training does not run again)"
+        else:
+            again = "to start again (finished work is cached)"
+        when = self.where if self.where.startswith("after ") else f"during {self.where}"
+        return f"interrupted ({self.signal}) {when}; nothing was registered or promoted after it. Run the same command {again}"
+
+
+class _DetachedPrefectAPI:
+    """Prefect's ephemeral API server, started in its own session so a Ctrl-C meant for the run spares it."""
+
+    def __init__(self) -> None:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        self.server = SubprocessASGIServer()
+
+    def start(self) -> str:
+        real_popen = subprocess.Popen
+
+        def detached(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - subprocess.Popen's own signature
+            return real_popen(*args, start_new_session=True, **kwargs)
+
+        with mock.patch.object(subprocess, "Popen", detached):
+            self.server.start()
+        return self.server.api_url
+
+    @property
+    def process(self) -> subprocess.Popen | None:
+        return self.server.server_process
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event) -> None:
+    """Interrupt the main thread when the embedded API exits while the run still needs it."""
+    while not done.wait(0.5):
+        process = api.process
+        if process is not None and process.poll() is not None:
+            stop.lost = f"the embedded Prefect API ({api.server.address}) exited with code {process.returncode}"
+            stop.where = progress.where()
+            _silence_prefect_api_clients()
+            _thread.interrupt_main()
+            return
+
+
+def _silence_prefect_api_clients() -> None:
+    """The API is gone: Prefect's log and event senders would only print retries and tracebacks now."""
+    from prefect.logging.handlers import APILogHandler
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", [])):
+            if isinstance(handler, APILogHandler):
+                logger.removeHandler(handler)
+    for noisy in ("prefect._internal.concurrency", "prefect.events.clients", "prefect.client", "prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+
+
+def _lost_api(exc: BaseException, url: str) -> bool:
+    """Whether `exc` (or what caused it) is a failed request to the Prefect API at `url`."""
+    import httpx
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, httpx.TransportError):
+            try:
+                return str(exc.request.url).startswith(url)
+            except RuntimeError:  # no request attached
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+@contextmanager
+def _prefect_api(stop: Stop) -> Iterator[None]:
+    """The Prefect API the run reports to: PREFECT_API_URL when set, else an embedded one in its own session.
+
+    A request to that API that fails for good (after Prefect's own retries, for a server of yours) stops the
+    run with one line naming the API instead of a traceback.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    if PREFECT_API_URL.value():
+        try:
+            yield
+        except Exception as exc:
+            if not _lost_api(exc, PREFECT_API_URL.value()):
+                raise
+            stop.lost, stop.where = f"the Prefect API at {PREFECT_API_URL.value()} stopped answering ({exc})", progress.where()
+            raise KeyboardInterrupt from exc
+        return
+    api = _DetachedPrefectAPI()
+    url = api.start()
+    done = threading.Event()
+    watchdog = threading.Thread(target=_watch, args=(api, stop, done), name="graft-prefect-watchdog", daemon=True)
+    watchdog.start()
+    try:
+        # a local server does not blink: a refused connection means it is gone, so fail at once
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+            try:
+                yield
+            except Exception as exc:
+                if stop.lost is None and not _lost_api(exc, url):
+                    raise
+                stop.lost = stop.lost or f"the embedded Prefect API ({api.server.address}) stopped answering"
+                raise KeyboardInterrupt from exc  # the run stopped because the API went away: one line, not a traceback
+            finally:
+                done.set()
+                if stop.lost is None:
+                    _drain_prefect_services()  # the flow's last logs and events reach the API before it stops
+    finally:
+        api.stop()
+
+
+def _drain_prefect_services() -> None:
+    """Send Prefect's queued API logs and events now, while the API is still up (at most a few seconds)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        try:
+            worker.drain_all(timeout=5, at_exit=False)
+        except Exception as exc:  # noqa: BLE001 - the run's outcome matters more than its last log lines
+            log.debug("could not drain %s: %s", worker.__name__, exc)
+
+
+@contextmanager
+def _signals(stop: Stop) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored)."""
+
+    def interrupt(number: int, frame) -> None:  # noqa: ANN001 - a frame object
+        if stop.signal is None:
+            stop.signal, stop.where = signal.Signals(number).name, progress.where()
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _interruption(exc: BaseException) -> bool:
+    """A Ctrl-C, a SIGTERM (Prefect's engine raises its own TerminationSignal for it), or a watchdog stop."""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    try:
+        from prefect.exceptions import TerminationSignal
+    except ImportError:  # pragma: no cover - prefect is a dependency
+        return False
+    return isinstance(exc, TerminationSignal)
+
+
+def stoppable(command) -> int:  # noqa: ANN001 - a callable taking no argument and returning an exit code
+    """Run `command` so that an interrupt or a lost embedded API ends it within seconds with one line.
+
+    Returns:
+        `command`'s exit code; 130 after an interrupt, 1 when the embedded API was lost.
+    """
+    stop = Stop()
+    progress.reset()
+    try:
+        with _signals(stop), _prefect_api(stop):
+            return command()
+    except BaseException as exc:
+        if not _interruption(exc):
+            raise
+        if stop.signal is None and stop.lost is None:  # Prefect turned our SIGTERM into its own exception
+            stop.signal = "SIGTERM" if not isinstance(exc, KeyboardInterrupt) else "SIGINT"
+            stop.where = progress.where()
+        print(stop.line(), file=sys.stderr, flush=True)
+        _quiet_exit(1 if stop.lost else EXIT_INTERRUPTED)
+    return EXIT_INTERRUPTED  # pragma: no cover - _quiet_exit does not return
+
+
+def _quiet_exit(code: int) -> None:
+    """End the process now: worker threads still scoring a candidate, and Prefect's background services
+    retrying a dead API, would otherwise hold the exit for minutes and print their tracebacks."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,168 @@
+"""Ctrl-C means stop: real signals to the process group of a real `graft run`, at each stage.
+
+Each run is a separate process group, as a terminal makes one; the signal goes to the whole group,
+so the embedded Prefect API gets it too, as it would from a Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests import services
+from tests.conftest import REPO, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+NAME = "graft-interrupts"
+LIMIT_S = 15
+
+
+class GraftRun:
+    """`graft run` on tiny data in its own process group, its output in a file."""
+
+    def __init__(self, work: Path, data: Path, cache: Path, *extra: str) -> None:
+        self.work, self.log = work, work / f"run-{time.monotonic_ns()}.log"
+        overrides = [*tiny_overrides(data, work, cache), f"deploy.model_name={NAME}", "deploy.variants=[int8]",
+                     "train.strategy=fine_tune", "train.epochs=25", "train.patience=25", "data.image_size=32",
+                     "choose.candidates=[efficientnet_lite0, efficientnet_lite1]", "choose.finalists=1", *extra]
+        args = [sys.executable, "-m", "flows.cli", "run", "--params", str(REPO / "params.yaml")]
+        for item in overrides:
+            args += ["--set", item]
+        env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / "prefect")}
+        with open(self.log, "w") as out:
+            self.process = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, marker: str, seconds: float = 300) -> None:
+        deadline = time.monotonic() + seconds
+        while marker not in self.output:
+            assert self.process.poll() is None, f"exited before '{marker}':\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, f"no '{marker}' within {seconds}s:\n{self.output[-3000:]}"
+            time.sleep(0.1)
+
+    def interrupt(self, number: int) -> tuple[int, float]:
+        """Send `number` to the run's process group; (exit code, seconds until it ended)."""
+        started = time.monotonic()
+        os.killpg(self.process.pid, number)
+        try:
+            code = self.process.wait(timeout=120)
+        finally:
+            _reap(self.process)
+        return code, time.monotonic() - started
+
+    def finish(self) -> int:
+        try:
+            return self.process.wait(timeout=900)
+        finally:
+            _reap(self.process)
+
+
+def _reap(process: subprocess.Popen) -> None:
+    """Whatever the test saw, leave no process of the group behind."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _versions(work: Path) -> list:
+    db = work / "mlflow" / "mlflow.db"
+    if not db.is_file():
+        return []
+    uri = f"sqlite:///{db}"
+    return MlflowClient(uri, uri).search_model_versions(f"name = '{NAME}'")
+
+
+def _assert_one_clear_line(run: GraftRun, expected: str) -> None:
+    output = run.output
+    assert "Traceback" not in output and "Error logging to API" not in output, output[-3000:]
+    assert output.rstrip().splitlines()[-1].startswith(expected), output[-1500:]
+
+
+@pytest.fixture
+def work(tmp_path, digits_dir):
+    return tmp_path, digits_dir, tmp_path / "cache"
+
+
+def test_an_interrupt_stops_every_stage_within_seconds_registers_nothing_and_the_rerun_resumes(work):
+    tmp_path, data, cache = work
+    # choose: SIGINT while the candidates are being exported and scored (an empty cache makes that take a while)
+    run = GraftRun(tmp_path, data, cache)
+    run.wait_for("choose, round 1: scoring")
+    code, seconds = run.interrupt(signal.SIGINT)
+    assert code == 130 and seconds < LIMIT_S
+    _assert_one_clear_line(run, "interrupted (SIGINT) during choose; nothing was registered or promoted after it")
+
+    # fine-tune: SIGTERM (what a scheduler or a container runtime sends) once an epoch checkpoint exists
+    run = GraftRun(tmp_path, data, cache)
+    run.wait_for("fine-tune: efficientnet_lite")
+    deadline = time.monotonic() + 300
+    while not list((cache / "resume").glob("*.pt")):
+        assert run.process.poll() is None and time.monotonic() < deadline, run.output[-3000:]
+        time.sleep(0.1)
+    time.sleep(1.0)
+    code, seconds = run.interrupt(signal.SIGTERM)
+    assert code == 130 and seconds < LIMIT_S
+    _assert_one_clear_line(run, "interrupted (SIGTERM) during fine-tune at epoch ")
+    assert "Run the same command to resume from its last epoch checkpoint" in run.output
+
+    # deploy: SIGINT after the export; the rerun resumed training from the checkpoint the interrupt left
+    run = GraftRun(tmp_path, data, cache)
+    run.wait_for("ONNX parity on")
+    code, seconds = run.interrupt(signal.SIGINT)
+    assert code == 130 and seconds < LIMIT_S
+    _assert_one_clear_line(run, "interrupted (SIGINT) during deploy")
+    assert "resumed fine-tune from its epoch-" in run.output
+    assert _versions(tmp_path) == []  # nothing registered by any of the three
+
+    # the same command once more: training is not repeated, the model is registered once and made champion
+    run = GraftRun(tmp_path, data, cache)
+    assert run.finish() == 0, run.output[-3000:]
+    assert "resumed fine-tune from its epoch-" in run.output
+    (version,) = _versions(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    assert client.get_model_version_by_alias(NAME, "champion").version == version.version
+
+    # the UIs tell the truth: each interrupted run is KILLED in MLflow and crashed (not running) in Prefect
+    experiment = client.get_experiment_by_name("graft").experiment_id
+    parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
+    assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED", "KILLED"]
+    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+        states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
+    assert states == ["COMPLETED", "CRASHED", "CRASHED", "CRASHED"]
+
+
+def test_a_lost_embedded_prefect_api_ends_the_run_within_seconds_with_one_line(work):
+    tmp_path, data, cache = work
+    run = GraftRun(tmp_path, data, cache)
+    run.wait_for("fine-tune: efficientnet_lite")
+    listed = subprocess.run(["pgrep", "-f", f"prefect.server.api.server:create_app .*--port {_prefect_port(run)}"],
+                            capture_output=True, text=True).stdout
+    servers = [int(pid) for pid in listed.split()]
+    assert servers, run.output[-2000:]
+    started = time.monotonic()
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    code = run.finish()
+    assert code == 1 and time.monotonic() - started < LIMIT_S
+    _assert_one_clear_line(run, "error: the embedded Prefect API (http://127.0.0.1:")
+    assert "during fine-tune" in run.output.splitlines()[-1]
+    assert _versions(tmp_path) == []
+
+
+def _prefect_port(run: GraftRun) -> str:
+    line = next(line for line in run.output.splitlines() if "Starting temporary server on http://127.0.0.1:" in line)
+    return line.rsplit(":", 1)[1].strip()
