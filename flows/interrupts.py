@@ -17,12 +17,14 @@ A run against a real Prefect server (PREFECT_API_URL) keeps Prefect's own retry 
 from __future__ import annotations
 
 import _thread
+import asyncio
 import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,8 +50,10 @@ class Stop:
         """The one line the user sees."""
         if self.lost:
             when = self.where if self.where.startswith("after ") else f"during {self.where}"
-            return (f"error: {self.lost} {when}; the run stopped there. Run the same command again: "
-                    "finished stages are cached and training resumes from its last epoch checkpoint")
+            return (
+                f"error: {self.lost} {when}; the run stopped there. Run the same command again: "
+                "finished stages are cached and training resumes from its last epoch checkpoint"
+            )
         if self.where.startswith("fine-tune"):
             again = "to resume from its last epoch checkpoint"
         elif self.where.startswith(("evaluate", "deploy", "after fine-tune", "after evaluate")):
@@ -71,7 +75,7 @@ class _DetachedPrefectAPI:
     def start(self) -> str:
         real_popen = subprocess.Popen
 
-        def detached(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - subprocess.Popen's own signature
+        def detached(*args, **kwargs):
             return real_popen(*args, start_new_session=True, **kwargs)
 
         with mock.patch.object(subprocess, "Popen", detached):
@@ -84,6 +88,38 @@ class _DetachedPrefectAPI:
 
     def stop(self) -> None:
         self.server.stop()
+
+    async def gone(self, within: float = 1.0) -> bool:
+        """Whether the server process has exited (or exits within `within` seconds: a refused connection
+        can come a moment before the process is reaped)."""
+        deadline = time.monotonic() + within
+        while True:
+            if self.process is not None and self.process.poll() is not None:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+
+
+@contextmanager
+def _quiet_log_batches(api: _DetachedPrefectAPI) -> Iterator[None]:
+    """Prefect's log sender prints "--- Error logging to API ---" for a batch it could not send: say
+    nothing when that is because the embedded API has exited (the watchdog's one line says so)."""
+    from prefect.logging.handlers import APILogWorker
+
+    send = APILogWorker._handle_batch
+
+    async def handle_batch(worker: APILogWorker, items: list) -> None:
+        if await api.gone(within=0):
+            return
+        try:
+            await worker._client.create_logs(items)
+        except Exception:  # noqa: BLE001 - Prefect's own handling (one retry, then its message) unless the API is gone
+            if not await api.gone():
+                await send(worker, items)
+
+    with mock.patch.object(APILogWorker, "_handle_batch", handle_batch):
+        yield
 
 
 def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event) -> None:
@@ -107,7 +143,13 @@ def _silence_prefect_api_clients() -> None:
         for handler in list(getattr(logger, "handlers", [])):
             if isinstance(handler, APILogHandler):
                 logger.removeHandler(handler)
-    for noisy in ("prefect._internal.concurrency", "prefect.events.clients", "prefect.client", "prefect.flow_runs", "prefect.task_runs"):
+    for noisy in (
+        "prefect._internal.concurrency",
+        "prefect.events.clients",
+        "prefect.client",
+        "prefect.flow_runs",
+        "prefect.task_runs",
+    ):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
 
 
@@ -142,7 +184,10 @@ def _prefect_api(stop: Stop) -> Iterator[None]:
         except Exception as exc:
             if not _lost_api(exc, PREFECT_API_URL.value()):
                 raise
-            stop.lost, stop.where = f"the Prefect API at {PREFECT_API_URL.value()} stopped answering ({exc})", progress.where()
+            stop.lost, stop.where = (
+                f"the Prefect API at {PREFECT_API_URL.value()} stopped answering ({exc})",
+                progress.where(),
+            )
             raise KeyboardInterrupt from exc
         return
     api = _DetachedPrefectAPI()
@@ -152,7 +197,7 @@ def _prefect_api(stop: Stop) -> Iterator[None]:
     watchdog.start()
     try:
         # a local server does not blink: a refused connection means it is gone, so fail at once
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}):
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}), _quiet_log_batches(api):
             try:
                 yield
             except Exception as exc:
@@ -184,7 +229,7 @@ def _drain_prefect_services() -> None:
 def _signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored)."""
 
-    def interrupt(number: int, frame) -> None:  # noqa: ANN001 - a frame object
+    def interrupt(number: int, frame) -> None:
         if stop.signal is None:
             stop.signal, stop.where = signal.Signals(number).name, progress.where()
         raise KeyboardInterrupt
@@ -208,7 +253,7 @@ def _interruption(exc: BaseException) -> bool:
     return isinstance(exc, TerminationSignal)
 
 
-def stoppable(command) -> int:  # noqa: ANN001 - a callable taking no argument and returning an exit code
+def stoppable(command) -> int:
     """Run `command` so that an interrupt or a lost embedded API ends it within seconds with one line.
 
     Returns:

@@ -16,6 +16,11 @@ os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
+# Prefect sets up its logging (a console handler bound to the sys.stderr of that moment, also on the
+# `components` logger) when first imported: import it now, while sys.stderr is pytest's session-long
+# capture, not a test's capsys stream that is closed when the test ends.
+import prefect  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory):

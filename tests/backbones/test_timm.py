@@ -101,7 +101,7 @@ def test_a_timm_backbone_exports_to_onnx_and_onnxruntime_agrees(tmp_path):
 def test_with_image_size_null_each_backbone_is_scored_at_its_own_size(tmp_path, digits_dir, feature_cache_dir):
     _, path = random_file(tmp_path, "test_convnext.r160_in1k")
     overrides = tiny_overrides(digits_dir, tmp_path, feature_cache_dir) + [
-        "data.image_size=null", "choose.baseline=false", "choose.latency_runs=3", "choose.sample_size=12",
+        "data.image_size=null", "choose.baseline=false", "choose.latency_runs=3", "choose.sample_size=12", "choose.finalists=1",
         "choose.candidates=[timm/test_convnext.r160_in1k, efficientnet_lite0]",
         f"choose.weights={{timm/test_convnext.r160_in1k: {path}}}",
     ]

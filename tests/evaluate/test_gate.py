@@ -147,6 +147,8 @@ def test_bootstrap_interval_is_seeded_and_brackets_the_observed_gain():
 @pytest.fixture
 def registry(tiny_params, tmp_path):
     """An empty registry (SQLite in tmp) and a helper that registers a version from a local folder."""
+    from components.core.files import sha256
+    from components.core.lineage import sha256_tag
     from components.registry.tracking import open_tracking_store
 
     uri = open_tracking_store(tiny_params)
@@ -165,7 +167,9 @@ def registry(tiny_params, tmp_path):
             client.get_registered_model(name)
         except Exception:  # noqa: BLE001 - not there yet
             client.create_registered_model(name)
-        return str(client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version)
+        # what Graft's registration records beside the file: the digest that loading checks
+        digest = {sha256_tag("model.onnx"): sha256(folder / "model.onnx")}
+        return str(client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=digest).version)
 
     return client, name, register
 

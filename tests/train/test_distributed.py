@@ -16,7 +16,7 @@ from components.core.errors import TrainingError
 from components.data.folders import scan
 from components.train.collectives import World, shard
 from components.train.launcher import EpochProgress, check_setup, launch_command
-from components.train.stage import fine_tune, load_classifier, resume_key
+from components.train.stage import fine_tune, forget_checkpoints, load_classifier, resume_key
 from tests.train.test_train import accuracy, choice, make_params
 
 
@@ -45,8 +45,12 @@ def test_fine_tune_in_two_processes_learns_logs_every_epoch_and_keeps_one_model(
     assert (job / "outcome.pt").is_file() and (job / "rank1.log").is_file() and (job / "torchrun.log").is_file()
     assert not (job / "error.json").exists()
     assert "backbone_state" in load_classifier(result.checkpoint_path)[1]
-    # process 0 wrote an epoch checkpoint per epoch; after success the parent cleared them
+    # process 0 wrote an epoch checkpoint per epoch, the last one marked finished (kept until registration)
     key = resume_key(params, split, get_spec(result.backbone), result.image_size)
+    assert key == result.resume_key
+    kept = list((feature_cache_dir / "resume").glob(f"{key}-*"))
+    assert kept and all(torch.load(p, weights_only=False)["finished"] for p in kept)
+    forget_checkpoints(params, result)
     assert not list((feature_cache_dir / "resume").glob(f"{key}-*"))
 
 

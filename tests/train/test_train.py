@@ -22,7 +22,7 @@ from components.data.folders import scan
 from components.evaluate.stage import evaluate
 from components.train.loop import batch_indices, class_weights
 from components.train.network import Precision, resolve_precision
-from components.train.stage import fine_tune, load_classifier, predict_logits
+from components.train.stage import fine_tune, forget_checkpoints, load_classifier, predict_logits
 from components.train.strategies import feature_standardisation, fold_standardisation, train_head
 from tests.conftest import REPO, tiny_overrides
 
@@ -234,6 +234,7 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
     split = scan(digits_dir)
     reference = fine_tune(params, split, choice(), tmp_path / "reference")
     assert reference.epochs_run > kill_at
+    forget_checkpoints(params, reference)  # as the flow does once the model is registered
 
     def die(row: dict, step: int) -> None:
         if step == kill_at:
@@ -254,7 +255,14 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
     for name, tensor in expected.items():
         assert torch.equal(actual[name], tensor), name
     assert [r["val/loss"] for r in resumed.history] == [r["val/loss"] for r in reference.history]
-    assert not list((params.data.cache_dir / "resume").glob("*.pt")), "a finished run leaves no resume state"
+    # the finished state stays until the model is registered (a stop in a later stage must not retrain) ...
+    kept = list((params.data.cache_dir / "resume").glob(f"{resumed.resume_key}-*"))
+    assert kept and all(torch.load(p, weights_only=False)["finished"] for p in kept)
+    again = fine_tune(params, split, choice(), tmp_path / "again")
+    assert again.resumed_from_epoch == reference.epochs_run and again.epochs_run == reference.epochs_run
+    # ... and then it is forgotten
+    forget_checkpoints(params, resumed)
+    assert not list((params.data.cache_dir / "resume").glob(f"{resumed.resume_key}-*"))
 
 
 _SIGKILL_CHILD = """
@@ -287,6 +295,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(digits_dir, 
     params = make_params(digits_dir, tmp_path, feature_cache_dir, *overrides)
     split = scan(digits_dir)
     reference = fine_tune(params, split, choice(), tmp_path / "reference")
+    forget_checkpoints(params, reference)
     killed = subprocess.run(
         [sys.executable, "-c", _SIGKILL_CHILD, str(digits_dir), str(tmp_path), str(feature_cache_dir), "2", *overrides],
         cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=600,
@@ -302,6 +311,7 @@ def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(digits_dir, 
     for name, tensor in expected.items():
         assert torch.allclose(actual[name].float(), tensor.float(), rtol=1e-4, atol=1e-5), name
     assert resumed.best_val_loss == pytest.approx(reference.best_val_loss, rel=1e-3)
+    forget_checkpoints(params, resumed)
 
 
 def test_other_inputs_do_not_resume(digits_dir, feature_cache_dir, tmp_path):
@@ -350,10 +360,11 @@ def test_divergence_names_the_epoch_and_suggests_a_lower_lr(tiny_params):
 
 def test_a_diverging_fine_tune_saves_nothing(digits_dir, feature_cache_dir, tmp_path):
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.lr=1e30", "train.epochs=5")
+    before = set((params.data.cache_dir / "resume").glob("*.pt"))
     with pytest.raises(TrainingError, match=r"diverged at epoch 1 .*--set train.lr="):
         fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
     assert not (tmp_path / "run" / "model.pt").exists()
-    assert not list((params.data.cache_dir / "resume").glob("*.pt"))
+    assert set((params.data.cache_dir / "resume").glob("*.pt")) == before, "a diverged run left resume state"
 
 
 def test_balancing_smoothing_and_clipping_still_learn(digits_dir, feature_cache_dir, tmp_path):
