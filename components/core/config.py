@@ -150,6 +150,11 @@ class TrainConfig(_Section):
     would overwrite what the model learned); scratch always updates them."""
     warmup_epochs: int = Field(1, ge=0)
     """Linear warm-up before the cosine decay, for the strategies that train the backbone."""
+    cache_trunk: bool = True
+    """fine_tune/two_stage: run the frozen blocks once per image and cache their output (under data.cache_dir,
+    keyed like the features), so each epoch runs only the unfrozen blocks and the head; the same model to float
+    precision. Training runs through the whole backbone instead where the frozen part is not a fixed function
+    (augmentation on, unfreeze: all) or the architecture cannot be cut (the log says which path ran)."""
     augment: bool = False
     """Random crops/rotations/colour jitter (torchvision.transforms.v2) on training images; this bypasses
     the feature cache, since every epoch then sees different pixels."""
