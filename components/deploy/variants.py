@@ -53,8 +53,13 @@ and at `SPEED_BATCH` (5% above parity: a variant that only ties fp32 would flip 
 SPEED_BATCH = 32
 
 
-SPEED_ROUNDS = 3
-"""Interleaved rounds of timing (fp32, variant, fp32, variant, ...); each speed-up is the median."""
+SPEED_ROUNDS = 5
+"""Rounds of back-to-back timing (fp32 then the variant); each speed-up is the median of the rounds' ratios."""
+
+
+SPEED_THREADS = 1
+"""onnxruntime threads while timing: one thread's kernel speed-up is what a variant buys, and it survives a
+busy machine, where several threads spinning for the same cores make any single figure several times off."""
 
 
 CPU_VARIANTS = ("optimized", "int8")
@@ -63,26 +68,22 @@ CPU_VARIANTS = ("optimized", "int8")
 
 @dataclass(frozen=True)
 class Speed:
-    """A variant's time against fp32's on this machine (medians over `SPEED_ROUNDS` interleaved rounds)."""
+    """A variant's time against fp32's on this machine, one onnxruntime thread (medians over `SPEED_ROUNDS` rounds)."""
 
     batch1_ms: float
     fp32_batch1_ms: float
     batch_images_per_s: float
     fp32_batch_images_per_s: float
+    speedup_batch1: float
+    speedup_batch: float
+    """At `SPEED_BATCH`."""
     provider: str
     cpu: str
 
-    @property
-    def speedup_batch1(self) -> float:
-        return self.fp32_batch1_ms / self.batch1_ms
-
-    @property
-    def speedup_batch(self) -> float:
-        return self.batch_images_per_s / self.fp32_batch_images_per_s
-
     def text(self) -> str:
         return (f"{self.speedup_batch1:.2f}x fp32 at batch 1 ({self.batch1_ms:.2f} vs {self.fp32_batch1_ms:.2f} ms), "
-                f"{self.speedup_batch:.2f}x at batch {SPEED_BATCH} ({self.batch_images_per_s:.0f} vs {self.fp32_batch_images_per_s:.0f} images/s)")
+                f"{self.speedup_batch:.2f}x at batch {SPEED_BATCH} ({self.batch_images_per_s:.0f} vs {self.fp32_batch_images_per_s:.0f} "
+                f"images/s), {SPEED_THREADS} thread")
 
 
 @dataclass(frozen=True)
@@ -108,8 +109,6 @@ class VariantResult:
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["path"] = str(self.path)
-        if self.speed is not None:
-            data["speed"].update(speedup_batch1=round(self.speed.speedup_batch1, 3), speedup_batch=round(self.speed.speedup_batch, 3))
         return data
 
 
@@ -204,34 +203,47 @@ def build_int8(source: Path, target: Path, calibration_images: np.ndarray) -> Pa
     return target
 
 
-def _median_seconds(call: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def _seconds(run: Callable[[], object], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - started) / calls
+
+
+def _session(path: Path, providers: list[str]):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = SPEED_THREADS
+    return ort.InferenceSession(str(path), options, providers=providers)
 
 
 def time_against_fp32(fp32_path: Path, path: Path, images: np.ndarray, providers: list[str]) -> Speed:
-    """Median time at batch 1 and `SPEED_BATCH` of `path` and of fp32, interleaved so both see the same machine load."""
-    sessions = [OnnxClassifier(p, providers, io_binding=False) for p in (fp32_path, path)]
+    """Times of `path` and of fp32 at batch 1 and `SPEED_BATCH`, in back-to-back pairs so both see the same load.
+
+    Each round times fp32 then the variant; the speed-ups are the medians of the rounds' ratios, and the
+    times the medians of the rounds' times.
+    """
+    sessions = [_session(p, providers) for p in (fp32_path, path)]
+    name = sessions[0].get_inputs()[0].name
     one = images[:1]
-    batch = np.resize(images, (SPEED_BATCH, *images.shape[1:])) if len(images) else images
-    rounds: list[tuple[float, ...]] = []
+    batch = np.resize(images, (SPEED_BATCH, *images.shape[1:]))
+    runs = {id(one): 10, id(batch): 2}
     for session in sessions:  # warm-up: first runs allocate
-        session.predict_proba(one)
-        session.predict_proba(batch)
-    for _ in range(SPEED_ROUNDS):
-        rounds.append(tuple(
-            _median_seconds(lambda s=session, x=x: s.predict_proba(x), runs)
-            for x, runs in ((one, 20), (batch, 3)) for session in sessions
-        ))
+        session.run(None, {name: one})
+        session.run(None, {name: batch})
+    rounds = [
+        tuple(_seconds(lambda s=session, x=x: s.run(None, {name: x}), runs[id(x)]) for x in (one, batch) for session in sessions)
+        for _ in range(SPEED_ROUNDS)
+    ]
     fp32_one, variant_one, fp32_batch, variant_batch = (statistics.median(r[i] for r in rounds) for i in range(4))
     return Speed(
         batch1_ms=variant_one * 1000, fp32_batch1_ms=fp32_one * 1000,
-        batch_images_per_s=len(batch) / variant_batch, fp32_batch_images_per_s=len(batch) / fp32_batch,
-        provider=sessions[1].provider, cpu=cpu_facts().describe(),
+        batch_images_per_s=SPEED_BATCH / variant_batch, fp32_batch_images_per_s=SPEED_BATCH / fp32_batch,
+        speedup_batch1=statistics.median(r[0] / r[1] for r in rounds),
+        speedup_batch=statistics.median(r[2] / r[3] for r in rounds),
+        provider=sessions[1].get_providers()[0], cpu=cpu_facts().describe(),
     )
 
 
