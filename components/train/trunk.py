@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -100,7 +101,11 @@ class TrunkCache:
         self.hits += len(paths) - sum(1 for m in md5s if m not in position)
         self.misses += len(todo)
         if todo:
+            log.info("running the %d frozen blocks of %s over %d images (once; cached in %s)", trunk.frozen_blocks, self.spec.name, len(todo), self.rows_path.parent)
+            started = time.perf_counter()
             fresh = _run_trunk(trunk, preprocess, [p for _, p in todo], self.image_size, batch_size, f"{self.spec.name} frozen blocks")
+            seconds = time.perf_counter() - started
+            log.info("frozen blocks: %d images in %.1f s (%.0f images/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
             known = known + [m for m, _ in todo]
             self._append(rows, known, fresh)
             known, rows = self._read()

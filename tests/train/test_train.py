@@ -117,6 +117,19 @@ def test_network_strategies_beat_chance(digits_dir, feature_cache_dir, tmp_path,
     assert any(not torch.equal(tensor, initial[name]) for name, tensor in backbone_state(result).items())
 
 
+def test_every_epoch_is_one_log_line_with_its_loss_accuracy_time_and_speed(digits_dir, feature_cache_dir, tmp_path, caplog):
+    """tqdm is off where output is not a terminal; the log still shows each epoch (in files and Prefect's log too)."""
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=2")
+    with caplog.at_level(logging.INFO, logger="components"):
+        result = fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    lines = [m for m in caplog.messages if m.startswith("fine-tune: epoch ")]
+    assert len(lines) == result.epochs_run == 2
+    row = result.history[-1]
+    assert lines[-1].startswith(f"fine-tune: epoch 2 of 2, train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}, "
+                                f"val accuracy {row['val/accuracy']:.3f}, ")
+    assert lines[-1].endswith(f"{row['time/epoch_seconds']:.1f} s, {row['train/images_per_second']:.0f} images/s")
+
+
 def test_predict_logits_through_a_trained_backbone_match_the_deployable_model(digits_dir, feature_cache_dir, tmp_path):
     from components.data.images import load_batch
 
