@@ -123,8 +123,8 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     cfg = params.train
     spec = training_spec(cfg.strategy, choice.chosen)
     size = choice.image_size
-    precision = resolve_precision(cfg)
-    log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, precision.describe())
+    device = resolve_precision(cfg).device
+    log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, device)
     store = ResumeStore(params.data.cache_dir / "resume", resume_key(params, split, spec, size), cfg.resume, params.model_dump(mode="json"))
     outcome = _train(params, split, spec, size, store, run_dir, on_epoch)
     content: dict[str, object] = {

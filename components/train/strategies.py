@@ -54,7 +54,7 @@ from components.train.loop import (
     seed_everything,
     warn_if_imbalanced,
 )
-from components.train.network import NetworkSetup, build_model, labels_of, load_images, resolve_precision, train_network
+from components.train.network import NetworkSetup, build_model, labels_of, load_images, train_network
 from components.train.trunk import training_data
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ def _augmented_extraction(params: Params, split: Split, spec: BackboneSpec, size
     model.backbone.requires_grad_(False)
     seed_everything(cfg.seed)
     setup = NetworkSetup("head (frozen backbone)", None, cfg.lr, 0.0, True, schedule=False)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
+    result = train_network(model, data, params, setup, store, on_epoch)
     return _outcome(model, result, None)
 
 
@@ -225,7 +225,7 @@ def _fine_tune(params: Params, split: Split, spec: BackboneSpec, size: int, stor
     data = training_data(params, split, spec, size, model, trainable)
     seed_everything(cfg.seed)
     setup = NetworkSetup("fine-tune", trainable, cfg.lr, cfg.lr * cfg.backbone_lr_ratio, cfg.freeze_bn, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
+    result = train_network(model, data, params, setup, store, on_epoch)
     return _outcome(model, result, trainable)
 
 
@@ -241,7 +241,7 @@ def _two_stage(params: Params, split: Split, spec: BackboneSpec, size: int, stor
     low = cfg.lr * cfg.backbone_lr_ratio
     log.info("two_stage, stage 2: %s backbone blocks unfrozen, every trainable layer at lr %g", cfg.unfreeze, low)
     setup = NetworkSetup("stage 2 (unfrozen)", trainable, low, low, cfg.freeze_bn, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch, step_offset=len(first.fit.history))
+    result = train_network(model, data, params, setup, store, on_epoch, step_offset=len(first.fit.history))
     outcome = _outcome(model, result, trainable, previous=first.fit)
     if result.best_val_loss >= first.fit.best_val_loss:
         # early stopping's promise holds across both stages: the best weights seen are the ones kept
@@ -263,7 +263,7 @@ def _scratch(params: Params, split: Split, spec: BackboneSpec, size: int, store:
     seed_everything(cfg.seed)
     # random BatchNorm statistics mean nothing: they must be learned
     setup = NetworkSetup("scratch", trainable, cfg.lr, cfg.lr, freeze_bn=False, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
+    result = train_network(model, data, params, setup, store, on_epoch)
     return _outcome(model, result, trainable)
 
 

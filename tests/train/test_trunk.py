@@ -41,7 +41,8 @@ def test_the_cached_trunk_trains_the_model_the_whole_backbone_trains(digits_dir,
     results = {}
     for cached in (True, False):
         params = make_params(digits_dir, tmp_path / str(cached), tmp_path / f"cache-{cached}", f"train.strategy={strategy}",
-                             "train.epochs=3", "train.patience=50", "train.resume=false", f"train.cache_trunk={str(cached).lower()}", *extra)
+                             "train.epochs=3", "train.patience=50", "train.resume=false", f"train.cache_trunk={str(cached).lower()}",
+                             "train.mixed_precision=false", *extra)  # float32 on both paths: the cache is what is compared
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="components"):
             results[cached] = fine_tune(params, split, choice(), tmp_path / f"run-{cached}")
@@ -62,6 +63,25 @@ def test_the_cached_trunk_trains_the_model_the_whole_backbone_trains(digits_dir,
     images = torch.from_numpy(load_batch([s.path for s in split.val + split.test], SIZE))
     with torch.no_grad():
         torch.testing.assert_close(actual(images), expected(images), rtol=0, atol=1e-3)
+
+
+@pytest.mark.skipif(not __import__("components.runtime.cpu", fromlist=["cpu_facts"]).cpu_facts().bf16, reason="no native bfloat16 on this CPU")
+def test_bfloat16_on_the_cached_trunk_changes_the_losses_by_rounding_only(digits_dir, tmp_path, caplog):
+    """`train.mixed_precision: auto` on a CPU with native bfloat16: the tail runs under bfloat16 autocast (the log
+    says so), and every epoch's losses stay within bfloat16's rounding of float32's."""
+    split = scan(digits_dir)
+    runs = {}
+    for precision in ("auto", "false"):
+        params = make_params(digits_dir, tmp_path / precision, tmp_path / "cache", "train.strategy=fine_tune", "train.epochs=3",
+                             "train.patience=50", "train.resume=false", f"train.mixed_precision={precision}")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="components"):
+            runs[precision] = fine_tune(params, split, choice(), tmp_path / f"run-{precision}")
+        assert ("on cpu, bfloat16 autocast" in caplog.text) == (precision == "auto"), caplog.text
+    for a, b in zip(runs["auto"].history, runs["false"].history, strict=True):
+        for key in ("train/loss", "val/loss"):
+            assert a[key] == pytest.approx(b[key], rel=3e-2), key
+        assert abs(a["val/accuracy"] - b["val/accuracy"]) <= 1 / len(split.val) + 1e-9
 
 
 @pytest.mark.parametrize(
