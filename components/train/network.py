@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -38,7 +39,6 @@ from components.core.errors import TrainingError
 from components.data.images import load_batch
 from components.data.split import Sample, Split
 from components.runtime.cpu import cpu_facts
-from components.train.augment import Augmenter
 from components.train.collectives import World, all_sum, broadcast_buffers, shard, world
 from components.train.loop import (
     FitResult,
@@ -51,6 +51,9 @@ from components.train.loop import (
     optimizer_step,
     warmup_cosine,
 )
+
+if TYPE_CHECKING:
+    from components.train.augment import Augmenter
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +341,8 @@ def train_network(
     precision = resolve_precision(cfg, cached_trunk=data.trunk is not None)
     augmenter = None
     if cfg.augment and data.trunk is None:
+        from components.train.augment import Augmenter  # torchvision's transforms take seconds to import: only when used
+
         augmenter = Augmenter(cfg, data.train.shape[1])
         log.info("augmentation: %s", augmenter.describe())
     model.to(precision.device)
