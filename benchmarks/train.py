@@ -124,31 +124,33 @@ PATHS = {
 
 
 def step_flops(params: Params, split: Split, size: int, cached: bool) -> float:
-    """FLOPs of one training step per image (forward and backward, torch's FLOP counter) on one batch."""
+    """FLOPs of one training step per image: the forward pass that runs (torch's FLOP counter) plus a backward
+    pass of twice the forward of the blocks that train (the counter overcounts depthwise convolutions' backward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from components.backbones.unfreeze import select_trainable, set_train_mode
+    from components.backbones.unfreeze import select_trainable
     from components.backbones.zoo import get_spec
-    from components.train.network import build_model, load_images
+    from components.train.network import build_model
     from components.train.trunk import trunk_split
 
-    spec = get_spec(BACKBONE)
-    model = build_model(spec, size, len(split.classes), params.train.seed)
-    trainable = select_trainable(model.backbone, params.train.unfreeze)
-    batch = split.train[: params.train.batch_size]
-    images = load_images(dataclasses.replace(split, train=batch, val=batch[:2]), size).train
-    set_train_mode(model.backbone, trainable, params.train.freeze_bn)
+    model = build_model(get_spec(BACKBONE), size, len(split.classes), params.train.seed).eval()
+    cut = trunk_split(model, select_trainable(model.backbone, params.train.unfreeze), size)
+    images = torch.zeros((1, 3, size, size))
+
+    def forward_flops(module: torch.nn.Module, x: torch.Tensor) -> int:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            module(x)
+        return counter.get_total_flops()
+
     with torch.no_grad():
-        rows = trunk_split(model, trainable, size).trunk(model.preprocess(images)) if cached else None
-    cut = trunk_split(model, trainable, size) if cached else None
-    counter = FlopCounterMode(display=False)
-    with counter:
-        features = cut.tail(rows) if cached else model.backbone(model.preprocess(images))
-        model.head(features).logsumexp(1).mean().backward()
-    return counter.get_total_flops() / len(batch)
+        rows = cut.trunk(images)
+    tail = forward_flops(cut.tail, rows) + forward_flops(model.head, torch.zeros(1, model.head.in_features))
+    forward = tail if cached else forward_flops(model.backbone, images) + forward_flops(model.head, torch.zeros(1, model.head.in_features))
+    return forward + 2 * tail
 
 
-def trunk_benchmark(data_dir: Path, work: Path, verdict: Verdict, epochs: int) -> dict:
+def trunk_benchmark(data_dir: Path, work: Path, verdict: Verdict, epochs: int, early_stop_epochs: int) -> dict:
     """fine_tune and two_stage epochs through the whole backbone, on the cached trunk, and with the defaults."""
     base = params_for(data_dir, work, "train.patience=1000", "train.resume=false", f"train.epochs={epochs}")
     size = base.data.image_size
@@ -192,15 +194,15 @@ def trunk_benchmark(data_dir: Path, work: Path, verdict: Verdict, epochs: int) -
         "cached trunk, float32": round(flops["cached trunk"] * fine["cached trunk, float32"]["images_per_second"] / 1e9, 1),
         "cached trunk, defaults": round(flops["cached trunk"] * fine["cached trunk, defaults"]["images_per_second"] / 1e9, 1),
     }
-    out["to_early_stop"] = early_stop_runs(base, split, size, work, verdict)
+    out["to_early_stop"] = early_stop_runs(base, split, size, work, verdict, early_stop_epochs)
     return out
 
 
-def early_stop_runs(base: Params, split: Split, size: int, work: Path, verdict: Verdict) -> dict:
+def early_stop_runs(base: Params, split: Split, size: int, work: Path, verdict: Verdict, epochs: int) -> dict:
     """fine_tune with the defaults and in float32, each to its early stop: same epochs, same test accuracy?"""
     out = {}
     for label, changes in (("defaults", {}), ("float32", {"mixed_precision": False})):
-        params = with_train(base, strategy="fine_tune", epochs=load_params(ROOT / "params.yaml").train.epochs, **changes)
+        params = with_train(base, strategy="fine_tune", epochs=epochs, patience=load_params(ROOT / "params.yaml").train.patience, **changes)
         with Watch() as watch:
             result = fine_tune(params, split, choice(size), work / f"early-{label}")
         verdict.saw(f"fine_tune to early stop, {label}", watch)
@@ -368,7 +370,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         demo = write_digits(work / "demo", per_class=30) if args.quick else ROOT / "data"
-        trunk = trunk_benchmark(demo, work / "trunk", verdict, 1 if args.quick else args.epochs)
+        trunk = trunk_benchmark(demo, work / "trunk", verdict, 1 if args.quick else args.epochs,
+                                3 if args.quick else load_params(ROOT / "params.yaml").train.epochs)
         cache = cache_benchmark(demo, work / "cache-bench", verdict, uncached_epochs=1 if args.quick else 2)
         transfer, settings = previous.get("transfer"), previous.get("transfer_settings") or previous.get("settings", {}).get("transfer")
         if args.transfer:
