@@ -341,7 +341,8 @@ def main() -> int:
             result["soak"] = soak(graft, server.pid, args.soak, verdict) if args.soak else None
         finally:
             stop(server)
-        mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}"}
+        # MLflow starts `uvicorn` by name: this environment's bin folder goes first on PATH
+        mlflow_env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow' / 'mlflow.db'}", "PATH": f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"}
         server = start([str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
                         "-h", "127.0.0.1", "-p", str(args.port)], mlflow_env, work, work / "mlflow-serve.log", f"{url}/ping")
         try:
@@ -349,7 +350,8 @@ def main() -> int:
             arrays = load_batch([path for path, _ in pairs], SIZE)
             bodies = [({"content": json.dumps({"inputs": array[None].tolist()}), "headers": {"Content-Type": "application/json"}}, truth)
                       for array, (_, truth) in zip(arrays, pairs, strict=True)]
-            mlflow = Client(url, "/invocations", bodies, lambda body: classes[int(np.argmax(body["predictions"][0]))])
+            # the ONNX flavour answers {"predictions": {"<output name>": [[...]]}}
+            mlflow = Client(url, "/invocations", bodies, lambda body: classes[int(np.argmax(next(iter(body["predictions"].values()))[0]))])
             result["mlflow"] = levels(mlflow, descendants(server.pid), args.concurrency, args.seconds, verdict, "mlflow models serve")
         finally:
             stop(server)

@@ -5,14 +5,16 @@ the convolutions), QDQ format, per-channel symmetric int8 weights, MinMax activa
 `deploy.calibration_images` training images. Measured on the demo model (EfficientNet-Lite0 at
 112 px, digits, AMD EPYC with AVX-512 VNNI; `benchmarks/deploy.py`):
 
-- **Signed int8 activations (S8S8), onnxruntime's first suggestion, ran slower than fp32 here**
-  (0.8x at batch 1): its x86 kernels are built for uint8 activations. uint8 activations x int8
-  weights (U8S8) ran about 2x fp32, and with VNNI their 32-bit sums do not saturate.
+- **Signed int8 activations (S8S8), onnxruntime's first suggestion, ran barely faster than fp32
+  here** (1.1x at batch 1; 0.8x with every convolution quantised): its x86 kernels are built for
+  uint8 activations. uint8 activations x int8 weights (U8S8) ran about 2.3x fp32, and with VNNI
+  their 32-bit sums do not saturate.
 - **The loss was not the kernels.** The same QDQ graph evaluated in float (graph optimisation off,
-  no integer kernels) lost as much as the fused kernels (-4.7 points on the test split), and 8-bit
-  weights alone, activations left in float, lost 3.3. qdq_loss_debug shows no single lossy layer:
-  the signal-to-quantisation-noise ratio falls block by block, from 30 dB after the stem to 12 dB
-  at the pooled features.
+  no integer kernels) lost as much as the fused kernels (about 5 points on the test split with every
+  convolution quantised), uint8 and int8 activations lost the same, and 8-bit weights alone,
+  activations left in float, lost 3.3. qdq_loss_debug shows no single lossy layer: the
+  signal-to-quantisation-noise ratio falls block by block, from 21 dB after the first block to
+  12 dB at the pooled features.
 - **The cause is the rounding of the weights acting as a bias.** These images are 8x8 scans
   magnified 14 times: nearly every 3x3 window a filter sees is flat, and on a flat window a
   filter's output is (the sum of its weights) x (the pixel). The rounding errors of a channel's
@@ -21,11 +23,11 @@ the convolutions), QDQ format, per-channel symmetric int8 weights, MinMax activa
   convolution's bias by the shift its rounded weights cause on the calibration images' mean
   input (bias correction, Nagel et al. 2019, "Data-Free Quantization Through Weight
   Equalization and Bias Correction", section 4.2, with empirical means) took weight-only
-  quantisation from -3.3 to -0.4 points, and the full model from -4.7 to about -1.
-- **The stem and the first block stay fp32** (`INT8_FLOAT_LEADING_CONVS`): quantising them cost
-  about 0.7 more points, and they do not run faster in int8 (a 3-channel input gives the integer
-  GEMM too little to do); the stem-first model was slower than this one. The head (the last
-  Gemm) stays fp32 too: 10 x 1280 weights, nothing to win, and the logits keep their resolution.
+  quantisation from -3.3 to -0.4 points, and every convolution quantised from -5.4 to -1.1.
+- **The stem and the first block stay fp32** (`INT8_FLOAT_LEADING_CONVS`): quantising them too cost
+  1.1 points, and made the model slower, not faster (1.9x fp32 at batch 1 against 2.3x: a
+  3-channel input gives the integer GEMM too little to do). The head (the last Gemm) stays fp32
+  too: 10 x 1280 weights, nothing to win, and the logits keep their resolution.
 
 Weights use all 8 bits where the building CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX) and 7
 (`reduce_range`) where it does not, because there onnxruntime's kernels add pairs of uint8 x int8
