@@ -107,6 +107,7 @@ def timeline(events: list[list], wall: float) -> dict[str, object]:
 def graft_run(work: Path, data: Path, strategy: str, label: str, verdict: Verdict) -> dict:
     """One `graft run` in its own process, with its timeline."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    (work / "prefect").mkdir(parents=True, exist_ok=True)
     env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(REPO))
     events_path, summary = work / f"{label}.events.json", work / f"{label}.summary.json"
     cmd = [sys.executable, "-c", TIMELINE, str(events_path), "run", "--summary", str(summary),
