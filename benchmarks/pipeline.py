@@ -1,11 +1,23 @@
-"""Foundation budgets: how long `make run` and `make test` take on this machine.
+"""Whole runs: what `graft run` costs end to end, where its fixed costs go, and the foundation budgets.
 
-    .venv/bin/python benchmarks/pipeline.py                 # the flow on the demo data (warm .venv)
+    .venv/bin/python benchmarks/pipeline.py                 # strategies and start-up on a few hundred images
+    .venv/bin/python benchmarks/pipeline.py --budgets       # + the flow on the demo data, warm and cold cache
     .venv/bin/python benchmarks/pipeline.py --fresh-clone   # + clone, `make run` and `make test` from nothing
 
-Budgets (issue 2): `make run` from a fresh clone <= 15 min including the install,
-the flow itself <= 5 min, `make test` on a warm .venv <= 15 min. Results go to
-benchmarks/results/pipeline.json (merged with earlier measurements).
+1. Strategies (issue 17): `graft run` on 600 demo digits (about 420 training images, 112 px, the
+   three-way split) with `train.strategy=feature_extraction` and with `fine_tune`, each twice: cold
+   (new caches, store and Prefect home: new images on this machine) and warm (the same again: a
+   rerun). Each run is one `graft run` process, timed from outside, with a timeline from inside:
+   imports, the embedded Prefect API, every stage and every deploy step (`components.core.progress`
+   marks them; the benchmark only listens). Goals: a cold feature_extraction run under 20 s; a cold
+   fine_tune run at most 1.7x the cold feature_extraction run.
+2. Start-up: `python -X importtime` of the flow's modules (the heaviest named), and the embedded
+   Prefect API's start alone.
+3. Budgets (issue 2, `--budgets`, `--fresh-clone`): `make run` from a fresh clone <= 15 min including
+   the install, the flow itself <= 5 min, `make test` on a warm .venv <= 15 min.
+
+Timings are written only when the machine was quiet before and during the runs (`benchmarks/machine.py`),
+unless --force. Results go to benchmarks/results/pipeline.json (merged with earlier measurements).
 """
 
 from __future__ import annotations
@@ -13,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -22,8 +33,37 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from a checkout
+
+from benchmarks.machine import Verdict, Watch, state  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
 BUDGETS_S = {"flow": 300, "make_run_fresh": 900, "make_test_warm": 900}
+GOALS = {"feature_extraction_cold_s": 20.0, "fine_tune_over_feature_extraction": 1.7}
+PER_CLASS = 60
+
+# Runs `graft run` in this process with a stopwatch on the progress marks the flow already makes.
+TIMELINE = r"""
+import json, sys, time
+t0 = time.perf_counter()
+from components.core import progress
+events = []
+for fn in ("enter_stage", "leave_stage", "note"):
+    original = getattr(progress, fn)
+    def marked(step, original=original, fn=fn):
+        events.append([round(time.perf_counter() - t0, 3), fn, step])
+        return original(step)
+    setattr(progress, fn, marked)
+import flows.training  # noqa: F401 - the flow's modules, as `graft run` imports them
+events.append([round(time.perf_counter() - t0, 3), "imported", "flows.training"])
+from flows.cli import main
+try:
+    code = main(sys.argv[2:])
+finally:
+    events.append([round(time.perf_counter() - t0, 3), "exit", ""])
+    open(sys.argv[1], "w").write(json.dumps(events))
+sys.exit(code)
+"""
 
 
 def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float:
@@ -34,6 +74,103 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> float
     if result.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed after {seconds:.0f}s:\n{result.stderr[-3000:]}")
     return seconds
+
+
+def timeline(events: list[list], wall: float) -> dict[str, object]:
+    """Seconds of each part of a run: interpreter, imports, Prefect API and flow start, stages, deploy steps, the end."""
+    marks = {(kind, name): at for at, kind, name in events}
+    imported = marks[("imported", "flows.training")]
+    first = next(at for at, kind, _ in events if kind == "enter_stage")
+    stages, steps, current = {}, {}, None
+    for (at, kind, name), (after, _, _) in zip(events, events[1:], strict=False):
+        if kind == "enter_stage":
+            current = name
+        if current == "deploy" and kind in ("enter_stage", "note"):
+            steps[name if kind == "note" else "start"] = round(after - at, 2)
+        if kind == "enter_stage":
+            stages[name] = round(marks.get(("leave_stage", name), at) - at, 2)
+    last_leave = max(at for at, kind, _ in events if kind == "leave_stage")
+    in_process = marks[("exit", "")]
+    return {
+        "wall_s": round(wall, 2),
+        "interpreter_s": round(wall - in_process, 2),
+        "imports_s": round(imported, 2),
+        "prefect_api_and_flow_start_s": round(first - imported, 2),
+        "stages_s": stages,
+        "between_stages_s": round(last_leave - first - sum(stages.values()), 2),
+        "after_last_stage_s": round(in_process - last_leave, 2),
+        "outside_stages_s": round(wall - sum(stages.values()), 2),
+        "deploy_steps_s": steps,
+    }
+
+
+def graft_run(work: Path, data: Path, strategy: str, label: str, verdict: Verdict) -> dict:
+    """One `graft run` in its own process, with its timeline."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    (work / "prefect").mkdir(parents=True, exist_ok=True)
+    env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(REPO))
+    events_path, summary = work / f"{label}.events.json", work / f"{label}.summary.json"
+    cmd = [sys.executable, "-c", TIMELINE, str(events_path), "run", "--summary", str(summary),
+           "--set", f"data.dir={data}", "--set", f"data.cache_dir={work / 'cache'}", "--set", f"train.strategy={strategy}",
+           "--set", f"tracking.store_dir={work / 'mlflow'}", "--set", f"deploy.output_dir={work / 'outputs'}"]
+    with Watch() as watch:
+        wall = timed(cmd, REPO, env)
+    verdict.saw(label, watch)
+    content = json.loads(summary.read_text())
+    out = timeline(json.loads(events_path.read_text()), wall)
+    out.update(chosen=content["chosen"], test_accuracy=content.get("test", {}).get("accuracy"), stage_seconds=content["timings"],
+               others_cores=watch.others_cores)
+    print(label, json.dumps(out), flush=True)
+    return out
+
+
+def strategies(verdict: Verdict) -> dict:
+    from components.data.demo import write_digits
+
+    out: dict[str, object] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = write_digits(Path(tmp) / "digits", per_class=PER_CLASS)
+        for strategy in ("feature_extraction", "fine_tune"):
+            work = Path(tmp) / strategy
+            for label in ("cold", "warm"):
+                out[f"{strategy}_{label}"] = graft_run(work, data, strategy, f"{strategy}_{label}", verdict)
+    fe, ft = out["feature_extraction_cold"]["wall_s"], out["fine_tune_cold"]["wall_s"]
+    out["fine_tune_over_feature_extraction"] = round(ft / fe, 2)
+    out["goals"] = {
+        "feature_extraction_cold_under_20_s": fe <= GOALS["feature_extraction_cold_s"],
+        "fine_tune_at_most_1_7x": ft / fe <= GOALS["fine_tune_over_feature_extraction"],
+    }
+    out["images"] = f"{PER_CLASS * 10} demo digits (write_digits(per_class={PER_CLASS})), params.yaml's three-way split, 112 px"
+    return out
+
+
+def import_times() -> dict:
+    """`python -X importtime -c 'import flows.training'` in a fresh interpreter: the total and the heaviest packages."""
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import flows.training"], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, check=True)
+    rows = []
+    for line in result.stderr.splitlines():
+        if line.startswith("import time:") and "self [us]" not in line:
+            _, cumulative, name = line[len("import time:"):].split("|")
+            rows.append((len(name) - len(name.lstrip(" ")), int(cumulative), name.strip()))
+    top = max(cumulative for depth, cumulative, name in rows if name == "flows.training")
+    wanted = ("torch", "prefect", "mlflow", "onnx", "onnxruntime", "torchvision", "timm", "pydantic", "numpy", "PIL", "sklearn", "scipy")
+    heavy = {}
+    for _, cumulative, name in rows:
+        if name in wanted:
+            heavy[name] = max(heavy.get(name, 0), cumulative)
+    return {"flows_training_s": round(top / 1e6, 2), "packages_s": {k: round(v / 1e6, 2) for k, v in sorted(heavy.items(), key=lambda kv: -kv[1])}}
+
+
+def prefect_api_start() -> float:
+    """Seconds to start (and stop) Prefect's embedded API alone, as `graft run` starts it."""
+    code = ("import time, tempfile, os; os.environ['PREFECT_HOME'] = tempfile.mkdtemp(); "
+            "os.environ.setdefault('PREFECT_SERVER_ANALYTICS_ENABLED', 'false'); os.environ.setdefault('PREFECT_UI_ENABLED', 'false'); "
+            "from flows.interrupts import _DetachedPrefectAPI; api = _DetachedPrefectAPI(); t = time.perf_counter(); api.start(); "
+            "print(time.perf_counter() - t); api.stop()")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            capture_output=True, text=True, check=True)
+    return round(float(result.stdout.strip().splitlines()[-1]), 2)
 
 
 def flow_once(workdir: Path) -> dict:
@@ -47,30 +184,42 @@ def flow_once(workdir: Path) -> dict:
         REPO, env,
     )
     content = json.loads(summary.read_text())
-    return {"seconds": round(seconds, 1), "stage_seconds": content["timings"], "val_accuracy": content["val"]["accuracy"], "chosen": content["chosen"]}
+    return {"seconds": round(seconds, 1), "stage_seconds": content["timings"], "test_accuracy": content.get("test", {}).get("accuracy"), "chosen": content["chosen"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budgets", action="store_true", help="also time the flow on the demo data, warm and cold cache")
     parser.add_argument("--fresh-clone", action="store_true", help="also time make run / make test from a fresh clone")
+    parser.add_argument("--force", action="store_true", help="write timings even from a busy machine (marked as such)")
     args = parser.parse_args()
+    verdict = Verdict()
+    if verdict.before:
+        print(f"machine busy before starting: {verdict.before}; nothing will be written without --force", flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    results["budgets_s"] = BUDGETS_S
-    with tempfile.TemporaryDirectory() as tmp:
-        results["flow_warm_cache"] = flow_once(Path(tmp) / "warm")
-        shutil.rmtree(REPO / ".cache" / "graft", ignore_errors=True)
-        results["flow_cold_cache"] = flow_once(Path(tmp) / "cold")
-        if args.fresh_clone:
-            clone = Path(tmp) / "clone"
-            subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "VIRTUAL_ENV"))}
-            results["make_run_fresh_s"] = round(timed(["make", "run"], clone, env), 1)
-            results["make_test_warm_s"] = round(timed(["make", "test"], clone, env), 1)
-    results["measured_at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    measured: dict[str, object] = {"strategies": strategies(verdict), "imports": import_times(), "prefect_api_start_s": prefect_api_start()}
+    if args.budgets or args.fresh_clone:
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.budgets:
+                with Watch() as watch:
+                    measured["flow_warm_cache"] = flow_once(Path(tmp) / "warm")
+                    shutil.rmtree(REPO / ".cache" / "graft", ignore_errors=True)
+                    measured["flow_cold_cache"] = flow_once(Path(tmp) / "cold")
+                verdict.saw("budgets", watch)
+            if args.fresh_clone:
+                clone = Path(tmp) / "clone"
+                subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+                env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "VIRTUAL_ENV"))}
+                measured["make_run_fresh_s"] = round(timed(["make", "run"], clone, env), 1)
+                measured["make_test_warm_s"] = round(timed(["make", "test"], clone, env), 1)
+    measured.update(machine=state(), verdict=verdict.to_dict(), budgets_s=BUDGETS_S, goals_s=GOALS)
+    print(json.dumps(measured, indent=2))
+    if not (verdict.quiet or args.force):
+        sys.exit(f"not written: {verdict.reason()} (rerun on a quiet machine, or --force to write it marked as busy)")
+    results.update(measured, forced=args.force)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

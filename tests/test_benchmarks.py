@@ -24,3 +24,65 @@ def test_the_benchmark_imports_and_has_a_main(script: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # the `if __name__ == "__main__"` guard keeps it from running
     assert callable(getattr(module, "main", None)), f"{script.name} has no main()"
+
+
+def _load(name: str):  # noqa: ANN202 - the benchmark script as a module
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_busy_machine_gets_no_timings_written(monkeypatch):
+    """Figures that hold: a load average above the threshold before starting, or other processes' CPU while
+    timing, makes the verdict say why and withhold the timings."""
+    import os
+
+    machine = _load("machine")
+    monkeypatch.setattr(os, "getloadavg", lambda: (machine.BUSY_LOAD_PER_CORE * machine.cores() + 1.0, 0.0, 0.0))
+    verdict = machine.Verdict()
+    assert not verdict.quiet and "load average" in verdict.reason() and f"{machine.BUSY_LOAD_PER_CORE} per core" in verdict.reason()
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    quiet = machine.Verdict()
+    assert quiet.quiet and quiet.reason() == "quiet"
+    noisy = machine.Watch()
+    noisy.others_cores = machine.BUSY_OTHERS_CORES + 0.5
+    quiet.saw("something", noisy)
+    assert not quiet.quiet and "something" in quiet.reason()
+
+
+def test_timings_repeat_and_watch_the_other_processes():
+    machine = _load("machine")
+    calls = []
+    timer = machine.timed(lambda: calls.append(1), repeats=machine.REPEATS)
+    assert len(calls) == len(timer.runs) == machine.REPEATS >= 3
+    assert timer.median >= 0 and (timer.watch.others_cores is None or timer.watch.others_cores >= 0)
+    facts = machine.state()
+    assert {"at", "cpu", "load_average_1_5_15", "versions"} <= set(facts) and "flags" in facts["cpu"]
+
+
+def test_the_deploy_benchmark_counts_multiply_adds_from_the_graph(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(__import__("numpy").ones((4, 3, 3, 3), dtype="float32"), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weights],
+    )
+    path = tmp_path / "conv.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    assert _load("deploy").macs_per_image(path) == 4 * 8 * 8 * 3 * 3 * 3
+
+
+def test_the_pipeline_benchmark_splits_a_run_into_start_up_stages_and_steps():
+    events = [[0.0, "imported", "flows.training"], [2.0, "enter_stage", "data"], [2.5, "leave_stage", "data"],
+              [3.0, "enter_stage", "deploy"], [3.5, "note", "export"], [5.0, "note", "the variants"], [8.0, "leave_stage", "deploy"],
+              [9.0, "exit", ""]]
+    events[0][0] = 1.0  # imports took a second
+    parts = _load("pipeline").timeline(events, wall=10.0)
+    assert parts["interpreter_s"] == 1.0 and parts["imports_s"] == 1.0 and parts["prefect_api_and_flow_start_s"] == 1.0
+    assert parts["stages_s"] == {"data": 0.5, "deploy": 5.0}
+    assert parts["deploy_steps_s"] == {"start": 0.5, "export": 1.5, "the variants": 3.0}
+    assert parts["outside_stages_s"] == 4.5 and parts["after_last_stage_s"] == 1.0 and parts["between_stages_s"] == 0.5

@@ -150,6 +150,11 @@ class TrainConfig(_Section):
     would overwrite what the model learned); scratch always updates them."""
     warmup_epochs: int = Field(1, ge=0)
     """Linear warm-up before the cosine decay, for the strategies that train the backbone."""
+    cache_trunk: bool = True
+    """fine_tune/two_stage: run the frozen blocks once per image and cache their output (under data.cache_dir,
+    keyed like the features), so each epoch runs only the unfrozen blocks and the head; the same model to float
+    precision. Training runs through the whole backbone instead where the frozen part is not a fixed function
+    (augmentation on, unfreeze: all) or the architecture cannot be cut (the log says which path ran)."""
     augment: bool = False
     """Random crops/rotations/colour jitter (torchvision.transforms.v2) on training images; this bypasses
     the feature cache, since every epoch then sees different pixels."""
@@ -168,10 +173,13 @@ class TrainConfig(_Section):
     """Clip the gradient norm to this; null for no clipping."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto uses CUDA when present."""
-    mixed_precision: bool = True
-    """On CUDA: autocast (bfloat16 where supported, else float16 with loss scaling); ignored on CPU."""
+    mixed_precision: Literal["auto"] | bool = "auto"
+    """Autocast. On CUDA (auto or true): bfloat16 where supported, else float16 with loss scaling. On the CPU,
+    where it has native bfloat16 (AVX-512 BF16, AMX): auto uses bfloat16 on the cached trunk's tail only, where
+    it was measured to change nothing but the speed; true uses it through the whole backbone too (faster, but
+    the frozen blocks then compute in bfloat16, so results differ); false is float32 everywhere."""
     channels_last: bool = True
-    """On CUDA: channels-last memory format for the backbone (faster convolutions); ignored on CPU."""
+    """On CUDA: channels-last memory format for the backbone (faster convolutions); ignored on CPU (measured no faster)."""
     processes: int = Field(1, ge=1, le=64)
     """Training processes on this machine for the strategies that train through the backbone: above 1,
     the step starts them with torchrun and trains with DistributedDataParallel, one GPU each (gloo

@@ -1,81 +1,110 @@
-"""Deployment variants of the exported fp32 model, each judged on the validation set.
+"""Deployment variants of the exported fp32 model, each judged on the test images and timed against fp32.
 
 - `optimized`: onnxruntime's offline graph optimisation (constant folding, Conv+activation
   fusions) saved as a file, so a consumer skips that work at load; numerically the fp32 model.
 - `fp16`: weights and activations in half precision for GPUs; inputs (uint8) and
   outputs (fp32 probabilities) keep their types, so consumers call it the same way.
-- `int8`: onnxruntime static quantisation (QDQ, per-channel weights) calibrated on
-  training images, for CPUs. Weights use 7 of their 8 bits (`reduce_range`): with all 8,
-  x86 CPUs without VNNI (AVX2, AVX-512 before Cascade Lake) run the fused QLinearConv
-  through VPMADDUBSW, whose 16-bit sums saturate; on this project's models that alone cost
-  about 14 accuracy points that the quantised maths itself does not lose (see `to_int8`).
-  The first convolutions and the head stay fp32.
+- `int8`: onnxruntime static quantisation for CPUs, bias-corrected (`components.deploy.int8`).
 
-Every variant is scored on the validation images against the fp32 model; one that
-loses more than `deploy.max_variant_drop` accuracy is not published (its file moves
-to `rejected/` in the run folder, so it can be inspected, and it is neither
-registered nor bundled). Imports onnx and onnxruntime only, no torch.
+Every variant is scored on the test images against the fp32 model; one that loses more
+than `deploy.max_variant_drop` accuracy is not published. A CPU variant (`optimized`,
+`int8`) must also run at least `MIN_SPEEDUP` times as fast as fp32 at batch 1 and at
+`SPEED_BATCH`, timed here, on the machine that builds it (interleaved, median of
+`SPEED_ROUNDS` rounds); a variant no faster than fp32 is only a second file to trust. fp16 is
+for GPUs: it is timed where a GPU provider is present and otherwise published on accuracy
+alone, its speed "not timed: no GPU". A variant that is not published moves to `rejected/`
+in the run folder, so it can be inspected, and is neither registered nor bundled. Imports
+onnx and onnxruntime only, no torch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import shutil
-import tempfile
+import statistics
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from components.core.errors import VariantError
 from components.core.files import sha256
+from components.deploy.int8 import to_int8
+from components.runtime.cpu import cpu_facts
 from components.runtime.model import OnnxClassifier
+from components.runtime.providers import GPU_PROVIDERS, choose_providers
 from components.runtime.variant_files import VARIANTS_TAG, variant_path
 
 log = logging.getLogger(__name__)
 
 
-INT8_OP_TYPES = ("Conv", "Gemm", "MatMul", "Add", "Clip", "Relu")
-"""Operators quantised to INT8; preprocessing (Cast, Div, Sub) and the softmax stay fp32,
-so the uint8 input is read exactly and the output stays a probability vector."""
-
-
-INT8_FLOAT_LEADING_CONVS = 6
-"""Convolutions kept fp32 from the input on: the stem and the first two blocks of EfficientNet-Lite.
-Their quantisation noise is amplified by everything after them: quantising only the first three
-convolutions of efficientnet_lite1 cost 12.3 accuracy points (logit SQNR 5 dB), quantising all of
-the other 61 about 1 point. Keeping 6 rather than 3 in fp32 took lite0 from -0.6 to -0.3 points and
-lite1 from -1.1 to 0.0; they are roughly a tenth of the multiply-adds."""
-
-
-INT8_HEAD_OP_TYPES = ("Gemm", "MatMul")
-"""The last of these is the head; it stays fp32 (10 x 1280 weights: no speed to win, and the logits
-keep their resolution instead of 256 levels)."""
-
-
 OPTIMIZATION_PROVIDER = "CPUExecutionProvider"
+
+
+MIN_SPEEDUP = 1.05
+"""A CPU variant is published only when it runs at least this many times as fast as fp32 at batch 1
+and at `SPEED_BATCH` (5% above parity: a variant that only ties fp32 would flip in and out with timing noise)."""
+
+
+SPEED_BATCH = 32
+
+
+SPEED_ROUNDS = 5
+"""Rounds of back-to-back timing (fp32 then the variant); each speed-up is the median of the rounds' ratios."""
+
+
+SPEED_THREADS = 1
+"""onnxruntime threads while timing: one thread's kernel speed-up is what a variant buys, and it survives a
+busy machine, where several threads spinning for the same cores make any single figure several times off."""
+
+
+CPU_VARIANTS = ("optimized", "int8")
+"""Variants meant for the CPU provider, hence timed against fp32 on the CPU that builds them."""
+
+
+@dataclass(frozen=True)
+class Speed:
+    """A variant's time against fp32's on this machine, one onnxruntime thread (medians over `SPEED_ROUNDS` rounds)."""
+
+    batch1_ms: float
+    fp32_batch1_ms: float
+    batch_images_per_s: float
+    fp32_batch_images_per_s: float
+    speedup_batch1: float
+    speedup_batch: float
+    """At `SPEED_BATCH`."""
+    provider: str
+    cpu: str
+
+    def text(self) -> str:
+        return (f"{self.speedup_batch1:.2f}x fp32 at batch 1 ({self.batch1_ms:.2f} vs {self.fp32_batch1_ms:.2f} ms), "
+                f"{self.speedup_batch:.2f}x at batch {SPEED_BATCH} ({self.batch_images_per_s:.0f} vs {self.fp32_batch_images_per_s:.0f} "
+                f"images/s), {SPEED_THREADS} thread")
 
 
 @dataclass(frozen=True)
 class VariantResult:
-    """One variant, its accuracy change against fp32 on the validation set, and whether it is published."""
+    """One variant, its accuracy change and speed against fp32, and whether it is published."""
 
     name: str
     path: Path
     published: bool
     accuracy: float
     accuracy_change: float
-    """accuracy(variant) - accuracy(fp32) on the same validation images; negative is a loss."""
+    """accuracy(variant) - accuracy(fp32) on the same test images; negative is a loss."""
     top1_agreement: float
-    """Share of validation images where the variant's top-1 label equals fp32's."""
+    """Share of test images where the variant's top-1 label equals fp32's."""
     max_abs_diff: float
     size_bytes: int
     seconds: float
+    """Seconds to build it."""
     reason: str
+    speed: Speed | None = None
+    """Timed against fp32 on this machine; None when not timed (fp16 without a GPU, or rejected on accuracy)."""
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -107,6 +136,8 @@ class VariantsReport:
                 "accuracy_change": round(v.accuracy_change, 6),
                 "top1_agreement": round(v.top1_agreement, 6),
                 "size_bytes": v.size_bytes,
+                **({"speedup_batch1": round(v.speed.speedup_batch1, 2), "speedup_batch": round(v.speed.speedup_batch, 2),
+                    "timed_on": v.speed.cpu} if v.speed else {}),
             }
             for v in self.variants
             if v.published
@@ -117,6 +148,8 @@ class VariantsReport:
         tags = {VARIANTS_TAG: json.dumps(self.listing(), sort_keys=True)}
         for v in self.variants:
             tags[f"variant.{v.name}.accuracy_change"] = f"{v.accuracy_change:+.4f}"
+            if v.speed is not None:
+                tags[f"variant.{v.name}.speedup"] = f"{v.speed.speedup_batch1:.2f}x batch 1, {v.speed.speedup_batch:.2f}x batch {SPEED_BATCH}"
             tags[f"variant.{v.name}.published"] = "yes" if v.published else "no: " + v.reason
         return tags
 
@@ -149,97 +182,6 @@ def to_fp16(source: Path, target: Path) -> Path:
     return target
 
 
-class _Calibration:
-    """Feeds calibration images to onnxruntime's quantiser in batches of equal size."""
-
-    def __init__(self, input_name: str, images: np.ndarray, batch_size: int) -> None:
-        usable = len(images) - len(images) % batch_size if len(images) >= batch_size else len(images)
-        self._batches = iter(images[start : start + batch_size] for start in range(0, usable, batch_size))
-        self._input_name = input_name
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        batch = next(self._batches, None)
-        return None if batch is None else {self._input_name: batch}
-
-    def rewind(self) -> None:  # part of onnxruntime's CalibrationDataReader protocol; read once here
-        return None
-
-
-@contextlib.contextmanager
-def _quiet_root_logger() -> Iterator[None]:
-    root = logging.getLogger()
-    previous = root.level
-    root.setLevel(max(previous, logging.WARNING))
-    try:
-        yield
-    finally:
-        root.setLevel(previous)
-
-
-def float_nodes(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
-    """Nodes `to_int8` leaves in fp32: the first `INT8_FLOAT_LEADING_CONVS` convolutions and the head."""
-    convs = [node.name for node in model.graph.node if node.op_type == "Conv"][:INT8_FLOAT_LEADING_CONVS]
-    head = [node.name for node in model.graph.node if node.op_type in INT8_HEAD_OP_TYPES][-1:]
-    return convs + head
-
-
-def to_int8(source: Path, target: Path, calibration_images: np.ndarray, batch_size: int = 8) -> Path:
-    """Static INT8 quantisation: QDQ, uint8 activations, per-channel 7-bit int8 weights, MinMax ranges.
-
-    Why 7-bit weights (`reduce_range`): onnxruntime fuses DequantizeLinear -> Conv ->
-    QuantizeLinear into QLinearConv, whose x86 kernel multiplies with VPMADDUBSW unless the CPU
-    has VNNI: it adds pairs of uint8 x int8 products into int16 with saturation, and
-    2 x 255 x 127 does not fit. Measured on the digits (112 px, 359 validation images, AVX2 CPU
-    without VNNI), the same full 8-bit model loses 2.8 (efficientnet_lite0) and 8.4 points
-    (lite1) with graph optimisation off (Q/DQ run in float, no fused kernels) but 17.3 and 22.6
-    with it on, as served. With 7-bit weights (2 x 255 x 63 fits) both settings agree. Also
-    measured: uint8 weights (U8U8) do not saturate either but ran 2-17x slower than fp32 here;
-    int8 activations (S8S8) saturate the same way. The serving CPU is not known when the
-    model is built, so it must not depend on VNNI.
-
-    The preprocessing (Cast, Div, Sub) stays fp32 and its output is quantised exactly (scale 1/128,
-    zero point 127 for Lite's mean and std); `float_nodes` names what else stays fp32.
-    """
-    import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType
-    from onnxruntime.quantization import quantize_static as _quantize
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    if len(calibration_images) == 0:
-        raise VariantError("no calibration images for INT8; set deploy.calibration_images >= 1 or drop int8 from deploy.variants")
-    input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
-    with tempfile.TemporaryDirectory(prefix="graft-int8-") as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        # the documented prerequisite: ORT's basic optimisations (constant folding, fusions) first
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
-        kept_float = float_nodes(onnx.load(str(prepared)))
-        with _quiet_root_logger():  # the quantiser logs a line per rescaled weight on the root logger
-            _quantize(
-                str(prepared),
-                str(target),
-                _Calibration(input_name, calibration_images, batch_size),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                reduce_range=True,
-                calibrate_method=CalibrationMethod.MinMax,
-                op_types_to_quantize=list(INT8_OP_TYPES),
-                nodes_to_exclude=kept_float,
-            )
-    _stamp(
-        onnx.load(str(target)),
-        target,
-        {
-            "graft.variant": "int8",
-            "graft.calibration_images": str(len(calibration_images)),
-            "graft.int8_scheme": "QDQ, uint8 activations, per-channel 7-bit int8 weights (no VPMADDUBSW saturation)",
-            "graft.int8_float_nodes": ",".join(kept_float),
-        },
-    )
-    return target
-
-
 def _stamp(model, target: Path, extra: dict[str, str]) -> None:  # noqa: ANN001 - onnx.ModelProto
     """Save `model` with its Graft metadata plus `extra` (replacing keys already there)."""
     import onnx
@@ -252,6 +194,59 @@ def _stamp(model, target: Path, extra: dict[str, str]) -> None:  # noqa: ANN001 
     onnx.save_model(model, str(target))
 
 
+def build_int8(source: Path, target: Path, calibration_images: np.ndarray) -> Path:
+    """The INT8 variant (`components.deploy.int8.to_int8`), stamped with how it was built."""
+    import onnx
+
+    facts = to_int8(source, target, calibration_images)
+    _stamp(onnx.load(str(target)), target, {"graft.variant": "int8", **facts})
+    return target
+
+
+def _seconds(run: Callable[[], object], calls: int) -> float:
+    started = time.perf_counter()
+    for _ in range(calls):
+        run()
+    return (time.perf_counter() - started) / calls
+
+
+def _session(path: Path, providers: list[str]):  # noqa: ANN202 - onnxruntime.InferenceSession
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = SPEED_THREADS
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def time_against_fp32(fp32_path: Path, path: Path, images: np.ndarray, providers: list[str]) -> Speed:
+    """Times of `path` and of fp32 at batch 1 and `SPEED_BATCH`, in back-to-back pairs so both see the same load.
+
+    Each round times fp32 then the variant; the speed-ups are the medians of the rounds' ratios, and the
+    times the medians of the rounds' times.
+    """
+    sessions = [_session(p, providers) for p in (fp32_path, path)]
+    name = sessions[0].get_inputs()[0].name
+    one = images[:1]
+    batch = np.resize(images, (SPEED_BATCH, *images.shape[1:]))
+    runs = {id(one): 10, id(batch): 2}
+    for session in sessions:  # warm-up: first runs allocate
+        session.run(None, {name: one})
+        session.run(None, {name: batch})
+    rounds = [
+        tuple(_seconds(lambda s=session, x=x: s.run(None, {name: x}), runs[id(x)]) for x in (one, batch) for session in sessions)
+        for _ in range(SPEED_ROUNDS)
+    ]
+    fp32_one, variant_one, fp32_batch, variant_batch = (statistics.median(r[i] for r in rounds) for i in range(4))
+    return Speed(
+        batch1_ms=variant_one * 1000, fp32_batch1_ms=fp32_one * 1000,
+        batch_images_per_s=SPEED_BATCH / variant_batch, fp32_batch_images_per_s=SPEED_BATCH / fp32_batch,
+        speedup_batch1=statistics.median(r[0] / r[1] for r in rounds),
+        speedup_batch=statistics.median(r[2] / r[3] for r in rounds),
+        provider=sessions[1].get_providers()[0], cpu=cpu_facts().describe(),
+    )
+
+
 def judge_variant(
     name: str,
     path: Path,
@@ -261,15 +256,14 @@ def judge_variant(
     max_drop: float,
     seconds: float,
 ) -> VariantResult:
-    """Score `path` on the validation images against the fp32 probabilities `reference`."""
+    """Score `path` on the test images against the fp32 probabilities `reference` (accuracy only; `judge_speed` times it)."""
     probs = OnnxClassifier(path, ["CPUExecutionProvider"]).predict_proba(images)
     accuracy = float((probs.argmax(1) == labels).mean())
     change = accuracy - float((reference.argmax(1) == labels).mean())
     published = -change <= max_drop + 1e-9
-    verdict = "published" if published else "NOT published"
     reason = (
-        f"{name}: validation accuracy {accuracy:.4f} ({change * 100:+.1f} points vs fp32), "
-        f"{verdict} (limit deploy.max_variant_drop={max_drop * 100:.1f} points)"
+        f"{name}: test accuracy {accuracy:.4f} ({change * 100:+.1f} points vs fp32, limit "
+        f"deploy.max_variant_drop={max_drop * 100:.1f} points): " + ("published" if published else "NOT published")
     )
     return VariantResult(
         name=name,
@@ -285,52 +279,89 @@ def judge_variant(
     )
 
 
+def judge_speed(result: VariantResult, fp32_path: Path, images: np.ndarray, min_speedup: float) -> VariantResult:
+    """Time a variant that passed on accuracy; a CPU variant below `min_speedup` x fp32 is not published."""
+    gpu = [p for p in choose_providers() if p in GPU_PROVIDERS]
+    if result.name not in CPU_VARIANTS:
+        if not gpu:
+            return replace(result, reason=f"{result.reason} (for GPUs; not timed: no GPU here)")
+        speed = time_against_fp32(fp32_path, result.path, images, [*gpu, "CPUExecutionProvider"])
+        return replace(result, speed=speed, reason=f"{result.reason} ({speed.text()} on {speed.provider})")
+    speed = time_against_fp32(fp32_path, result.path, images, ["CPUExecutionProvider"])
+    if min(speed.speedup_batch1, speed.speedup_batch) >= min_speedup:
+        return replace(result, speed=speed, reason=f"{result.reason} ({speed.text()})")
+    head = result.reason.removesuffix("published")
+    return replace(result, speed=speed, published=False,
+                   reason=f"{head}NOT published: {speed.text()}, not {min_speedup:g}x as fast as fp32 on this CPU")
+
+
+def _builders(fp32_path: Path, calibration_images: np.ndarray) -> dict[str, Callable[[Path], Path]]:
+    return {
+        "optimized": lambda target: optimize_offline(fp32_path, target),
+        "fp16": lambda target: to_fp16(fp32_path, target),
+        "int8": lambda target: build_int8(fp32_path, target, calibration_images),
+    }
+
+
+def _build(name: str, builder: Callable[[Path], Path], target: Path) -> float:
+    started = time.perf_counter()
+    try:
+        builder(target)
+    except VariantError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime tools raise many types
+        raise VariantError(f"building the {name} variant of {target.parent / 'model.onnx'} failed ({exc}); drop it from deploy.variants") from exc
+    return time.perf_counter() - started
+
+
 def build_variants(
     fp32_path: Path,
     names: Sequence[str],
-    val_images: np.ndarray,
-    val_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
     calibration_images: np.ndarray,
     max_drop: float,
+    min_speedup: float = MIN_SPEEDUP,
 ) -> VariantsReport:
     """Build the optimised model and each variant in `names` beside `fp32_path`, and judge each.
+
+    The files are built concurrently (onnxruntime's quantiser and optimiser spend most of their
+    time outside Python's lock); they are scored and timed one after another, so no timing shares
+    the CPU with other work of this process.
 
     Args:
         fp32_path: The exported, parity-checked model (`.../model.onnx`).
         names: Variants to build besides `optimized`: any of `fp16`, `int8`.
-        val_images: uint8 validation batch at the model's input size.
-        val_labels: Their class indices.
+        test_images: uint8 test batch at the model's input size.
+        test_labels: Their class indices.
         calibration_images: uint8 training images for INT8 calibration.
         max_drop: Largest accuracy loss (fraction, 0.01 = 1 point) a published variant may have.
+        min_speedup: Least speed-up over fp32 (batch 1 and batch 32) a published CPU variant must show; 0 to skip timing.
 
     Returns:
-        The fp32 accuracy and one `VariantResult` per variant; rejected files are moved to `rejected/`.
+        The fp32 accuracy and one `VariantResult` per variant; unpublished files are moved to `rejected/`.
     """
-    reference = OnnxClassifier(fp32_path, ["CPUExecutionProvider"]).predict_proba(val_images)
-    builders = {
-        "optimized": lambda target: optimize_offline(fp32_path, target),
-        "fp16": lambda target: to_fp16(fp32_path, target),
-        "int8": lambda target: to_int8(fp32_path, target, calibration_images),
-    }
+    builders = _builders(fp32_path, calibration_images)
+    wanted = ["optimized", *dict.fromkeys(n for n in names if n != "optimized")]
+    unknown = [name for name in wanted if name not in builders]
+    if unknown:
+        raise VariantError(f"unknown variant '{unknown[0]}' in deploy.variants; choose from fp16, int8")
+    log.info("building the %s variants", ", ".join(wanted))
+    with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="variant") as pool:
+        reference = OnnxClassifier(fp32_path, ["CPUExecutionProvider"]).predict_proba(test_images)
+        futures = {name: pool.submit(_build, name, builders[name], variant_path(fp32_path, name)) for name in wanted}
+        seconds = {name: future.result() for name, future in futures.items()}
     results = []
-    for name in ("optimized", *[n for n in names if n != "optimized"]):
-        if name not in builders:
-            raise VariantError(f"unknown variant '{name}' in deploy.variants; choose from fp16, int8")
+    for name in wanted:
         target = variant_path(fp32_path, name)
-        started = time.perf_counter()
-        log.info("building the %s variant", name)
-        try:
-            builders[name](target)
-        except VariantError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime tools raise many types
-            raise VariantError(f"building the {name} variant of {fp32_path} failed ({exc}); drop it from deploy.variants") from exc
-        result = judge_variant(name, target, reference, val_images, val_labels, max_drop, time.perf_counter() - started)
+        result = judge_variant(name, target, reference, test_images, test_labels, max_drop, seconds[name])
+        if result.published and min_speedup > 0:
+            result = judge_speed(result, fp32_path, test_images, min_speedup)
         log.info("%s", result.reason)
         if not result.published:
             rejected = target.parent / "rejected" / target.name
             rejected.parent.mkdir(exist_ok=True)
             shutil.move(target, rejected)
-            result = VariantResult(**{**asdict(result), "path": rejected})
+            result = replace(result, path=rejected)
         results.append(result)
-    return VariantsReport(float((reference.argmax(1) == val_labels).mean()), tuple(results))
+    return VariantsReport(float((reference.argmax(1) == test_labels).mean()), tuple(results))

@@ -48,7 +48,8 @@ def pick_variant(requested: str, available: Sequence[str], providers: Sequence[s
     if requested not in available:
         raise GraftError(
             f"variant '{requested}' was not published for this model (available: {', '.join(available)}); "
-            "a variant that lost more accuracy than deploy.max_variant_drop is not published"
+            "a variant that lost more accuracy than deploy.max_variant_drop, or a CPU variant no faster than fp32 "
+            "where it was built, is not published"
         )
     return requested
 

@@ -220,6 +220,7 @@ def fit(phase: Phase, store: ResumeStore | None = None, on_epoch: MetricsCallbac
             return FitResult(tuple(history), best_epoch, best_loss, state["epoch"])
     resumed_from = start - 1
     bar = tqdm(range(start, phase.epochs + 1), desc=phase.name, unit="epoch", leave=False, disable=None)
+    last_logged = -math.inf
     for epoch in bar:
         progress.note(f"epoch {epoch} of {phase.epochs}" + (f" ({phase.name})" if phase.name not in ("head", "fine-tune", "scratch") else ""))
         lrs = [group["lr"] for group in phase.optimizer.param_groups]
@@ -245,12 +246,30 @@ def fit(phase: Phase, store: ResumeStore | None = None, on_epoch: MetricsCallbac
         if on_epoch:
             on_epoch(row, step_offset + epoch)
         bar.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}", val_acc=f"{val_acc:.3f}")
+        last_logged = _log_epoch(phase, epoch, row, last_logged, stop)
         if stop:
             log.info("%s: early stop at epoch %d, no better val loss since epoch %d", phase.name, epoch, best_epoch)
             break
     bar.close()
     phase.model.load_state_dict(best)
     return FitResult(tuple(history), best_epoch, best_loss, resumed_from)
+
+
+EPOCH_LOG_SECONDS = 1.0
+"""Epoch lines are logged at most this often (a head on cached features runs hundreds of epochs a second)."""
+
+
+def _log_epoch(phase: Phase, epoch: int, row: dict[str, float], last_logged: float, final: bool) -> float:
+    """One log line per epoch, also where tqdm is off (output not a terminal); returns when it last logged."""
+    now = time.monotonic()
+    if not (final or epoch == phase.epochs or now - last_logged >= EPOCH_LOG_SECONDS):
+        return last_logged
+    log.info(
+        "%s: epoch %d of %d, train loss %.4f, val loss %.4f, val accuracy %.3f, %.1f s, %.0f images/s",
+        phase.name, epoch, phase.epochs, row["train/loss"], row["val/loss"], row["val/accuracy"],
+        row["time/epoch_seconds"], row["train/images_per_second"],
+    )
+    return now
 
 
 def seed_everything(seed: int) -> None:

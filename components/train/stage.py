@@ -31,8 +31,11 @@ from components.train.loop import (
     ResumeStore,
     save_checkpoint,
 )
-from components.train.network import resolve_precision
+from components.backbones.unfreeze import select_trainable
+from components.core.errors import ModelError
+from components.train.network import build_model, resolve_precision
 from components.train.strategies import Outcome, run_strategy, trains_through_network
+from components.train.trunk import prepare_trunk_cache, trunk_features
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,10 @@ def _train(params: Params, split: Split, spec: BackboneSpec, size: int, store: R
         # stage 1 reads cached features in every process; compute them once, here, first
         cache = FeatureCache(params.data.cache_dir, spec, size, seed=cfg.seed)
         cache.get([s.path for s in split.train + split.val], params.choose.batch_size)
+    if cfg.strategy in ("fine_tune", "two_stage"):
+        # likewise the cached trunk, when it applies: every process then reads it, none writes it
+        model = build_model(spec, size, len(split.classes), cfg.seed)
+        prepare_trunk_cache(params, split, spec, size, model, select_trainable(model.backbone, cfg.unfreeze))
     raw = run_distributed(params, split, spec.name, size, store.key, run_dir / "distributed", on_epoch)
     return Outcome.from_dict(raw)
 
@@ -116,8 +123,8 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     cfg = params.train
     spec = training_spec(cfg.strategy, choice.chosen)
     size = choice.image_size
-    precision = resolve_precision(cfg)
-    log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, precision.describe())
+    device = resolve_precision(cfg).device
+    log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, device)
     store = ResumeStore(params.data.cache_dir / "resume", resume_key(params, split, spec, size), cfg.resume, params.model_dump(mode="json"))
     outcome = _train(params, split, spec, size, store, run_dir, on_epoch)
     content: dict[str, object] = {
@@ -132,6 +139,7 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     }
     if outcome.backbone is not None:
         content["backbone_state"] = outcome.backbone
+        content["frozen_blocks"] = outcome.frozen_blocks
     path = save_checkpoint(run_dir / "model.pt", **content)
     fitted = outcome.fit
     best = fitted.history[fitted.best_epoch - 1] if fitted.best_epoch else {}
@@ -167,17 +175,27 @@ def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) 
     """Logits (before softmax and temperature) of the trained model on images.
 
     While the backbone is the pre-trained one (feature_extraction) its features come from the
-    feature cache; once training changed it, they are computed through the trained backbone.
+    feature cache; once training changed it, they are computed through the trained backbone, from
+    the cached trunk where its first blocks never trained (`train.cache_trunk`).
     """
-    model, _ = load_classifier(trained.checkpoint_path)
+    model, ckpt = load_classifier(trained.checkpoint_path)
     spec = get_spec(trained.backbone)
     if trained.backbone_trained:
-        features = compute_features(model.backbone, spec, paths, trained.image_size, params.choose.batch_size, "trained features")
+        features = _trained_features(params, model, spec, paths, trained.image_size, int(ckpt.get("frozen_blocks", 0)))
     else:
         cache = FeatureCache(params.data.cache_dir, spec, trained.image_size, seed=params.train.seed)
         features = cache.get(paths, params.choose.batch_size, model.backbone)
     with torch.no_grad():
         return model.head(torch.from_numpy(features)).double().numpy()
+
+
+def _trained_features(params: Params, model: GraftClassifier, spec: BackboneSpec, paths: Sequence[Path], size: int, frozen_blocks: int) -> np.ndarray:
+    if frozen_blocks and params.train.cache_trunk:
+        try:
+            return trunk_features(params, model, spec, paths, size, frozen_blocks)
+        except ModelError as exc:
+            log.info("scoring through the whole trained backbone: %s", exc)
+    return compute_features(model.backbone, spec, paths, size, params.choose.batch_size, "trained features")
 
 
 def load_classifier(checkpoint_path: Path) -> tuple[GraftClassifier, dict[str, object]]:

@@ -5,9 +5,10 @@
   the cache is bypassed and the head trains through the frozen backbone.
 - fine_tune: the last `train.unfreeze` blocks train with the head, at
   `train.backbone_lr_ratio` of the head's learning rate, BatchNorm statistics
-  frozen, warm-up then cosine decay.
+  frozen, warm-up then cosine decay. The frozen blocks run once per image
+  (the cached trunk, `components.train.trunk`) wherever they are a fixed function.
 - two_stage: the head first (frozen backbone, cached features), then the
-  unfrozen blocks and the head together at a low learning rate.
+  unfrozen blocks and the head together at a low learning rate (on the cached trunk too).
 - scratch: the same architecture randomly initialised, everything trained;
   BatchNorm statistics are recomputed on the training images before each
   validation, since running averages lag far behind fast-moving weights.
@@ -34,7 +35,7 @@ from torch import nn
 from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache
 from components.backbones.spec import BackboneSpec
-from components.backbones.unfreeze import select_trainable
+from components.backbones.unfreeze import Trainable, select_trainable
 from components.backbones.zoo import get_spec
 from components.choose.finalists import HeadTrial
 from components.core.config import Params, TrainConfig
@@ -53,7 +54,8 @@ from components.train.loop import (
     seed_everything,
     warn_if_imbalanced,
 )
-from components.train.network import NetworkSetup, build_model, labels_of, load_images, resolve_precision, train_network
+from components.train.network import NetworkSetup, build_model, labels_of, load_images, train_network
+from components.train.trunk import training_data
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,9 @@ class Outcome:
     cached: int = 0
     """Feature rows read from the cache (0 when the cache was bypassed)."""
     computed: int = 0
+    frozen_blocks: int = 0
+    """Leading backbone blocks (the stem counted as one) that never trained while the rest did: scoring the
+    model can then start from the cached trunk. 0 when the whole backbone trained or none of it did."""
 
     @property
     def digest(self) -> str:
@@ -168,14 +173,16 @@ class Outcome:
 
     def to_dict(self) -> dict[str, object]:
         """Tensors and plain values only, so a distributed run can hand it over as a checkpoint."""
-        out: dict[str, object] = {"head": self.head, "fit": self.fit.to_dict(), "cached": self.cached, "computed": self.computed}
+        out: dict[str, object] = {
+            "head": self.head, "fit": self.fit.to_dict(), "cached": self.cached, "computed": self.computed, "frozen_blocks": self.frozen_blocks,
+        }
         if self.backbone is not None:
             out["backbone"] = self.backbone
         return out
 
     @classmethod
     def from_dict(cls, raw: dict) -> Outcome:
-        return cls(raw["head"], raw.get("backbone"), FitResult.from_dict(raw["fit"]), raw["cached"], raw["computed"])
+        return cls(raw["head"], raw.get("backbone"), FitResult.from_dict(raw["fit"]), raw["cached"], raw["computed"], raw.get("frozen_blocks", 0))
 
 
 def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
@@ -188,10 +195,12 @@ def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, st
     return Outcome(head, None, result, cache.hits, cache.misses)
 
 
-def _outcome(model: GraftClassifier, result: FitResult, backbone_trained: bool, previous: FitResult | None = None) -> Outcome:
+def _outcome(model: GraftClassifier, result: FitResult, trainable: Trainable | None, previous: FitResult | None = None) -> Outcome:
+    """The trained weights; `trainable` is what trained of the backbone (None: nothing)."""
     head = {k: v.detach().clone().contiguous() for k, v in model.head.state_dict().items()}
-    backbone = {k: v.detach().clone().contiguous() for k, v in model.backbone.state_dict().items()} if backbone_trained else None
-    return Outcome(head, backbone, result if previous is None else previous.then(result))
+    backbone = {k: v.detach().clone().contiguous() for k, v in model.backbone.state_dict().items()} if trainable else None
+    frozen = trainable.total_blocks - trainable.blocks if trainable else 0
+    return Outcome(head, backbone, result if previous is None else previous.then(result), frozen_blocks=frozen)
 
 
 def _augmented_extraction(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
@@ -205,35 +214,35 @@ def _augmented_extraction(params: Params, split: Split, spec: BackboneSpec, size
     model.backbone.requires_grad_(False)
     seed_everything(cfg.seed)
     setup = NetworkSetup("head (frozen backbone)", None, cfg.lr, 0.0, True, schedule=False)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
-    return _outcome(model, result, backbone_trained=False)
+    result = train_network(model, data, params, setup, store, on_epoch)
+    return _outcome(model, result, None)
 
 
 def _fine_tune(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
     cfg = params.train
-    data = load_images(split, size)
-    model = build_model(spec, size, data.num_classes, cfg.seed)
+    model = build_model(spec, size, len(split.classes), cfg.seed)
     trainable = select_trainable(model.backbone, cfg.unfreeze)
+    data = training_data(params, split, spec, size, model, trainable)
     seed_everything(cfg.seed)
     setup = NetworkSetup("fine-tune", trainable, cfg.lr, cfg.lr * cfg.backbone_lr_ratio, cfg.freeze_bn, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
-    return _outcome(model, result, backbone_trained=True)
+    result = train_network(model, data, params, setup, store, on_epoch)
+    return _outcome(model, result, trainable)
 
 
 def _two_stage(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
     cfg = params.train
     log.info("two_stage, stage 1: the head alone on the frozen backbone")
     first = (_augmented_extraction if cfg.augment else _cached_head)(params, split, spec, size, store, on_epoch)
-    data = load_images(split, size)
-    model = build_model(spec, size, data.num_classes, cfg.seed)
+    model = build_model(spec, size, len(split.classes), cfg.seed)
     model.head.load_state_dict(first.head)
     trainable = select_trainable(model.backbone, cfg.unfreeze)
+    data = training_data(params, split, spec, size, model, trainable)
     seed_everything(cfg.seed + 1)
     low = cfg.lr * cfg.backbone_lr_ratio
     log.info("two_stage, stage 2: %s backbone blocks unfrozen, every trainable layer at lr %g", cfg.unfreeze, low)
     setup = NetworkSetup("stage 2 (unfrozen)", trainable, low, low, cfg.freeze_bn, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch, step_offset=len(first.fit.history))
-    outcome = _outcome(model, result, backbone_trained=True, previous=first.fit)
+    result = train_network(model, data, params, setup, store, on_epoch, step_offset=len(first.fit.history))
+    outcome = _outcome(model, result, trainable, previous=first.fit)
     if result.best_val_loss >= first.fit.best_val_loss:
         # early stopping's promise holds across both stages: the best weights seen are the ones kept
         log.warning(
@@ -254,8 +263,8 @@ def _scratch(params: Params, split: Split, spec: BackboneSpec, size: int, store:
     seed_everything(cfg.seed)
     # random BatchNorm statistics mean nothing: they must be learned
     setup = NetworkSetup("scratch", trainable, cfg.lr, cfg.lr, freeze_bn=False, schedule=True)
-    result = train_network(model, data, params, setup, resolve_precision(cfg), store, on_epoch)
-    return _outcome(model, result, backbone_trained=True)
+    result = train_network(model, data, params, setup, store, on_epoch)
+    return _outcome(model, result, trainable)
 
 
 Strategy = Callable[[Params, Split, BackboneSpec, int, ResumeStore, MetricsCallback | None], Outcome]

@@ -1,4 +1,5 @@
-"""fp16, INT8 and optimised variants: built, judged on validation images, published only within the limit."""
+"""fp16, INT8 and optimised variants: built, judged on test images, published only within the accuracy limit and,
+for the CPU variants, only when faster than fp32 on this machine."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def built(tiny_model, tmp_path_factory):  # noqa: F811
     paths, labels = tiny_model.val()
     images = load_batch(paths, 64)
     calibration = load_batch([s.path for s in tiny_model.split.train[::3]], 64)
-    report = build_variants(fp32, ("fp16", "int8"), images, labels, calibration, max_drop=1.0)
+    report = build_variants(fp32, ("fp16", "int8"), images, labels, calibration, max_drop=1.0, min_speedup=0)  # accuracy only
     return fp32, images, labels, report
 
 
@@ -107,11 +108,11 @@ def test_a_variant_losing_more_than_the_limit_is_not_published(tiny_model, tmp_p
     paths, labels = tiny_model.val()
     images = load_batch(paths, 64)
 
-    def broken_int8(source, target, calibration_images, batch_size=8):  # a quantiser that ruins the model
+    def broken_int8(source, target, calibration_images):  # a quantiser that ruins the model
         return biased_copy(source, target, winner=0)
 
-    monkeypatch.setattr(variants_module, "to_int8", broken_int8)
-    report = build_variants(fp32, ("int8",), images, labels, images[:4], max_drop=0.01)
+    monkeypatch.setattr(variants_module, "build_int8", broken_int8)
+    report = build_variants(fp32, ("int8",), images, labels, images[:4], max_drop=0.01, min_speedup=0)
     int8 = report.get("int8")
     assert not int8.published
     assert int8.accuracy_change < -0.01
@@ -120,6 +121,73 @@ def test_a_variant_losing_more_than_the_limit_is_not_published(tiny_model, tmp_p
     assert "int8" not in json.loads(report.tags()["onnx.variants"]) and report.published == ("optimized",)
     with pytest.raises(Exception, match="not published"):
         OnnxClassifier.load(fp32, variant="int8")
+
+
+def test_a_cpu_variant_no_faster_than_fp32_is_not_published(built, tiny_model, tmp_path):  # noqa: F811
+    """Timed against fp32 on this machine, interleaved: asked for an impossible speed-up, the CPU variants stay out;
+    fp16 (for GPUs) is not timed without a GPU and stays published on its accuracy."""
+    fp32 = shutil.copyfile(tiny_model.onnx_path, tmp_path / "model.onnx")
+    _, images, labels, _ = built
+    report = build_variants(fp32, ("fp16", "int8"), images, labels, images[::3], max_drop=1.0, min_speedup=100)
+    for name in ("optimized", "int8"):
+        variant = report.get(name)
+        assert not variant.published and variant.path == tmp_path / "rejected" / variant.path.name
+        assert variant.speed is not None and variant.speed.speedup_batch1 < 100 and variant.speed.fp32_batch1_ms > 0
+        assert "NOT published" in variant.reason and "not 100x as fast as fp32 on this CPU" in variant.reason
+        assert f"variant.{name}.speedup" in report.tags()
+    fp16 = report.get("fp16")
+    assert fp16.published and fp16.speed is None and "not timed: no GPU" in fp16.reason
+    assert report.published == ("fp16",)
+
+
+def test_int8_records_how_it_was_built_and_the_cpu_it_was_built_on(built):
+    from components.runtime.cpu import cpu_facts
+
+    _, _, _, report = built
+    meta = {p.key: p.value for p in onnx.load(str(report.get("int8").path)).metadata_props}
+    bits = "8" if cpu_facts().vnni else "7"
+    assert meta["graft.int8_weight_bits"] == bits and f"{bits}-bit" in meta["graft.int8_scheme"]
+    assert "bias-corrected" in meta["graft.int8_scheme"] and meta["graft.int8_built_on"] == cpu_facts().describe()
+    assert len(meta["graft.int8_float_nodes"].split(",")) == 4  # the stem, the first block's two convolutions, the head
+
+
+def test_bias_correction_removes_the_mean_shift_of_rounded_weights(tiny_model, tmp_path):  # noqa: F811
+    """On the calibration images, each corrected convolution's mean output with rounded weights equals the
+    fp32 mean output (to float precision); uncorrected, rounding shifts it."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from components.deploy.int8 import correct_weight_bias, rounded_like_onnxruntime
+
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(tiny_model.onnx_path), str(prepared), skip_symbolic_shape=True)
+    model = onnx.load(str(prepared))
+    images = load_batch([s.path for s in tiny_model.split.train[:16]], 64)
+    corrected = correct_weight_bias(model, "images", images, skip=(), bits=8)
+
+    def conv_output_means(proto, round_weights: bool) -> dict[str, np.ndarray]:
+        proto = onnx.ModelProto.FromString(proto.SerializeToString())
+        if round_weights:
+            weights = {n.input[1] for n in proto.graph.node if n.op_type == "Conv"}
+            for init in proto.graph.initializer:
+                if init.name in weights:
+                    init.CopyFrom(numpy_helper.from_array(rounded_like_onnxruntime(numpy_helper.to_array(init), 8).astype(np.float32), init.name))
+        outputs = [n.output[0] for n in proto.graph.node if n.op_type == "Conv"]
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs)
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return {o: v.mean(axis=(0, 2, 3)) for o, v in zip(outputs, session.run(outputs, {"images": images}), strict=True)}
+
+    exact = conv_output_means(model, round_weights=False)
+    rounded = conv_output_means(model, round_weights=True)
+    fixed = conv_output_means(corrected, round_weights=True)
+    first = next(iter(exact))  # the stem sees the images themselves: its mean shift is removed exactly
+    np.testing.assert_allclose(fixed[first], exact[first], atol=1e-4)
+    before = np.mean([np.abs(rounded[o] - exact[o]).mean() for o in exact])
+    after = np.mean([np.abs(fixed[o] - exact[o]).mean() for o in exact])
+    assert after < 0.5 * before, (before, after)
 
 
 def test_judging_uses_the_configured_limit(tiny_model, tmp_path):  # noqa: F811
@@ -167,5 +235,6 @@ def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_di
     )
     int8 = report.get("int8")
     assert len(labels) > 250 and report.fp32_accuracy > 0.9
-    assert int8.published, int8.reason
+    assert int8.published, int8.reason  # within 1 point and faster than fp32 on this CPU
     assert -int8.accuracy_change <= params.deploy.max_variant_drop and int8.top1_agreement >= 0.97
+    assert int8.speed is not None and min(int8.speed.speedup_batch1, int8.speed.speedup_batch) >= 1.05

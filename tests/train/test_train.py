@@ -117,6 +117,19 @@ def test_network_strategies_beat_chance(digits_dir, feature_cache_dir, tmp_path,
     assert any(not torch.equal(tensor, initial[name]) for name, tensor in backbone_state(result).items())
 
 
+def test_every_epoch_is_one_log_line_with_its_loss_accuracy_time_and_speed(digits_dir, feature_cache_dir, tmp_path, caplog):
+    """tqdm is off where output is not a terminal; the log still shows each epoch (in files and Prefect's log too)."""
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=2")
+    with caplog.at_level(logging.INFO, logger="components"):
+        result = fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    lines = [m for m in caplog.messages if m.startswith("fine-tune: epoch ")]
+    assert len(lines) == result.epochs_run == 2
+    row = result.history[-1]
+    assert lines[-1].startswith(f"fine-tune: epoch 2 of 2, train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}, "
+                                f"val accuracy {row['val/accuracy']:.3f}, ")
+    assert lines[-1].endswith(f"{row['time/epoch_seconds']:.1f} s, {row['train/images_per_second']:.0f} images/s")
+
+
 def test_predict_logits_through_a_trained_backbone_match_the_deployable_model(digits_dir, feature_cache_dir, tmp_path):
     from components.data.images import load_batch
 
@@ -400,20 +413,34 @@ def test_standardisation_folds_exactly_and_ignores_features_that_never_vary():
     assert fold_standardisation({"weight": torch.ones(2, 3), "bias": torch.zeros(2)}, mean, scale)["weight"][:, 1].eq(0).all()
 
 
-def test_mixed_precision_and_channels_last_only_on_cuda(tiny_params):
+def test_precision_per_device_and_path(tiny_params):
+    """CUDA: autocast and channels-last. CPU: float32, except bfloat16 on a cached trunk's tail where the CPU has
+    native bfloat16 (auto), or everywhere when asked (true); never without native bfloat16."""
     cfg = tiny_params.train
-    cpu = resolve_precision(cfg, cuda_available=False)
+    assert cfg.mixed_precision == "auto"
+    cpu = resolve_precision(cfg, cuda_available=False, cpu_bf16=False)
     assert cpu == Precision("cpu", None, False) and cpu.scaler() is None
     with cpu.autocast():
         assert not torch.is_autocast_enabled("cpu")
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    assert resolve_precision(cfg, cached_trunk=True, cuda_available=False, cpu_bf16=False).amp_dtype is None
+    tail = resolve_precision(cfg, cached_trunk=True, cuda_available=False, cpu_bf16=True)
+    assert tail == Precision("cpu", torch.bfloat16, False) and tail.scaler() is None
+    with tail.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+    assert resolve_precision(cfg, cached_trunk=False, cuda_available=False, cpu_bf16=True).amp_dtype is None
+    everywhere = cfg.model_copy(update={"mixed_precision": True})
+    assert resolve_precision(everywhere, cached_trunk=False, cuda_available=False, cpu_bf16=True).amp_dtype == torch.bfloat16
+    off = cfg.model_copy(update={"mixed_precision": False})
+    assert resolve_precision(off, cached_trunk=True, cuda_available=False, cpu_bf16=True).amp_dtype is None
     assert resolve_precision(cfg, cuda_available=True, bf16_supported=True) == Precision("cuda", torch.bfloat16, True)
     assert resolve_precision(cfg, cuda_available=True, bf16_supported=False).amp_dtype == torch.float16
     full = cfg.model_copy(update={"mixed_precision": False, "channels_last": False})
     assert resolve_precision(full, cuda_available=True, bf16_supported=True) == Precision("cuda", None, False)
-    assert resolve_precision(cfg.model_copy(update={"device": "cpu"}), cuda_available=True).device == "cpu"
+    assert resolve_precision(cfg.model_copy(update={"device": "cpu"}), cuda_available=True, cpu_bf16=False).device == "cpu"
     with pytest.raises(TrainingError, match="train.device=cuda.*no CUDA.*train.device=auto"):
         resolve_precision(cfg.model_copy(update={"device": "cuda"}), cuda_available=False)
+    assert load_params(REPO / "params.yaml", ["train.mixed_precision=true"]).train.mixed_precision is True
 
 
 def test_augmentation_is_per_image_seeded_and_keeps_the_format(tiny_params):

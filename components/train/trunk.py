@@ -1,0 +1,222 @@
+"""The cached trunk: fine-tuning epochs that run only the blocks that train.
+
+With `train.unfreeze: N` the stem and the blocks before the last N are frozen and stay in eval mode;
+without augmentation they compute the same output for an image in every epoch (BatchNorm
+statistics too: frozen blocks never update theirs, `train.freeze_bn` or not). So the trunk runs
+once per image (`TrunkCache`, kept under `data.cache_dir/trunk/` and keyed like the feature cache:
+backbone, weights, image size, preprocessing and torch version, then the cut, one row per image
+md5), and every epoch trains the tail (the unfrozen blocks and the head) on those rows: the same
+computation as through the whole backbone, to float rounding.
+
+`training_data` decides which path runs and logs it: the cached trunk, or decoded images through
+the whole backbone, with the reason (augmentation on, nothing frozen, an architecture
+`components.backbones.trunk` cannot cut, `train.cache_trunk: false`, or over the budget).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from components.backbones.classifier import GraftClassifier
+from components.backbones.features import cache_key
+from components.backbones.spec import BackboneSpec
+from components.backbones.trunk import TrunkSplit, split_backbone
+from components.backbones.unfreeze import Trainable
+from components.core.config import Params
+from components.core.errors import ModelError
+from components.core.files import file_md5
+from components.data.images import load_batch
+from components.data.split import Split
+from components.train.network import TrainingData, labels_of, load_images
+
+log = logging.getLogger(__name__)
+
+
+TRUNK_BUDGET_BYTES = 4 << 30
+"""Trunk rows one run trains on (train + val, float32) are kept in memory; above this, training runs
+through the whole backbone instead (the decoded images it then keeps are 3 bytes a pixel)."""
+
+
+class TrunkCache:
+    """The trunk's output for one backbone, image size and cut: `<key>.npy` (float32 rows, memory-mapped)
+    and `<key>.json` (the image md5 of each row).
+
+    Rows are only ever appended, so an index written earlier still describes a newer rows file: a
+    reader that meets a half-finished update sees fewer rows, never wrong ones.
+    """
+
+    def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, frozen_blocks: int) -> None:
+        self.spec, self.image_size = spec, image_size
+        stem = Path(cache_dir) / "trunk" / f"{cache_key(spec, image_size, seed)}-frozen{frozen_blocks}"
+        self.rows_path, self.index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+        self.hits = 0
+        self.misses = 0
+
+    def _read(self) -> tuple[list[str], np.ndarray | None]:
+        if not (self.rows_path.is_file() and self.index_path.is_file()):
+            return [], None
+        try:
+            md5s = json.loads(self.index_path.read_text())["md5"]
+            rows = np.load(self.rows_path, mmap_mode="r")
+            if len(rows) < len(md5s):
+                raise ValueError(f"{len(md5s)} md5s for {len(rows)} rows")
+            return md5s, rows
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("trunk cache %s is unreadable (%s); recomputing it", self.rows_path, exc)
+            return [], None
+
+    def _append(self, old: np.ndarray | None, md5s: list[str], fresh: np.ndarray) -> None:
+        self.rows_path.parent.mkdir(parents=True, exist_ok=True)
+        kept = 0 if old is None else len(md5s) - len(fresh)
+        tmp = self.rows_path.with_suffix(f".{os.getpid()}.tmp.npy")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(kept + len(fresh), *fresh.shape[1:]))
+        if kept:
+            out[:kept] = old[:kept]
+        out[kept:] = fresh
+        out.flush()
+        del out
+        os.replace(tmp, self.rows_path)
+        index_tmp = self.index_path.with_suffix(f".{os.getpid()}.tmp")
+        index_tmp.write_text(json.dumps({"md5": md5s}))
+        os.replace(index_tmp, self.index_path)
+
+    def get(self, paths: Sequence[Path], trunk: TrunkSplit, preprocess: torch.nn.Module, batch_size: int) -> np.ndarray:
+        """Trunk rows of `paths` (in that order), computing and storing only those not cached yet."""
+        md5s = [file_md5(p) for p in paths]
+        known, rows = self._read()
+        position = {m: i for i, m in enumerate(known)}
+        todo = sorted({m: p for m, p in zip(md5s, paths, strict=True) if m not in position}.items())
+        if rows is not None and todo and tuple(rows.shape[1:]) != tuple(self._shape(trunk, preprocess)):
+            known, rows, position = [], None, {}  # another torch or model build: start over
+            todo = sorted({m: p for m, p in zip(md5s, paths, strict=True)}.items())
+        self.hits += len(paths) - sum(1 for m in md5s if m not in position)
+        self.misses += len(todo)
+        if todo:
+            log.info("running the %d frozen blocks of %s over %d images (once; cached in %s)", trunk.frozen_blocks, self.spec.name, len(todo), self.rows_path.parent)
+            started = time.perf_counter()
+            fresh = _run_trunk(trunk, preprocess, [p for _, p in todo], self.image_size, batch_size, f"{self.spec.name} frozen blocks")
+            seconds = time.perf_counter() - started
+            log.info("frozen blocks: %d images in %.1f s (%.0f images/s)", len(todo), seconds, len(todo) / max(seconds, 1e-9))
+            known = known + [m for m, _ in todo]
+            self._append(rows, known, fresh)
+            known, rows = self._read()
+            position = {m: i for i, m in enumerate(known)}
+        return np.asarray(rows[[position[m] for m in md5s]], dtype=np.float32)
+
+    def _shape(self, trunk: TrunkSplit, preprocess: torch.nn.Module) -> tuple[int, ...]:
+        with torch.inference_mode():
+            probe = torch.zeros((1, self.image_size, self.image_size, 3), dtype=torch.uint8)
+            return tuple(trunk.trunk(preprocess(probe)).shape[1:])
+
+
+@torch.inference_mode()
+def _run_trunk(trunk: TrunkSplit, preprocess: torch.nn.Module, paths: list[Path], size: int, batch_size: int, desc: str) -> np.ndarray:
+    chunks = []
+    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
+    for start in range(0, len(paths), batch_size):
+        images = torch.from_numpy(load_batch(paths[start : start + batch_size], size))
+        chunks.append(trunk.trunk(preprocess(images)).float().numpy())
+        bar.update(len(images))
+    bar.close()
+    return np.concatenate(chunks)
+
+
+def _why_not_cached(params: Params, trainable: Trainable) -> str | None:
+    cfg = params.train
+    if not cfg.cache_trunk:
+        return "train.cache_trunk is false"
+    if cfg.augment:
+        return "augmentation is on, so the frozen blocks see new pixels every epoch and their output cannot be cached"
+    if trainable.blocks >= trainable.total_blocks:
+        return "train.unfreeze trains every block, so nothing is fixed to compute once"
+    return None
+
+
+def trunk_split(model: GraftClassifier, trainable: Trainable, image_size: int) -> TrunkSplit:
+    """The model's backbone cut where `trainable` begins (see `components.backbones.trunk.split_backbone`)."""
+    return split_backbone(model.backbone, trainable.total_blocks - trainable.blocks, image_size)
+
+
+def _usable_cut(params: Params, split: Split, size: int, model: GraftClassifier, trainable: Trainable) -> TrunkSplit | str:
+    """The cut to cache, or why training must run through the whole backbone."""
+    reason = _why_not_cached(params, trainable)
+    if reason is not None:
+        return reason
+    try:
+        cut = trunk_split(model, trainable, size)
+    except ModelError as exc:
+        return str(exc)
+    needed = (len(split.train) + len(split.val)) * _row_bytes(cut, model, size)
+    if needed > TRUNK_BUDGET_BYTES:
+        return (f"the frozen blocks' output for {len(split.train) + len(split.val)} images needs {needed / 2**30:.1f} GiB, "
+                f"over the {TRUNK_BUDGET_BYTES / 2**30:.0f} GiB budget")
+    return cut
+
+
+def training_data(params: Params, split: Split, spec: BackboneSpec, size: int, model: GraftClassifier, trainable: Trainable) -> TrainingData:
+    """What the epochs of a strategy that trains `trainable` read: the cached trunk's rows when the frozen
+    part is a fixed function, else the decoded images (the log says which, and why).
+
+    Raises:
+        TrainingError: the decoded images would not fit the memory budget (the full path only).
+    """
+    cut = _usable_cut(params, split, size, model, trainable)
+    if isinstance(cut, str):
+        log.info("training through the whole backbone every epoch: %s", cut)
+        return load_images(split, size)
+    return cached_trunk_data(params, split, spec, size, model, cut)
+
+
+def prepare_trunk_cache(params: Params, split: Split, spec: BackboneSpec, size: int, model: GraftClassifier, trainable: Trainable) -> None:
+    """Fill the trunk cache for this run, where it applies (before several training processes read it)."""
+    cut = _usable_cut(params, split, size, model, trainable)
+    if not isinstance(cut, str):
+        cached_trunk_data(params, split, spec, size, model, cut)
+
+
+def _row_bytes(cut: TrunkSplit, model: GraftClassifier, size: int) -> int:
+    with torch.inference_mode():
+        return 4 * int(np.prod(cut.trunk(model.preprocess(torch.zeros((1, size, size, 3), dtype=torch.uint8))).shape[1:]))
+
+
+def cached_trunk_data(params: Params, split: Split, spec: BackboneSpec, size: int, model: GraftClassifier, cut: TrunkSplit) -> TrainingData:
+    """The trunk's rows of the training and validation images, from the cache (computing what is missing)."""
+    cache = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, cut.frozen_blocks)
+    model.eval()
+    rows = cache.get([s.path for s in split.train + split.val], cut, model.preprocess, params.choose.batch_size)
+    train, val = torch.from_numpy(rows[: len(split.train)]), torch.from_numpy(rows[len(split.train) :])
+    log.info(
+        "cached trunk: %d frozen blocks of %s ran once per image (%d cached, %d computed; %s per image, %s); "
+        "each epoch runs only the blocks that train and the head",
+        cut.frozen_blocks, spec.name, cache.hits, cache.misses, "x".join(map(str, train.shape[1:])), cache.rows_path,
+    )
+    return TrainingData(train, torch.from_numpy(labels_of(split.train)), val, torch.from_numpy(labels_of(split.val)), len(split.classes), cut)
+
+
+def trunk_features(params: Params, model: GraftClassifier, spec: BackboneSpec, paths: Sequence[Path], size: int, frozen_blocks: int) -> np.ndarray:
+    """Pooled features of a trained model whose first `frozen_blocks` never trained: cached trunk rows, then its tail.
+
+    Raises:
+        ModelError: the backbone cannot be cut there, or its trunk is not the pre-trained one the cache holds.
+    """
+    cut = split_backbone(model.backbone, frozen_blocks, size)
+    pretrained = split_backbone(spec.build(size, seed=params.train.seed), frozen_blocks, size)
+    ours, theirs = cut.trunk.state_dict(), pretrained.trunk.state_dict()
+    if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
+        raise ModelError(f"the first {frozen_blocks} blocks of the trained {spec.name} differ from its pre-trained weights")
+    model.eval()
+    rows = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, frozen_blocks).get(paths, cut, model.preprocess, params.choose.batch_size)
+    with torch.inference_mode():
+        return np.concatenate([
+            cut.tail(torch.from_numpy(rows[start : start + params.choose.batch_size])).float().numpy()
+            for start in range(0, len(rows), params.choose.batch_size)
+        ]) if len(rows) else np.zeros((0, 0), dtype=np.float32)

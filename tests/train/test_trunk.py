@@ -1,0 +1,166 @@
+"""The cached trunk: fine-tuning on the frozen blocks' cached output trains the model training through the
+whole backbone trains, says which path ran, reuses its cache, and cuts only backbones it can cut exactly."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from components.backbones.trunk import split_backbone
+from components.backbones.unfreeze import select_trainable
+from components.backbones.zoo import get_spec
+from components.core.errors import ModelError
+from components.data.folders import scan
+from components.train.stage import fine_tune, load_classifier, predict_logits
+from tests.train.test_train import SIZE, choice, make_params
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "extra"),
+    [("fine_tune", ()), ("fine_tune", ("train.freeze_bn=false", "train.unfreeze=2")), ("two_stage", ())],
+    ids=["fine_tune", "fine_tune-bn-trained", "two_stage"],
+)
+def test_the_cached_trunk_trains_the_model_the_whole_backbone_trains(digits_dir, tmp_path, caplog, strategy, extra):
+    """Same seed and data, cache on and off: the same losses every epoch, the same predictions and the same weights,
+    to float rounding. (The trunk's rows come from batches of another size, so sums run in another order; AdamW
+    moves a weight by about its learning rate per step whatever the gradient's size, so where a gradient is
+    near zero that rounding can move it by up to lr x steps: 1e-4 x 9 here.)"""
+    split = scan(digits_dir)
+    results = {}
+    for cached in (True, False):
+        params = make_params(digits_dir, tmp_path / str(cached), tmp_path / f"cache-{cached}", f"train.strategy={strategy}",
+                             "train.epochs=3", "train.patience=50", "train.resume=false", f"train.cache_trunk={str(cached).lower()}",
+                             "train.mixed_precision=false", *extra)  # float32 on both paths: the cache is what is compared
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="components"):
+            results[cached] = fine_tune(params, split, choice(), tmp_path / f"run-{cached}")
+        ran = "cached trunk:" in caplog.text
+        assert ran == cached, caplog.text
+        if not cached:
+            assert "training through the whole backbone every epoch: train.cache_trunk is false" in caplog.text
+    fast, slow = results[True], results[False]
+    assert fast.epochs_run == slow.epochs_run
+    for a, b in zip(fast.history, slow.history, strict=True):
+        for key in ("train/loss", "val/loss", "val/accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    expected, actual = load_classifier(slow.checkpoint_path)[0], load_classifier(fast.checkpoint_path)[0]
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(actual.state_dict()[name], tensor, rtol=5e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+    from components.data.images import load_batch
+
+    images = torch.from_numpy(load_batch([s.path for s in split.val + split.test], SIZE))
+    with torch.no_grad():
+        torch.testing.assert_close(actual(images), expected(images), rtol=0, atol=1e-3)
+
+
+@pytest.mark.skipif(not __import__("components.runtime.cpu", fromlist=["cpu_facts"]).cpu_facts().bf16, reason="no native bfloat16 on this CPU")
+def test_bfloat16_on_the_cached_trunk_changes_the_losses_by_rounding_only(digits_dir, tmp_path, caplog):
+    """`train.mixed_precision: auto` on a CPU with native bfloat16: the tail runs under bfloat16 autocast (the log
+    says so), and every epoch's losses stay within bfloat16's rounding of float32's."""
+    split = scan(digits_dir)
+    runs = {}
+    for precision in ("auto", "false"):
+        params = make_params(digits_dir, tmp_path / precision, tmp_path / "cache", "train.strategy=fine_tune", "train.epochs=3",
+                             "train.patience=50", "train.resume=false", f"train.mixed_precision={precision}")
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="components"):
+            runs[precision] = fine_tune(params, split, choice(), tmp_path / f"run-{precision}")
+        assert ("on cpu, bfloat16 autocast" in caplog.text) == (precision == "auto"), caplog.text
+    for a, b in zip(runs["auto"].history, runs["false"].history, strict=True):
+        for key in ("train/loss", "val/loss"):
+            assert a[key] == pytest.approx(b[key], rel=3e-2), key
+        assert abs(a["val/accuracy"] - b["val/accuracy"]) <= 1 / len(split.val) + 1e-9
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        (("train.augment=true",), "augmentation is on, so the frozen blocks see new pixels every epoch"),
+        (("train.unfreeze=all",), "train.unfreeze trains every block, so nothing is fixed to compute once"),
+    ],
+)
+def test_where_the_trunk_is_not_a_fixed_function_training_runs_through_the_whole_backbone_and_says_why(
+    digits_dir, feature_cache_dir, tmp_path, caplog, overrides, reason
+):
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=1", *overrides)
+    with caplog.at_level(logging.INFO, logger="components"):
+        result = fine_tune(params, scan(digits_dir), choice(), tmp_path / "run")
+    assert f"training through the whole backbone every epoch: {reason}" in caplog.text
+    assert "cached trunk:" not in caplog.text
+    assert load_classifier(result.checkpoint_path)[1]["frozen_blocks"] == (0 if "all" in overrides[0] else 15)
+
+
+def test_the_trunk_cache_is_reused_by_the_next_run_and_by_scoring(digits_dir, tmp_path, caplog):
+    from components.data.images import load_batch
+
+    params = make_params(digits_dir, tmp_path, tmp_path / "cache", "train.strategy=fine_tune", "train.epochs=1")
+    split = scan(digits_dir)
+    trained_on = len(split.train) + len(split.val)
+    with caplog.at_level(logging.INFO, logger="components.train.trunk"):
+        fine_tune(params, split, choice(), tmp_path / "run1")
+        assert f"(0 cached, {trained_on} computed;" in caplog.text
+        caplog.clear()
+        result = fine_tune(params, split, choice(), tmp_path / "run2")
+        assert f"({trained_on} cached, 0 computed;" in caplog.text
+    rows = list((tmp_path / "cache" / "trunk").glob("*.npy"))
+    assert len(rows) == 1 and np.load(rows[0], mmap_mode="r").shape[0] == trained_on
+    # scoring the test images reads the trunk from the cache too (computing their rows once), and gives
+    # exactly what the deployable model computes through its whole backbone
+    paths = [s.path for s in split.test]
+    logits = predict_logits(params, result, paths)
+    assert np.load(rows[0], mmap_mode="r").shape[0] == trained_on + len(paths)
+    model, _ = load_classifier(result.checkpoint_path)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(load_batch(paths, SIZE))).numpy()
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), direct, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name", ["efficientnet_lite0", "random_resnet18", "random_mobilenet_v3_small", "random_mobilenet_v2",
+             "random_efficientnet_b0", "random_regnet_y_400mf", "random_convnext_tiny"],
+)
+def test_backbones_are_cut_into_a_trunk_and_a_tail_that_compute_the_whole(name):
+    backbone = get_spec(name).build(SIZE)
+    trainable = select_trainable(backbone, 2)
+    cut = split_backbone(backbone, trainable.total_blocks - trainable.blocks, SIZE)
+    images = torch.rand(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        torch.testing.assert_close(cut.tail(cut.trunk(images)), backbone(images), rtol=1e-4, atol=1e-4)
+    trained = {id(p) for p in backbone.parameters() if p.requires_grad}
+    assert trained == {id(p) for p in cut.tail.parameters()} & trained  # every trainable weight is in the tail
+    assert not any(p.requires_grad for p in cut.trunk.parameters())
+
+
+def test_a_backbone_that_cannot_be_cut_exactly_is_refused_with_the_reason():
+    vit = get_spec("random_vit_b_16").build(224)
+    with pytest.raises(ModelError, match="VisionTransformer has no forward Graft knows how to cut"):
+        split_backbone(vit, 3, 224)
+    lite = get_spec("efficientnet_lite0").build(SIZE)
+    with pytest.raises(ModelError, match="no block frozen"):
+        split_backbone(lite, 0, SIZE)
+
+    class LooksLikeAResNet(nn.Module):  # layer1-4 like a ResNet, but its forward skips layer3
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1, self.bn1, self.relu, self.maxpool = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Identity()
+            self.layer1, self.layer2, self.layer3, self.layer4 = (nn.Conv2d(4, 4, 3, padding=1) for _ in range(4))
+            self.avgpool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            return torch.flatten(self.avgpool(self.layer4(self.layer2(self.layer1(x)))), 1)
+
+    with pytest.raises(ModelError, match="does not reproduce its own forward"):
+        split_backbone(LooksLikeAResNet().eval(), 2, SIZE)
