@@ -49,11 +49,12 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def _registry_params(args: argparse.Namespace) -> Params:
-    """`_params`, with MLflow pointed at the store `graft run` writes to."""
-    from components.registry.tracking import tracking_uri, use_tracking_uri
+    """`_params`, with MLflow pointed at the registry to read: MLFLOW_TRACKING_URI, else the store of `--params`,
+    else the project's own store when run inside the project; else one error naming MLFLOW_TRACKING_URI."""
+    from components.registry.tracking import consumer_store
 
     params = _params(args)
-    use_tracking_uri(tracking_uri(params))
+    consumer_store(params if getattr(args, "params", None) else None)
     return params
 
 
@@ -117,8 +118,9 @@ def _client():  # noqa: ANN202 - mlflow.MlflowClient
 def _serve(args: argparse.Namespace) -> int:
     from components.serve.server import ServeSettings, serve
 
-    params = _registry_params(args)
-    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata); Ctrl-C stops it", flush=True)
+    params = _params(args) if Path(args.model).exists() else _registry_params(args)  # a file or bundle needs no registry
+    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata, "
+          "Open Inference Protocol under /v2); Ctrl-C stops it", flush=True)
     serve(args.model, args.host, args.port, ServeSettings.from_params(params, args.variant))
     return 0
 

@@ -49,7 +49,8 @@ def plot_ranking(choice: ChooseResult, path: Path) -> Path:
 def log_choice(run: Run, choice: ChooseResult, run_dir: Path) -> None:
     """A child run per candidate, the ranking as JSON and text, and its bar chart."""
     for row in choice.candidates:
-        child = run.child(f"candidate: {row.name}")
+        # the backbone's own name first: the MLflow UI cuts run names short
+        child = run.child(f"{row.name} (chosen)" if row.name == choice.chosen else row.name, f"Candidate backbone: {row.status}")
         child.log_params({"backbone": row.name, "pretrained": row.pretrained, "image_size": row.image_size, "status": row.status[:500]})
         metrics = {
             "choose/logme": row.logme,
