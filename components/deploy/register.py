@@ -251,6 +251,7 @@ def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int,
             input_example=example,
             onnx_execution_providers=choose_providers(),
             save_as_external_data=False,
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # not inferred: that loads the model in a subprocess
         )
         # the fp32 file too: the registered bytes are the exported ones the gate judged, not MLflow's re-save
         copied = copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)

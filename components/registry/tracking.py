@@ -118,7 +118,7 @@ def consumer_store(params: Params | None = None) -> str:
     if is_tracking_uri_set():
         import mlflow
 
-        return mlflow.get_tracking_uri()
+        return _opened(_existing_store(mlflow.get_tracking_uri(), f"{TRACKING_URI_ENV} or mlflow.set_tracking_uri names it"))
     if params is None:
         found = project_params_file()
         if found is None:
@@ -131,8 +131,30 @@ def consumer_store(params: Params | None = None) -> str:
         why = f"the store of the project at {found.parent}"
     else:
         why = "tracking.store_dir of the params file given"
-    uri = _existing_store(tracking_uri(params), why)
+    uri = _opened(_existing_store(tracking_uri(params), why))
     use_tracking_uri(uri)
+    return uri
+
+
+_opened_stores: set[str] = set()
+
+
+def _opened(uri: str) -> str:
+    """`uri`, once a SQLite store there opens (checked once per process): a damaged or foreign file is one
+    `TrackingStoreError`, not a traceback from the first MLflow call. Servers are not probed here; their calls
+    report their own failures (`components.registry.mlflow_calls`)."""
+    if _sqlite_path(uri) is None or uri in _opened_stores:
+        return uri
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri, uri).search_registered_models(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a store that will not open
+        raise TrackingStoreError(
+            f"cannot open the MLflow store {uri} ({mlflow_calls.first_line(exc)}); is it an MLflow store of this version "
+            f"(`mlflow db upgrade {uri}` migrates an older one)? Or set {TRACKING_URI_ENV} to the registry to read"
+        ) from exc
+    _opened_stores.add(uri)
     return uri
 
 

@@ -249,3 +249,107 @@ def _download_card(found, name: str, dst: Path) -> Path | None:  # noqa: ANN001 
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing artifact
         log.info("model card %s not found (%s); bundle written without it", uri, mlflow_first_line(exc))
         return None
+
+
+# ---------------------------------------------------------------- a Triton model repository
+
+TRITON_CONFIG = "config.pbtxt"
+
+
+TRITON_QUEUE_DELAY_US = 2000
+"""How long Triton's dynamic batcher may hold a request to batch it with others (2 ms)."""
+
+
+@dataclass(frozen=True)
+class TritonRepository:
+    """A Triton model repository written from a registered version: `root/<name>/config.pbtxt`, `root/<name>/<version>/model.onnx`."""
+
+    root: Path
+    name: str
+    version: str
+    variant: str
+    config: Path
+
+
+def triton_config(name: str, version: str, input_name: str, output_name: str, image_size: int, classes: int, max_batch: int,
+                  source: str, queue_delay_us: int = TRITON_QUEUE_DELAY_US) -> str:
+    """`config.pbtxt` for Triton's onnxruntime backend: the model's tensors, dynamic batching, the one version, its labels."""
+    return f"""# Written by `graft bundle --format triton` from {source}
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch}
+version_policy: {{ specific: {{ versions: [ {version} ] }} }}
+input [
+  {{
+    name: "{input_name}"
+    data_type: TYPE_UINT8
+    dims: [ {image_size}, {image_size}, 3 ]
+  }}
+]
+output [
+  {{
+    name: "{output_name}"
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
+    label_filename: "{LABELS}"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {queue_delay_us}
+}}
+parameters {{ key: "graft.source" value: {{ string_value: "{source}" }} }}
+"""
+
+
+def triton_from_registry(model_uri: str, out_dir: Path, variant: str = "fp32", max_batch: int = 32) -> TritonRepository:
+    """Write a Triton model repository for a registered version (`models:/NAME@ALIAS` or `models:/NAME/V`) into `out_dir`.
+
+    The model file is checked against the digest registration recorded (and the version's signature when
+    GRAFT_VERIFY_KEY is set) before it is written; Triton then serves it with dynamic batching, and a caller
+    of `graft serve`'s `/v2` endpoints calls Triton the same way. `SHA256SUMS` beside `config.pbtxt` lists
+    what was written (`sha256sum -c`).
+
+    Raises:
+        BundleError: not a registry URI, the variant was not published, or `out_dir` is not empty.
+    """
+    import onnxruntime as ort
+    from mlflow import MlflowClient
+
+    parsed = parse_registry_uri(model_uri)
+    if parsed is None:
+        raise BundleError(f"'{model_uri}' is not a registry URI; pass models:/NAME@champion or models:/NAME/VERSION")
+    name, alias, version = parsed
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BundleError(f"folder '{out_dir}' exists and is not empty; pass a new folder with --out or delete it")
+    found = registry_version(name, alias, version)
+    if variant not in published_variants(found.tags):
+        raise BundleError(f"variant '{variant}' was not published for {name} v{found.version} (published: {', '.join(published_variants(found.tags))})")
+    filename = variant_filename(variant)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        checked = fetch_registered(MlflowClient(), found, [filename], staging / ".download")
+        model_dir = staging / name
+        (model_dir / str(found.version)).mkdir(parents=True)
+        target = model_dir / str(found.version) / FP32_FILE  # Triton's onnxruntime backend looks for model.onnx
+        shutil.copyfile(checked.paths[filename], target)
+        shutil.rmtree(staging / ".download")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        classes = json.loads(meta["classes"])
+        (model_dir / LABELS).write_text("".join(f"{label}\n" for label in classes))
+        source = f"models:/{name}/{found.version} ({variant})"
+        (model_dir / TRITON_CONFIG).write_text(triton_config(
+            name, str(found.version), session.get_inputs()[0].name, session.get_outputs()[0].name, int(meta["image_size"]),
+            len(classes), max_batch, source))
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+        (model_dir / CHECKSUMS).write_text("".join(f"{sha256(p)}  {p.relative_to(model_dir).as_posix()}\n" for p in files))
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.replace(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("Triton model repository for %s v%s (%s) written to %s", name, found.version, variant, out_dir)
+    return TritonRepository(out_dir, name, str(found.version), variant, out_dir / name / TRITON_CONFIG)
