@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     from flows.training import train_flow
 
     report_dir = Path(args.report).resolve() if args.report else None
-    summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
+    summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask: where tasks run
     if args.summary:
         summary.write(Path(args.summary))
     print(summary.text())
