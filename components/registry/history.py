@@ -185,13 +185,25 @@ def _encode(move: AliasMove) -> str:
     return json.dumps(asdict(move), separators=(",", ":"))
 
 
+def describe_move(move: AliasMove) -> str:
+    """Who moved an alias and when, in words: `the gate of graft run 60c2... on 2026-11-28 04:07 UTC`."""
+    who = {
+        "gate": f"the gate of {move.who}",
+        "promote": f"`graft promote` by {move.who}",
+        "rollback": f"`graft rollback` by {move.who}",
+        "manual": "a move outside Graft (MLflow UI or API)",
+    }.get(move.action, f"{move.action} by {move.who}")
+    try:
+        when = datetime.fromisoformat(move.when).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        when = move.when
+    return f"{who} on {when}"
+
+
 def latest_move(tags: Mapping[str, str], alias: str = CHAMPION) -> str | None:
-    """How a version last became `alias`, in words (`gate by graft run ... at ...: why`), from its own tags."""
+    """How a version last became `alias`, in words (`describe_move`), from its own tags (older Graft: `graft.promoted_by`)."""
     moves = [move for _, move in version_moves("", tags) if move.alias == alias]
-    if moves:
-        last = moves[-1]
-        return f"{last.action} by {last.who} at {last.when}"
-    return tags.get(PROMOTED_BY_TAG)
+    return describe_move(moves[-1]) if moves else tags.get(PROMOTED_BY_TAG)
 
 
 def record_manual_move(client, name: str, alias: str = CHAMPION) -> AliasMove | None:  # noqa: ANN001

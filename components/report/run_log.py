@@ -36,11 +36,12 @@ def log_run_start(run: Run, params: Params, split: Split, data_md5: str, commit:
 
 
 def run_name(summary: RunSummary) -> str:
-    """`backbone · strategy · outcome`: what the runs table shows for the run."""
+    """`outcome · backbone · strategy` (`champion v3 · efficientnet_lite1 · feature_extraction`): the outcome first,
+    since MLflow's runs table cuts names at about twenty characters."""
     deployed = summary.deployed
     outcome = (f"champion v{deployed.version}" if CHAMPION in deployed.aliases
-               else f"v{deployed.version} held" if deployed.held else f"v{deployed.version} kept champion")
-    return f"{summary.trained.backbone} · {summary.trained.strategy} · {outcome}"
+               else f"challenger v{deployed.version} (held)" if deployed.held else f"challenger v{deployed.version}")
+    return f"{outcome} · {summary.trained.backbone} · {summary.trained.strategy}"
 
 
 def run_description(summary: RunSummary) -> str:

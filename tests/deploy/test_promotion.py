@@ -22,7 +22,7 @@ def test_promote_then_rollback_walks_the_recorded_history(active_registry):  # n
     assert alias_version(client, NAME) == reg.v2
     last = read_history(client, NAME)[-1]
     assert (last.version, last.previous, last.action, last.who, last.why) == (reg.v2, reg.v1, "promote", "alice@test", "better on the new data")
-    assert latest_move(client.get_model_version(NAME, reg.v2).tags).startswith("promote by alice@test at ")
+    assert latest_move(client.get_model_version(NAME, reg.v2).tags).startswith("`graft promote` by alice@test on ")
     assert alias_version(client, NAME, "challenger") is None  # the champion is the newest version: nothing challenges it
     assert "**Champion: v2**" in client.get_registered_model(NAME).description and "**No challenger**" in client.get_registered_model(NAME).description
 

@@ -63,7 +63,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert details["data"]["classes"] == ["0", "1", "7"] and details["model"]["weights.source"]
 
     # the run: a readable name, a description with the verdict, its source, commit and dataset
-    assert run.info.run_name == f"efficientnet_lite0 · feature_extraction · champion v{number}"
+    assert run.info.run_name == f"champion v{number} · efficientnet_lite0 · feature_extraction"
     assert run.data.tags["mlflow.note.content"].startswith("**Promoted to champion.**")
     assert run.data.tags["mlflow.source.name"] == "graft run" and run.data.tags["mlflow.source.git.commit"]
     (dataset,) = run.inputs.dataset_inputs
@@ -95,7 +95,7 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
                                                                      "gate.verdict": "keep champion"})
     text = describe_model("graft-digits", champion, challenger)
     assert text.startswith("Classifies RGB images into 10 classes.\n\n**Champion: v3** (efficientnet_lite1, test accuracy 0.9167")
-    assert "made champion by promote by alice@host at 2026-11-28T03:15:00+00:00" in text and "beats champion v2's 0.9000" in text
+    assert "made champion by `graft promote` by alice@host on 2026-11-28 03:15 UTC" in text and "beats champion v2's 0.9000" in text
     assert "**Challenger: v4** (efficientnet_lite0, test accuracy 0.9000)" in text and "Gate: keep champion" in text
     assert 'OnnxClassifier.load("models:/graft-digits@champion")' in text and "graft history --name graft-digits" in text
     assert "**No champion yet**" in describe_model("m", None, challenger)

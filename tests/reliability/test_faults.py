@@ -219,7 +219,7 @@ def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(p
     assert all(fault.hits == 1 for fault in proxy.faults), proxy.faults
     client = _client(proxy.url)
     assert alias_version(client, name) == version and alias_version(client, name, "challenger") is None
-    assert latest_move(client.get_model_version(name, version).tags).startswith("gate by")
+    assert latest_move(client.get_model_version(name, version).tags).startswith("the gate of graft run ")
     assert [(m.version, m.action) for m in read_history(client, name)] == [(version, "gate")]
 
 
