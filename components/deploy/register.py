@@ -280,16 +280,12 @@ def _maybe_json(value: str) -> object:
 
 def _check_source(run: Run, name: str, logged: LoggedModel) -> None:
     """Graft registers only what its own run logged: a LoggedModel of this run (or a folder in its artifacts)."""
-    from mlflow.exceptions import MlflowException
-
     fix = "log the model with log_onnx_model(run, ...) first"
     match = LOGGED_MODEL_URI.match(logged.source)
     if logged.run_id == run.run_id and match:
-        try:
-            source_run = run.client.get_logged_model(match["model_id"]).source_run_id
-        except MlflowException:
-            source_run = None
-        if source_run == run.run_id:
+        model = mlflow_calls.call(f"reading logged model {match['model_id']}", lambda: run.client.get_logged_model(match["model_id"]),
+                                  uri=run.uri)
+        if model.source_run_id == run.run_id:
             return
     elif logged.run_id == run.run_id and uri_inside(logged.source, run.artifact_uri()):
         return

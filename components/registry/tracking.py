@@ -105,21 +105,25 @@ def _existing_store(uri: str, why: str) -> str:
 def consumer_store(params: Params | None = None) -> str:
     """Point MLflow at the registry a consumer reads, and return its URI; never creates a store.
 
-    In this order: an MLflow URI already set (`MLFLOW_TRACKING_URI`, or `mlflow.set_tracking_uri` in this
-    process); the store of `params` (an explicit `--params` file); the project's own store when the
-    working directory is inside a Graft project (`project_params_file`).
+    In this order: `MLFLOW_TRACKING_URI` when the user set it; the store of `params` (an explicit `--params`
+    file); an URI already set in this process (`mlflow.set_tracking_uri` in the user's code, or Graft's own run);
+    the project's own store when the working directory is inside a Graft project (`project_params_file`).
 
     Raises:
         TrackingStoreError: none of these names a store, or the project's store has not been created yet;
             the message names `MLFLOW_TRACKING_URI`.
     """
+    import mlflow
     from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 
-    if is_tracking_uri_set():
-        import mlflow
-
-        return _opened(_existing_store(mlflow.get_tracking_uri(), f"{TRACKING_URI_ENV} or mlflow.set_tracking_uri names it"))
-    if params is None:
+    env = os.environ.get(TRACKING_URI_ENV)
+    if env and env != _uri_set_by_graft:
+        uri, why = env, f"{TRACKING_URI_ENV} names it"
+    elif params is not None:
+        uri, why = tracking_uri(params), "tracking.store_dir of the params file given"
+    elif is_tracking_uri_set():
+        return _opened(_existing_store(mlflow.get_tracking_uri(), "the tracking URI set in this process"))
+    else:
         found = project_params_file()
         if found is None:
             raise TrackingStoreError(
@@ -127,11 +131,8 @@ def consumer_store(params: Params | None = None) -> str:
                 f"(e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE}), "
                 "or run from inside the Graft project"
             )
-        params = load_params(found)
-        why = f"the store of the project at {found.parent}"
-    else:
-        why = "tracking.store_dir of the params file given"
-    uri = _opened(_existing_store(tracking_uri(params), why))
+        uri, why = tracking_uri(load_params(found)), f"the store of the project at {found.parent}"
+    uri = _opened(_existing_store(uri, why))
     use_tracking_uri(uri)
     return uri
 
