@@ -99,7 +99,15 @@ def diagnose_int8(fp32_path: Path, calibration: np.ndarray, images: np.ndarray, 
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from components.deploy.int8 import CALIBRATION_BATCH, INT8_OP_TYPES, _Calibration, correct_weight_bias, float_nodes, rounded_like_onnxruntime, to_int8
+    from components.deploy.int8 import (
+        CALIBRATION_BATCH,
+        INT8_OP_TYPES,
+        _Calibration,
+        correct_weight_bias,
+        float_nodes,
+        rounded_like_onnxruntime,
+        to_int8,
+    )
     from components.deploy.variants import time_against_fp32
     from components.runtime.model import OnnxClassifier
 
@@ -194,7 +202,6 @@ def main() -> int:
     from components.deploy.variants import build_variants
     from components.runtime.model import OnnxClassifier
     from components.runtime.providers import has_nvidia_gpu
-    from components.runtime.variant_files import variant_path
     from components.train.stage import fine_tune, load_classifier
 
     params = load_params(ROOT / "params.yaml", ["train.strategy=feature_extraction"])

@@ -6,7 +6,7 @@
     graft promote --name NAME --version V [--reason TEXT]  # the gate's checks, then champion -> V
     graft rollback --name NAME [--reason TEXT]             # champion back to the one before
     graft history --name NAME                              # who moved champion, when, why; ! marks failed versions
-    graft bundle --model models:/NAME@champion --out DIR   # ONNX files, labels, card, SHA256SUMS
+    graft bundle --model models:/NAME@champion --out DIR [--format triton]   # ONNX files, labels, card, SHA256SUMS; or a Triton repository
     graft prepare [--split PATH]                  # dvc stage: pull, check and split the data
     graft evaluate [--summary PATH] [--split PATH] [--out DIR]   # dvc stage: the ONNX model on the held-out split
     graft retrain [--force]                       # train only if data.dvc or the parameters changed
@@ -49,11 +49,12 @@ def _params(args: argparse.Namespace) -> Params:
 
 
 def _registry_params(args: argparse.Namespace) -> Params:
-    """`_params`, with MLflow pointed at the store `graft run` writes to."""
-    from components.registry.tracking import tracking_uri, use_tracking_uri
+    """`_params`, with MLflow pointed at the registry to read: MLFLOW_TRACKING_URI, else the store of `--params`,
+    else the project's own store when run inside the project; else one error naming MLFLOW_TRACKING_URI."""
+    from components.registry.tracking import consumer_store
 
     params = _params(args)
-    use_tracking_uri(tracking_uri(params))
+    consumer_store(params if getattr(args, "params", None) else None)
     return params
 
 
@@ -79,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def run() -> int:
         report_dir = Path(args.report).resolve() if args.report else None
-        summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask|ray: where tasks run
+        summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask: where tasks run
         if args.summary:
             summary.write(Path(args.summary))
         print(summary.text())
@@ -124,8 +125,9 @@ def _client():  # noqa: ANN202 - mlflow.MlflowClient
 def _serve(args: argparse.Namespace) -> int:
     from components.serve.server import ServeSettings, serve
 
-    params = _registry_params(args)
-    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata); Ctrl-C stops it", flush=True)
+    params = _params(args) if Path(args.model).exists() else _registry_params(args)  # a file or bundle needs no registry
+    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata, "
+          "Open Inference Protocol under /v2); Ctrl-C stops it", flush=True)
     serve(args.model, args.host, args.port, ServeSettings.from_params(params, args.variant))
     return 0
 
@@ -179,9 +181,15 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    from components.runtime.bundle import bundle_from_registry
+    from components.runtime.bundle import bundle_from_registry, triton_from_registry
 
-    _registry_params(args)
+    params = _registry_params(args)
+    if args.format == "triton":
+        repo = triton_from_registry(args.model, Path(args.out), args.variant, params.deploy.serve_max_batch)
+        print(f"Triton model repository of {repo.name} v{repo.version} ({repo.variant}) written to {repo.root.resolve()}")
+        print(f"next:\n  docker run --gpus all -p 8000:8000 -v {repo.root.resolve()}:/models nvcr.io/nvidia/tritonserver:<tag>-py3 "
+              "tritonserver --model-repository=/models")
+        return 0
     bundle = bundle_from_registry(args.model, Path(args.out))
     print(f"bundle of {bundle.name} v{bundle.version} ({', '.join(bundle.variants)}) written to {bundle.dir.resolve()}")
     print(f"next:\n  (cd {args.out} && sha256sum -c SHA256SUMS)\n  .venv/bin/graft predict --model {args.out} IMAGE...")
@@ -322,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     bundle = command("bundle", _bundle, "write a registered version's deploy bundle (ONNX files, labels, card, checksums)")
     bundle.add_argument("--model", required=True, help="models:/NAME@champion or models:/NAME/V")
     bundle.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    bundle.add_argument("--format", choices=("graft", "triton"), default="graft",
+                        help="graft: ONNX files, labels, card, SHA256SUMS (default); triton: a Triton model repository (config.pbtxt, dynamic batching)")
+    bundle.add_argument("--variant", default="fp32", help="--format triton: the variant to serve (fp32, optimized, fp16, int8)")
 
     prepare = command("prepare", _prepare, "pull and check the data, split it, write the split (dvc stage `prepare`)")
     prepare.add_argument("--split", default="outputs/split.json", metavar="PATH", help="where to write the split (default: outputs/split.json)")

@@ -71,3 +71,93 @@ def mlflow_server(folder: Path, *extra: str, env: dict[str, str] | None = None, 
             yield f"http://127.0.0.1:{port}"
         finally:
             stop(process)
+
+
+def postgres_binaries() -> Path | None:
+    """The folder of PostgreSQL's `initdb` and `pg_ctl` (Debian's `postgresql` package), or None when not installed."""
+    import glob
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(versions[-1]).parent if versions else None
+
+
+@contextlib.contextmanager
+def postgres_server(database: str = "mlflow", seconds: float = 120) -> Iterator[str]:
+    """A throwaway PostgreSQL server on a free localhost port with one database; yields its SQLAlchemy URI.
+
+    PostgreSQL refuses to run as root, so as root the server runs as the `postgres` user (Debian's package
+    creates it), in a folder of its own under the system's temp dir (pytest's folders are private to root).
+    """
+    import shutil
+    import tempfile
+
+    bin_dir = postgres_binaries()
+    if bin_dir is None:
+        raise RuntimeError("PostgreSQL is not installed: apt-get install postgresql (.ci/run does)")
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="graft-postgres-"))
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(folder, user.pw_uid, user.pw_gid)
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data, port = folder / "data", free_port()
+    try:
+        subprocess.run([*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "graft", "--auth=trust", "-E", "UTF8"],
+                       check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(folder / "postgres.log"), "-w", "-t", str(int(seconds)),
+                        "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                       check=True, capture_output=True, timeout=seconds + 10)
+        try:
+            subprocess.run([str(bin_dir / "createdb") if (bin_dir / "createdb").exists() else "createdb",
+                            "-h", "127.0.0.1", "-p", str(port), "-U", "graft", database], check=True, capture_output=True, timeout=60)
+            yield f"postgresql://graft@127.0.0.1:{port}/{database}"
+        finally:
+            subprocess.run([*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], capture_output=True, timeout=60)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+"""Credentials moto accepts (any); set so boto3 never looks for real ones."""
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str, seconds: float = 60) -> Iterator[str]:
+    """A local S3 server (moto's server mode) on a free port with `bucket` created; yields its endpoint URL."""
+    import boto3
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_http(f"{endpoint}/moto-api/", process, seconds)
+        boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_ENV.items() if k != "AWS_DEFAULT_REGION"},
+                     region_name=S3_ENV["AWS_DEFAULT_REGION"]).create_bucket(Bucket=bucket)
+        yield endpoint
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def team_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dict[str, str], seconds: float = 180) -> Iterator[str]:
+    """`mlflow server` on a database and an artifact store of a team's own (proxied artifacts); yields its URL."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "mlflow.log", "w") as log:
+        process = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri,
+             "--artifacts-destination", artifacts, "--workers", "2"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
+        )
+        try:
+            wait_http(f"http://127.0.0.1:{port}/health", process, seconds)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)

@@ -71,7 +71,8 @@ def prediction_metrics(choice: ChooseResult) -> dict[str, float]:
 def log_choice(run: Run, choice: ChooseResult, run_dir: Path) -> None:
     """A child run per candidate, the predicted and realised rankings, the ranking as JSON and text, and its bar chart."""
     for row in choice.candidates:
-        child = run.child(f"candidate: {row.name}")
+        # the backbone's own name first: the MLflow UI cuts run names short
+        child = run.child(f"{row.name} (chosen)" if row.name == choice.chosen else row.name, f"Candidate backbone: {row.status}")
         child.log_params({"backbone": row.name, "pretrained": row.pretrained, "image_size": row.image_size, "status": row.status[:500]})
         metrics = {
             "choose/logme": row.logme,

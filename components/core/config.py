@@ -7,6 +7,8 @@ from the parsed `Params`, never from a literal of their own.
 from __future__ import annotations
 
 import difflib
+import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -14,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.core.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The project folder: `params.yaml`, `data.dvc`, `components/`, `flows/`."""
@@ -224,6 +228,8 @@ class DeployConfig(_Section):
     """Export, parity gate and registration."""
 
     model_name: str = Field("graft-classifier", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    """Registered model name. It names the params file's own data: `--data DIR` (or `--set data.dir=DIR`) without
+    `--set deploy.model_name=...` registers as `model_name_for(DIR)` instead (`graft-<folder name>`)."""
     opset: int = Field(18, ge=17, le=23)
     parity_atol: float = Field(1e-4, gt=0)
     """Largest allowed |p_onnx - p_torch| on the validation images."""
@@ -348,6 +354,26 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--set {key}: cannot read '{value}' as a value ({exc.__class__.__name__})") from exc
 
 
+def model_name_for(data_dir: Path) -> str:
+    """The registered model name for a data folder of the user's own: `graft-<folder name>`, lower-case, safe for MLflow."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", Path(data_dir).name.lower()).strip("-._")
+    return f"graft-{slug}" if slug else "graft-classifier"
+
+
+def _name_after_other_data(raw: dict[str, Any], root: Path, data_dir: object, keys: list[str]) -> None:
+    """Name the model after the data folder when an override points `data.dir` at another folder than the params
+    file's and does not name the model itself, so a user's own images never become a version of the demo's model."""
+    if "data.dir" not in keys or "deploy.model_name" in keys:
+        return
+    new_dir = Path(str(raw["data"]["dir"]))
+    anchored = new_dir if new_dir.is_absolute() else root / new_dir
+    if data_dir is not None and anchored.resolve() == (root / Path(str(data_dir))).resolve():
+        return
+    deploy = raw.get("deploy") or {}
+    raw["deploy"] = {**deploy, "model_name": model_name_for(anchored.resolve())}
+    log.info("registering as '%s', named after the data folder (set deploy.model_name to choose another name)", raw["deploy"]["model_name"])
+
+
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
@@ -388,13 +414,17 @@ def load_params(path: Path | None = None, overrides: list[str] | tuple[str, ...]
             raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
         _check_known(raw, str(path))
         root = path.resolve().parent
+    data_dir = (raw.get("data") or {}).get("dir")
+    keys = []
     for text in overrides:
         key, value = parse_override(text)
+        keys.append(key)
         section, _, name = key.partition(".")
         target = raw.setdefault(section, {})
         if target is None:
             target = raw[section] = {}
         target[name] = value
+    _name_after_other_data(raw, root, data_dir, keys)
     try:
         params = Params.model_validate(raw)
     except ValidationError as exc:

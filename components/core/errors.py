@@ -60,6 +60,10 @@ class TrackingAuthError(RegistryError):
     """The MLflow server refused who we are (HTTP 401) or what we may do (HTTP 403)."""
 
 
+class TrackingStoreError(RegistryError):
+    """There is no MLflow store to read from here, or it cannot be opened (never created by accident)."""
+
+
 class UnsafeModelError(GraftError):
     """An ONNX file refers to data outside its own folder."""
 

@@ -15,7 +15,8 @@ from components.core.config import REPO_ROOT, Params, flatten
 CHAMPION = "champion"
 """The alias production loads: the version now serving."""
 CHALLENGER = "challenger"
-"""The alias of the newest registered version, whatever the gate said about it."""
+"""The alias of the newest version registered after the champion and not (yet) made champion: what a promoter
+would weigh against it. Absent when the champion is the newest version (a promotion removes it)."""
 
 PARAMS_SHA_TAG = "params_sha"
 """Version tag: `params_fingerprint` of the parameters it was trained with."""
@@ -28,9 +29,23 @@ SPLIT_SETTINGS_TAG = "split.settings"
 HOLD_TAG = "graft.hold"
 """Version tag: why the run that registered it could not move `champion` (a DVC experiment, `--no-promote`)."""
 CHAMPION_VERSION_TAG = "graft.champion_version"
-"""Registered-model tag: the version Graft last made champion (a different alias means a move by hand)."""
+"""Registered-model tag an older Graft kept: the version it last made champion (now read from the alias history)."""
 PROMOTED_BY_TAG = "graft.promoted_by"
-"""Version tag: how it last became champion (`gate by graft run ...`, `promote by user@host`, `manual (...)`)."""
+"""Version tag an older Graft wrote: how it last became champion (now the version's latest move record says)."""
+MOVE_TAG_PREFIX = "graft.moved."
+"""Version tag prefix: `graft.moved.<time in ns>` records one move of an alias onto this version (JSON: alias,
+previous version, action, who, when, why); the alias history is all of them (`components.registry.history`)."""
+
+# What a promoter reads on the model page: about a dozen decision tags per version. Everything else a
+# registration knows (runtimes, the variant table, weights provenance, ...) is in the version's `registration.json`.
+DECISION_METRICS = ("accuracy", "macro_f1")
+"""The headline metrics tagged for the test and the validation split (`test.accuracy`, `val.macro_f1`, ...)."""
+BACKBONE_TAG = "backbone"
+COMMIT_TAG = "git_commit"
+PARITY_DIFF_TAG = "parity.max_abs_diff"
+"""Version tag: largest |p_onnx - p_torch| on the parity images."""
+VARIANTS_SUMMARY_TAG = "variants"
+"""Version tag: one line, each variant's accuracy change against fp32 and whether it was published."""
 
 # The trust chain. These live in the registry database, which someone who can write to the artifact
 # store cannot change, so a consumer can check the files it downloads against them.
@@ -38,7 +53,8 @@ SHA256_TAG_PREFIX = "sha256."
 """Version tag prefix: `sha256.<file>` is the sha256 of each ONNX file registration uploaded
 (`sha256.model.onnx`, `sha256.model.int8.onnx`, ...); every consumer checks the file it loads against it."""
 ONNX_SHA256_TAG = "onnx.sha256"
-"""Version tag: the sha256 of the exported `model.onnx`; read for versions registered before `sha256.<file>`."""
+"""Version tag older versions carry: the sha256 of the exported `model.onnx`; read for versions registered
+before `sha256.<file>` (no longer written)."""
 SIGNATURE_KEY_TAG = "signature.key"
 """Version tag: the fingerprint (model-signing's key hint: sha256 of the PEM public key) of the key that signed
 the version's folder; absent when it was registered unsigned."""

@@ -1,14 +1,21 @@
-"""The model card: one Markdown page per registered version, and its summary for the registry.
+"""The model card: one page per registered version, in the two forms MLflow's own artifact viewer renders.
 
-The card is written before the version is registered (it needs the parity
-result and the gate's verdict, both known by then) and logged to the run at
-`model_card/model_card.md`; the version's description is its summary, set in
-the same call that creates the version. Pictures are linked relative to the
-card, as the run's `evaluate/` artifacts.
+MLflow 3's viewer renders Markdown with tables and working links but shows no pictures (its renderer drops
+image syntax), and HTML with pictures but in a sandboxed frame whose links do not open. So the card is
+written once and rendered twice, both logged to the run under `model_card/`:
+
+- `model_card.md`: tables and links that click in MLflow (the run, the version page, each picture opened in
+  MLflow's image viewer, the HTML card); it is also the card in `graft bundle`;
+- `model_card.html`: the same card with its pictures inside the page (data URIs), readable in MLflow's viewer,
+  in any browser and offline.
+
+The card is written once the version is registered, so it names the version; the version's description links to it.
 """
 
 from __future__ import annotations
 
+import base64
+import html
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +27,21 @@ from components.core.config import Params
 from components.data.split import Split
 from components.data.versions import dvc_file_for
 from components.deploy.export import ExportResult
+from components.deploy.variants import VariantsReport
 from components.evaluate.gate import Verdict
 from components.evaluate.stage import EvalResult
+from components.registry import ui_links
+from components.runtime.bundle import MODEL_CARD, MODEL_CARD_DIR, MODEL_CARD_HTML
 from components.train.stage import TrainResult
 
-CARD_ARTIFACT_DIR = "model_card"
+CARD_ARTIFACT_DIR = MODEL_CARD_DIR
+"""Where the run keeps its cards (`model_card/`)."""
 
 
-CARD_NAME = "model_card.md"
+CARD_NAME = MODEL_CARD
+
+
+CARD_HTML_NAME = MODEL_CARD_HTML
 
 
 REPORT_ARTIFACT_DIR = "evaluate"
@@ -39,11 +53,12 @@ MAX_DESCRIPTION = 4000
 
 @dataclass(frozen=True)
 class ModelCard:
-    """The card on disk, where the run keeps it, and the short form for the version's description."""
+    """The card on disk (Markdown and HTML) and where the run keeps it."""
 
     path: Path
+    html_path: Path
     uri: str
-    summary: str
+    """`runs:/<run>/model_card/model_card.md`."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,13 @@ class CardFacts:
     data_md5: str
     commit: str
     run_id: str
+    variants: VariantsReport | None = None
+    version: str | None = None
+    """The registered version the card describes (None: not registered)."""
+    experiment_id: str | None = None
+    """For links into MLflow's UI (None: the card links nothing in MLflow)."""
+    model_id: str | None = None
+    """The version's MLflow LoggedModel."""
 
     @property
     def spec(self) -> BackboneSpec:
@@ -150,7 +172,7 @@ def _metrics_section(facts: CardFacts) -> list[str]:
     )
     lines.append("")
     for picture in evaluation.pictures:
-        lines.append(f"![{picture.stem.replace('_', ' ')}](../{REPORT_ARTIFACT_DIR}/{picture.name})")
+        lines += [f"![{picture.stem.replace('_', ' ')}]({PICTURE_PREFIX}{picture.name})", ""]
     if facts.params.evaluate.temperature_scaling:
         lines += ["", "The temperature was fitted on the validation images, so their calibration numbers are optimistic; "
                   "the test figures are not."]
@@ -168,6 +190,24 @@ def _gate_section(facts: CardFacts) -> list[str]:
     ]
     lines += [f"- {'passed' if check.passed else 'FAILED'}: {check.reason}" for check in verdict.checks]
     return [*lines, ""]
+
+
+def _variants_section(facts: CardFacts) -> list[str]:
+    variants = facts.variants
+    if variants is None or not variants.variants:
+        return []
+    lines = ["## Variants", "",
+             f"Each variant beside the fp32 `model.onnx` was scored on the {len(facts.split.evaluation)} test images against fp32 "
+             f"(accuracy {variants.fp32_accuracy:.4f}); one losing more than deploy.max_variant_drop="
+             f"{facts.params.deploy.max_variant_drop:g} is not published. Load one with `OnnxClassifier.load(..., variant=NAME)`.", ""]
+    lines += _table(
+        ("variant", "file", "published", "accuracy", "change vs fp32", "top-1 agreement", "speed-up vs fp32 (batch 1, 32)", "size"),
+        [(v.name, f"`{v.path.name}`", "yes" if v.published else "no", f"{v.accuracy:.4f}", f"{v.accuracy_change * 100:+.1f} pts",
+          f"{v.top1_agreement:.1%}", f"{v.speed.speedup_batch1:.2f}x, {v.speed.speedup_batch:.2f}x" if v.speed else "not timed",
+          f"{v.size_bytes / 1e6:.1f} MB") for v in variants.variants],
+    )
+    rejected = [f"- {v.name}: {v.reason}" for v in variants.variants if not v.published]
+    return [*lines, "", *rejected, *([""] if rejected else [])]
 
 
 def _export_section(facts: CardFacts) -> list[str]:
@@ -201,7 +241,7 @@ def _reproduce_section(facts: CardFacts) -> list[str]:
         data_step,
         "# save the parameters below as run_params.yaml",
         ".venv/bin/graft run --params run_params.yaml --summary outputs/summary.json",
-        f".venv/bin/graft predict --model models:/{facts.params.deploy.model_name}@challenger IMAGE...",
+        f".venv/bin/graft predict --model models:/{facts.params.deploy.model_name}/{facts.version or 'VERSION'} IMAGE...",
         "```",
         "",
     ]
@@ -211,16 +251,37 @@ def _reproduce_section(facts: CardFacts) -> list[str]:
     return lines
 
 
-def render_card(facts: CardFacts) -> str:
-    """The whole card as Markdown."""
+PICTURE_PREFIX = "picture:"
+"""Placeholder before a picture's file name in the card's source; each rendering replaces it (see `render_card`)."""
+
+
+def _links_section(facts: CardFacts) -> list[str]:
+    """Where to go next in MLflow's UI (fragment links: they work on any MLflow server)."""
+    if facts.experiment_id is None:
+        return []
     name = facts.params.deploy.model_name
+    links = [f"[the run]({ui_links.run_page(facts.experiment_id, facts.run_id)})"]
+    if facts.version:
+        links.insert(0, f"[{name} v{facts.version}]({ui_links.version_page(name, facts.version)})")
+    if facts.model_id:
+        links.append(f"[its logged model and `registration.json`]({ui_links.logged_model_page(facts.experiment_id, facts.model_id, 'artifacts')})")
+    links.append(f"[this card with its pictures]({ui_links.run_artifact(facts.experiment_id, facts.run_id, f'{CARD_ARTIFACT_DIR}/{CARD_HTML_NAME}')})")
+    return ["In MLflow: " + " · ".join(links) + ".", ""]
+
+
+def card_source(facts: CardFacts) -> str:
+    """The card's Markdown, pictures written as `![alt](picture:<file>)` for `render_card` to resolve."""
+    name = facts.params.deploy.model_name
+    title = f"{name} v{facts.version}" if facts.version else name
     head = [
-        f"# Model card: {name}",
+        f"# Model card: {title}",
         "",
         summarise(facts),
         "",
-        f"MLflow run `{facts.run_id}`, git commit `{facts.commit}`. Model artifact: `runs:/{facts.run_id}/model`.",
+        f"MLflow run `{facts.run_id}`, git commit `{facts.commit}`"
+        + (f", logged model `{facts.model_id}`." if facts.model_id else "."),
         "",
+        *_links_section(facts),
     ]
     limits = [
         "## Intended use and limits",
@@ -232,17 +293,71 @@ def render_card(facts: CardFacts) -> str:
            if facts.split.test_is_val else "; images unlike them may score lower."),
         "",
     ]
-    sections = (_data_section, _model_section, _metrics_section, _gate_section, _export_section, _reproduce_section)
+    sections = (_data_section, _model_section, _metrics_section, _variants_section, _gate_section, _export_section, _reproduce_section)
     body = [line for section in sections for line in section(facts)]
     return "\n".join([*head, *body, *limits])
 
 
+def render_card(facts: CardFacts) -> str:
+    """The card as Markdown for MLflow's viewer and bundles: each picture a link (MLflow's Markdown shows no images),
+    opening it in MLflow's image viewer when the run is known, else the file beside the run's `evaluate/` folder."""
+    def picture_link(name: str) -> str:
+        if facts.experiment_id is not None:
+            return ui_links.run_artifact(facts.experiment_id, facts.run_id, f"{REPORT_ARTIFACT_DIR}/{name}")
+        return f"../{REPORT_ARTIFACT_DIR}/{name}"
+
+    lines = []
+    for line in card_source(facts).split("\n"):
+        if line.startswith("![") and f"]({PICTURE_PREFIX}" in line:
+            alt, _, rest = line[2:].partition("](")
+            file = rest.removeprefix(PICTURE_PREFIX).rstrip(")")
+            line = f"Picture: [{alt}]({picture_link(file)}) (`{REPORT_ARTIFACT_DIR}/{file}`)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def render_card_html(facts: CardFacts) -> str:
+    """The card as one self-contained HTML page: the same text, each picture inside the page as a data URI."""
+    import markdown
+
+    pictures = {p.name: p for p in facts.evaluation.pictures}
+
+    def embed(line: str) -> str:
+        if not (line.startswith("![") and f"]({PICTURE_PREFIX}" in line):
+            return line
+        alt, _, rest = line[2:].partition("](")
+        file = rest.removeprefix(PICTURE_PREFIX).rstrip(")")
+        path = pictures.get(file)
+        if path is None or not path.is_file():
+            return f"*{alt}: not available ({file})*"
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+    source = "\n".join(embed(line) for line in card_source(facts).split("\n"))
+    body = markdown.markdown(source, extensions=["tables", "fenced_code"])
+    title = html.escape(f"Model card: {facts.params.deploy.model_name}" + (f" v{facts.version}" if facts.version else ""))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 60rem; margin: 1rem auto; padding: 0 1rem;
+       color: #1f2328; line-height: 1.45; }}
+table {{ border-collapse: collapse; margin: .5rem 0 1rem; }} th, td {{ border: 1px solid #d0d7de; padding: .25rem .6rem; text-align: left; }}
+th {{ background: #f6f8fa; }} code {{ background: #f6f8fa; padding: 0 .2rem; border-radius: 3px; }}
+pre {{ background: #f6f8fa; padding: .6rem; overflow-x: auto; }} img {{ max-width: 100%; }} figure {{ margin: 1rem 0; }}
+figcaption {{ color: #57606a; font-size: .9rem; }} h1 {{ font-size: 1.6rem; }} h2 {{ font-size: 1.25rem; border-bottom: 1px solid #d0d7de; }}
+</style></head>
+<body>
+{body}
+</body></html>
+"""
+
+
 def summarise(facts: CardFacts) -> str:
-    """A few lines for the registry's version description (rendered as Markdown by the MLflow UI)."""
+    """The card's opening lines: model, data, test metrics, parity and the gate, in a few sentences."""
     metrics, exported, verdict = facts.evaluation.test, facts.exported, facts.verdict
     gate = verdict.text()
     if len(gate) > MAX_DESCRIPTION // 2:
-        gate = gate[: MAX_DESCRIPTION // 2] + " ... (all reasons in the model card)"
+        gate = gate[: MAX_DESCRIPTION // 2] + " ... (all reasons below)"
     return "\n".join([
         f"**{facts.trained.backbone}** ({facts.trained.strategy}, {facts.trained.image_size}px), "
         f"{len(facts.trained.classes)} classes, data md5 `{facts.data_md5}`.",
@@ -251,13 +366,13 @@ def summarise(facts: CardFacts) -> str:
         f"(validation accuracy {facts.evaluation.val['accuracy']:.4f}).",
         f"ONNX parity: max |diff| {exported.max_abs_diff:.1e}, top-1 agreement {exported.top1_agreement:.0%}.",
         f"Gate: {gate}",
-        f"Model card: `runs:/{facts.run_id}/{CARD_ARTIFACT_DIR}/{CARD_NAME}`",
     ])
 
 
 def write_model_card(facts: CardFacts, run_dir: Path) -> ModelCard:
-    """Render the card into `run_dir/model_card.md`."""
-    path = run_dir / CARD_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Render the card into `run_dir/model_card.md` and `run_dir/model_card.html`."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, html_path = run_dir / CARD_NAME, run_dir / CARD_HTML_NAME
     path.write_text(render_card(facts) + "\n")
-    return ModelCard(path, f"runs:/{facts.run_id}/{CARD_ARTIFACT_DIR}/{CARD_NAME}", summarise(facts))
+    html_path.write_text(render_card_html(facts))
+    return ModelCard(path, html_path, f"runs:/{facts.run_id}/{CARD_ARTIFACT_DIR}/{CARD_NAME}")

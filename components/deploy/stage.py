@@ -1,8 +1,10 @@
 """Stage 4, deploy: export to ONNX, prove parity, register, and gate the champion alias.
 
 Order matters: the model version is created with all its tags in one call,
-`challenger` is set next, and `champion` moves last and only when the gate
-says so. Any failure before that leaves the previous champion where it was.
+its model card is written next, and `champion` moves last and only when the
+gate says so. Any failure before that leaves the previous champion where it
+was. `challenger` then names the newest version not made champion, if any
+(`components.registry.history.sync_challenger`).
 """
 
 from __future__ import annotations
@@ -15,18 +17,17 @@ from pathlib import Path
 from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
-from components.core.lineage import CHALLENGER, CHAMPION, HOLD_TAG
+from components.core.lineage import CHALLENGER, CHAMPION
 from components.data.images import load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
 from components.deploy.judge import TestImages, judge_challenger
 from components.deploy.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, ModelCard, write_model_card
-from components.deploy.register import log_onnx_model, record_manual_promotion, register_version, version_tags
+from components.deploy.register import LoggedModel, RegistrationFacts, record_manual_promotion, register_model
 from components.deploy.variants import VariantsReport, build_variants
 from components.evaluate.gate import GateRules, Verdict
 from components.evaluate.stage import EvalResult
-from components.registry import mlflow_calls
-from components.registry.history import move_alias
+from components.registry.history import move_alias, refresh_model_page
 from components.registry.tracking import Run
 from components.runtime.bundle import write_bundle
 from components.train.stage import TrainResult, load_classifier
@@ -110,27 +111,33 @@ def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult
 
 
 def register(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict,
-             card: ModelCard, variants: VariantsReport) -> str:
-    """Log the ONNX model (with its published variants) and create the version with every tag; returns its number."""
-    manifest = ctx.split.manifest()
-    source = log_onnx_model(ctx.run, exported.onnx_path, trained.image_size, len(trained.classes), variants.published, manifest)
-    tags = version_tags(ctx.params, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, manifest)
-    if ctx.hold:
-        tags[HOLD_TAG] = f"{ctx.hold}: challenger only, champion not moved by this run"
-    tags["model_card"] = card.uri
-    tags.update(variants.tags())
-    return register_version(ctx.run, ctx.params.deploy.model_name, source, tags, card.summary)
+             variants: VariantsReport) -> tuple[str, LoggedModel]:
+    """Log the ONNX model (with its published variants) as the run's LoggedModel and create the version with its
+    tags and description; returns (its number, the logged model)."""
+    facts = RegistrationFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, variants, ctx.data_md5, ctx.commit, ctx.hold)
+    return register_model(ctx.run, ctx.params.deploy.model_name, facts)
+
+
+def card(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict,
+         variants: VariantsReport, version: str, logged: LoggedModel) -> ModelCard:
+    """The registered version's model card, in the run folder and the run's `model_card/` artifacts."""
+    facts = CardFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, ctx.run.run_id,
+                      variants, version, logged.experiment_id, logged.model_id)
+    written = write_model_card(facts, ctx.run_dir)
+    for path in (written.path, written.html_path):
+        ctx.run.log_artifact(path, CARD_ARTIFACT_DIR)
+    return written
 
 
 def publish(ctx: DeployContext, version: str, verdict: Verdict) -> tuple[str, ...]:
-    """`challenger` onto the new version, then `champion` too when the gate says so and the run may promote
-    (the alias moves last)."""
+    """`champion` onto the new version when the gate says so and the run may promote (the alias moves last);
+    either way `challenger` then names the newest version that is not champion, and the model's page says so."""
     client, name = ctx.run.client, ctx.params.deploy.model_name
-    mlflow_calls.set_alias(client, name, CHALLENGER, version)
-    if not verdict.promote or ctx.hold:
-        return (CHALLENGER,)
-    move_alias(client, name, version, "gate", f"graft run {ctx.run.run_id}", verdict.text())
-    return (CHALLENGER, CHAMPION)
+    if verdict.promote and not ctx.hold:
+        move_alias(client, name, version, "gate", f"graft run {ctx.run.run_id}", verdict.text())  # also brings challenger in line
+    else:
+        refresh_model_page(client, name)
+    return (CHAMPION,) if verdict.promote and not ctx.hold else (CHALLENGER,)
 
 
 def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> DeployResult:
@@ -141,16 +148,16 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     exported = export(ctx, trained, evaluation)
     progress.note("the gate")
     verdict = gate(ctx, trained, exported)
-    card = write_model_card(CardFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, ctx.run.run_id), ctx.run_dir)
-    ctx.run.log_artifact(card.path, CARD_ARTIFACT_DIR)
     progress.note("the variants")
     variants = variants_of(ctx, trained, exported, TestImages(ctx.split))
     progress.note("registration")
-    version = register(ctx, trained, evaluation, exported, verdict, card, variants)
+    version, logged = register(ctx, trained, evaluation, exported, verdict, variants)
+    progress.note("the model card")
+    written = card(ctx, trained, evaluation, exported, verdict, variants, version, logged)
     bundle = write_bundle(
         exported.onnx_path, ctx.run_dir / "bundle",
         {"name": name, "version": version, "source": f"models:/{name}/{version}", "run_id": ctx.run.run_id, "git_commit": ctx.commit},
-        variants.listing(), card.path,
+        variants.listing(), written.path, written.html_path,
     )
     progress.note("the aliases")
     aliases = publish(ctx, version, verdict)

@@ -19,7 +19,6 @@ onnx and onnxruntime only, no torch.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
@@ -37,7 +36,7 @@ from components.deploy.int8 import to_int8
 from components.runtime.cpu import cpu_facts
 from components.runtime.model import OnnxClassifier
 from components.runtime.providers import GPU_PROVIDERS, choose_providers
-from components.runtime.variant_files import VARIANTS_TAG, variant_path
+from components.runtime.variant_files import variant_path
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,7 @@ class VariantsReport:
         return next((v for v in self.variants if v.name == name), None)
 
     def listing(self) -> dict[str, dict[str, object]]:
-        """Published variants -> file, sha256 and accuracy evidence (the `onnx.variants` tag and bundle metadata)."""
+        """Published variants -> file, sha256, accuracy and speed evidence (`registration.json` and the bundle's metadata)."""
         return {
             v.name: {
                 "file": v.path.name,
@@ -142,16 +141,6 @@ class VariantsReport:
             for v in self.variants
             if v.published
         }
-
-    def tags(self) -> dict[str, str]:
-        """Model-version tags: the published listing, and each variant's accuracy change and verdict."""
-        tags = {VARIANTS_TAG: json.dumps(self.listing(), sort_keys=True)}
-        for v in self.variants:
-            tags[f"variant.{v.name}.accuracy_change"] = f"{v.accuracy_change:+.4f}"
-            if v.speed is not None:
-                tags[f"variant.{v.name}.speedup"] = f"{v.speed.speedup_batch1:.2f}x batch 1, {v.speed.speedup_batch:.2f}x batch {SPEED_BATCH}"
-            tags[f"variant.{v.name}.published"] = "yes" if v.published else "no: " + v.reason
-        return tags
 
     def to_dict(self) -> dict[str, object]:
         return {"fp32_accuracy": self.fp32_accuracy, "variants": [v.to_dict() for v in self.variants]}

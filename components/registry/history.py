@@ -1,15 +1,23 @@
-"""The alias history: every move of `champion`, recorded before the alias moves.
+"""The alias history: every move of `champion`, recorded before the alias moves, and what the model page says.
 
-The history lives in the registered model's tags (visible in the MLflow UI beside
-the model): one entry per move of `champion` with the version, the version it
-replaced, who moved it, when and why. Each move is its own tag,
-`graft.alias_history.<time in ns>.<version>`, holding one JSON object, so two
-flows moving the alias at once both keep their entry (a single tag rewritten by
-each would lose one). Histories written before that, as a JSON list in the tag
-`graft.alias_history`, are still read, as the oldest entries. A move made in
-the MLflow UI is not seen when it happens; it is added to the history, as
-`manual`, at the next move Graft makes. The alias moves last: history and tags
-are written first and removed again if the move itself fails.
+Each move is recorded on the version it moved to, as the version tag `graft.moved.<time in ns>` holding one
+JSON object (alias, the version it replaced, who moved it, when and why). Every key is new, so two flows moving
+the alias at once both keep their entry, and the history is complete for as long as its versions exist
+(deleting a version deletes the record of the moves onto it). The registered model's own page stays free of
+history: its description says what the model classifies, which version is champion and why, and which is
+the challenger; `graft history` reads the whole record.
+
+Older Graft kept the history in the registered model's tags, first as a JSON list in `graft.alias_history`,
+then one tag per move (`graft.alias_history.<time>.<version>`). Both are still read, as the oldest part of the
+history, and the next move copies them onto their versions and removes them from the model page.
+
+A move made in the MLflow UI is not seen when it happens; it is added to the history, as `manual`, at the next
+move Graft makes (or the next registration). The alias moves last: the record is written first and removed
+again if the move itself fails.
+
+What `challenger` means: the newest version registered after the champion and not made champion. After each
+move of `champion` and each registration, `challenger` is set to that version, or removed when the champion
+is the newest version, so the two never name the same version.
 """
 
 from __future__ import annotations
@@ -19,11 +27,21 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 
 from components.core.errors import RegistryError
-from components.core.lineage import CHAMPION, CHAMPION_VERSION_TAG
+from components.core.lineage import (
+    BACKBONE_TAG,
+    CHALLENGER,
+    CHAMPION,
+    CHAMPION_VERSION_TAG,
+    GATE_REASONS_TAG,
+    GATE_VERDICT_TAG,
+    MOVE_TAG_PREFIX,
+    PROMOTED_BY_TAG,
+)
 from components.registry import mlflow_calls
 from components.registry.versions import alias_version
 
@@ -31,14 +49,14 @@ log = logging.getLogger(__name__)
 
 
 HISTORY_TAG = "graft.alias_history"
-"""The legacy history (a JSON list); also the prefix of the one-tag-per-move entries."""
+"""Registered-model tag of older Graft: the whole history as a JSON list; also the prefix of its one-tag-per-move entries."""
 
 
-MOVE_TAG_PREFIX = f"{HISTORY_TAG}."
+LEGACY_MOVE_PREFIX = f"{HISTORY_TAG}."
 
 
-MAX_MOVES = 50
-"""Moves kept as tags; older ones are deleted at the next move (the MLflow UI lists every tag)."""
+MANUAL_PROMOTION_TAG = "graft.manual_promotion"
+"""Registered-model tag of older Graft: the last move by hand it noticed (now a `manual` entry of the history)."""
 
 
 MAX_WHY_CHARS = 300
@@ -71,15 +89,71 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
-    """The recorded alias moves of registered model `name`, oldest first."""
+def _versions(client, name: str) -> list:  # noqa: ANN001, ANN202 - MlflowClient, [ModelVersion]
+    quoted = name.replace("'", "\\'")
+    return list(mlflow_calls.call(f"listing the versions of '{name}'", lambda: client.search_model_versions(f"name = '{quoted}'"),
+                                  uri=mlflow_calls.server_uri(client)))
+
+
+def _model_tags(client, name: str) -> dict[str, str]:  # noqa: ANN001
     from mlflow.exceptions import MlflowException
 
+    def read() -> dict[str, str]:
+        try:
+            return dict(client.get_registered_model(name).tags)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                raise RegistryError(f"registered model '{name}' not found; check the name in the MLflow UI") from exc
+            raise
+
+    return mlflow_calls.call(f"reading registered model '{name}'", read, uri=mlflow_calls.server_uri(client))
+
+
+def _decode(name: str, key: str, value: str) -> AliasMove:
     try:
-        tags = client.get_registered_model(name).tags
-    except MlflowException as exc:
-        raise RegistryError(f"registered model '{name}' not found ({exc.message.splitlines()[0]}); check the name in the MLflow UI") from exc
-    return [move for _, move in _history_entries(name, tags)]
+        return AliasMove(**json.loads(value))
+    except (ValueError, TypeError) as exc:
+        raise RegistryError(f"tag {key} of '{name}' is not a Graft alias history entry ({exc}); delete the tag in the MLflow UI") from exc
+
+
+def _legacy_entries(name: str, tags: Mapping[str, str]) -> list[tuple[str | None, AliasMove]]:
+    """(model tag key, move) of the histories older Graft kept on the registered model, oldest first."""
+    entries: list[tuple[str | None, AliasMove]] = []
+    if tags.get(HISTORY_TAG):
+        try:
+            entries += [(None, AliasMove(**entry)) for entry in json.loads(tags[HISTORY_TAG])]
+        except (ValueError, TypeError) as exc:
+            raise RegistryError(f"tag {HISTORY_TAG} of '{name}' is not a Graft alias history ({exc}); delete the tag in the MLflow UI") from exc
+    entries += [(key, _decode(name, key, tags[key])) for key in sorted(k for k in tags if k.startswith(LEGACY_MOVE_PREFIX))]
+    return entries
+
+
+def version_moves(name: str, tags: Mapping[str, str]) -> list[tuple[str, AliasMove]]:
+    """(tag key, move) of the moves one version's tags record, oldest first."""
+    return [(key, _decode(name, key, tags[key])) for key in sorted(k for k in tags if k.startswith(MOVE_TAG_PREFIX))]
+
+
+def _time_ns(key: str | None) -> int:
+    """The time a history key was written at (legacy list entries: 0, the oldest)."""
+    if key is None:
+        return 0
+    digits = key.removeprefix(MOVE_TAG_PREFIX).removeprefix(LEGACY_MOVE_PREFIX).split(".", 1)[0]
+    return int(digits) if digits.isdigit() else 0
+
+
+def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
+    """The recorded alias moves of registered model `name`, oldest first (from its versions, and older Graft's model tags).
+
+    Raises:
+        RegistryError: the model does not exist, an entry is not Graft's, or the registry kept failing.
+    """
+    entries = [(_time_ns(key), move) for key, move in _legacy_entries(name, _model_tags(client, name))]
+    for version in _versions(client, name):
+        entries += [(_time_ns(key), move) for key, move in version_moves(name, version.tags)]
+    unique: dict[AliasMove, int] = {}
+    for t, move in entries:
+        unique.setdefault(move, t)  # an entry being copied from the model's tags to its version is read once
+    return [move for move, _ in sorted(unique.items(), key=lambda item: item[1])]
 
 
 def unrecorded_champion(client, name: str, moves: list[AliasMove]) -> str | None:  # noqa: ANN001
@@ -87,31 +161,6 @@ def unrecorded_champion(client, name: str, moves: list[AliasMove]) -> str | None
     current = alias_version(client, name, CHAMPION)
     recorded = next((m.version for m in reversed(moves) if m.alias == CHAMPION), None)
     return current if current is not None and current != recorded else None
-
-
-def _history_entries(name: str, tags: dict[str, str]) -> list[tuple[str | None, AliasMove]]:
-    """(tag key, move), oldest first: the legacy list (key None) first, then one tag per move in time order."""
-    entries: list[tuple[str | None, AliasMove]] = []
-    key = HISTORY_TAG
-    try:
-        if tags.get(HISTORY_TAG):
-            entries += [(None, AliasMove(**entry)) for entry in json.loads(tags[HISTORY_TAG])]
-        for key in sorted(k for k in tags if k.startswith(MOVE_TAG_PREFIX)):
-            entries.append((key, AliasMove(**json.loads(tags[key]))))
-    except (ValueError, TypeError) as exc:
-        raise RegistryError(
-            f"tag {key} of '{name}' is not a Graft alias history entry ({exc}); delete the tag in the MLflow UI"
-        ) from exc
-    return entries
-
-
-def _move_key(version: str) -> str:
-    """A tag key that sorts in time order and that no other move, even a simultaneous one, writes."""
-    return f"{MOVE_TAG_PREFIX}{time.time_ns():019d}.{version}"
-
-
-def _encode(move: AliasMove) -> str:
-    return json.dumps(asdict(move), separators=(",", ":"))
 
 
 def champion_stack(moves: list[AliasMove]) -> list[str]:
@@ -127,59 +176,195 @@ def champion_stack(moves: list[AliasMove]) -> list[str]:
     return stack
 
 
-def move_alias(client, name: str, version: str, action: str, who: str, why: str, alias: str = CHAMPION) -> AliasMove:  # noqa: ANN001
-    """Record the move, then point `alias` at `version`; the alias moves last.
+def _move_key(offset: int = 0) -> str:
+    """A version tag key that sorts in time order and that no other move, even a simultaneous one, writes."""
+    return f"{MOVE_TAG_PREFIX}{time.time_ns() + offset:019d}"
 
-    A move made outside Graft since the last recorded one is added first, as `manual`.
-    Each MLflow call retries transient failures (`components.registry.mlflow_calls`).
 
-    Raises:
-        RegistryError: a call failed for good; the entries written are removed and `alias` stays where it was.
-    """
-    before_tags = dict(mlflow_calls.call(f"reading registered model '{name}'", lambda: client.get_registered_model(name)).tags)
-    history = [move for _, move in _history_entries(name, before_tags)]
-    current = alias_version(client, name, alias)
-    recorded = next((m.version for m in reversed(history) if m.alias == alias), None)
-    entries = []
-    if current is not None and current != recorded:
-        entries.append(AliasMove(alias, current, recorded, "manual", "unknown (MLflow UI or API)", _now(), "moved outside Graft; noticed at the next move"))
-    move = AliasMove(alias, str(version), current, action, who, _now(), why[:MAX_WHY_CHARS])
-    entries.append(move)
-    written: list[str] = []
+def _encode(move: AliasMove) -> str:
+    return json.dumps(asdict(move), separators=(",", ":"))
+
+
+def describe_move(move: AliasMove) -> str:
+    """Who moved an alias and when, in words: `the gate of graft run 60c2... on 2026-11-28 04:07 UTC`."""
+    who = {
+        "gate": f"the gate of {move.who}",
+        "promote": f"`graft promote` by {move.who}",
+        "rollback": f"`graft rollback` by {move.who}",
+        "manual": "a move outside Graft (MLflow UI or API)",
+    }.get(move.action, f"{move.action} by {move.who}")
     try:
-        for entry in entries:
-            key = _move_key(entry.version)
-            mlflow_calls.set_model_tag(client, name, key, _encode(entry))
-            written.append(key)
-        if alias == CHAMPION:
-            mlflow_calls.set_model_tag(client, name, CHAMPION_VERSION_TAG, str(version))
-            mlflow_calls.set_version_tag(client, name, str(version), "graft.promoted_by", f"{action} by {who}")
-        mlflow_calls.set_alias(client, name, alias, str(version))
-    except RegistryError as exc:
-        _undo(client, name, written, before_tags.get(CHAMPION_VERSION_TAG) if alias == CHAMPION else None)
-        raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc}); it still points at v{current}") from exc
-    _forget_old_moves(client, name, before_tags, len(written))
-    log.info("%s of %s: v%s -> v%s (%s by %s)", alias, name, current, version, action, who)
+        when = datetime.fromisoformat(move.when).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    except ValueError:
+        when = move.when
+    return f"{who} on {when}"
+
+
+def latest_move(tags: Mapping[str, str], alias: str = CHAMPION) -> str | None:
+    """How a version last became `alias`, in words (`describe_move`), from its own tags (older Graft: `graft.promoted_by`)."""
+    moves = [move for _, move in version_moves("", tags) if move.alias == alias]
+    return describe_move(moves[-1]) if moves else tags.get(PROMOTED_BY_TAG)
+
+
+def record_manual_move(client, name: str, alias: str = CHAMPION) -> AliasMove | None:  # noqa: ANN001
+    """Record a move of `alias` made outside Graft (MLflow UI or API) since the last recorded one; None when there was none."""
+    current = alias_version(client, name, alias)
+    if current is None:  # no such alias, or no such model yet
+        return None
+    recorded = next((m.version for m in reversed(read_history(client, name)) if m.alias == alias), None)
+    if current == recorded:
+        return None
+    move = AliasMove(alias, current, recorded, "manual", "unknown (MLflow UI or API)", _now(), "moved outside Graft; noticed at the next move")
+    mlflow_calls.set_version_tag(client, name, current, _move_key(), _encode(move))
+    log.warning("%s of %s was moved by hand from v%s to v%s; recorded in the history", alias, name, recorded, current)
     return move
 
 
-def _undo(client, name: str, written: list[str], champion_version: str | None) -> None:  # noqa: ANN001
-    """Best effort after a failed move: remove its history entries, restore `graft.champion_version`."""
+def move_alias(client, name: str, version: str, action: str, who: str, why: str, alias: str = CHAMPION) -> AliasMove:  # noqa: ANN001
+    """Record the move on `version`, then point `alias` at it; the alias moves last.
+
+    A move made outside Graft since the last recorded one is added first, as `manual`. Afterwards `challenger`
+    is brought in line with the new champion and the registered model's description is rewritten
+    (`refresh_model_page`). Each MLflow call retries transient failures (`components.registry.mlflow_calls`).
+
+    Raises:
+        RegistryError: a call failed for good; the entry written is removed and `alias` stays where it was.
+    """
+    manual = record_manual_move(client, name, alias)
+    current = alias_version(client, name, alias)
+    move = AliasMove(alias, str(version), current, action, who, _now(), why[:MAX_WHY_CHARS])
+    key = _move_key(offset=1 if manual else 0)
+    written = False
     try:
-        for key in written:
-            mlflow_calls.delete_model_tag(client, name, key)
-        if champion_version is not None:
-            mlflow_calls.set_model_tag(client, name, CHAMPION_VERSION_TAG, champion_version)
+        mlflow_calls.set_version_tag(client, name, str(version), key, _encode(move))
+        written = True
+        mlflow_calls.set_alias(client, name, alias, str(version))
     except RegistryError as exc:
-        log.warning("could not undo the failed move's tags on '%s' (%s); `graft history` may list a move that did not happen", name, exc)
+        if written:
+            _undo(client, name, str(version), key)
+        raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc}); it still points at v{current}") from exc
+    log.info("%s of %s: v%s -> v%s (%s by %s)", alias, name, current, version, action, who)
+    if alias == CHAMPION:
+        _after_the_move(client, name)
+    return move
 
 
-def _forget_old_moves(client, name: str, before_tags: dict[str, str], added: int) -> None:  # noqa: ANN001
-    """Delete the oldest per-move tags beyond `MAX_MOVES` (a concurrent move may delete the same: harmless)."""
-    keys = sorted(k for k in before_tags if k.startswith(MOVE_TAG_PREFIX))
-    for key in keys[: max(0, len(keys) + added - MAX_MOVES)]:
-        try:
+def _undo(client, name: str, version: str, key: str) -> None:  # noqa: ANN001
+    """Best effort after a failed move: remove its history entry."""
+    try:
+        mlflow_calls.delete_version_tag(client, name, version, key)
+    except RegistryError as exc:
+        log.warning("could not remove the failed move's entry %s of '%s' v%s (%s); `graft history` may list a move that did not happen",
+                    key, name, version, exc)
+
+
+def _after_the_move(client, name: str) -> None:  # noqa: ANN001
+    """What follows a move of `champion`, none of which may undo it: `challenger`, the model page, older histories."""
+    try:
+        refresh_model_page(client, name)
+        migrate_legacy_history(client, name)
+    except RegistryError as exc:
+        log.warning("champion of '%s' moved, but updating the challenger alias or the model page failed (%s); "
+                    "the next move or registration does it", name, exc)
+
+
+def sync_challenger(client, name: str, versions: list | None = None) -> str | None:  # noqa: ANN001
+    """Point `challenger` at the newest version registered after the champion, or remove it; returns it (None: removed).
+
+    With no champion, every version is newer than it, so `challenger` is the newest version.
+    """
+    versions = versions if versions is not None else _versions(client, name)
+    champion = alias_version(client, name, CHAMPION)
+    newest = max((int(v.version) for v in versions), default=None)
+    target = str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
+    current = alias_version(client, name, CHALLENGER)
+    if target == current:
+        return target
+    if target is None:
+        mlflow_calls.delete_alias(client, name, CHALLENGER)
+    else:
+        mlflow_calls.set_alias(client, name, CHALLENGER, target)
+    return target
+
+
+def refresh_model_page(client, name: str) -> None:  # noqa: ANN001
+    """Bring `challenger` in line with `champion`, and rewrite the registered model's description from both."""
+    versions = _versions(client, name)
+    challenger = sync_challenger(client, name, versions)
+    champion = alias_version(client, name, CHAMPION)
+    by_number = {str(v.version): v for v in versions}
+    text = describe_model(name, by_number.get(champion or ""), by_number.get(challenger or ""))
+    mlflow_calls.update_model_description(client, name, text)
+
+
+def _first_paragraph(description: str | None) -> str:
+    return (description or "").strip().split("\n\n", 1)[0].strip()
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_model(name: str, champion, challenger) -> str:  # noqa: ANN001 - mlflow ModelVersion or None
+    """The registered model's description: what it classifies, the champion and why, the challenger, how to load it.
+
+    What it classifies is the first paragraph of the champion's own description (of the challenger's while
+    there is no champion), which registration writes.
+    """
+    reference = champion or challenger
+    what = _first_paragraph(reference.description) if reference is not None else ""
+    lines = [what or "Image classifier trained and registered by Graft.", ""]
+    if champion is not None:
+        tags = champion.tags
+        how = latest_move(tags) or "moved outside Graft"
+        lines.append(f"**Champion: v{champion.version}** ({tags.get(BACKBONE_TAG, 'backbone not recorded')}, test accuracy "
+                     f"{tags.get('test.accuracy', '-')}, macro-F1 {tags.get('test.macro_f1', '-')}), made champion by {how}. "
+                     f"Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or 'no verdict recorded')}")
+    else:
+        lines.append("**No champion yet**: promote a version with `graft promote --name NAME --version V` (or the alias in the MLflow UI).")
+    lines.append("")
+    if challenger is not None:
+        tags = challenger.tags
+        lines.append(f"**Challenger: v{challenger.version}** ({tags.get(BACKBONE_TAG, '-')}, test accuracy {tags.get('test.accuracy', '-')}): "
+                     f"the newest version, not champion. Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-')}")
+    else:
+        lines.append("**No challenger**: the champion is the newest version.")
+    lines += [
+        "",
+        f"Load the champion: `OnnxClassifier.load(\"models:/{name}@champion\")` (onnxruntime only), "
+        f"`mlflow.pyfunc.load_model(\"models:/{name}@champion\")`, or `graft serve --model models:/{name}@champion`. "
+        f"Who moved `champion`, when and why: `graft history --name {name}`.",
+    ]
+    return "\n".join(lines)[:4900]
+
+
+def migrate_legacy_history(client, name: str) -> int:  # noqa: ANN001
+    """Copy the history older Graft kept in the registered model's tags onto its versions and remove those tags; returns
+    how many entries moved. Entries whose version no longer exists stay where they are. Idempotent, so two
+    processes doing it at once write the same keys."""
+    tags = _model_tags(client, name)
+    for stale in (CHAMPION_VERSION_TAG, MANUAL_PROMOTION_TAG):  # older Graft's bookkeeping, now read from the history
+        if stale in tags:
+            mlflow_calls.delete_model_tag(client, name, stale)
+    entries = _legacy_entries(name, tags)
+    if not entries:
+        return 0
+    existing = {str(v.version) for v in _versions(client, name)}
+    kept_in_list = []
+    for index, (key, move) in enumerate(entries):
+        if move.version not in existing:
+            if key is None:
+                kept_in_list.append(move)
+            continue
+        new_key = f"{MOVE_TAG_PREFIX}{_time_ns(key) or index:019d}"
+        mlflow_calls.set_version_tag(client, name, move.version, new_key, _encode(move))
+        if key is not None:
             mlflow_calls.delete_model_tag(client, name, key)
-        except RegistryError as exc:
-            log.warning("could not delete old history entry %s of '%s' (%s)", key, name, exc)
-            return
+    if any(key is None for key, _ in entries):
+        if kept_in_list:
+            mlflow_calls.set_model_tag(client, name, HISTORY_TAG, json.dumps([asdict(m) for m in kept_in_list]))
+        else:
+            mlflow_calls.delete_model_tag(client, name, HISTORY_TAG)
+    log.info("moved %d alias history entries of '%s' from its model tags onto its versions", len(entries), name)
+    return len(entries)

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from components.core.errors import RegistryError, TrackingAuthError
+from components.core.errors import GraftError, RegistryError, TrackingAuthError
 from components.core.transient import is_transient
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ def auth_status(exc: BaseException) -> int | None:
     return None
 
 
-def _without_userinfo(uri: str) -> str:
+def printable_uri(uri: str) -> str:
     """`uri` with any `user:password@` removed, so it can be printed."""
     parts = urlsplit(uri)
     if not parts.netloc or "@" not in parts.netloc:
@@ -101,7 +101,7 @@ def explain_auth(exc: BaseException, uri: str | None, what: str) -> TrackingAuth
         import mlflow
 
         uri = mlflow.get_tracking_uri()
-    server = f"the MLflow server at {_without_userinfo(str(uri))}"
+    server = f"the MLflow server at {printable_uri(str(uri))}"
     user = os.environ.get("MLFLOW_TRACKING_USERNAME")
     has_password = bool(os.environ.get("MLFLOW_TRACKING_PASSWORD"))
     if status == 403:
@@ -195,6 +195,27 @@ def call(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def call_once(what: str, action: Callable[[], T], uri: str | None = None) -> T:
+    """Run `action` once (creating a run is not retried: a lost response would make a second one).
+
+    Raises:
+        TrackingAuthError: the server refused the credentials or a permission.
+        RegistryError: any other failure, in one line naming the call and what to check.
+    """
+    try:
+        return action()
+    except GraftError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - MLflow, requests and SQLAlchemy raise many types
+        refused = explain_auth(exc, uri, what)
+        if refused is not None:
+            raise refused from exc
+        raise RegistryError(
+            f"{what} failed: {first_line(exc)}; check that the MLflow server (MLFLOW_TRACKING_URI, or "
+            "tracking.store_dir for a local store) is up and answers, then rerun"
+        ) from exc
+
+
 def server_uri(client) -> str | None:  # noqa: ANN001 - MlflowClient
     """The tracking URI `client` talks to, for messages (None for a stand-in without one)."""
     return getattr(client, "tracking_uri", None)
@@ -220,8 +241,13 @@ def ensure_registered_model(client, name: str, description: str) -> None:  # noq
     call(f"creating registered model '{name}'", create, uri=server_uri(client))
 
 
-def create_version(client, name: str, source: str, run_id: str, tags: dict[str, str], description: str):  # noqa: ANN001, ANN201 - MLflow types
-    """Create a version of `name` with every tag in one call; a retry never makes a second one."""
+def create_version(client, name: str, source: str, run_id: str, tags: dict[str, str], description: str,  # noqa: ANN001, ANN201 - MLflow types
+                   model_id: str | None = None):
+    """Create a version of `name` with every tag in one call; a retry never makes a second one.
+
+    The one-off `graft.registration_id` tag that lets a retry find the version a lost response made is removed
+    once the version exists (best effort: a leftover one is harmless).
+    """
     token = uuid.uuid4().hex
     tags = {**tags, REGISTRATION_TAG: token}
     quoted = name.replace("'", "\\'")
@@ -232,12 +258,17 @@ def create_version(client, name: str, source: str, run_id: str, tags: dict[str, 
                 return version
         return None
 
-    return call(
+    created = call(
         f"registering a version of '{name}' from run {run_id}",
-        lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, description=description),
+        lambda: client.create_model_version(name, source, run_id=run_id, tags=tags, description=description, model_id=model_id),
         find_done,
         uri=server_uri(client),
     )
+    try:
+        delete_version_tag(client, name, str(created.version), REGISTRATION_TAG)
+    except RegistryError as exc:
+        log.warning("could not remove the registration token of '%s' v%s (%s); it is harmless", name, created.version, exc)
+    return created
 
 
 _UPSERT_RACE = ("UNIQUE constraint failed", "duplicate key", "Duplicate entry")
@@ -307,5 +338,40 @@ def log_artifacts(client, run_id: str, local_dir: str, artifact_path: str) -> No
     call(
         f"uploading {local_dir} to run {run_id} as '{artifact_path}'",
         lambda: client.log_artifacts(run_id, local_dir, artifact_path),
+        uri=server_uri(client),
+    )
+
+
+def delete_alias(client, name: str, alias: str) -> None:  # noqa: ANN001
+    """Remove `alias` from `name` (already gone counts as done)."""
+    from mlflow.exceptions import MlflowException
+
+    def delete() -> None:
+        try:
+            client.delete_registered_model_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise
+
+    call(f"removing alias '{alias}' of '{name}'", delete, uri=server_uri(client))
+
+
+def delete_version_tag(client, name: str, version: str, key: str) -> None:  # noqa: ANN001
+    from mlflow.exceptions import MlflowException
+
+    def delete() -> None:
+        try:
+            client.delete_model_version_tag(name, str(version), key)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+    call(f"deleting tag {key} of '{name}' v{version}", delete, uri=server_uri(client))
+
+
+def update_model_description(client, name: str, description: str) -> None:  # noqa: ANN001
+    call(
+        f"updating the description of '{name}'",
+        lambda: client.update_registered_model(name, description=description),
         uri=server_uri(client),
     )

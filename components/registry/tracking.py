@@ -1,4 +1,11 @@
-"""MLflow tracking: where runs go, and one parent run per pipeline run.
+"""MLflow tracking: which store runs and consumers use, and one parent run per pipeline run.
+
+Where the store is, in this order: `MLFLOW_TRACKING_URI` (or an URI set with `mlflow.set_tracking_uri`)
+wins; then the project's own store (SQLite under `tracking.store_dir`) when Graft runs inside the project;
+else a consumer gets one `TrackingStoreError` naming the variable to set. Only `graft run` (through
+`open_tracking_store`) creates the project's store, and two runs creating it at once are serialised by a
+file lock beside it; nothing else creates one, so no `mlflow.db` appears where a consumer happens to run
+(MLflow's own default is `./mlflow.db`).
 
 Everything is addressed by explicit run id through `MlflowClient`, so stages
 may run in any thread or process (Prefect task runners) and still log to the
@@ -12,6 +19,8 @@ credentials or a permission gives a `TrackingAuthError` saying what to set.
 
 from __future__ import annotations
 
+import getpass
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -20,14 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from components.core.config import Params
-from components.core.errors import GraftError
+from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
+from components.core.errors import GraftError, TrackingStoreError
 from components.registry import mlflow_calls
 
 log = logging.getLogger(__name__)
 
 
 T = TypeVar("T")
+
+
+TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
+
+
+STORE_FILE = "mlflow.db"
+"""The SQLite file of the project's own store, in `tracking.store_dir`."""
+
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+"""MLflow 3's experiment type; `custom_model_development` makes its UI show training runs, not GenAI traces."""
 
 
 # mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI; remember what Graft set, so a
@@ -37,10 +57,10 @@ _uri_set_by_graft: str | None = None
 
 def tracking_uri(params: Params) -> str:
     """`MLFLOW_TRACKING_URI` when the user set it, else SQLite under `tracking.store_dir`."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
+    env = os.environ.get(TRACKING_URI_ENV)
     if env and env != _uri_set_by_graft:
         return env
-    return f"sqlite:///{params.tracking.store_dir / 'mlflow.db'}"
+    return f"sqlite:///{params.tracking.store_dir / STORE_FILE}"
 
 
 def use_tracking_uri(uri: str) -> None:
@@ -48,34 +68,164 @@ def use_tracking_uri(uri: str) -> None:
     import mlflow
 
     global _uri_set_by_graft
-    user_set = os.environ.get("MLFLOW_TRACKING_URI") not in (None, _uri_set_by_graft)
+    user_set = os.environ.get(TRACKING_URI_ENV) not in (None, _uri_set_by_graft)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     if not user_set:
         _uri_set_by_graft = uri
 
 
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI (None for any other store)."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+
+
+def project_params_file(cwd: Path | None = None) -> Path | None:
+    """The params file of the Graft project the working directory is in: `./params.yaml`, or the project's own
+    when the working directory lies inside the project folder; None elsewhere."""
+    cwd = (cwd or Path.cwd()).resolve()
+    if (cwd / PARAMS_FILE).is_file():
+        return cwd / PARAMS_FILE
+    if cwd.is_relative_to(REPO_ROOT) and (REPO_ROOT / PARAMS_FILE).is_file():
+        return REPO_ROOT / PARAMS_FILE
+    return None
+
+
+def _existing_store(uri: str, why: str) -> str:
+    """`uri`, once its SQLite file exists (a consumer must not create an empty store by opening it)."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise TrackingStoreError(
+            f"there is no MLflow store at {path} ({why}): `graft run` creates it there; to read another registry, "
+            f"set {TRACKING_URI_ENV} (e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE})"
+        )
+    return uri
+
+
+def consumer_store(params: Params | None = None) -> str:
+    """Point MLflow at the registry a consumer reads, and return its URI; never creates a store.
+
+    In this order: `MLFLOW_TRACKING_URI` when the user set it; the store of `params` (an explicit `--params`
+    file); an URI already set in this process (`mlflow.set_tracking_uri` in the user's code, or Graft's own run);
+    the project's own store when the working directory is inside a Graft project (`project_params_file`).
+
+    Raises:
+        TrackingStoreError: none of these names a store, or the project's store has not been created yet;
+            the message names `MLFLOW_TRACKING_URI`.
+    """
+    from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
+
+    import mlflow
+
+    env = os.environ.get(TRACKING_URI_ENV)
+    if env and env != _uri_set_by_graft:
+        uri, why = env, f"{TRACKING_URI_ENV} names it"
+    elif params is not None:
+        uri, why = tracking_uri(params), "tracking.store_dir of the params file given"
+    elif is_tracking_uri_set():
+        return _opened(_existing_store(mlflow.get_tracking_uri(), "the tracking URI set in this process"))
+    else:
+        found = project_params_file()
+        if found is None:
+            raise TrackingStoreError(
+                f"no MLflow registry to read models:/ URIs from: set {TRACKING_URI_ENV} to your tracking server or store "
+                f"(e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE}), "
+                "or run from inside the Graft project"
+            )
+        uri, why = tracking_uri(load_params(found)), f"the store of the project at {found.parent}"
+    uri = _opened(_existing_store(uri, why))
+    use_tracking_uri(uri)
+    return uri
+
+
+_opened_stores: set[str] = set()
+
+
+def _opened(uri: str) -> str:
+    """`uri`, once a SQLite store there opens (checked once per process): a damaged or foreign file is one
+    `TrackingStoreError`, not a traceback from the first MLflow call. Servers are not probed here; their calls
+    report their own failures (`components.registry.mlflow_calls`)."""
+    if _sqlite_path(uri) is None or uri in _opened_stores:
+        return uri
+    from mlflow import MlflowClient
+
+    try:
+        MlflowClient(uri, uri).search_registered_models(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a store that will not open
+        raise TrackingStoreError(
+            f"cannot open the MLflow store {uri} ({mlflow_calls.first_line(exc)}); is it an MLflow store of this version "
+            f"(`mlflow db upgrade {uri}` migrates an older one)? Or set {TRACKING_URI_ENV} to the registry to read"
+        ) from exc
+    _opened_stores.add(uri)
+    return uri
+
+
+def _create_embedded_store(uri: str, store_dir: Path) -> None:
+    """Create (or migrate) the SQLite store once, however many processes open it at the same moment.
+
+    MLflow creates its schema when a process first opens an empty database; two processes doing so at once
+    fail with `table ... already exists`. A file lock beside the database makes the first one create it and
+    the others wait, then find it made.
+    """
+    from filelock import FileLock, Timeout
+
+    from mlflow import MlflowClient
+
+    store_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(store_dir / f".{STORE_FILE}.lock"))
+    try:
+        with lock.acquire(timeout=600):
+            client = MlflowClient(uri, uri)
+            client.search_experiments(max_results=1)  # creates or migrates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's, in the same database
+    except Timeout as exc:
+        raise TrackingStoreError(
+            f"waited 10 minutes for another process creating the MLflow store at {store_dir}; if none is running, "
+            f"delete {lock.lock_file} and rerun"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a store that will not open
+        raise TrackingStoreError(
+            f"cannot open the MLflow store {uri} ({mlflow_calls.first_line(exc)}); check that {store_dir} is writable "
+            f"and holds a store of this MLflow version (`mlflow db upgrade {uri}` migrates an older one), "
+            f"or set {TRACKING_URI_ENV} to another store"
+        ) from exc
+
+
 def open_tracking_store(params: Params) -> str:
-    """Point MLflow at the tracking/registry store and make sure the experiment exists."""
+    """Point MLflow at the tracking/registry store `graft run` writes to (creating the project's own store
+    when needed) and make sure the experiment exists.
+
+    Raises:
+        TrackingStoreError: the project's store cannot be created or opened.
+        RegistryError: the server kept failing; TrackingAuthError: it refused us.
+    """
     from mlflow import MlflowClient
 
     uri = tracking_uri(params)
-    if uri.startswith("sqlite:///"):
-        params.tracking.store_dir.mkdir(parents=True, exist_ok=True)
+    if _sqlite_path(uri) is not None:
+        _create_embedded_store(uri, _sqlite_path(uri).parent)
     use_tracking_uri(uri)
     client = MlflowClient(uri, uri)
     name = params.tracking.experiment
-    with mlflow_calls.auth_explained(uri, f"opening MLflow experiment '{name}'"):
-        if client.get_experiment_by_name(name) is None:
-            location = None
-            if uri.startswith("sqlite:///"):
-                location = (params.tracking.store_dir / "artifacts").resolve().as_uri()
-            try:
-                client.create_experiment(name, artifact_location=location)
-            except Exception:  # noqa: BLE001 - a concurrent run created it first
-                if client.get_experiment_by_name(name) is None:
-                    raise
+    location = (params.tracking.store_dir / "artifacts").resolve().as_uri() if _sqlite_path(uri) else None
+    mlflow_calls.call(f"opening MLflow experiment '{name}' at {mlflow_calls.printable_uri(uri)}",
+                      lambda: _ensure_experiment(client, name, location), uri=uri)
     return uri
+
+
+def _ensure_experiment(client, name: str, location: str | None) -> None:  # noqa: ANN001 - MlflowClient
+    """Create experiment `name` (a training experiment for MLflow's UI) unless it exists, also when a concurrent run creates it."""
+    from mlflow.exceptions import MlflowException
+
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        try:
+            client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
+        except MlflowException:
+            if client.get_experiment_by_name(name) is None:  # else a concurrent run created it first
+                raise
+    elif EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
 
 
 @dataclass(frozen=True)
@@ -126,30 +276,91 @@ class Run:
         """Where this run's artifacts live (`.../artifacts`), read from the server."""
         return self._call("reading", lambda: self.client.get_run(self.run_id)).info.artifact_uri
 
-    def child(self, name: str) -> Run:
+    def experiment_id(self) -> str:
+        return self._call("reading", lambda: self.client.get_run(self.run_id)).info.experiment_id
+
+    def child(self, name: str, description: str | None = None) -> Run:
         """A nested run under this one (shown beneath it in the MLflow UI)."""
         parent = self._call("reading", lambda: self.client.get_run(self.run_id))
-        with mlflow_calls.auth_explained(self.uri, f"creating child run '{name}' of run {self.run_id}"):
-            tags = {"mlflow.parentRunId": self.run_id}
-            run = self.client.create_run(parent.info.experiment_id, run_name=name, tags=tags)
+        tags = {"mlflow.parentRunId": self.run_id, **({NOTE_TAG: description} if description else {})}
+        run = mlflow_calls.call_once(
+            f"creating child run '{name}' of run {self.run_id}",
+            lambda: self.client.create_run(parent.info.experiment_id, run_name=name, tags=tags),
+            uri=self.uri,
+        )
         return Run(run.info.run_id, self.uri)
+
+    def describe(self, name: str | None = None, description: str | None = None) -> None:
+        """Rename the run and set its description (Markdown, shown on its page in the MLflow UI)."""
+        if name:
+            self._call("renaming", lambda: self.client.update_run(self.run_id, name=name[:250]))
+        if description:
+            self.set_tags({NOTE_TAG: description})
+
+    def log_dataset(self, dataset: TrainingData) -> None:
+        """Record the data the run trained on as an MLflow dataset input (the Dataset column of the UI)."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        entity = Dataset(dataset.name, dataset.digest[:36], dataset.source_type, json.dumps(dataset.source),
+                         profile=json.dumps(dataset.profile))
+        inputs = [DatasetInput(entity, [InputTag("mlflow.data.context", "training")])]
+        self._call("logging the dataset input of", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+
+    def log_model_output(self, model_id: str) -> None:
+        """Link a LoggedModel to this run as its output (the Logged models column of the MLflow UI)."""
+        from mlflow.entities import LoggedModelOutput
+
+        self._call("linking a logged model to", lambda: self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)]))
 
     def finish(self, status: str = "FINISHED") -> None:
         self._call(f"marking {status}", lambda: self.client.set_terminated(self.run_id, status))
 
 
+NOTE_TAG = "mlflow.note.content"
+"""MLflow's tag for a run's description (Markdown)."""
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """The data a run trained on, as MLflow records a dataset: a name, a digest, where it came from, its shape."""
+
+    name: str
+    digest: str
+    """The DVC md5 of the folder (`<md5>.dir`); MLflow keeps 36 characters."""
+    source: dict[str, str]
+    source_type: str = "dvc"
+    profile: dict[str, object] | None = None
+
+
+def source_tags(commit: str) -> dict[str, str]:
+    """MLflow's own run fields: who ran it, from what, at which commit (the UI's Source and User)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    tags = {"mlflow.source.name": "graft run", "mlflow.source.type": "LOCAL", "mlflow.user": user}
+    if commit and commit != "unknown":
+        tags["mlflow.source.git.commit"] = commit.removesuffix("-dirty")
+    return tags
+
+
 @contextmanager
 def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Run]:
-    """Open the pipeline's parent run; it ends FAILED if the body raises, KILLED if it is interrupted."""
+    """Open the pipeline's parent run (named after its data folder until the run renames it); it ends FAILED if the body raises, KILLED if it is interrupted."""
     from mlflow import MlflowClient
 
     uri = open_tracking_store(params)
     client = MlflowClient(uri, uri)
-    with mlflow_calls.auth_explained(uri, f"starting a run in MLflow experiment '{params.tracking.experiment}'"):
-        experiment = client.get_experiment_by_name(params.tracking.experiment)
-        created = client.create_run(experiment.experiment_id, run_name=run_name, tags=tags or {})
+    name = params.tracking.experiment
+    experiment = mlflow_calls.call(f"reading MLflow experiment '{name}'", lambda: client.get_experiment_by_name(name), uri=uri)
+    tags = {**source_tags((tags or {}).get("git_commit", "")), NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.", **(tags or {})}
+    created = mlflow_calls.call_once(
+        f"starting a run in MLflow experiment '{name}'",
+        lambda: client.create_run(experiment.experiment_id, run_name=run_name or f"graft run: {params.data.dir.name}", tags=tags),
+        uri=uri,
+    )
     run = Run(created.info.run_id, uri)
-    log.info("MLflow run %s in experiment '%s' at %s", run.run_id, params.tracking.experiment, uri)
+    log.info("MLflow run %s in experiment '%s' at %s", run.run_id, name, mlflow_calls.printable_uri(uri))
     try:
         yield run
     except BaseException as exc:

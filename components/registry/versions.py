@@ -76,9 +76,10 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
         RegistryError: the registry kept failing.
         GraftError: the model has no such alias or version.
     """
+    from components.registry.tracking import consumer_store
     from mlflow import MlflowClient
 
-    client = MlflowClient()
+    client = MlflowClient(consumer_store())
     if alias:
         what, found = f"alias '{alias}'", version_by_alias(client, name, alias)
     else:
@@ -87,7 +88,7 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
     if found is None:
         raise GraftError(
             f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri}; "
-            "check the name and alias in the MLflow UI, or pass --params naming the right store"
+            f"check the name and alias in the MLflow UI, or set MLFLOW_TRACKING_URI to the registry that holds it"
         )
     return found
 
@@ -95,7 +96,9 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
 def download_artifact(artifact_uri: str, dst: Path) -> Path:
     """Download an MLflow artifact (a file or folder) into `dst`; a refusal or a bad URI is one clear error."""
     import mlflow
+    from components.registry.tracking import consumer_store
 
+    consumer_store()
     try:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(dst)))
     except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a bad URI
@@ -139,15 +142,56 @@ def _resolve_runs_uri(uri: str, run_id: str, run_root: str) -> str | None:
     return f"{run_root.rstrip('/')}/{path}" if named_run == run_id else None
 
 
-def trusted_download_uri(client, found) -> str:  # noqa: ANN001 - MlflowClient, mlflow ModelVersion
-    """Where to download version `found` from, once its source is known to lie inside its own run's artifact folder.
+LOGGED_MODEL_URI = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})/?$")
+"""The source of a version registered from an MLflow 3 LoggedModel (`models:/m-<32 hex>`)."""
 
-    Graft registers a version only from its own run's folder; a source anywhere else (another path on the
-    server, `..` in plain or encoded form, a query, no run at all) is the CVE-2023-1177 family, refused here
-    whatever the server accepted. Both the recorded source and the URI MLflow resolves it to are checked.
+
+def logged_model_id(found) -> str | None:  # noqa: ANN001 - mlflow ModelVersion
+    """The LoggedModel a version was registered from, or None for a version registered from a run's folder."""
+    match = LOGGED_MODEL_URI.match(found.source or "")
+    return match["model_id"] if match else None
+
+
+def _artifact_root(client, found, what: str, fix: str) -> tuple[str, str]:  # noqa: ANN001 - MlflowClient, ModelVersion
+    """(the folder the version's files must lie in, what it is) from the registry's own records.
+
+    A version registered from a run's folder must lie inside that run's artifact folder; one registered from
+    a LoggedModel inside the model's artifact folder, and the model must come from the version's run and lie
+    inside its experiment's artifact folder (where the server puts it).
+    """
+    model_id = logged_model_id(found)
+    if model_id is None:
+        run = _read_or_none(client, f"reading run {found.run_id} of {what}", lambda: client.get_run(found.run_id))
+        if run is None:
+            raise UntrustedSourceError(f"{what} comes from run {found.run_id}, which no longer exists; refusing to load it; {fix}")
+        return run.info.artifact_uri, f"the artifact folder of its run {found.run_id}"
+    model = _read_or_none(client, f"reading logged model {model_id} of {what}", lambda: client.get_logged_model(model_id))
+    if model is None:
+        raise UntrustedSourceError(f"{what} comes from logged model {model_id}, which no longer exists; refusing to load it; {fix}")
+    if model.source_run_id != found.run_id:
+        raise UntrustedSourceError(
+            f"{what}: its logged model {model_id} comes from run {model.source_run_id}, not from the version's run "
+            f"{found.run_id}; refusing to load it; {fix}"
+        )
+    experiment = _read_or_none(client, f"reading experiment {model.experiment_id}", lambda: client.get_experiment(model.experiment_id))
+    if experiment is None or not uri_inside(model.artifact_location, experiment.artifact_location):
+        raise UntrustedSourceError(
+            f"{what}: its logged model {model_id} keeps its files at {model.artifact_location!r}, outside its experiment's "
+            f"artifact folder; refusing to load it; {fix}"
+        )
+    return model.artifact_location, f"the artifact folder of its logged model {model_id} (from run {found.run_id})"
+
+
+def trusted_download_uri(client, found) -> str:  # noqa: ANN001 - MlflowClient, mlflow ModelVersion
+    """Where to download version `found` from, once its files are known to lie where Graft registered them.
+
+    Graft registers a version only from its own run's logged model (or, before MLflow 3 LoggedModels, from its
+    run's artifact folder); a source anywhere else (another path on the server, `..` in plain or encoded form, a
+    query, no run at all) is the CVE-2023-1177 family, refused here whatever the server accepted. Both the
+    recorded source and the URI MLflow resolves it to are checked.
 
     Raises:
-        UntrustedSourceError: naming the version, its source and the run's artifact folder.
+        UntrustedSourceError: naming the version, its source and the folder it should lie in.
         RegistryError: the registry kept failing.
     """
     what = f"{found.name} v{found.version}"
@@ -157,19 +201,17 @@ def trusted_download_uri(client, found) -> str:  # noqa: ANN001 - MlflowClient, 
             f"{what} names no run, so its source {found.source!r} cannot be traced to a run's artifact folder; "
             f"refusing to load it; {fix}"
         )
-    run = _read_or_none(client, f"reading run {found.run_id} of {what}", lambda: client.get_run(found.run_id))
-    if run is None:
-        raise UntrustedSourceError(f"{what} comes from run {found.run_id}, which no longer exists; refusing to load it; {fix}")
-    root = run.info.artifact_uri
+    root, where = _artifact_root(client, found, what, fix)
     download = mlflow_calls.call(
         f"resolving the files of {what}", lambda: client.get_model_version_download_uri(found.name, str(found.version)),
         uri=mlflow_calls.server_uri(client),
     )
-    for uri in dict.fromkeys((found.source, download)):
+    sources = (download,) if logged_model_id(found) else (found.source, download)
+    for uri in dict.fromkeys(sources):
         resolved = _resolve_runs_uri(uri, found.run_id, root)
         if resolved is None or not uri_inside(resolved, root):
             raise UntrustedSourceError(
-                f"{what}: source {uri!r} lies outside the artifact folder of its run {found.run_id} ({root}); "
+                f"{what}: source {uri!r} lies outside {where} ({root}); "
                 f"refusing to load it (a version pointing elsewhere is how CVE-2023-1177 reads other files); {fix}"
             )
     return download

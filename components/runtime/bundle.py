@@ -5,7 +5,7 @@
       model.<variant>.onnx  published variants (optimized, fp16, int8)
       labels.txt            one class name per line, in output order
       metadata.json         classes, input size, mean/std, backbone, data md5, variants' accuracy changes, source
-      model_card.md         when the run wrote one
+      model_card.md         when the run wrote one (and model_card.html, the same card with its pictures)
       SHA256SUMS            sha256 of every other file; `sha256sum -c SHA256SUMS` checks it too
       model.sig             when GRAFT_SIGNING_KEY was set: model-signing's signature over all of the above
 
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from components.core.errors import BundleError
 from components.core.files import sha256
+from components.registry.mlflow_calls import first_line as mlflow_first_line
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.signing import SIGNATURE_FILE, sign_folder, signing_key, verify_folder, verify_keys
 from components.runtime.trust import fetch_registered
@@ -50,6 +51,13 @@ METADATA = "metadata.json"
 
 
 MODEL_CARD = "model_card.md"
+
+
+MODEL_CARD_HTML = "model_card.html"
+
+
+MODEL_CARD_DIR = "model_card"
+"""Where a registered version's run keeps its model cards (`runs:/<run>/model_card/model_card.md`)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,7 @@ def write_bundle(
     metadata: dict,
     variants: dict[str, dict] | None = None,
     model_card: Path | None = None,
+    model_card_html: Path | None = None,
 ) -> Bundle:
     """Write a bundle for the model at `fp32_path` (and its `variants` beside it) into `out_dir`.
 
@@ -88,6 +97,7 @@ def write_bundle(
         metadata: Facts for `metadata.json` (name, version, source, ...); classes etc. are read from the model.
         variants: Published variant name -> its facts (accuracy change, sha256, ...).
         model_card: A markdown model card to include, when there is one.
+        model_card_html: The same card as HTML, when there is one.
 
     Raises:
         BundleError: `out_dir` is not empty, or a variant file is missing.
@@ -113,8 +123,9 @@ def write_bundle(
                 raise BundleError(f"variant '{name}' is listed but {source} does not exist; re-run the deploy stage")
             shutil.copyfile(source, staging / variant_path(Path(FP32_FILE), name).name)
         (staging / LABELS).write_text("".join(f"{label}\n" for label in classes))
-        if model_card is not None and model_card.is_file():
-            shutil.copyfile(model_card, staging / MODEL_CARD)
+        for card, card_name in ((model_card, MODEL_CARD), (model_card_html, MODEL_CARD_HTML)):
+            if card is not None and card.is_file():
+                shutil.copyfile(card, staging / card_name)
         facts = {
             **{k: _maybe_json(v) for k, v in model_meta.items() if not k.startswith("onnx.")},
             **metadata,
@@ -199,7 +210,6 @@ def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
     Its files are checked against the digests registration recorded (and the version's signature when
     GRAFT_VERIFY_KEY is set) before anything is written; the bundle is signed when GRAFT_SIGNING_KEY is set.
     """
-    import mlflow
     from mlflow import MlflowClient
 
     parsed = parse_registry_uri(model_uri)
@@ -212,18 +222,135 @@ def bundle_from_registry(model_uri: str, out_dir: Path) -> Bundle:
     with tempfile.TemporaryDirectory(prefix="graft-bundle-") as tmp:
         local = Path(tmp)
         checked = fetch_registered(MlflowClient(), found, [variant_filename(v) for v in names], local / "files")
-        card = None
-        if found.tags.get("model_card"):
-            try:
-                card = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.tags["model_card"], dst_path=str(local / "card")))
-            except Exception as exc:  # noqa: BLE001 - a missing card should not stop the bundle
-                log.warning("model card %s not found (%s); bundle written without it", found.tags["model_card"], exc)
+        cards = {name: _download_card(found, name, local / "card") for name in (MODEL_CARD, MODEL_CARD_HTML)}
         facts = {
             "name": name,
             "version": str(found.version),
             "source": f"models:/{name}/{found.version}",
             "run_id": found.run_id,
-            **{k: found.tags[k] for k in ("git_commit", "onnx.sha256", "parity.max_abs_diff", "parity.top1_agreement") if k in found.tags},
+            **{k: found.tags[k] for k in ("git_commit", "parity.max_abs_diff", "parity.top1_agreement") if k in found.tags},
         }
         fp32 = checked.paths[FP32_FILE]
-        return write_bundle(fp32, out_dir, facts, {k: v for k, v in listed.items() if k in names}, card)
+        listing = {k: {"sha256": v} for k, v in checked.sha256.items()}
+        variants = {n: {**listed.get(n, {}), **listing.get(variant_filename(n), {})} for n in names}
+        return write_bundle(fp32, out_dir, facts, variants, cards[MODEL_CARD], cards[MODEL_CARD_HTML])
+
+
+def _download_card(found, name: str, dst: Path) -> Path | None:  # noqa: ANN001 - mlflow ModelVersion
+    """A version's model card from its run's `model_card/` artifacts (older versions named it in a `model_card` tag);
+    None when there is none: a missing card does not stop a bundle."""
+    import mlflow
+
+    uri = f"runs:/{found.run_id}/{MODEL_CARD_DIR}/{name}"
+    if name == MODEL_CARD and found.tags.get("model_card"):
+        uri = found.tags["model_card"]
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    except Exception as exc:  # noqa: BLE001 - MLflow raises many types for a missing artifact
+        log.info("model card %s not found (%s); bundle written without it", uri, mlflow_first_line(exc))
+        return None
+
+
+# ---------------------------------------------------------------- a Triton model repository
+
+TRITON_CONFIG = "config.pbtxt"
+
+
+TRITON_QUEUE_DELAY_US = 2000
+"""How long Triton's dynamic batcher may hold a request to batch it with others (2 ms)."""
+
+
+@dataclass(frozen=True)
+class TritonRepository:
+    """A Triton model repository written from a registered version: `root/<name>/config.pbtxt`, `root/<name>/<version>/model.onnx`."""
+
+    root: Path
+    name: str
+    version: str
+    variant: str
+    config: Path
+
+
+def triton_config(name: str, version: str, input_name: str, output_name: str, image_size: int, classes: int, max_batch: int,
+                  source: str, queue_delay_us: int = TRITON_QUEUE_DELAY_US) -> str:
+    """`config.pbtxt` for Triton's onnxruntime backend: the model's tensors, dynamic batching, the one version, its labels."""
+    return f"""# Written by `graft bundle --format triton` from {source}
+name: "{name}"
+platform: "onnxruntime_onnx"
+max_batch_size: {max_batch}
+version_policy: {{ specific: {{ versions: [ {version} ] }} }}
+input [
+  {{
+    name: "{input_name}"
+    data_type: TYPE_UINT8
+    dims: [ {image_size}, {image_size}, 3 ]
+  }}
+]
+output [
+  {{
+    name: "{output_name}"
+    data_type: TYPE_FP32
+    dims: [ {classes} ]
+    label_filename: "{LABELS}"
+  }}
+]
+dynamic_batching {{
+  max_queue_delay_microseconds: {queue_delay_us}
+}}
+parameters {{ key: "graft.source" value: {{ string_value: "{source}" }} }}
+"""
+
+
+def triton_from_registry(model_uri: str, out_dir: Path, variant: str = "fp32", max_batch: int = 32) -> TritonRepository:
+    """Write a Triton model repository for a registered version (`models:/NAME@ALIAS` or `models:/NAME/V`) into `out_dir`.
+
+    The model file is checked against the digest registration recorded (and the version's signature when
+    GRAFT_VERIFY_KEY is set) before it is written; Triton then serves it with dynamic batching, and a caller
+    of `graft serve`'s `/v2` endpoints calls Triton the same way. `SHA256SUMS` beside `config.pbtxt` lists
+    what was written (`sha256sum -c`).
+
+    Raises:
+        BundleError: not a registry URI, the variant was not published, or `out_dir` is not empty.
+    """
+    import onnxruntime as ort
+
+    from mlflow import MlflowClient
+
+    parsed = parse_registry_uri(model_uri)
+    if parsed is None:
+        raise BundleError(f"'{model_uri}' is not a registry URI; pass models:/NAME@champion or models:/NAME/VERSION")
+    name, alias, version = parsed
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise BundleError(f"folder '{out_dir}' exists and is not empty; pass a new folder with --out or delete it")
+    found = registry_version(name, alias, version)
+    if variant not in published_variants(found.tags):
+        raise BundleError(f"variant '{variant}' was not published for {name} v{found.version} (published: {', '.join(published_variants(found.tags))})")
+    filename = variant_filename(variant)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        checked = fetch_registered(MlflowClient(), found, [filename], staging / ".download")
+        model_dir = staging / name
+        (model_dir / str(found.version)).mkdir(parents=True)
+        target = model_dir / str(found.version) / FP32_FILE  # Triton's onnxruntime backend looks for model.onnx
+        shutil.copyfile(checked.paths[filename], target)
+        shutil.rmtree(staging / ".download")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(target), options, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        classes = json.loads(meta["classes"])
+        (model_dir / LABELS).write_text("".join(f"{label}\n" for label in classes))
+        source = f"models:/{name}/{found.version} ({variant})"
+        (model_dir / TRITON_CONFIG).write_text(triton_config(
+            name, str(found.version), session.get_inputs()[0].name, session.get_outputs()[0].name, int(meta["image_size"]),
+            len(classes), max_batch, source))
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+        (model_dir / CHECKSUMS).write_text("".join(f"{sha256(p)}  {p.relative_to(model_dir).as_posix()}\n" for p in files))
+        if out_dir.exists():
+            out_dir.rmdir()
+        staging.replace(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("Triton model repository for %s v%s (%s) written to %s", name, found.version, variant, out_dir)
+    return TritonRepository(out_dir, name, str(found.version), variant, out_dir / name / TRITON_CONFIG)

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from components.core.errors import IntegrityError
 from components.core.files import sha256
-from components.core.lineage import CHAMPION, ONNX_SHA256_TAG, PROMOTED_BY_TAG, sha256_tag
+from components.core.lineage import CHAMPION, ONNX_SHA256_TAG, sha256_tag
+from components.registry.history import latest_move
 from components.registry.versions import download_artifact, recorded_concerns, trusted_download_uri
 from components.runtime.signing import verify_folder, verify_keys
 from components.runtime.variant_files import FP32_FILE, VARIANTS_TAG
@@ -192,6 +193,6 @@ def champion_warning(name: str, version: str, alias: str | None, tags: Mapping[s
     concerns = recorded_concerns(tags)
     if alias != CHAMPION or not concerns:
         return None
-    how = tags.get(PROMOTED_BY_TAG)
+    how = latest_move(tags)
     moved = f"made champion by {how}" if how else "moved there outside Graft, in the MLflow UI or API"
     return f"{CHAMPION} of {name} is v{version} although {'; and '.join(concerns)}; it is served as the alias says ({moved})"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from components.core.errors import GraftError
+from components.core.lineage import sha256_tag
 from components.runtime.providers import GPU_PROVIDERS
 
 VARIANT_SUFFIXES: dict[str, str] = {"fp32": "", "optimized": ".optimized", "fp16": ".fp16", "int8": ".int8"}
@@ -23,7 +24,8 @@ FP32_FILE = "model.onnx"
 
 
 VARIANTS_TAG = "onnx.variants"
-"""Model-version tag: JSON {variant: {file, sha256, accuracy_change, ...}} of the published variants."""
+"""Model-version tag older versions carry: JSON {variant: {file, sha256, accuracy_change, ...}} of the published
+variants. Newer versions list them by their `sha256.<file>` tags (and in `registration.json`)."""
 
 
 def variant_path(fp32_path: Path, variant: str) -> Path:
@@ -54,8 +56,12 @@ def pick_variant(requested: str, available: Sequence[str], providers: Sequence[s
     return requested
 
 
-def published_variants(tags: dict[str, str]) -> list[str]:
-    """Variant names a model version lists in its `onnx.variants` tag (always includes fp32)."""
+def published_variants(tags: Mapping[str, str]) -> list[str]:
+    """Variant names a model version was registered with (always includes fp32): each file registration uploaded has
+    its `sha256.<file>` tag; versions registered before those tags list them in `onnx.variants`."""
+    recorded = [name for name in VARIANT_SUFFIXES if name != "fp32" and sha256_tag(variant_filename(name)) in tags]
+    if recorded:
+        return ["fp32", *recorded]
     try:
         listed = json.loads(tags.get(VARIANTS_TAG, "{}"))
     except ValueError:

@@ -4,6 +4,8 @@
                      (Content-Type image/*), or JSON {"images": [<base64>, ...]}
     GET  /health     liveness, the version served, the provider, the last reload error, a refused version
     GET  /metadata   classes, input size, mean/std, backbone, data md5, variant, limits
+    /v2/...          the Open Inference Protocol (KServe V2) that Triton and KServe clients speak
+                     (`components.serve.open_inference`): health, model metadata, tensors in, probabilities out
 
 Every request is bounded: bodies over `deploy.serve_max_upload_mb` get 413,
 batches over `deploy.serve_max_batch` get 413, anything that is not an image
@@ -45,6 +47,7 @@ from components.core.errors import GraftError, IntegrityError, RequestProblem
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.model import OnnxClassifier
+from components.serve import open_inference
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +255,18 @@ def _classify(model: OnnxClassifier, files: list[tuple[str, bytes]]) -> list[dic
     return rows
 
 
+def served_name(model: OnnxClassifier) -> str:
+    """The model's name in Open Inference Protocol paths: the registered name, else the file's stem."""
+    from pathlib import Path
+
+    return model.source.name or Path(model.source.uri).stem or "model"
+
+
+def served_version(model: OnnxClassifier) -> str:
+    """The version in Open Inference Protocol answers: the registered version, else 1."""
+    return model.source.version or "1"
+
+
 def _model_facts(model: OnnxClassifier) -> dict:
     source = model.source
     return {
@@ -326,7 +341,70 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
             raise RequestProblem(504, f"prediction took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
         return {"model": _model_facts(model), "predictions": rows, "seconds": round(time.perf_counter() - started, 4)}
 
+    _open_inference_routes(app, live, settings)
     return app
+
+
+def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> None:  # noqa: ANN001 - fastapi.FastAPI
+    """The Open Inference Protocol (KServe V2) routes on `app`, serving the same model as `/predict`."""
+    from fastapi.responses import Response
+    from starlette.concurrency import run_in_threadpool
+
+    def model_for(name: str, version: str | None = None) -> OnnxClassifier:
+        """The model served under `name` (and `version`), or a 400 saying what is served (Triton answers 400 too)."""
+        model = live.model
+        served, current = served_name(model), served_version(model)
+        if name != served:
+            raise RequestProblem(400, f"model '{name[:100]}' is not served here; this server serves '{served}' (GET /v2/models/{served})")
+        if version is not None and version != current:
+            refused = " (it was refused: its files failed the integrity checks)" if version == live.refused_version else ""
+            raise RequestProblem(400, f"version '{version[:40]}' of '{served}' is not served{refused}; version {current} is")
+        return model
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            graft_version = version("graft")
+        except PackageNotFoundError:
+            graft_version = "unknown"
+        return {"name": "graft", "version": graft_version, "extensions": list(open_inference.EXTENSIONS)}
+
+    @app.get("/v2/health/live")
+    async def live_check() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    async def ready_check() -> dict:
+        # a model is loaded only once it passed every check a load makes, and one refused later is never swapped in
+        return {"ready": True}
+
+    async def metadata_v2(name: str, version: str | None = None) -> dict:
+        model = model_for(name, version)
+        return open_inference.model_metadata(served_name(model), served_version(model), model.input_name, model.output_name,
+                                             model.image_size, len(model.classes))
+
+    async def ready_v2(name: str, version: str | None = None) -> dict:
+        model = model_for(name, version)
+        return {"name": served_name(model), "ready": True}
+
+    async def infer_v2(request: Request, name: str, version: str | None = None) -> Response:
+        model = model_for(name, version)
+        body = await _read_body(request, settings.max_upload_bytes)
+        parsed = open_inference.parse_infer(body, request.headers.get(open_inference.HEADER_LENGTH), model.input_name,
+                                            model.output_name, model.image_size, settings.max_batch)
+        try:
+            probabilities = await asyncio.wait_for(run_in_threadpool(model.predict_proba, parsed.images), settings.timeout_seconds)
+        except asyncio.TimeoutError as exc:
+            raise RequestProblem(504, f"inference took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
+        content, headers = open_inference.encode_infer(parsed, probabilities, model.classes, served_name(model), served_version(model))
+        return Response(content, headers=headers, media_type=headers["content-type"])
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+        app.add_api_route(prefix, metadata_v2, methods=["GET"])
+        app.add_api_route(f"{prefix}/ready", ready_v2, methods=["GET"])
+        app.add_api_route(f"{prefix}/infer", infer_v2, methods=["POST"])
 
 
 def _loads(value: str) -> object:

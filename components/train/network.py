@@ -341,7 +341,9 @@ def train_network(
     precision = resolve_precision(cfg, cached_trunk=data.trunk is not None)
     augmenter = None
     if cfg.augment and data.trunk is None:
-        from components.train.augment import Augmenter  # torchvision's transforms take seconds to import: only when used
+        from components.train.augment import (
+            Augmenter,  # torchvision's transforms take seconds to import: only when used
+        )
 
         augmenter = Augmenter(cfg, data.train.shape[1])
         log.info("augmentation: %s", augmenter.describe())

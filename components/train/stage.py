@@ -21,9 +21,11 @@ import torch
 from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache, cache_key, compute_features
 from components.backbones.spec import BackboneSpec
+from components.backbones.unfreeze import select_trainable
 from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import Params
+from components.core.errors import ModelError
 from components.data.split import Split
 from components.train.launcher import run_distributed
 from components.train.loop import (
@@ -31,8 +33,6 @@ from components.train.loop import (
     ResumeStore,
     save_checkpoint,
 )
-from components.backbones.unfreeze import select_trainable
-from components.core.errors import ModelError
 from components.train.network import build_model, resolve_precision
 from components.train.strategies import Outcome, run_strategy, trains_through_network
 from components.train.trunk import prepare_trunk_cache, trunk_features

@@ -51,7 +51,7 @@ def test_torchvision_weights_download_once_verified_then_come_from_the_cache(mob
     assert spec.ensure_weights("auto") is None  # the second run reads the cache
     assert weights_server.downloads() == 1
     assert spec.provenance() == {
-        "weights.source": f"torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1 from $TORCH_HOME/hub/checkpoints",
+        "weights.source": "torchvision MobileNet_V3_Small_Weights.IMAGENET1K_V1 from $TORCH_HOME/hub/checkpoints",
         "weights.revision": "MobileNet_V3_Small_Weights.IMAGENET1K_V1",
         "weights.url": url,
         "weights.sha256": sha(content),

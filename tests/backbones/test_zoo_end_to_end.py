@@ -70,8 +70,16 @@ def graft_run(tmp_path, digits_dir, feature_cache_dir, prefect_harness, monkeypa
 
 
 def _version_tags(graft_run, summary) -> dict[str, str]:
-    client = MlflowClient(f"sqlite:///{graft_run.store}", f"sqlite:///{graft_run.store}")
-    return client.get_model_version("graft-test", summary["registered"]["version"]).tags
+    """The version's tags, with the weights' provenance registration keeps beside them in `registration.json`."""
+    import mlflow
+
+    uri = f"sqlite:///{graft_run.store}"
+    client = MlflowClient(uri, uri)
+    version = summary["registered"]["version"]
+    folder = client.get_model_version_download_uri("graft-test", version).rstrip("/")
+    mlflow.set_tracking_uri(uri)
+    details = json.loads(Path(mlflow.artifacts.download_artifacts(f"{folder}/registration.json")).read_text())
+    return {**client.get_model_version("graft-test", version).tags, **details["model"]}
 
 
 def test_graft_run_ranks_resnet50_a_timm_backbone_and_lite0_from_their_caches(filled_caches, graft_run):
@@ -128,6 +136,6 @@ def test_a_timm_backbone_is_ranked_fine_tuned_exported_and_served(filled_caches,
     images = sorted((digits_dir / "7").iterdir())[:2]
     params_file = tmp_path / "serve-params.yaml"
     params_file.write_text(f"tracking:\n  store_dir: {graft_run.store.parent}\n")
-    assert main(["predict", "--params", str(params_file), "--model", "models:/graft-test@challenger", *map(str, images)]) == 0
+    assert main(["predict", "--params", str(params_file), "--model", "models:/graft-test@champion", *map(str, images)]) == 0
     predictions = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(predictions) == 2 and all(p["label"] in {"0", "1", "7"} and 0 < p["score"] <= 1 for p in predictions)

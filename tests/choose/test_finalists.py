@@ -144,9 +144,8 @@ def test_no_trained_finalist_is_a_model_error_naming_each(tiny_params):
 
 
 def test_mlflow_holds_the_predicted_and_the_realised_ranking(tiny_params, tmp_path):
-    from mlflow import MlflowClient
-
     from components.registry.tracking import parent_run
+    from mlflow import MlflowClient
 
     ranking = rank(tiny_params, [_row("a", 0.9), _row("b", 0.5), _row("c", 0.1, pretrained=False)])
     by_name = {row.name: row for row in ranking.candidates}

@@ -6,7 +6,7 @@ import pytest
 
 from components.core.errors import PromotionError
 from components.deploy.promotion import promote, rollback
-from components.registry.history import read_history
+from components.registry.history import latest_move, read_history
 from components.registry.versions import alias_version
 from flows.cli import main
 from tests.deploy.fixtures import NAME, active_registry, params_file, register, registry, tiny_model  # noqa: F401
@@ -22,11 +22,14 @@ def test_promote_then_rollback_walks_the_recorded_history(active_registry):  # n
     assert alias_version(client, NAME) == reg.v2
     last = read_history(client, NAME)[-1]
     assert (last.version, last.previous, last.action, last.who, last.why) == (reg.v2, reg.v1, "promote", "alice@test", "better on the new data")
-    assert client.get_model_version(NAME, reg.v2).tags["graft.promoted_by"] == "promote by alice@test"
+    assert latest_move(client.get_model_version(NAME, reg.v2).tags).startswith("`graft promote` by alice@test on ")
+    assert alias_version(client, NAME, "challenger") is None  # the champion is the newest version: nothing challenges it
+    assert "**Champion: v2**" in client.get_registered_model(NAME).description and "**No challenger**" in client.get_registered_model(NAME).description
 
     back = rollback(client, NAME, "v2 misbehaves", who="bob@test")
     assert (back.previous, back.version) == (reg.v2, reg.v1)
     assert alias_version(client, NAME) == reg.v1
+    assert alias_version(client, NAME, "challenger") == reg.v2  # newer than the champion again
     assert read_history(client, NAME)[-1].action == "rollback"
     with pytest.raises(PromotionError, match="no champion before"):
         rollback(client, NAME, "again")  # v1 was the first champion: nothing earlier
@@ -86,8 +89,9 @@ def _copy_v1(reg, tmp_path):
     return download_artifact(f"{source}/model.onnx", tmp_path / "v3")
 
 
-def test_a_history_written_by_an_older_graft_is_still_read_and_continued(active_registry):  # noqa: F811
-    """Older Graft kept the whole history as a JSON list in one tag; it stays the oldest part of the history."""
+def test_a_history_written_by_an_older_graft_is_still_read_continued_and_moved_off_the_model_page(active_registry):  # noqa: F811
+    """Older Graft kept the history in the registered model's tags: first a JSON list in one tag, then one tag per move.
+    Both stay the oldest part of the history; the next move copies them onto their versions and clears the model page."""
     import json
 
     from components.registry.history import HISTORY_TAG, move_alias
@@ -96,14 +100,19 @@ def test_a_history_written_by_an_older_graft_is_still_read_and_continued(active_
     name = "graft-legacy-history"
     client.create_registered_model(name)
     template = client.get_model_version(NAME, active_registry.v1)
-    v1, v2 = (str(client.create_model_version(name, template.source, run_id=template.run_id).version) for _ in range(2))
+    v1, v2, v3 = (str(client.create_model_version(name, template.source, run_id=template.run_id).version) for _ in range(3))
     old = {"alias": "champion", "version": v1, "previous": None, "action": "gate", "who": "old graft",
            "when": "2026-01-01T00:00:00+00:00", "why": "first model"}
+    newer = {**old, "version": v2, "previous": v1, "action": "promote", "when": "2026-02-01T00:00:00+00:00", "why": "second"}
     client.set_registered_model_tag(name, HISTORY_TAG, json.dumps([old]))
-    client.set_registered_model_alias(name, "champion", v1)
+    client.set_registered_model_tag(name, f"{HISTORY_TAG}.1769904000000000000.{v2}", json.dumps(newer))
+    client.set_registered_model_tag(name, "graft.champion_version", v2)
+    client.set_registered_model_alias(name, "champion", v2)
+    assert [(m.version, m.action) for m in read_history(client, name)] == [(v1, "gate"), (v2, "promote")]
 
-    move_alias(client, name, v2, "promote", "alice@test", "newer")
+    move_alias(client, name, v3, "promote", "alice@test", "newer")
     moves = read_history(client, name)
-    assert [(m.version, m.previous, m.action) for m in moves] == [(v1, None, "gate"), (v2, v1, "promote")]
-    assert client.get_registered_model(name).tags[HISTORY_TAG] == json.dumps([old])  # left as it was
-    assert rollback(client, name, "back", who="bob@test").version == v1
+    assert [(m.version, m.previous, m.action) for m in moves] == [(v1, None, "gate"), (v2, v1, "promote"), (v3, v2, "promote")]
+    assert not [key for key in client.get_registered_model(name).tags if key.startswith("graft.")]  # the model page is clear
+    assert rollback(client, name, "back", who="bob@test").version == v2
+    assert rollback(client, name, "back again", who="bob@test").version == v1

@@ -220,18 +220,20 @@ def test_the_comparison_uses_only_the_images_neither_model_saw_and_needs_enough_
 def test_a_champion_moved_by_hand_is_recorded_on_the_next_run(registry):
     from components.core.lineage import CHAMPION
     from components.deploy.register import record_manual_promotion
+    from components.registry.history import move_alias, read_history
 
     client, name, register = registry
     first, second = register(), register()
-    client.set_registered_model_alias(name, CHAMPION, first)
-    client.set_registered_model_tag(name, "graft.champion_version", first)
+    move_alias(client, name, first, "gate", "test", "first model")
     record_manual_promotion(client, name)  # Graft's own choice: nothing to record
-    assert "graft.manual_promotion" not in client.get_registered_model(name).tags
+    assert [m.action for m in read_history(client, name)] == ["gate"]
 
     client.set_registered_model_alias(name, CHAMPION, second)  # a person moves it in the UI
     record_manual_promotion(client, name)
-    assert client.get_registered_model(name).tags["graft.manual_promotion"] == f"v{first} -> v{second}"
-    assert client.get_model_version(name, second).tags["graft.promoted_by"].startswith("manual")
+    manual = read_history(client, name)[-1]
+    assert (manual.action, manual.previous, manual.version) == ("manual", first, second)
+    record_manual_promotion(client, name)  # recorded once
+    assert len(read_history(client, name)) == 2
 
 
 def test_gate_rules_come_from_params_yaml(digits_dir, tmp_path, feature_cache_dir):

@@ -45,7 +45,7 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     assert sum(summary["split"]["counts"].values()) == 60 and summary["split"]["counts"]["test"] > 0
     assert summary["onnx"]["max_abs_diff"] <= 1e-4 and summary["onnx"]["top1_agreement"] == 1.0
     assert Path(summary["onnx"]["path"]).is_file()
-    assert summary["registered"]["aliases"] == ["challenger", "champion"]
+    assert summary["registered"]["aliases"] == ["champion"]
     assert set(summary["timings"]) == {"data", "choose", "fine_tune", "evaluate", "deploy"}
     assert {c["name"] for c in summary["candidates"]} == {"efficientnet_lite0", "random_efficientnet_lite0"}
     printed = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     version = client.get_model_version_by_alias("graft-test", "champion")
     assert version.version == summary["registered"]["version"] or str(version.version) == str(summary["registered"]["version"])
     assert version.tags["data_md5"] == summary["data_md5"]
-    for tag in ("git_commit", "backbone", "onnx.sha256", "val.accuracy", "test.accuracy", "split.manifest_sha256",
+    for tag in ("git_commit", "backbone", "sha256.model.onnx", "val.accuracy", "test.accuracy", "split.manifest_sha256",
                 "parity.max_abs_diff", "gate.reasons"):
         assert tag in version.tags
     run = client.get_run(summary["run_id"])

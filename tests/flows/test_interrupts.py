@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow import MlflowClient
 
+from mlflow import MlflowClient
 from tests import services
 from tests.conftest import REPO, tiny_overrides
 

@@ -392,7 +392,7 @@ def test_both_images_run_commands_that_exist_as_a_non_root_user():
     script = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["graft"]
     assert script == "flows.cli:main"
     commands = build_parser()._subparsers._group_actions[0].choices
-    expected = {"train": "run", "serve": "predict"}
+    expected = {"train": "run", "serve": "serve"}
     for stage, lines in stages.items():
         entry = next(json.loads(line.split(None, 1)[1]) for line in lines if line.startswith("ENTRYPOINT"))
         cmd = next(json.loads(line.split(None, 1)[1]) for line in lines if line.startswith("CMD"))

@@ -25,7 +25,7 @@ import pytest
 
 from components.core.errors import RegistryError
 from components.registry import mlflow_calls
-from components.registry.history import move_alias, read_history
+from components.registry.history import latest_move, move_alias, read_history
 from components.registry.versions import alias_version
 from tests import services
 from tests.conftest import REPO
@@ -133,8 +133,8 @@ def _client(uri: str):
     return MlflowClient(uri, uri)
 
 
-DEPLOY_TAGS = ("onnx.sha256", "parity.max_abs_diff", "parity.top1_agreement", "test.accuracy", "split.manifest_sha256",
-               "gate.verdict", mlflow_calls.REGISTRATION_TAG)
+DEPLOY_TAGS = ("sha256.model.onnx", "parity.max_abs_diff", "parity.top1_agreement", "test.accuracy", "split.manifest_sha256",
+               "gate.verdict", "data_md5")
 """Tags `deploy()` sets on every version it registers, in the create call itself."""
 
 
@@ -162,7 +162,7 @@ def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplica
         Fault("model-versions/search", "503", 1),  # the search before the retry fails too: still no second create
         Fault("mlflow-artifacts/artifacts", "503", 1),
         Fault("registered-models/alias", "503", 2),
-        Fault("registered-models/set-tag", "503", 1),
+        Fault("model-versions/set-tag", "503", 1),
     ]
     version = _publish(proxy.url, tiny_model, name, tmp_path)
 
@@ -171,7 +171,8 @@ def test_a_flaky_registry_is_retried_and_a_lost_create_response_makes_no_duplica
     versions = _assert_every_version_has_all_its_tags(client, name)
     assert [v.version for v in versions] == [version] == ["1"]  # the lost create was found, not repeated
     assert proxy.calls("model-versions/create") == 1  # the retry searched first and found it
-    assert alias_version(client, name) == version == alias_version(client, name, "challenger")
+    assert mlflow_calls.REGISTRATION_TAG not in versions[0].tags  # the retry's token is gone once the version exists
+    assert alias_version(client, name) == version and alias_version(client, name, "challenger") is None
     assert [(m.version, m.action) for m in read_history(client, name)] == [(version, "gate")]
 
 
@@ -188,7 +189,7 @@ def test_a_registry_that_keeps_failing_gives_one_clear_error_and_leaves_the_cham
     assert proxy.faults[0].hits == mlflow_calls.ATTEMPTS
     client = _client(proxy.url)
     assert [v.version for v in _assert_every_version_has_all_its_tags(client, name)] == [first]
-    assert alias_version(client, name) == first and alias_version(client, name, "challenger") == first
+    assert alias_version(client, name) == first and alias_version(client, name, "challenger") is None
     assert len(read_history(client, name)) == 1
 
 
@@ -210,7 +211,6 @@ def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(p
     """Two flows setting the same new tag or alias at once: MLflow's SQL store fails the second insert (seen in CI)."""
     name = "faults-upsert-race"
     proxy.faults = [
-        Fault("registered-models/set-tag", "race", 1),
         Fault("model-versions/set-tag", "race", 1),
         Fault("registered-models/alias", "race", 1, method="POST"),
     ]
@@ -218,9 +218,8 @@ def test_a_key_another_run_inserted_at_the_same_moment_is_set_again_not_failed(p
 
     assert all(fault.hits == 1 for fault in proxy.faults), proxy.faults
     client = _client(proxy.url)
-    assert alias_version(client, name) == version == alias_version(client, name, "challenger")
-    assert client.get_registered_model(name).tags["graft.champion_version"] == version
-    assert client.get_model_version(name, version).tags["graft.promoted_by"].startswith("gate by")
+    assert alias_version(client, name) == version and alias_version(client, name, "challenger") is None
+    assert latest_move(client.get_model_version(name, version).tags).startswith("the gate of graft run ")
     assert [(m.version, m.action) for m in read_history(client, name)] == [(version, "gate")]
 
 
@@ -308,14 +307,14 @@ def test_sigkill_during_export_or_registration_leaves_the_previous_model_and_a_r
     assert (work / "model.tmp.onnx").exists() == (hold == "export")  # only the temp file is torn
     versions = _assert_every_version_has_all_its_tags(client, NAME)  # none without its tags
     assert len(versions) == (2 if hold == "register" else 1)
-    assert alias_version(client, NAME) == champion == alias_version(client, NAME, "challenger")
+    assert alias_version(client, NAME) == champion and alias_version(client, NAME, "challenger") is None
 
     rerun = _run_child(work, inputs, uri, "none")
     assert not (work / "model.tmp.onnx").exists()
     OnnxClassifier(work / "model.onnx")
     assert alias_version(client, NAME, "challenger") == rerun["version"] != champion
     assert alias_version(client, NAME) == champion  # the same model again: the gate keeps the champion
-    assert client.get_model_version(NAME, rerun["version"]).tags["onnx.sha256"] == hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
+    assert client.get_model_version(NAME, rerun["version"]).tags["sha256.model.onnx"] == hashlib.sha256((work / "model.onnx").read_bytes()).hexdigest()
     assert [m.version for m in read_history(client, NAME)] == [champion]
 
 
@@ -397,13 +396,13 @@ def meet():
     while not peer.exists() and time.monotonic() < deadline:
         time.sleep(0.02)
 
-real_set_tag = MlflowClient.set_registered_model_tag
-def set_tag_after_the_peer_has_read(self, name, key, value):
+real_set_tag = MlflowClient.set_model_version_tag
+def set_tag_after_the_peer_has_read(self, name, version, key, value):
     # both flows have read the history before either writes to it: the worst interleaving
-    if key.startswith("graft.alias_history") and not me.exists():
+    if key.startswith("graft.moved.") and not me.exists():
         meet()
-    return real_set_tag(self, name, key, value)
-MlflowClient.set_registered_model_tag = set_tag_after_the_peer_has_read
+    return real_set_tag(self, name, version, key, value)
+MlflowClient.set_model_version_tag = set_tag_after_the_peer_has_read
 
 from tests.deploy.fixtures import deploy_dumped
 while not go.exists():
@@ -455,15 +454,15 @@ def test_two_simultaneous_promotions_keep_both_history_entries(proxy, tiny_model
     third = _publish(proxy.url, tiny_model, name, tmp_path / "third")
     barrier = threading.Barrier(2, timeout=60)
     waited = threading.local()
-    real_set_tag = MlflowClient.set_registered_model_tag
+    real_set_tag = MlflowClient.set_model_version_tag
 
-    def set_tag_after_the_other_has_read(self, model, key, value):  # noqa: ANN001
-        if key.startswith("graft.alias_history") and not getattr(waited, "done", False):
+    def set_tag_after_the_other_has_read(self, model, version, key, value):  # noqa: ANN001
+        if key.startswith("graft.moved.") and not getattr(waited, "done", False):
             waited.done = True
             barrier.wait()
-        return real_set_tag(self, model, key, value)
+        return real_set_tag(self, model, version, key, value)
 
-    monkeypatch.setattr(MlflowClient, "set_registered_model_tag", set_tag_after_the_other_has_read)
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", set_tag_after_the_other_has_read)
     errors: list[BaseException] = []
 
     def promote(version: str) -> None:

@@ -116,18 +116,20 @@ def test_a_tampered_bundle_file_is_refused(store):  # noqa: F811
         OnnxClassifier.load(bundle.dir, variant="int8")
 
 
-@pytest.mark.parametrize("where", ["etc", "climbs out", "encoded climb", "another run", "no run"])
+@pytest.mark.parametrize("where", ["etc", "climbs out", "encoded climb", "another run", "another run's model", "no run"])
 def test_a_version_whose_source_lies_outside_its_runs_artifact_folder_is_refused(store, where):  # noqa: F811
     """CVE-2023-1177 and its bypasses: a version pointing elsewhere must not be read, whatever its tags say."""
     good = store.client.get_model_version(NAME, store.register("v1"))
-    other = store.run()
+    other = store.client.get_model_version(NAME, store.register("v2"))
+    assert good.source.startswith("models:/m-")  # registered from the run's MLflow LoggedModel
     root = store.client.get_run(good.run_id).info.artifact_uri
     source, run_id = {
         "etc": ("file:///etc/", good.run_id),
         "climbs out": (f"{root}/../../../../../etc", good.run_id),
         "encoded climb": (f"{root}/%252e%252e/%2e%2e/model", good.run_id),
         "another run": (good.source, other.run_id),
-        "no run": (good.source, None),
+        "another run's model": (other.source, good.run_id),
+        "no run": (f"{root}/model", None),
     }[where]
     hostile = store.client.create_model_version(NAME, source, run_id=run_id, tags=dict(good.tags))  # the SQLite store accepts it
     with pytest.raises(UntrustedSourceError, match=rf"{NAME} v{hostile.version}.*refusing to load it"):
@@ -150,7 +152,7 @@ def test_graft_registers_only_from_its_own_runs_artifact_folder(store):  # noqa:
     logged = log_onnx_model(run, store.model_files("v1"), 8, 3, ("int8",))
     for hostile in (LoggedModel("file:///etc/", run.run_id, logged.sha256), LoggedModel(logged.source, other.run_id, logged.sha256),
                     LoggedModel(f"{run.artifact_uri()}/../../{other.run_id}/artifacts/model", run.run_id, logged.sha256)):
-        with pytest.raises(UntrustedSourceError, match="Graft registers only folders logged to the run's own artifact folder"):
+        with pytest.raises(UntrustedSourceError, match="Graft registers only models logged by the run itself"):
             register_version(run, NAME, hostile, {}, "hostile")
     assert store.client.search_model_versions(f"name = '{NAME}'") == []
 

@@ -71,6 +71,53 @@ _REFUSALS = {
     "422": _json(_ERROR, "invalid request"),
     "504": _json(_ERROR, "over deploy.serve_timeout_seconds"),
 }
+_V2_PARAMETERS = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": [NAME]}}]
+_V2_VERSION = [*_V2_PARAMETERS, {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": ["1"]}}]
+_TENSOR = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {"name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}}, "datatype": {"type": "string"},
+                   "data": {"type": "array"}, "parameters": {"type": "object"}},
+}
+_INFER = {
+    "type": "object",
+    "required": ["inputs"],
+    "properties": {
+        "id": {"type": "string"},
+        "inputs": {"type": "array", "items": _TENSOR},
+        "outputs": {"type": "array", "items": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        "parameters": {"type": "object"},
+    },
+}
+_INFERRED = {
+    "type": "object",
+    "required": ["model_name", "model_version", "outputs"],
+    "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"}, "outputs": {"type": "array", "items": _TENSOR}},
+}
+_V2_REFUSALS = {key: _REFUSALS[key] for key in ("400", "413", "504")}
+
+
+def _v2_model_routes(parameters: list[dict]) -> dict:
+    """The per-model Open Inference Protocol routes (metadata, ready, infer) with `parameters` in their path."""
+    return {
+        "": {"get": {"parameters": parameters, "responses": {"200": _json({"type": "object", "required": ["name", "versions", "inputs", "outputs"]}, "model metadata"), **_V2_REFUSALS}}},
+        "/ready": {"get": {"parameters": parameters, "responses": {"200": _json({"type": "object", "required": ["name", "ready"]}, "ready"), **_V2_REFUSALS}}},
+        "/infer": {"post": {
+            "parameters": parameters,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _INFER}}},
+            "responses": {"200": {"description": "tensors", "content": {"application/json": {"schema": _INFERRED}, "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                          **_V2_REFUSALS},
+        }},
+    }
+
+
+_V2 = {
+    "/v2": {"get": {"responses": {"200": _json({"type": "object", "required": ["name", "version", "extensions"]}, "server metadata")}}},
+    "/v2/health/live": {"get": {"responses": {"200": _json({"type": "object", "required": ["live"]}, "live")}}},
+    "/v2/health/ready": {"get": {"responses": {"200": _json({"type": "object", "required": ["ready"]}, "ready")}}},
+    **{f"/v2/models/{{name}}{suffix}": route for suffix, route in _v2_model_routes(_V2_PARAMETERS).items()},
+    **{f"/v2/models/{{name}}/versions/{{version}}{suffix}": route for suffix, route in _v2_model_routes(_V2_VERSION).items()},
+}
 SPEC = {
     "openapi": "3.0.3",
     "info": {"title": "Graft model server", "version": "1"},
@@ -95,6 +142,7 @@ SPEC = {
                 "responses": {"200": _json(_PREDICTION, "predictions"), **_REFUSALS},
             }
         },
+        **_V2,
     },
 }
 

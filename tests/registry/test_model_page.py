@@ -1,0 +1,101 @@
+"""What a promoter meets in the MLflow UI after `graft run`: a model page and version pages read at a glance, MLflow's
+own fields filled (source, commit, dataset, LoggedModel, run names and descriptions), everything else one click away."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from components.core.lineage import DECISION_METRICS
+from flows.cli import main
+from tests.conftest import REPO, tiny_overrides
+
+DECISION_TAGS = {"gate.verdict", "gate.reasons", "data_md5", "backbone", "git_commit", "parity.max_abs_diff", "parity.top1_agreement",
+                 "variants", *(f"{split}.{metric}" for split in ("test", "val") for metric in DECISION_METRICS)}
+"""About a dozen tags a promoter reads; the rest of a version's tags are the digests consumers check and what Graft reads back."""
+
+
+@pytest.mark.slow
+def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logged_model(
+    tmp_path, digits_dir, feature_cache_dir, prefect_harness, monkeypatch
+):
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    overrides = tiny_overrides(digits_dir, tmp_path, feature_cache_dir)
+    args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / "summary.json")]
+    for item in overrides:
+        args += ["--set", item]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    name, number = "graft-test", summary["registered"]["version"]
+
+    # the version: a dozen decision tags, the digests consumers check, nothing else on the page
+    version = client.get_model_version(name, number)
+    tags = version.tags
+    assert DECISION_TAGS <= set(tags)
+    machine = {key for key in tags if key.startswith("sha256.")} | {"params_sha", "split.manifest_sha256"}
+    history = {key for key in tags if key.startswith("graft.moved.")}
+    assert set(tags) == DECISION_TAGS | machine | history, sorted(set(tags) - DECISION_TAGS - machine - history)
+    assert len(tags) <= 20 and len(history) == 1 and all(len(value) <= 600 for key, value in tags.items() if key != "gate.reasons")
+    assert tags["variants"].endswith(" vs fp32") and "int8" in tags["variants"]
+    assert version.description.startswith("Classifies RGB images into 3 classes (`0`, `1`, `7`)")
+    assert "**Gate: promote.**" in version.description and summary["data_md5"] in version.description
+    assert f"(#/experiments/1/runs/{summary['run_id']}/artifacts/model_card/model_card.html)" in version.description
+
+    # the model as an MLflow 3 LoggedModel of the run, the version made from it; everything else in registration.json
+    model_id = version.source.removeprefix("models:/")
+    model = client.get_logged_model(model_id)
+    assert model.source_run_id == summary["run_id"] and json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": number}]
+    run = client.get_run(summary["run_id"])
+    assert [output.model_id for output in run.outputs.model_outputs] == [model_id]
+    mlflow.set_tracking_uri(uri)
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / "model")))
+    details = json.loads((folder / "registration.json").read_text())
+    assert details["logged_model_id"] == model_id and details["run_id"] == summary["run_id"]
+    assert {"onnxruntime", "torch", "mlflow", "python"} <= set(details["runtime"]) and details["onnx"]["opset"] == 18
+    assert {row["name"] for row in details["variants"]["table"]} == {"optimized", "fp16", "int8"}
+    assert details["data"]["classes"] == ["0", "1", "7"] and details["model"]["weights.source"]
+
+    # the run: a readable name, a description with the verdict, its source, commit and dataset
+    assert run.info.run_name == f"champion v{number} · efficientnet_lite0 · feature_extraction"
+    assert run.data.tags["mlflow.note.content"].startswith("**Promoted to champion.**")
+    assert run.data.tags["mlflow.source.name"] == "graft run" and run.data.tags["mlflow.source.git.commit"]
+    (dataset,) = run.inputs.dataset_inputs
+    assert (dataset.dataset.name, dataset.dataset.digest) == ("images", summary["data_md5"])
+    assert json.loads(dataset.dataset.profile)["images"] == 60
+    children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{summary['run_id']}'")
+    assert sorted(child.info.run_name for child in children) == ["efficientnet_lite0 (chosen)", "random_efficientnet_lite0"]
+
+    # the model page: what it classifies, the champion and why; no history or bookkeeping tags
+    registered = client.get_registered_model(name)
+    assert not [key for key in registered.tags if key.startswith("graft.")]
+    assert registered.description.startswith("Classifies RGB images into 3 classes")
+    assert f"**Champion: v{number}** (efficientnet_lite0" in registered.description and "**No challenger**" in registered.description
+    assert client.get_experiment("1").tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI: training runs
+
+
+def test_the_model_description_names_the_champion_the_challenger_and_why():
+    from types import SimpleNamespace
+
+    from components.registry.history import describe_model
+
+    champion = SimpleNamespace(version="3", description="Classifies RGB images into 10 classes.\n\n**Gate: promote.**",
+                               tags={"backbone": "efficientnet_lite1", "test.accuracy": "0.9167", "test.macro_f1": "0.9100",
+                                     "gate.reasons": "PROMOTE: accuracy 0.9167 beats champion v2's 0.9000",
+                                     "graft.moved.0001795835805145047502": json.dumps({
+                                         "alias": "champion", "version": "3", "previous": "2", "action": "promote", "who": "alice@host",
+                                         "when": "2026-11-28T03:15:00+00:00", "why": "better"})})
+    challenger = SimpleNamespace(version="4", description="", tags={"backbone": "efficientnet_lite0", "test.accuracy": "0.9000",
+                                                                     "gate.verdict": "keep champion"})
+    text = describe_model("graft-digits", champion, challenger)
+    assert text.startswith("Classifies RGB images into 10 classes.\n\n**Champion: v3** (efficientnet_lite1, test accuracy 0.9167")
+    assert "made champion by `graft promote` by alice@host on 2026-11-28 03:15 UTC" in text and "beats champion v2's 0.9000" in text
+    assert "**Challenger: v4** (efficientnet_lite0, test accuracy 0.9000)" in text and "Gate: keep champion" in text
+    assert 'OnnxClassifier.load("models:/graft-digits@champion")' in text and "graft history --name graft-digits" in text
+    assert "**No champion yet**" in describe_model("m", None, challenger)
