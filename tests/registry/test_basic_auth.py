@@ -11,6 +11,7 @@ import os
 import secrets
 from pathlib import Path
 
+import mlflow.artifacts
 import pytest
 
 from tests import services
@@ -85,14 +86,18 @@ def test_graft_tracks_registers_and_serves_through_basic_auth_and_never_records_
     # nothing Graft wrote or printed holds the password
     secret = password.encode()
     downloaded = Path(client.download_artifacts(run.run_id, "", str(tmp_path / "downloaded")))
-    assert sorted(p.name for p in downloaded.iterdir()) == ["model", "summary.json"]
-    model_version = client.get_model_version(NAME, version)
+    assert sorted(p.name for p in downloaded.iterdir()) == ["summary.json"]
+    model_version = client.get_model_version(NAME, version)  # the model is a LoggedModel of the run: its own artifacts
+    model_files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_version.source, dst_path=str(tmp_path / "model"),
+                                                           tracking_uri=url))
+    assert "model.onnx" in {p.name for p in model_files.iterdir()}
     recorded = {
         "params": finished.data.params, "tags": finished.data.tags, "version tags": model_version.tags,
         "version source": model_version.source, "model tags": client.get_registered_model(NAME).tags,
     }
     assert password not in repr(recorded), [where for where, value in recorded.items() if password in repr(value)]
-    assert _files_containing(downloaded, secret) == [] and _files_containing(work, secret) == []
+    assert _files_containing(downloaded, secret) == [] and _files_containing(model_files, secret) == []
+    assert _files_containing(work, secret) == []
     out, err = capfd.readouterr()
     assert password not in caplog.text and password not in out and password not in err
 
