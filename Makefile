@@ -28,11 +28,13 @@ data: setup  ## fetch the demo images and the reference run's model from the DVC
 run: data  ## the training flow on the demo data; writes only run folders and stores git and DVC ignore
 	$(BIN)/graft run
 
+# the suite in TEST_WORKERS processes (pytest-xdist), each test file whole in one of them; TEST_WORKERS=0: one process
+TEST_WORKERS ?= 3
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 mlflow-ui: setup  ## MLflow UI and server on the local store: http://127.0.0.1:5000
 	mkdir -p mlflow/artifacts

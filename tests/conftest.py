@@ -15,6 +15,11 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in parallel processes on few cores: one math thread each (inherited by
+    # the graft processes the tests start), so the workers do not oversubscribe the cores they share
+    for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
 
 # Prefect sets up its logging (a console handler bound to the sys.stderr of that moment, also on the
 # `components` logger) when first imported: import it now, while sys.stderr is pytest's session-long

@@ -26,7 +26,7 @@ from components.core.errors import GraftError
 from components.data.images import load_batch
 from components.registry.versions import download_artifact, parse_registry_uri, registry_version
 from components.runtime.bundle import open_bundle
-from components.runtime.providers import GPU_PROVIDERS, choose_providers
+from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_options
 from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
 from components.runtime.variant_files import (
@@ -81,8 +81,7 @@ class OnnxClassifier:
         """
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options = session_options()  # no spin-waiting: a server's cores are shared with its HTTP workers
         self.path = Path(path)
         check_external_data(self.path)  # refuse weights files outside the model's folder before onnxruntime reads them
         try:
