@@ -62,6 +62,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path) -> list[str]:
         f"deploy.output_dir={work / 'outputs'}",
         "deploy.parity_images=16",
         "deploy.model_name=graft-test",
+        "deploy.variants=[]",  # fp32 only: the variants (INT8's calibration and timing) have their own tests
         "evaluate.min_comparison_images=5",  # the tiny folders hold 13 test images
         f"tracking.store_dir={work / 'mlflow'}",
     ]

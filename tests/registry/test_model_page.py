@@ -25,7 +25,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    overrides = tiny_overrides(digits_dir, tmp_path, feature_cache_dir)
+    overrides = [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir), "deploy.variants=[fp16, int8]"]
     args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / "summary.json")]
     for item in overrides:
         args += ["--set", item]
