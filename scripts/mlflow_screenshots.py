@@ -118,7 +118,11 @@ class Browser:
         return result.get("result", {}).get("value")
 
     def open(self, url: str, text: str, seconds: float = 60) -> None:
-        """Go to `url` and wait until the page shows `text` (MLflow's UI renders after the page has loaded)."""
+        """Go to `url` and wait until the page shows `text` (MLflow's UI renders after the page has loaded).
+
+        Each page is loaded whole (through about:blank): MLflow's routes differ only after `#`, and a route
+        change keeps the previous page's text on screen for a while."""
+        self.call("Page.navigate", url="about:blank")
         self.call("Page.navigate", url=url)
         deadline = time.monotonic() + seconds
         while not self.evaluate(f"document.body && document.body.innerText.includes({json.dumps(text)})"):
@@ -126,6 +130,14 @@ class Browser:
                 raise TimeoutError(f"{url} never showed {text!r}")
             time.sleep(0.3)
         time.sleep(1.5)  # images and late panels
+
+    def wait_for(self, condition: str, seconds: float = 60) -> None:
+        """Wait until the JavaScript `condition` holds in the page (a route change keeps the old text a while)."""
+        deadline = time.monotonic() + seconds
+        while not self.evaluate(condition):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the page never met {condition!r}")
+            time.sleep(0.3)
 
     def click_text(self, text: str) -> bool:
         """Click the innermost element whose whole text is `text`; False when there is none."""
@@ -231,7 +243,8 @@ def take(store_dir: Path, out_dir: Path, name: str) -> list[Path]:
             browser.scroll_to_heading("Variants")  # the variants table, and links that open in MLflow
             written.append(browser.screenshot(out_dir / "mlflow-model-card-markdown.png"))
             browser.open(f"{card}/model_card.html", "model_card.html")
-            time.sleep(2)  # the card renders inside its own frame
+            browser.wait_for("document.querySelector('iframe') !== null")  # the HTML card renders inside its own frame
+            time.sleep(2)
             browser.scroll_frame("figure")  # its pictures, inside the page (attaching to the frame comes last)
             written.append(browser.screenshot(out_dir / "mlflow-model-card.png"))
         finally:
