@@ -50,6 +50,7 @@ from scipy.stats import kendalltau
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
+from benchmarks.machine import cpu_seconds
 from components.backbones.features import FeatureCache, OnnxFeatures
 from components.backbones.zoo import get_spec
 from components.choose.logme import logme
@@ -118,17 +119,6 @@ def machine_state() -> dict[str, object]:
 
 def busy_load() -> float:
     return BUSY_LOAD_PER_CORE * (os.cpu_count() or 1)
-
-
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds every process has used, CPU seconds this process and its children have used), or None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    except (OSError, ValueError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    own = os.times()
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
 
 
 class Timer:

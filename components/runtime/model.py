@@ -81,7 +81,7 @@ class OnnxClassifier:
         """
         import onnxruntime as ort
 
-        options = session_options()  # no spin-waiting: a server's cores are shared with its HTTP workers
+        options = session_options()  # spin-waiting as the process chose (off in `graft serve`)
         self.path = Path(path)
         check_external_data(self.path)  # refuse weights files outside the model's folder before onnxruntime reads them
         try:

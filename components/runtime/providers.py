@@ -37,25 +37,34 @@ def choose_providers(available: list[str] | None = None) -> list[str]:
     return order
 
 
-def session_options(threads: int = 0, spin: bool = False):  # noqa: ANN201 - onnxruntime.SessionOptions
-    """Quiet onnxruntime session options; `threads` 0 is onnxruntime's default (one per physical core).
+_SPIN_WAITING = True  # onnxruntime's own default; `graft serve` turns it off (use_spin_waiting)
 
-    `spin=False` turns off onnxruntime's default spin-waiting of its intra-op threads after each run: on a
-    machine whose cores are shared (a server beside its HTTP workers, several processes, CI) spinning
-    threads burn the cores others need; measured on 2 cores, `graft serve` spent 7-9 ms of CPU per
-    request with spinning and 3.7 ms without. Timing loops that own the machine may turn it back on.
-    """
+
+def use_spin_waiting(enabled: bool) -> None:
+    """Whether the sessions this process opens from now on let their intra-op threads spin-wait after each run.
+
+    onnxruntime's default (on) trims latency on a machine the process has to itself. A server shares its
+    cores with its HTTP workers: there spinning threads burn the cores the requests need (measured on 2
+    cores, `graft serve` spent 7-9 ms of CPU per request with spinning and 3.7 ms without), so `graft serve`
+    turns it off."""
+    global _SPIN_WAITING  # noqa: PLW0603 - one process-wide setting, set once at start-up
+    _SPIN_WAITING = enabled
+
+
+def session_options(threads: int = 0, spin: bool | None = None):  # noqa: ANN201 - onnxruntime.SessionOptions
+    """Quiet onnxruntime session options; `threads` 0 is onnxruntime's default (one per physical core);
+    `spin` None follows `use_spin_waiting`."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
-    if not spin:
+    if not (_SPIN_WAITING if spin is None else spin):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
-def open_session(path: Path, threads: int = 0, spin: bool = False):  # noqa: ANN201 - onnxruntime.InferenceSession
+def open_session(path: Path, threads: int = 0, spin: bool | None = None):  # noqa: ANN201 - onnxruntime.InferenceSession
     """An onnxruntime session on the providers this machine really has (as `graft predict` uses)."""
     import onnxruntime as ort
 

@@ -47,6 +47,7 @@ from components.core.errors import GraftError, IntegrityError, RequestProblem
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.model import OnnxClassifier
+from components.runtime.providers import use_spin_waiting
 from components.serve import open_inference
 
 log = logging.getLogger(__name__)
@@ -444,6 +445,7 @@ def serve(uri: str, host: str, port: int, settings: ServeSettings) -> None:
     """Run the service in the foreground until interrupted."""
     import uvicorn
 
+    use_spin_waiting(False)  # the model's threads share the cores with the HTTP workers
     live = LiveModel(uri, settings.variant)
     log.info("serving %s on %s at http://%s:%d", live.model.source.describe(), live.model.provider, host, port)
     config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5)

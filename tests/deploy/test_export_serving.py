@@ -198,3 +198,27 @@ def main_cli(argv):
     from flows.cli import main
 
     return main(argv)
+
+
+def test_graft_serve_turns_spin_waiting_off_and_other_sessions_keep_onnxruntime_s_default(monkeypatch):
+    """onnxruntime's threads spin after each run by default; `graft serve` shares its cores with its HTTP workers."""
+    import components.runtime.providers as providers
+    import components.serve.server as server
+
+    key = "session.intra_op.allow_spinning"
+    monkeypatch.setattr(providers, "_SPIN_WAITING", True)
+    with pytest.raises(RuntimeError):  # not set: onnxruntime's default (spinning)
+        providers.session_options().get_session_config_entry(key)
+
+    class Stop(Exception):
+        pass
+
+    def no_model(*_args, **_kwargs):
+        raise Stop  # serve() has made its process-wide choice by the time it loads the model
+
+    monkeypatch.setattr(server, "LiveModel", no_model)
+    with pytest.raises(Stop):
+        server.serve("models:/none@champion", "127.0.0.1", 0, server.ServeSettings())
+    assert providers.session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(RuntimeError):  # a caller may still ask for it explicitly
+        providers.session_options(spin=True).get_session_config_entry(key)
