@@ -60,7 +60,8 @@ def macs_per_image(path: Path) -> int:
 
 
 def _times(call, x: np.ndarray, runs: int) -> list[float]:  # noqa: ANN001 - any callable on a batch
-    call(x)
+    for _ in range(max(3, runs // 10)):  # warm up: caches, and the previous engine's threads gone quiet
+        call(x)
     out = []
     for _ in range(runs):
         started = time.perf_counter()
@@ -70,12 +71,18 @@ def _times(call, x: np.ndarray, runs: int) -> list[float]:  # noqa: ANN001 - any
 
 
 def time_engines(engines: dict[str, object], one: np.ndarray, many: np.ndarray, runs: int, rounds: int, verdict: Verdict) -> dict[str, dict]:
-    """Each engine at batch 1 (`runs` calls) and batch 32 (`runs // 10` calls), once per round, rounds interleaved."""
+    """Each engine at batch 1 (`runs` calls) and batch 32 (`runs // 10` calls), once per round, rounds interleaved.
+
+    `engines` maps a name to a factory of the callable: each engine is opened for its turn and closed after it, so
+    one onnxruntime session is alive at a time (idle sessions' thread pools spinning beside the timed one read
+    several times slow)."""
     per_round: dict[str, list[tuple[list[float], list[float]]]] = {name: [] for name in engines}
     with Watch() as watch:
         for _ in range(rounds):
-            for name, call in engines.items():
+            for name, make in engines.items():
+                call = make()
                 per_round[name].append((_times(call, one, runs), _times(call, many, max(3, runs // 10))))
+                del call
     verdict.saw("engines", watch)
     out = {}
     for name, measured in per_round.items():
@@ -228,10 +235,10 @@ def main() -> int:
     engines: dict[str, object] = {}
     with torch.inference_mode():
         eager_acc = float((model(torch.from_numpy(test_images)).argmax(1).numpy() == labels).mean())
-    engines["pytorch eager fp32"] = lambda x: model(torch.from_numpy(x))
+    engines["pytorch eager fp32"] = lambda: lambda x: model(torch.from_numpy(x))
     files = {"fp32": exported.onnx_path, **{v.name: v.path for v in report.variants}}
     for name, path in files.items():
-        engines[f"onnxruntime {name}"] = OnnxClassifier(path, cpu).predict_proba
+        engines[f"onnxruntime {name}"] = lambda path=path: OnnxClassifier(path, cpu).predict_proba
     print("timing ...", flush=True)
     with torch.inference_mode():
         timings = time_engines(engines, one, many, args.runs, args.rounds, verdict)
