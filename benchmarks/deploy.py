@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
 from benchmarks.machine import Verdict, Watch, peak_gflops, state  # noqa: E402
+from components.choose.latency import time_calls  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -60,14 +61,8 @@ def macs_per_image(path: Path) -> int:
 
 
 def _times(call, x: np.ndarray, runs: int) -> list[float]:  # noqa: ANN001 - any callable on a batch
-    for _ in range(max(3, runs // 10)):  # warm up: caches, and the previous engine's threads gone quiet
-        call(x)
-    out = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        call(x)
-        out.append(time.perf_counter() - started)
-    return out
+    """Seconds of each timed call, after a warm-up long enough for the previous engine's threads to go quiet."""
+    return time_calls(call, x, runs, warmup=max(3, runs // 10))
 
 
 def time_engines(engines: dict[str, object], one: np.ndarray, many: np.ndarray, runs: int, rounds: int, verdict: Verdict) -> dict[str, dict]:

@@ -55,15 +55,17 @@ def stop(process: subprocess.Popen, first: int = signal.SIGTERM) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path, *extra: str, env: dict[str, str] | None = None, seconds: float = 120) -> Iterator[str]:
-    """`mlflow server` with SQLite and artifacts under `folder`, on a free localhost port; yields its URL."""
+def mlflow_server(folder: Path, *extra: str, env: dict[str, str] | None = None, seconds: float = 120,
+                  backend_uri: str | None = None, artifacts: str | None = None, workers: int = 1) -> Iterator[str]:
+    """`mlflow server` on a free localhost port, its log in `folder`; yields its URL. By default SQLite and
+    artifacts under `folder`; `backend_uri` and `artifacts` name a team's own database and artifact store."""
     port = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "mlflow.log", "w") as log:
         process = subprocess.Popen(
             [str(BIN / "mlflow"), "server", *extra, "--host", "127.0.0.1", "--port", str(port),
-             "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "artifacts"),
-             "--workers", "1"],
+             "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", artifacts or str(folder / "artifacts"), "--workers", str(workers)],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
         )
         try:
@@ -148,16 +150,5 @@ def s3_server(bucket: str, seconds: float = 60) -> Iterator[str]:
 @contextlib.contextmanager
 def team_mlflow_server(backend_uri: str, artifacts: str, folder: Path, env: dict[str, str], seconds: float = 180) -> Iterator[str]:
     """`mlflow server` on a database and an artifact store of a team's own (proxied artifacts); yields its URL."""
-    port = free_port()
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "mlflow.log", "w") as log:
-        process = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--backend-store-uri", backend_uri,
-             "--artifacts-destination", artifacts, "--workers", "2"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder,
-        )
-        try:
-            wait_http(f"http://127.0.0.1:{port}/health", process, seconds)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop(process)
+    with mlflow_server(folder, env=env, seconds=seconds, backend_uri=backend_uri, artifacts=artifacts, workers=2) as url:
+        yield url

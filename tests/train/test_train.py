@@ -29,14 +29,6 @@ from tests.conftest import REPO, tiny_overrides
 SIZE = 32  # digits are 8x8 scans: 32 px is plenty, and keeps backbone epochs to about a second
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on two shared cores stall each other; one thread is faster and as exact."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def make_params(data_dir: Path, work: Path, cache_dir: Path, *extra: str):
     """The real params.yaml shrunk to toy size (see conftest.tiny_overrides), plus `extra` overrides."""

@@ -19,14 +19,6 @@ from components.train.stage import fine_tune, load_classifier, predict_logits
 from tests.train.test_train import SIZE, choice, make_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize(
     ("strategy", "extra"),
     [("fine_tune", ()), ("fine_tune", ("train.freeze_bn=false", "train.unfreeze=2")), ("two_stage", ())],
