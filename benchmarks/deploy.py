@@ -220,7 +220,7 @@ def main() -> int:
     calibration = load_batch([s.path for s in stratified_sample(split.train, params.deploy.calibration_images, params.data.seed)], size)
     print("building variants as the deploy stage does ...", flush=True)
     started = time.perf_counter()
-    report = build_variants(exported.onnx_path, ("fp16", "int8"), test_images, labels, calibration, params.deploy.max_variant_drop)
+    report = build_variants(exported.onnx_path, ("optimized", "fp16", "int8"), test_images, labels, calibration, params.deploy.max_variant_drop)
     variants_seconds = time.perf_counter() - started
 
     macs = macs_per_image(exported.onnx_path)

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 import _thread
 import asyncio
+import atexit
+import contextlib
+import importlib
 import logging
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from unittest import mock
@@ -65,40 +70,116 @@ class Stop:
 
 
 class _DetachedPrefectAPI:
-    """Prefect's ephemeral API server, started in its own session so a Ctrl-C meant for the run spares it."""
+    """Prefect's ephemeral API server, in a session of its own so a Ctrl-C meant for the run spares it.
+
+    It runs the command Prefect's own `SubprocessASGIServer` runs (uvicorn on Prefect's app factory,
+    the UI off, the caller's Prefect settings in its environment), without importing Prefect's server
+    app into this process, and in two steps: `launch` returns at once, `wait` blocks until the API
+    answers, so the run's own imports happen while the server starts (its first start in a Prefect
+    home also creates the database, several seconds).
+    """
+
+    PORTS = range(8000, 9000)
+    PORT_IN_USE = 3
+    """uvicorn's exit code when the port was taken between choosing it and binding it."""
 
     def __init__(self) -> None:
-        from prefect.server.api.server import SubprocessASGIServer
-
-        self.server = SubprocessASGIServer()
-
-    def start(self) -> str:
-        real_popen = subprocess.Popen
-
-        def detached(*args, **kwargs):
-            return real_popen(*args, start_new_session=True, **kwargs)
-
-        with mock.patch.object(subprocess, "Popen", detached):
-            self.server.start()
-        return self.server.api_url
+        self.port: int | None = None
+        self.process: subprocess.Popen | None = None
 
     @property
-    def process(self) -> subprocess.Popen | None:
-        return self.server.server_process
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.address}/api"
+
+    def launch(self) -> None:
+        """Start the server process; `wait` for it to answer."""
+        import prefect
+        from prefect.settings import get_current_settings
+
+        self.port = _free_port(self.PORTS)
+        log.info("starting the embedded Prefect API on %s", self.address)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                 **get_current_settings().to_environment_variables(exclude_unset=True)},
+            start_new_session=True,
+        )
+        atexit.register(self.stop)
+
+    def wait(self) -> str:
+        """Block until the API answers its health check; returns its URL.
+
+        Raises:
+            RuntimeError: it exited, or did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+        """
+        import httpx
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                code = self.process.poll()
+                if code == self.PORT_IN_USE:
+                    self.launch()
+                    continue
+                if code is not None:
+                    raise RuntimeError(f"the embedded Prefect API exited with code {code} while starting; "
+                                       "run `prefect server start` to see why, or set PREFECT_API_URL to a running server")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return self.api_url
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"the embedded Prefect API did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value():g} s; "
+            "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, or set PREFECT_API_URL to a running server"
+        )
 
     def stop(self) -> None:
-        self.server.stop()
+        if self.process is None:
+            return
+        process, self.process = self.process, None
+        log.info("stopping the embedded Prefect API on %s", self.address)
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     async def gone(self, within: float = 1.0) -> bool:
         """Whether the server process has exited (or exits within `within` seconds: a refused connection
         can come a moment before the process is reaped)."""
         deadline = time.monotonic() + within
+        process = self.process
         while True:
-            if self.process is not None and self.process.poll() is not None:
+            if process is None or process.poll() is not None:
                 return True
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
+
+
+def _free_port(ports: range) -> int:
+    """A port in `ports` that nothing listens on now (random, so runs side by side rarely collide)."""
+    for _ in range(20):
+        port = random.choice(ports)
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port for the embedded Prefect API in {ports.start}-{ports.stop - 1}; "
+                       "set PREFECT_API_URL to a running Prefect server instead")
 
 
 @contextmanager
@@ -127,7 +208,7 @@ def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event) -> None:
     while not done.wait(0.5):
         process = api.process
         if process is not None and process.poll() is not None:
-            stop.lost = f"the embedded Prefect API ({api.server.address}) exited with code {process.returncode}"
+            stop.lost = f"the embedded Prefect API ({api.address}) exited with code {process.returncode}"
             stop.where = progress.where()
             _silence_prefect_api_clients()
             _thread.interrupt_main()
@@ -170,15 +251,17 @@ def _lost_api(exc: BaseException, url: str) -> bool:
 
 
 @contextmanager
-def _prefect_api(stop: Stop) -> Iterator[None]:
+def _prefect_api(stop: Stop, warm_up: Sequence[str] = ()) -> Iterator[None]:
     """The Prefect API the run reports to: PREFECT_API_URL when set, else an embedded one in its own session.
 
-    A request to that API that fails for good (after Prefect's own retries, for a server of yours) stops the
-    run with one line naming the API instead of a traceback.
+    The modules in `warm_up` are imported while the embedded API starts. A request to that API that fails
+    for good (after Prefect's own retries, for a server of yours) stops the run with one line naming the
+    API instead of a traceback.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
     if PREFECT_API_URL.value():
+        _import(warm_up)
         try:
             yield
         except Exception as exc:
@@ -191,7 +274,13 @@ def _prefect_api(stop: Stop) -> Iterator[None]:
             raise KeyboardInterrupt from exc
         return
     api = _DetachedPrefectAPI()
-    url = api.start()
+    try:
+        api.launch()
+        _import(warm_up)
+        url = api.wait()
+    except BaseException:
+        api.stop()
+        raise
     done = threading.Event()
     watchdog = threading.Thread(target=_watch, args=(api, stop, done), name="graft-prefect-watchdog", daemon=True)
     watchdog.start()
@@ -203,7 +292,7 @@ def _prefect_api(stop: Stop) -> Iterator[None]:
             except Exception as exc:
                 if stop.lost is None and not _lost_api(exc, url):
                     raise
-                stop.lost = stop.lost or f"the embedded Prefect API ({api.server.address}) stopped answering"
+                stop.lost = stop.lost or f"the embedded Prefect API ({api.address}) stopped answering"
                 raise KeyboardInterrupt from exc  # the run stopped because the API went away: one line, not a traceback
             finally:
                 done.set()
@@ -211,6 +300,11 @@ def _prefect_api(stop: Stop) -> Iterator[None]:
                     _drain_prefect_services()  # the flow's last logs and events reach the API before it stops
     finally:
         api.stop()
+
+
+def _import(modules: Sequence[str]) -> None:
+    for module in modules:
+        importlib.import_module(module)
 
 
 def _drain_prefect_services() -> None:
@@ -253,8 +347,10 @@ def _interruption(exc: BaseException) -> bool:
     return isinstance(exc, TerminationSignal)
 
 
-def stoppable(command) -> int:
+def stoppable(command, warm_up: Sequence[str] = ()) -> int:
     """Run `command` so that an interrupt or a lost embedded API ends it within seconds with one line.
+
+    `warm_up` names modules `command` needs: they are imported while the embedded Prefect API starts.
 
     Returns:
         `command`'s exit code; 130 after an interrupt, 1 when the embedded API was lost.
@@ -262,7 +358,7 @@ def stoppable(command) -> int:
     stop = Stop()
     progress.reset()
     try:
-        with _signals(stop), _prefect_api(stop):
+        with _signals(stop), _prefect_api(stop, warm_up):
             return command()
     except BaseException as exc:
         if not _interruption(exc):

@@ -8,7 +8,9 @@ will be) and the file is cached beside its features, under the same key.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
 import threading
 import time
@@ -30,8 +32,7 @@ EXPORT_LOCK = threading.Lock()
 """torch.export keeps global state: one export at a time per process (mapped choose tasks run in threads)."""
 
 
-def trace_to_onnx(model: torch.nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
-    """Export `model` (uint8 N x S x S x 3 -> `output_name`) with the torch.export-based exporter, batch axis dynamic."""
+def _export_program(model: torch.nn.Module, image_size: int, output_name: str, opset: int, optimize: bool):  # noqa: ANN202 - torch.onnx.ONNXProgram
     example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
     # the exporter prints progress to stdout; keep it in the debug log instead
     with EXPORT_LOCK, contextlib.redirect_stdout(io.StringIO()) as chatter:
@@ -44,13 +45,96 @@ def trace_to_onnx(model: torch.nn.Module, image_size: int, output_name: str, ops
             dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
             opset_version=opset,
             external_data=False,
+            optimize=optimize,
             verbose=False,
         )
     log.debug("exporter: %s", chatter.getvalue())
-    proto = program.model_proto
+    return program
+
+
+def _named_batch_axis(proto: onnx.ModelProto) -> onnx.ModelProto:
     for value in (proto.graph.input[0], proto.graph.output[0]):
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
     return proto
+
+
+def trace_to_onnx(model: torch.nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export `model` (uint8 N x S x S x 3 -> `output_name`) with the torch.export-based exporter, batch axis dynamic."""
+    return _named_batch_axis(_export_program(model, image_size, output_name, opset, optimize=True).model_proto)
+
+
+GRAPH_TEMPLATE_VERSION = 1
+"""Part of every graph template's key: raise it when what a template holds changes."""
+
+
+def graph_key(model: torch.nn.Module, image_size: int, output_name: str, opset: int) -> str:
+    """What decides the exported graph apart from the weights' values: the module tree, every parameter and
+    buffer's name, shape and dtype, the input size, the output name, the opset and the exporter's versions."""
+    import onnx_ir
+    import onnxscript
+
+    parts = [
+        GRAPH_TEMPLATE_VERSION, torch.__version__, onnxscript.__version__, onnx_ir.__version__, onnx.__version__,
+        image_size, output_name, opset,
+        [(name, f"{type(module).__module__}.{type(module).__qualname__}") for name, module in model.named_modules()],
+        [(name, list(value.shape), str(value.dtype)) for name, value in model.state_dict().items()],
+    ]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
+
+
+def trace_with_template(
+    model: torch.nn.Module, image_size: int, output_name: str, opset: int, template_dir: Path
+) -> tuple[onnx.ModelProto, str]:
+    """`trace_to_onnx`, with the exporter run once per architecture.
+
+    The torch.export-based exporter spends seconds tracing and decomposing a model whose graph
+    depends only on its architecture. Unoptimised, its graph holds every parameter and buffer as
+    an initializer named after it, unchanged; that graph is kept in `template_dir` under
+    `graph_key`. The next export of the same architecture loads it, puts this model's weights into
+    the initializers, and runs the exporter's own optimiser (which folds BatchNorm into the
+    convolutions) as the exporter would: the same nodes and the same weights as a fresh export,
+    in about a tenth of the time. A template that does not fit (an initializer the model lacks, a
+    shape or dtype that differs, an unreadable file) is replaced by a fresh export.
+
+    Returns:
+        The model, and "template" or "fresh" (how it was made).
+    """
+    path = Path(template_dir) / f"{graph_key(model, image_size, output_name, opset)}.onnx"
+    weights = {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
+    if path.exists():
+        try:
+            return _from_template(onnx.load(str(path)), weights), "template"
+        except Exception as exc:  # noqa: BLE001 - a bad template only costs a fresh export
+            log.warning("ONNX graph template %s does not fit (%s); exporting afresh", path, exc)
+    program = _export_program(model, image_size, output_name, opset, optimize=False)
+    tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save_model(program.model_proto, str(tmp))
+        tmp.replace(path)
+    except OSError as exc:  # the template only saves time later; the export itself goes on
+        tmp.unlink(missing_ok=True)
+        log.warning("could not keep the ONNX graph template %s (%s); the next export of this architecture runs the exporter again", path, exc)
+    program.optimize()
+    return _named_batch_axis(program.model_proto), "fresh"
+
+
+def _from_template(template: onnx.ModelProto, weights: dict[str, object]) -> onnx.ModelProto:
+    """The template's graph with `weights` in its initializers, optimised as the exporter optimises."""
+    import onnx_ir
+
+    model = onnx_ir.serde.deserialize_model(template)
+    for name, value in model.graph.initializers.items():
+        if name not in weights:
+            raise ValueError(f"initializer {name} is not a parameter or buffer of the model")
+        array = weights[name]
+        old = value.const_value
+        if tuple(old.shape) != tuple(array.shape) or old.dtype != onnx_ir.DataType.from_numpy(array.dtype):
+            raise ValueError(f"{name}: {tuple(old.shape)} {old.dtype} in the template, {tuple(array.shape)} {array.dtype} in the model")
+        value.const_value = onnx_ir.tensor(array.copy(), name=name)
+    program = torch.onnx.ONNXProgram(model, None)
+    program.optimize()
+    return _named_batch_axis(program.model_proto)
 
 
 class _ImagesToFeatures(nn.Module):

@@ -239,8 +239,9 @@ class DeployConfig(_Section):
     a tie never replaces the champion); see also the `evaluate` gate settings."""
     output_dir: Path = Path("outputs")
     """Run folders, the latest `metrics.json` and plots for DVC."""
-    variants: tuple[Literal["fp16", "int8"], ...] = ("fp16", "int8")
-    """Variants built beside the fp32 model (an onnxruntime-optimised fp32 copy is always built)."""
+    variants: tuple[Literal["optimized", "fp16", "int8"], ...] = ("fp16", "int8")
+    """Variants built beside the fp32 model: `fp16` for GPUs, `int8` for CPUs, `optimized` (onnxruntime's offline-optimised
+    fp32 copy, published only where it is faster than fp32)."""
     max_variant_drop: float = Field(0.01, ge=0.0, le=1.0)
     """Largest validation-accuracy loss of a variant against fp32 (0.01 = 1 point); a variant that loses more is not published."""
     calibration_images: int = Field(64, ge=1)

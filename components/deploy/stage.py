@@ -86,7 +86,8 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
         "output": "class probabilities",
     }
     parity_paths = [s.path for s in ctx.split.val[: cfg.parity_images]]
-    return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol)
+    return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
+                             template_dir=ctx.params.data.cache_dir / "onnx-graphs")
 
 
 def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, seeded_store, tiny_overrides
 
 NAME = "graft-test"
 
@@ -61,7 +61,8 @@ def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
         "classes": list(split.classes), "image_size": trained.image_size, "mean": list(spec.mean),
         "std": list(spec.std), "backbone": trained.backbone, "data_md5": "test-md5",
     }
-    exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4)
+    exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4,
+                                 template_dir=params.data.cache_dir / "onnx-graphs")  # as the deploy stage exports
     return TinyModel(params, split, model, exported, work, trained, evaluate(params, split, trained, work / "run"))
 
 
@@ -179,6 +180,7 @@ def registry(tiny_model, tmp_path_factory) -> Registry:
 
 def _store_overrides(tiny_model: TinyModel, work: Path) -> list[str]:
     data = tiny_model.params.data
+    seeded_store(work / "mlflow")
     return [f"data.dir={data.dir}", f"data.cache_dir={data.cache_dir}", "data.image_size=64",
             f"deploy.output_dir={work / 'outputs'}", f"deploy.model_name={NAME}", f"tracking.store_dir={work / 'mlflow'}"]
 

@@ -21,7 +21,7 @@ from components.deploy.stage import DeployContext, deploy
 from components.evaluate.stage import evaluate
 from components.registry.tracking import parent_run
 from components.train.stage import fine_tune
-from tests.conftest import REPO, tiny_overrides
+from tests.conftest import REPO, seeded_store, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def _deployed(folder: Path, work: Path, cache: Path, *extra: str):
     """Train, evaluate and deploy on `folder`; returns (split, DeployResult)."""
     params = load_params(REPO / "params.yaml", [
         *tiny_overrides(folder, work, cache), "deploy.variants=[]", "evaluate.min_accuracy=null",
-        f"tracking.store_dir={work.parent / 'mlflow'}", *extra,
+        f"tracking.store_dir={seeded_store(work.parent / 'mlflow')}", *extra,
     ])
     split = scan(folder, SplitSettings.from_config(params.data))
     run_dir = work / "run"

@@ -164,5 +164,5 @@ def test_a_lost_embedded_prefect_api_ends_the_run_within_seconds_with_one_line(w
 
 
 def _prefect_port(run: GraftRun) -> str:
-    line = next(line for line in run.output.splitlines() if "Starting temporary server on http://127.0.0.1:" in line)
+    line = next(line for line in run.output.splitlines() if "starting the embedded Prefect API on http://127.0.0.1:" in line)
     return line.rsplit(":", 1)[1].strip()

@@ -13,7 +13,7 @@ from components.core.lineage import params_fingerprint
 from components.core.transient import is_transient
 from components.data.versions import current_data_md5, recorded_md5
 from tests.conftest import REPO, tiny_overrides
-from tests.services import free_port, stop, wait_http
+from tests.services import NO_MLFLOW_JOBS, free_port, stop, wait_http
 
 # ---------------------------------------------------------------- the decision's inputs
 
@@ -275,7 +275,7 @@ def services(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_UI_ENABLED": "false", "PREFECT_API_URL": f"http://127.0.0.1:{prefect_port}/api",
            "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{mlflow_port}", "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_LOGGING_EXTRA_LOGGERS": "components"}
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "components", **NO_MLFLOW_JOBS}
     env.pop("PREFECT_API_KEY", None)
     try:
         mlflow = start([str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),

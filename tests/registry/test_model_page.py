@@ -59,7 +59,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     details = json.loads((folder / "registration.json").read_text())
     assert details["logged_model_id"] == model_id and details["run_id"] == summary["run_id"]
     assert {"onnxruntime", "torch", "mlflow", "python"} <= set(details["runtime"]) and details["onnx"]["opset"] == 18
-    assert {row["name"] for row in details["variants"]["table"]} == {"optimized", "fp16", "int8"}
+    assert {row["name"] for row in details["variants"]["table"]} == {"fp16", "int8"}
     assert details["data"]["classes"] == ["0", "1", "7"] and details["model"]["weights.source"]
 
     # the run: a readable name, a description with the verdict, its source, commit and dataset

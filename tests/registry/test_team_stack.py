@@ -71,7 +71,7 @@ def test_the_whole_flow_registers_through_postgres_and_s3_and_a_consumer_loads_t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
     monkeypatch.chdir(tmp_path)
     args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / "summary.json")]
-    for item in [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir), "deploy.model_name=graft-team",
+    for item in [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir, seed_store=False), "deploy.model_name=graft-team",
                  "choose.candidates=[efficientnet_lite0]", "choose.baseline=false"]:
         args += ["--set", item]
     assert main(args) == 0

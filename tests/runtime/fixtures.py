@@ -14,7 +14,7 @@ from urllib.request import url2pathname
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, seeded_store
 from tests.models import tiny_onnx
 
 NAME = "graft-trust"
@@ -93,7 +93,7 @@ def store(tmp_path, monkeypatch) -> Store:
 
     monkeypatch.delenv(SIGNING_KEY_ENV, raising=False)
     monkeypatch.delenv(VERIFY_KEY_ENV, raising=False)
-    params = load_params(REPO / "params.yaml", [f"tracking.store_dir={tmp_path / 'mlflow'}", f"deploy.model_name={NAME}"])
+    params = load_params(REPO / "params.yaml", [f"tracking.store_dir={seeded_store(tmp_path / 'mlflow')}", f"deploy.model_name={NAME}"])
     uri = open_tracking_store(params)
     return Store(params, uri, tmp_path)
 
