@@ -412,14 +412,13 @@ def entry() -> None:
 
     After a `graft run` the interpreter holds close to a million objects (torch, onnx, Prefect, MLflow);
     freeing them one by one at exit took 3 s of every run, work the operating system does at once when the
-    process ends. Before that, every non-daemon thread is joined, the atexit handlers run (logging's among
+    process ends. Before that, as at any exit, thread pools are told to stop and every non-daemon thread is
+    joined, the atexit handlers run (logging's among
     them: log files are flushed and closed) and stdout and stderr are flushed. A command that raised ends
     the usual way, with its traceback.
     """
     code = main()
-    for thread in threading.enumerate():
-        if thread is not threading.main_thread() and not thread.daemon:
-            thread.join()
+    threading._shutdown()  # what the interpreter does first at exit: stop thread pools, join non-daemon threads
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -90,7 +90,8 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
         log_choice(run, choice, run_dir)
         with clock("fine_tune"):
             trained = fine_tune_task(params, split, choice, run, run_dir)
-        log_trained_model(run, trained)
+        if params.tracking.log_pytorch_model:
+            log_trained_model(run, trained)
         with clock("evaluate"):
             evaluation = evaluate_task(params, split, trained, run_dir)
         log_evaluation(run, evaluation)

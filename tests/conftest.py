@@ -7,6 +7,7 @@ import atexit
 import functools
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,23 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # `components` logger) when first imported: import it now, while sys.stderr is pytest's session-long
 # capture, not a test's capsys stream that is closed when the test ends.
 import prefect  # noqa: E402, F401
+
+
+@pytest.fixture(autouse=True)
+def _prefect_console_on_this_tests_stderr():
+    """Prefect's console handler writes to the sys.stderr of the moment Prefect's logging was set up. Anything that
+    sets it up again in a test (Prefect's server app does, when built in-process) binds that test's capture stream,
+    which is closed once the test ends, and every later Prefect log line then prints a "Logging error" traceback
+    into whichever test runs: point the handlers at this test's stderr."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = handler.console.file = sys.stderr
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -103,6 +121,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path, seed_store: bool
         "deploy.variants=[]",  # fp32 only: the variants (INT8's calibration and timing) have their own tests
         "evaluate.min_comparison_images=5",  # the tiny folders hold 13 test images
         f"tracking.store_dir={work / 'mlflow'}",
+        "tracking.log_pytorch_model=false",  # ONNX only: the PyTorch model's torch.export has its own tests
     ]
 
 

@@ -58,6 +58,7 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     for tag in ("git_commit", "backbone", "sha256.model.onnx", "val.accuracy", "test.accuracy", "split.manifest_sha256",
                 "parity.max_abs_diff", "gate.reasons"):
         assert tag in version.tags
+    assert client.list_artifacts(summary["run_id"], "pytorch_model") == []  # tracking.log_pytorch_model: false
     run = client.get_run(summary["run_id"])
     assert run.data.tags["data_md5"] == summary["data_md5"]
     assert {"val/accuracy", "test/accuracy"} <= set(run.data.metrics)

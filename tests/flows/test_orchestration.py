@@ -390,7 +390,7 @@ def test_both_images_run_commands_that_exist_as_a_non_root_user():
     stages = _dockerfile_stages()
     assert set(stages) == {"train", "serve"}
     script = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["graft"]
-    assert script == "flows.cli:main"
+    assert script == "flows.cli:entry"
     commands = build_parser()._subparsers._group_actions[0].choices
     expected = {"train": "run", "serve": "serve"}
     for stage, lines in stages.items():

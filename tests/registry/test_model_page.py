@@ -25,7 +25,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)
-    overrides = [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir), "deploy.variants=[fp16, int8]"]
+    overrides = [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir), "deploy.variants=[fp16, int8]", "tracking.log_pytorch_model=true"]
     args = ["run", "--params", str(REPO / "params.yaml"), "--summary", str(tmp_path / "summary.json")]
     for item in overrides:
         args += ["--set", item]
@@ -54,6 +54,8 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert model.source_run_id == summary["run_id"] and json.loads(model.tags["mlflow.modelVersions"]) == [{"name": name, "version": number}]
     run = client.get_run(summary["run_id"])
     assert [output.model_id for output in run.outputs.model_outputs] == [model_id]
+    logged_pytorch = {item.path for item in client.list_artifacts(summary["run_id"], "pytorch_model")}
+    assert {"pytorch_model/MLmodel", "pytorch_model/data"} <= logged_pytorch  # tracking.log_pytorch_model: true
     mlflow.set_tracking_uri(uri)
     folder = Path(mlflow.artifacts.download_artifacts(f"models:/{model_id}", dst_path=str(tmp_path / "model")))
     details = json.loads((folder / "registration.json").read_text())
