@@ -77,7 +77,7 @@ def test_the_deploy_benchmark_counts_multiply_adds_from_the_graph(tmp_path):
 
 
 def test_the_pipeline_benchmark_splits_a_run_into_start_up_stages_and_steps():
-    events = [[0.0, "imported", "flows.training"], [2.0, "enter_stage", "data"], [2.5, "leave_stage", "data"],
+    events = [[0.0, "imported", "flows.cli"], [2.0, "enter_stage", "data"], [2.5, "leave_stage", "data"],
               [3.0, "enter_stage", "deploy"], [3.5, "note", "export"], [5.0, "note", "the variants"], [8.0, "leave_stage", "deploy"],
               [9.0, "exit", ""]]
     events[0][0] = 1.0  # imports took a second
