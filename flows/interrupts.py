@@ -326,6 +326,7 @@ def _signals(stop: Stop) -> Iterator[None]:
     def interrupt(number: int, frame) -> None:
         if stop.signal is None:
             stop.signal, stop.where = signal.Signals(number).name, progress.where()
+        progress.request_stop(stop.lost or stop.signal)  # should this KeyboardInterrupt be swallowed, the next step raises it
         raise KeyboardInterrupt
 
     previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}

@@ -12,11 +12,31 @@ import threading
 _lock = threading.Lock()
 _stage: str | None = None
 _step: str | None = None
+_stop: str | None = None
+
+
+def request_stop(why: str) -> None:
+    """A stop was asked for (a signal, a lost service): from now on every stage, step and epoch the run reaches
+    raises KeyboardInterrupt.
+
+    The interrupt itself is raised wherever the run is when the signal comes. This is the net for the rare one
+    Python swallows: a KeyboardInterrupt raised while a garbage-collection callback runs is printed as
+    "Exception ignored" and lost, and the run would go on to register.
+    """
+    global _stop
+    with _lock:
+        _stop = _stop or why
+
+
+def _check() -> None:
+    if _stop is not None:
+        raise KeyboardInterrupt(_stop)
 
 
 def enter_stage(name: str) -> None:
     """The run has started stage `name` (choose, fine-tune, evaluate, deploy)."""
     global _stage, _step
+    _check()
     with _lock:
         _stage, _step = name, None
 
@@ -31,6 +51,7 @@ def leave_stage(name: str) -> None:
 def note(step: str) -> None:
     """The stage is at `step` (e.g. "epoch 7 of 200", "registration")."""
     global _step
+    _check()
     with _lock:
         _step = step
 
@@ -45,7 +66,7 @@ def where() -> str:
 
 
 def reset() -> None:
-    """Forget where the last run was (a new run in the same process starts from here)."""
-    global _stage, _step
+    """Forget where the last run was, and any stop it was asked for (a new run in the same process starts here)."""
+    global _stage, _step, _stop
     with _lock:
-        _stage = _step = None
+        _stage = _step = _stop = None
