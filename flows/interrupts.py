@@ -320,6 +320,24 @@ def _drain_prefect_services() -> None:
 
 
 @contextmanager
+def _quiet_swallowed_interrupts() -> Iterator[None]:
+    """Python prints a KeyboardInterrupt it had to drop (raised inside a garbage-collection callback) as
+    "Exception ignored ... Traceback". The stop is recorded (`progress.request_stop`) and the run's next step
+    raises it again, so that report says nothing to the user: leave it out; report anything else as Python does."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:  # noqa: ANN001 - sys.UnraisableHookArgs
+        if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
+@contextmanager
 def _signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored)."""
 
@@ -359,7 +377,7 @@ def stoppable(command, warm_up: Sequence[str] = ()) -> int:
     stop = Stop()
     progress.reset()
     try:
-        with _signals(stop), _prefect_api(stop, warm_up):
+        with _signals(stop), _quiet_swallowed_interrupts(), _prefect_api(stop, warm_up):
             return command()
     except BaseException as exc:
         if not _interruption(exc):

@@ -166,3 +166,25 @@ def test_a_lost_embedded_prefect_api_ends_the_run_within_seconds_with_one_line(w
 def _prefect_port(run: GraftRun) -> str:
     line = next(line for line in run.output.splitlines() if "starting the embedded Prefect API on http://127.0.0.1:" in line)
     return line.rsplit(":", 1)[1].strip()
+
+
+def test_a_keyboard_interrupt_python_drops_is_not_reported_and_other_dropped_errors_are(monkeypatch):
+    """A KeyboardInterrupt raised inside a garbage-collection callback is dropped by Python; the stop it carried is
+    recorded and raised again at the run's next step, so its "Exception ignored" report is left out."""
+    from flows.interrupts import _quiet_swallowed_interrupts
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: reported.append(unraisable.exc_value))
+
+    class RaisesWhenCollected:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+        def __del__(self) -> None:
+            raise self.exc
+
+    with _quiet_swallowed_interrupts():
+        RaisesWhenCollected(KeyboardInterrupt())
+        RaisesWhenCollected(ValueError("still reported"))
+    RaisesWhenCollected(KeyboardInterrupt("outside a run"))
+    assert [type(exc).__name__ for exc in reported] == ["ValueError", "KeyboardInterrupt"]
