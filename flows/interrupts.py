@@ -23,7 +23,6 @@ import contextlib
 import importlib
 import logging
 import os
-import random
 import signal
 import socket
 import subprocess
@@ -79,7 +78,6 @@ class _DetachedPrefectAPI:
     home also creates the database, several seconds).
     """
 
-    PORTS = range(8000, 9000)
     PORT_IN_USE = 3
     """uvicorn's exit code when the port was taken between choosing it and binding it."""
 
@@ -100,7 +98,7 @@ class _DetachedPrefectAPI:
         import prefect
         from prefect.settings import get_current_settings
 
-        self.port = _free_port(self.PORTS)
+        self.port = _free_port()
         log.info("starting the embedded Prefect API on %s", self.address)
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
@@ -168,18 +166,11 @@ class _DetachedPrefectAPI:
             await asyncio.sleep(0.05)
 
 
-def _free_port(ports: range) -> int:
-    """A port in `ports` that nothing listens on now (random, so runs side by side rarely collide)."""
-    for _ in range(20):
-        port = random.choice(ports)
-        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port for the embedded Prefect API in {ports.start}-{ports.stop - 1}; "
-                       "set PREFECT_API_URL to a running Prefect server instead")
+def _free_port() -> int:
+    """A localhost port nothing listens on now, as the operating system hands them out."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import threading
 import time
 import warnings
@@ -82,6 +83,11 @@ def graph_key(model: torch.nn.Module, image_size: int, output_name: str, opset: 
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
 
 
+def template_path(model: torch.nn.Module, image_size: int, output_name: str, opset: int, template_dir: Path) -> Path:
+    """Where the graph template of `model`'s architecture lives in `template_dir`."""
+    return Path(template_dir) / f"{graph_key(model, image_size, output_name, opset)}.onnx"
+
+
 def trace_with_template(
     model: torch.nn.Module, image_size: int, output_name: str, opset: int, template_dir: Path
 ) -> tuple[onnx.ModelProto, str]:
@@ -99,7 +105,7 @@ def trace_with_template(
     Returns:
         The model, and "template" or "fresh" (how it was made).
     """
-    path = Path(template_dir) / f"{graph_key(model, image_size, output_name, opset)}.onnx"
+    path = template_path(model, image_size, output_name, opset, template_dir)
     weights = {name: value.detach().cpu().numpy() for name, value in model.state_dict().items()}
     if path.exists():
         try:
@@ -107,7 +113,7 @@ def trace_with_template(
         except Exception as exc:  # noqa: BLE001 - a bad template only costs a fresh export
             log.warning("ONNX graph template %s does not fit (%s); exporting afresh", path, exc)
     program = _export_program(model, image_size, output_name, opset, optimize=False)
-    tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         onnx.save_model(program.model_proto, str(tmp))

@@ -14,7 +14,7 @@ import onnx
 import torch
 
 from components.backbones.classifier import GraftClassifier
-from components.backbones.export import graph_key, trace_to_onnx, trace_with_template
+from components.backbones.export import template_path, trace_to_onnx, trace_with_template
 from components.core.errors import ExportError
 from components.core.files import sha256, temp_write
 from components.data.images import load_batch
@@ -131,7 +131,7 @@ def export_and_verify(
         if how != "template":
             raise
         log.warning("the model made from this architecture's ONNX graph template failed parity (%s); exporting afresh", exc)
-        (Path(template_dir) / f"{graph_key(model, image_size, 'probabilities', opset)}.onnx").unlink(missing_ok=True)
+        template_path(model, image_size, "probabilities", opset, template_dir).unlink(missing_ok=True)
         how = export_onnx(model, path, image_size, opset, text_meta)
         max_diff, agreement = check_parity(model, path, images, atol)
     log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%% (%s)", len(images), max_diff, agreement * 100,

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from components.backbones.classifier import GraftClassifier
-from components.backbones.export import graph_key, trace_to_onnx
+from components.backbones.export import graph_key, template_path, trace_to_onnx
 from components.data.images import load_batch
 from components.deploy.export import export_and_verify, export_onnx
 from components.runtime.model import OnnxClassifier
@@ -39,7 +39,7 @@ def test_a_second_export_of_an_architecture_comes_from_its_template_and_equals_a
     """The tiny model's export made the template; a model of the same architecture with other weights is built from it."""
     template_dir = tiny_model.params.data.cache_dir / "onnx-graphs"
     model = _perturbed(tiny_model.model, seed=1)
-    assert (template_dir / f"{graph_key(model, 64, 'probabilities', 18)}.onnx").is_file()
+    assert template_path(model, 64, "probabilities", 18, template_dir).is_file()
 
     assert export_onnx(model, tmp_path / "from-template.onnx", 64, 18, TEXT_META, template_dir) == "template"
     via_template = onnx.load(str(tmp_path / "from-template.onnx"))
@@ -74,7 +74,7 @@ def _small_classifier(seed: int) -> GraftClassifier:
 def test_a_template_that_does_not_fit_is_replaced_by_a_fresh_export(digits_dir, tmp_path, caplog):
     templates = tmp_path / "templates"
     model = _small_classifier(0)
-    template = templates / f"{graph_key(model, 64, 'probabilities', 18)}.onnx"
+    template = template_path(model, 64, "probabilities", 18, templates)
 
     assert export_onnx(model, tmp_path / "a.onnx", 64, 18, {}, templates) == "fresh"
     assert template.is_file() and [p.name for p in templates.iterdir()] == [template.name]
@@ -96,7 +96,7 @@ def test_a_model_from_a_template_that_fails_parity_is_exported_afresh_before_the
     templates = tmp_path / "templates"
     model = _small_classifier(0)
     export_onnx(model, tmp_path / "first.onnx", 64, 18, {}, templates)
-    template = templates / f"{graph_key(model, 64, 'probabilities', 18)}.onnx"
+    template = template_path(model, 64, "probabilities", 18, templates)
     proto = onnx.load(str(template))
     (relu,) = [node for node in proto.graph.node if node.op_type == "Relu"]
     relu.op_type = "Sigmoid"  # same weights, another function
