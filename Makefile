@@ -15,11 +15,19 @@ export DO_NOT_TRACK ?= 1
 
 setup: $(STAMP)
 
+# uv installs the same pinned wheels as pip in a fifth of the time (2.5 min -> 0.5 min here); pip is the fallback
+UV_PIN ?= uv==0.13.9
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	if $(BIN)/python -m pip install --quiet $(UV_PIN) && \
+	   $(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock; then \
+	  $(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .; \
+	else \
+	  echo "uv could not install the lock; installing with pip instead (slower)" >&2; \
+	  $(BIN)/python -m pip install --quiet --upgrade pip && \
+	  $(BIN)/python -m pip install --quiet -r requirements.lock && \
+	  $(BIN)/python -m pip install --quiet --no-deps -e .; \
+	fi
 	touch $(STAMP)
 
 data: setup  ## fetch the demo images and the reference run's model from the DVC remote shipped in dvc-store/
@@ -48,7 +56,7 @@ benchmark: data
 
 lock: setup  ## re-pin requirements.lock from what is installed in .venv
 	(echo "# Exact versions Graft is tested with (Python 3.11, x86_64). Regenerate: make lock"; \
-	 $(BIN)/python -m pip freeze --exclude-editable | grep -v '^graft') > requirements.lock
+	 $(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^graft' -e '^uv==') > requirements.lock
 
 clean:
 	rm -rf outputs .cache .prefect
