@@ -20,8 +20,8 @@ UV_PIN ?= uv==0.13.9
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	if $(BIN)/python -m pip install --quiet $(UV_PIN) && \
-	   $(BIN)/uv pip install --quiet --python $(BIN)/python -r requirements.lock; then \
-	  $(BIN)/uv pip install --quiet --python $(BIN)/python --no-deps -e .; \
+	   $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python -r requirements.lock; then \
+	  $(BIN)/uv pip install --quiet --compile-bytecode --python $(BIN)/python --no-deps -e .; \
 	else \
 	  echo "uv could not install the lock; installing with pip instead (slower)" >&2; \
 	  $(BIN)/python -m pip install --quiet --upgrade pip && \
