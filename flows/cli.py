@@ -73,7 +73,7 @@ def _prefect_environment(params_file: Path | None) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
-RUN_MODULES = ("flows.training", "flows.runners", "mlflow", "onnxruntime")
+RUN_MODULES = ("flows.training", "flows.runners", "mlflow", "onnxruntime", "torch._dynamo", "mlflow.store.tracking.sqlalchemy_store", "matplotlib.pyplot")
 """What a run imports, imported while the embedded Prefect API starts (which takes longer)."""
 
 

@@ -32,9 +32,11 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from unittest import mock
 
 from components.core import progress
+from components.core.errors import OrchestrationError
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +80,15 @@ class _DetachedPrefectAPI:
     home also creates the database, several seconds).
     """
 
-    PORT_IN_USE = 3
-    """uvicorn's exit code when the port was taken between choosing it and binding it."""
+    STARTUP_FAILED = 3
+    """uvicorn's exit code when it could not start: the port was taken between choosing it and binding it
+    (start again on another), or the app's own start-up failed (its database, its home folder: say so)."""
+    RELAUNCHES = 5
 
     def __init__(self) -> None:
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self.relaunches = 0
 
     @property
     def address(self) -> str:
@@ -98,6 +103,12 @@ class _DetachedPrefectAPI:
         import prefect
         from prefect.settings import get_current_settings
 
+        home = Path(get_current_settings().home).expanduser()
+        try:  # Prefect makes the folder itself, but not its parents: the server would fail on its database
+            home.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OrchestrationError(f"PREFECT_HOME={home} cannot be created ({exc.strerror or exc}); "
+                                     "point PREFECT_HOME at a folder you can write to") from exc
         self.port = _free_port()
         log.info("starting the embedded Prefect API on %s", self.address)
         self.process = subprocess.Popen(
@@ -114,21 +125,25 @@ class _DetachedPrefectAPI:
         """Block until the API answers its health check; returns its URL.
 
         Raises:
-            RuntimeError: it exited, or did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
+            OrchestrationError: it exited, or did not answer within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.
         """
         import httpx
-        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+        from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings
 
         deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         with httpx.Client() as client:
             while time.monotonic() < deadline:
                 code = self.process.poll()
-                if code == self.PORT_IN_USE:
+                if code == self.STARTUP_FAILED and _port_taken(self.port) and self.relaunches < self.RELAUNCHES:
+                    self.relaunches += 1
                     self.launch()
                     continue
                 if code is not None:
-                    raise RuntimeError(f"the embedded Prefect API exited with code {code} while starting; "
-                                       "run `prefect server start` to see why, or set PREFECT_API_URL to a running server")
+                    self.process = None
+                    raise OrchestrationError(
+                        f"the embedded Prefect API exited with code {code} while starting (its error is printed above); "
+                        f"check that PREFECT_HOME ({get_current_settings().home}) can be written, and "
+                        "PREFECT_API_DATABASE_CONNECTION_URL where it is set; or set PREFECT_API_URL to a running server")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         return self.api_url
@@ -136,7 +151,7 @@ class _DetachedPrefectAPI:
                     pass
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(
+        raise OrchestrationError(
             f"the embedded Prefect API did not answer within {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value():g} s; "
             "raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine, or set PREFECT_API_URL to a running server"
         )
@@ -164,6 +179,16 @@ class _DetachedPrefectAPI:
             if time.monotonic() >= deadline:
                 return False
             await asyncio.sleep(0.05)
+
+
+def _port_taken(port: int) -> bool:
+    """Whether something else now listens on `port` (so the server's failed start was the port, not the app)."""
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+        return False
 
 
 def _free_port() -> int:

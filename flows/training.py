@@ -60,7 +60,8 @@ def choose_stage(params: Params, split: Split) -> ChooseResult:
 
 @task(name="fine-tune", cache_policy=NO_CACHE)
 def fine_tune_task(params: Params, split: Split, choice: ChooseResult, run: Run, run_dir: Path) -> TrainResult:
-    return fine_tune(params, split, choice, run_dir, on_epoch=run.log_metrics)
+    with run.epoch_metrics() as on_epoch:
+        return fine_tune(params, split, choice, run_dir, on_epoch=on_epoch)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)

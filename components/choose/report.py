@@ -8,6 +8,7 @@ compare them across runs to see whether the first round can be trusted on your i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from components.choose.ranking import ChooseResult, ranking_table
@@ -53,15 +54,34 @@ def plot_ranking(choice: ChooseResult, path: Path) -> Path:
     return save_figure(fig, path)
 
 
+def kendall_tau_b(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b of two rankings, ties counted as `scipy.stats.kendalltau` counts them (nan when either
+    ranking is constant): a few finalists' pairs, counted directly instead of importing scipy.stats into every run."""
+    concordant = discordant = tied_x = tied_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                tied_x += 1
+            elif dy == 0:
+                tied_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = math.sqrt((concordant + discordant + tied_x) * (concordant + discordant + tied_y))
+    return (concordant - discordant) / denominator if denominator else math.nan
+
+
 def prediction_metrics(choice: ChooseResult) -> dict[str, float]:
     """How well the first-round score predicted the trained finalists (empty when none were trained):
     Kendall's tau between the two rankings, and the validation accuracy the score's own pick loses."""
-    from scipy.stats import kendalltau
-
     trained = choice.trained
     if len(trained) < 2:
         return {}
-    tau = kendalltau([r.score_rank for r in trained], [r.trained_rank for r in trained]).statistic
+    tau = kendall_tau_b([r.score_rank for r in trained], [r.trained_rank for r in trained])
     metrics = {"choose/finalists_trained": float(len(trained)), "choose/score_kendall_tau": float(tau)}
     if choice.score_regret is not None:
         metrics["choose/score_regret"] = choice.score_regret

@@ -91,3 +91,7 @@ class RequestProblem(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+class OrchestrationError(GraftError):
+    """Prefect's API could not be started or reached (its home folder, its database, its address)."""

@@ -62,6 +62,9 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     run = client.get_run(summary["run_id"])
     assert run.data.tags["data_md5"] == summary["data_md5"]
     assert {"val/accuracy", "test/accuracy"} <= set(run.data.metrics)
+    # every epoch's metrics reach MLflow (sent in batches), each at its own step
+    epochs = summary["train"]["epochs_run"]
+    assert [m.step for m in client.get_metric_history(summary["run_id"], "val/loss")] == list(range(1, epochs + 1))
     # without --report, `graft run` writes its run folder and nothing DVC or git track
     assert sorted(p.name for p in run_cli.params.deploy.output_dir.iterdir()) == ["runs"]
 

@@ -29,7 +29,7 @@ LIMIT_S = 15
 class GraftRun:
     """`graft run` on tiny data in its own process group, its output in a file."""
 
-    def __init__(self, work: Path, data: Path, cache: Path, *extra: str) -> None:
+    def __init__(self, work: Path, data: Path, cache: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.work, self.log = work, work / f"run-{time.monotonic_ns()}.log"
         overrides = [*tiny_overrides(data, work, cache), f"deploy.model_name={NAME}", "deploy.variants=[int8]",
                      "train.strategy=fine_tune", "train.epochs=25", "train.patience=25", "data.image_size=32",
@@ -37,7 +37,8 @@ class GraftRun:
         args = [sys.executable, "-m", "flows.cli", "run", "--params", str(REPO / "params.yaml")]
         for item in overrides:
             args += ["--set", item]
-        env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / "prefect")}
+        # a Prefect home whose parent folder does not exist yet: `graft run` makes it
+        env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(work / "homes" / "prefect"), **(env or {})}
         with open(self.log, "w") as out:
             self.process = subprocess.Popen(args, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -140,7 +141,7 @@ def test_an_interrupt_stops_every_stage_within_seconds_registers_nothing_and_the
     experiment = client.get_experiment_by_name("graft").experiment_id
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED", "KILLED"]
-    with sqlite3.connect(tmp_path / "prefect" / "prefect.db") as db:
+    with sqlite3.connect(tmp_path / "homes" / "prefect" / "prefect.db") as db:
         states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
     assert states == ["COMPLETED", "CRASHED", "CRASHED", "CRASHED"]
 
@@ -160,6 +161,24 @@ def test_a_lost_embedded_prefect_api_ends_the_run_within_seconds_with_one_line(w
     assert code == 1 and time.monotonic() - started < LIMIT_S
     _assert_one_clear_line(run, "error: the embedded Prefect API (http://127.0.0.1:")
     assert "during fine-tune" in run.output.splitlines()[-1]
+    assert _versions(tmp_path) == []
+
+
+def test_an_unusable_prefect_home_or_database_ends_the_run_at_once_with_one_line(work):
+    tmp_path, data, cache = work
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    run = GraftRun(tmp_path, data, cache, env={"PREFECT_HOME": str(a_file / "prefect")})
+    assert run.finish() == 2  # a GraftError: one line, exit code 2
+    last = run.output.rstrip().splitlines()[-1]
+    assert last.startswith(f"error: PREFECT_HOME={a_file / 'prefect'} cannot be created") and "point PREFECT_HOME at a folder" in last
+
+    # the server starts, then cannot open its database: uvicorn's start-up failure, said once, not retried for minutes
+    run = GraftRun(tmp_path, data, cache, env={"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{a_file}/prefect.db"})
+    assert run.finish() == 2  # a GraftError: one line, exit code 2
+    last = run.output.rstrip().splitlines()[-1]
+    assert last.startswith("error: the embedded Prefect API exited with code 3 while starting"), run.output[-3000:]
+    assert "PREFECT_HOME" in last and run.output.count("starting the embedded Prefect API") == 1
     assert _versions(tmp_path) == []
 
 

@@ -99,6 +99,21 @@ def test_run_logging_survives_a_5xx_for_a_while(run, monkeypatch):
     assert run.artifact_uri() == logged.info.artifact_uri
 
 
+def test_epoch_metrics_go_in_batches_and_epochs_before_a_stop_are_still_logged(run, monkeypatch):
+    from mlflow import MlflowClient
+
+    calls = []
+    real = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", lambda self, *a, **kw: (calls.append(kw), real(self, *a, **kw))[1])
+    with pytest.raises(KeyboardInterrupt), run.epoch_metrics(every_s=3600) as on_epoch:
+        for epoch in range(1, 6):
+            on_epoch({"train/loss": 1.0 / epoch, "val/loss": 2.0 / epoch}, epoch)
+        raise KeyboardInterrupt  # a Ctrl-C after epoch 5
+    assert [len(c["metrics"]) for c in calls] == [2, 8]  # epoch 1 at once, epochs 2-5 when the block ended
+    history = run.client.get_metric_history(run.run_id, "val/loss")
+    assert [(m.step, m.value) for m in history] == [(e, 2.0 / e) for e in range(1, 6)]
+
+
 def test_run_logging_that_keeps_failing_gives_one_clear_error(run, monkeypatch):
     batch = _break(monkeypatch, "log_batch", _http_error(503), times=100)
     as_dict = _break(monkeypatch, "log_dict", _http_error(500, "/api/2.0/mlflow-artifacts/artifacts"), times=100)
