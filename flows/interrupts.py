@@ -37,6 +37,7 @@ from unittest import mock
 
 from components.core import progress
 from components.core.errors import OrchestrationError
+from flows.prefect_database import NewHomeDatabase
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,8 @@ class _DetachedPrefectAPI:
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self.relaunches = 0
+        self.new_home: NewHomeDatabase | None = None
+        self.launched = False
 
     @property
     def address(self) -> str:
@@ -109,6 +112,11 @@ class _DetachedPrefectAPI:
         except OSError as exc:
             raise OrchestrationError(f"PREFECT_HOME={home} cannot be created ({exc.strerror or exc}); "
                                      "point PREFECT_HOME at a folder you can write to") from exc
+        if not self.launched:  # a new home starts from the empty database this Prefect version made before
+            self.launched = True
+            self.new_home = NewHomeDatabase.of(get_current_settings(), prefect.__version__)
+            if self.new_home is not None:
+                self.new_home.seed()
         self.port = _free_port()
         log.info("starting the embedded Prefect API on %s", self.address)
         self.process = subprocess.Popen(
@@ -138,6 +146,9 @@ class _DetachedPrefectAPI:
                     self.relaunches += 1
                     self.launch()
                     continue
+                if code is not None and self.new_home is not None and self.new_home.discard():
+                    self.launch()
+                    continue
                 if code is not None:
                     self.process = None
                     raise OrchestrationError(
@@ -146,6 +157,8 @@ class _DetachedPrefectAPI:
                         "PREFECT_API_DATABASE_CONNECTION_URL where it is set; or set PREFECT_API_URL to a running server")
                 try:
                     if client.get(f"{self.api_url}/health").status_code == 200:
+                        if self.new_home is not None:
+                            self.new_home.keep()
                         return self.api_url
                 except httpx.TransportError:
                     pass
