@@ -194,7 +194,7 @@ def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, pa
     """
     model = _ImagesToFeatures(backbone, spec).eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{threading.get_ident()}.tmp.onnx")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.onnx")  # two runs may share the cache
     started = time.perf_counter()
     try:
         proto = quick_trace_to_onnx(model, image_size, "features", opset)
