@@ -16,23 +16,17 @@ from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import yaml
 
 from components.backbones.spec import BackboneSpec
 from components.backbones.zoo import get_spec
-from components.core.config import Params
-from components.data.split import Split
 from components.data.versions import dvc_file_for
-from components.deploy.export import ExportResult
-from components.deploy.variants import VariantsReport
-from components.evaluate.gate import Verdict
-from components.evaluate.stage import EvalResult
+from components.deploy.facts import DeployFacts
 from components.registry import ui_links
 from components.runtime.bundle import MODEL_CARD, MODEL_CARD_DIR, MODEL_CARD_HTML
-from components.train.stage import TrainResult
 
 CARD_ARTIFACT_DIR = MODEL_CARD_DIR
 """Where the run keeps its cards (`model_card/`)."""
@@ -61,26 +55,23 @@ class ModelCard:
     """`runs:/<run>/model_card/model_card.md`."""
 
 
-@dataclass(frozen=True)
-class CardFacts:
-    """Everything a card says, gathered by deploy once export and gate are done."""
+@dataclass(frozen=True, kw_only=True)
+class CardFacts(DeployFacts):
+    """Everything a card says: the deploy stage's facts, and where the model went in MLflow."""
 
-    params: Params
-    split: Split
-    trained: TrainResult
-    evaluation: EvalResult
-    exported: ExportResult
-    verdict: Verdict
-    data_md5: str
-    commit: str
     run_id: str
-    variants: VariantsReport | None = None
     version: str | None = None
     """The registered version the card describes (None: not registered)."""
     experiment_id: str | None = None
     """For links into MLflow's UI (None: the card links nothing in MLflow)."""
     model_id: str | None = None
     """The version's MLflow LoggedModel."""
+
+    @classmethod
+    def of(cls, facts: DeployFacts, run_id: str, version: str | None = None, experiment_id: str | None = None,
+           model_id: str | None = None) -> CardFacts:
+        return cls(**{f.name: getattr(facts, f.name) for f in fields(DeployFacts)}, run_id=run_id, version=version,
+                   experiment_id=experiment_id, model_id=model_id)
 
     @property
     def spec(self) -> BackboneSpec:

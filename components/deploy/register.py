@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.zoo import get_spec
-from components.core.config import Params
 from components.core.errors import UntrustedSourceError
 from components.core.files import sha256
 from components.core.lineage import (
@@ -48,12 +47,10 @@ from components.core.lineage import (
     params_fingerprint,
     sha256_tag,
 )
-from components.data.split import MANIFEST_FILE, Split, SplitManifest
-from components.deploy.export import ExportResult
+from components.data.split import MANIFEST_FILE, SplitManifest
+from components.deploy.facts import DeployFacts
 from components.deploy.model_card import CARD_ARTIFACT_DIR, CARD_HTML_NAME, CARD_NAME, MAX_DESCRIPTION
 from components.deploy.variants import VariantsReport
-from components.evaluate.gate import Verdict
-from components.evaluate.stage import EvalResult
 from components.registry import mlflow_calls, ui_links
 from components.registry.history import record_manual_move
 from components.registry.tracking import Run
@@ -62,7 +59,6 @@ from components.runtime.providers import choose_providers
 from components.runtime.signing import sign_folder, signing_key
 from components.runtime.trust import write_sidecar
 from components.runtime.variant_files import copy_variant_files
-from components.train.stage import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -80,22 +76,6 @@ def record_manual_promotion(client, name: str) -> None:  # noqa: ANN001
     record_manual_move(client, name)
 
 
-@dataclass(frozen=True)
-class RegistrationFacts:
-    """What the deploy stage knows once the model is exported, judged and its variants built."""
-
-    params: Params
-    split: Split
-    trained: TrainResult
-    evaluation: EvalResult
-    exported: ExportResult
-    verdict: Verdict
-    variants: VariantsReport | None
-    data_md5: str
-    commit: str
-    hold: str | None = None
-
-
 def variants_summary(variants: VariantsReport | None) -> str:
     """One line: each variant's accuracy change against fp32 (and speed-up where timed), and which were not published."""
     if variants is None or not variants.variants:
@@ -105,7 +85,7 @@ def variants_summary(variants: VariantsReport | None) -> str:
     return ", ".join(parts) + " vs fp32"
 
 
-def decision_tags(facts: RegistrationFacts) -> dict[str, str]:
+def decision_tags(facts: DeployFacts) -> dict[str, str]:
     """The tags a promoter reads at a glance on the model page (and can search: `tags.gate.verdict = 'promote'`)."""
     evaluation, exported, verdict = facts.evaluation, facts.exported, facts.verdict
     tags = {
@@ -123,7 +103,7 @@ def decision_tags(facts: RegistrationFacts) -> dict[str, str]:
     return tags
 
 
-def record_tags(facts: RegistrationFacts, manifest: SplitManifest) -> dict[str, str]:
+def record_tags(facts: DeployFacts, manifest: SplitManifest) -> dict[str, str]:
     """Tags Graft itself reads back: what the retraining check compares, the split manifest's digest, a hold."""
     tags = {PARAMS_SHA_TAG: params_fingerprint(facts.params), MANIFEST_SHA_TAG: manifest.sha256()}
     if facts.hold:
@@ -131,7 +111,7 @@ def record_tags(facts: RegistrationFacts, manifest: SplitManifest) -> dict[str, 
     return tags
 
 
-def registration_details(facts: RegistrationFacts, manifest: SplitManifest) -> dict:
+def registration_details(facts: DeployFacts, manifest: SplitManifest) -> dict:
     """Everything else about the version, for `registration.json` (shown on the logged model's Artifacts tab)."""
     import onnxruntime
     import torch
@@ -322,7 +302,7 @@ def register_version(run: Run, name: str, logged: LoggedModel, tags: dict[str, s
     return version
 
 
-def version_description(facts: RegistrationFacts, run: Run, logged: LoggedModel) -> str:
+def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> str:
     """The version's description (Markdown on its MLflow page): the decision in words, then links to the card and the record.
 
     Its first paragraph says what the model classifies; the registered model's description repeats it.
@@ -357,7 +337,7 @@ def version_description(facts: RegistrationFacts, run: Run, logged: LoggedModel)
     return "\n".join(lines)[:MAX_DESCRIPTION]
 
 
-def register_model(run: Run, name: str, facts: RegistrationFacts) -> tuple[str, LoggedModel]:
+def register_model(run: Run, name: str, facts: DeployFacts) -> tuple[str, LoggedModel]:
     """Log the exported model (with its published variants) as the run's LoggedModel and register it; returns
     (version, the logged model)."""
     manifest = facts.split.manifest()

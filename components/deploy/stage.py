@@ -23,7 +23,8 @@ from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
 from components.deploy.judge import TestImages, judge_challenger
 from components.deploy.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, ModelCard, write_model_card
-from components.deploy.register import LoggedModel, RegistrationFacts, record_manual_promotion, register_model
+from components.deploy.facts import DeployFacts
+from components.deploy.register import LoggedModel, record_manual_promotion, register_model
 from components.deploy.variants import VariantsReport, build_variants
 from components.evaluate.gate import GateRules, Verdict
 from components.evaluate.stage import EvalResult
@@ -111,20 +112,15 @@ def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult
     return variants
 
 
-def register(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict,
-             variants: VariantsReport) -> tuple[str, LoggedModel]:
+def register(ctx: DeployContext, facts: DeployFacts) -> tuple[str, LoggedModel]:
     """Log the ONNX model (with its published variants) as the run's LoggedModel and create the version with its
     tags and description; returns (its number, the logged model)."""
-    facts = RegistrationFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, variants, ctx.data_md5, ctx.commit, ctx.hold)
     return register_model(ctx.run, ctx.params.deploy.model_name, facts)
 
 
-def card(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult, exported: ExportResult, verdict: Verdict,
-         variants: VariantsReport, version: str, logged: LoggedModel) -> ModelCard:
+def card(ctx: DeployContext, facts: DeployFacts, version: str, logged: LoggedModel) -> ModelCard:
     """The registered version's model card, in the run folder and the run's `model_card/` artifacts."""
-    facts = CardFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, ctx.data_md5, ctx.commit, ctx.run.run_id,
-                      variants, version, logged.experiment_id, logged.model_id)
-    written = write_model_card(facts, ctx.run_dir)
+    written = write_model_card(CardFacts.of(facts, ctx.run.run_id, version, logged.experiment_id, logged.model_id), ctx.run_dir)
     for path in (written.path, written.html_path):
         ctx.run.log_artifact(path, CARD_ARTIFACT_DIR)
     return written
@@ -152,9 +148,10 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     progress.note("the variants")
     variants = variants_of(ctx, trained, exported, TestImages(ctx.split))
     progress.note("registration")
-    version, logged = register(ctx, trained, evaluation, exported, verdict, variants)
+    facts = DeployFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, variants, ctx.data_md5, ctx.commit, ctx.hold)
+    version, logged = register(ctx, facts)
     progress.note("the model card")
-    written = card(ctx, trained, evaluation, exported, verdict, variants, version, logged)
+    written = card(ctx, facts, version, logged)
     bundle = write_bundle(
         exported.onnx_path, ctx.run_dir / "bundle",
         {"name": name, "version": version, "source": f"models:/{name}/{version}", "run_id": ctx.run.run_id, "git_commit": ctx.commit},

@@ -46,7 +46,8 @@ def facts(tiny_params, digits_dir, tmp_path):
         VariantResult("int8", tmp_path / "rejected" / "model.int8.onnx", False, 0.8500, -0.0667, 0.9, 0.2, 1_200_000, 1.0,
                       "NOT published: loses 6.7 points, more than deploy.max_variant_drop=0.01"),
     ))
-    return CardFacts(tiny_params, split, trained, evaluation, exported, verdict, dir_md5(digits_dir), "0123abc-dirty", "run42", variants)
+    return CardFacts(params=tiny_params, split=split, trained=trained, evaluation=evaluation, exported=exported, verdict=verdict,
+                     variants=variants, data_md5=dir_md5(digits_dir), commit="0123abc-dirty", run_id="run42")
 
 
 def test_the_card_tells_the_whole_story_of_the_version(facts):
