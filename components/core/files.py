@@ -36,6 +36,18 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
     return None
 
 
+def interrupt_cause(exc: BaseException | None) -> BaseException | None:
+    """The interrupt (KeyboardInterrupt, SystemExit, an orchestrator's termination signal: a BaseException that
+    is not an Exception) in `exc`'s chain of causes and contexts, if any."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if not isinstance(exc, Exception):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 @contextmanager
 def temp_write(path: Path, tmp: Path) -> Iterator[None]:
     """Guard the write of `tmp` (renamed onto `path` afterwards by the caller).
@@ -48,6 +60,11 @@ def temp_write(path: Path, tmp: Path) -> Iterator[None]:
         yield
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        interrupt = interrupt_cause(exc)
+        if interrupt is not None and interrupt is not exc:
+            # a Ctrl-C or SIGTERM landed mid-write and the writer's own clean-up raised over it (torch.save's zip
+            # writer: "unexpected pos ..."): the stop is what happened, so it is what propagates
+            raise interrupt.with_traceback(interrupt.__traceback__) from None
         full = disk_full_cause(exc)
         if full is None:
             raise

@@ -474,3 +474,30 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature(digits_dir, fe
     images = torch.from_numpy(load_batch([s.path for s in split.val[:4]], SIZE))
     with torch.no_grad():
         torch.testing.assert_close(logged(images), load_classifier(result.checkpoint_path)[0](images))
+
+
+def test_an_interrupt_during_a_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """A Ctrl-C (or SIGTERM) that lands inside torch.save: its zip writer's clean-up raises "unexpected pos ..." over
+    the interrupt. The interrupt is what propagates, the half-written file is gone and the previous checkpoint stays."""
+    import io
+
+    import components.train.loop as loop
+
+    path = tmp_path / "resume" / "run-fine-tune.pt"
+    loop.save_checkpoint(path, epoch=1, weights=torch.zeros(64, 64))
+
+    class InterruptedFile(io.FileIO):
+        writes = 0
+
+        def write(self, data):  # noqa: ANN001, ANN202 - io.FileIO's signature
+            InterruptedFile.writes += 1
+            if InterruptedFile.writes == 3:
+                raise KeyboardInterrupt  # as a signal handler raises it, between two writes of the record
+            return super().write(data)
+
+    monkeypatch.setattr(loop, "open", lambda file, mode: InterruptedFile(file, mode), raising=False)
+    with pytest.raises(KeyboardInterrupt):
+        loop.save_checkpoint(path, epoch=2, weights=torch.ones(256, 256))
+    assert InterruptedFile.writes >= 3
+    assert not path.with_suffix(".tmp").exists()
+    assert torch.load(path, weights_only=True)["epoch"] == 1
