@@ -76,11 +76,10 @@ class NewHomeDatabase:
             with contextlib.closing(sqlite3.connect(partial)) as db:
                 tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
                 used = [t for t in RUN_TABLES if t in tables and db.execute(f'select 1 from "{t}" limit 1').fetchone()]
-                if not used and "alembic_version" in tables:
-                    db.execute("PRAGMA journal_mode = DELETE")  # one self-contained file (Prefect turns WAL on again)
-            if used or "alembic_version" not in tables:
-                log.debug("not keeping %s as the Prefect database template: %s", self.database, used or "no schema")
-                return
+                if used or "alembic_version" not in tables:
+                    log.debug("not keeping %s as the Prefect database template: %s", self.database, used or "no schema")
+                    return
+                db.execute("PRAGMA journal_mode = DELETE")  # one self-contained file (Prefect turns WAL on again)
             os.replace(partial, self.template)
             log.debug("kept the empty Prefect database as %s", self.template)
         except (OSError, sqlite3.Error) as exc:

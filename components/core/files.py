@@ -21,31 +21,28 @@ from components.core.errors import DiskFullError
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
 
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """`exc`, then what caused it or was being handled when it was raised, and so on (each once)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
 def disk_full_cause(exc: BaseException | None) -> OSError | None:
     """The ENOSPC/EFBIG/EDQUOT `OSError` behind `exc`, if any.
 
     torch's writer reports a failed write as a `RuntimeError` ("unexpected pos ...") whose
     context holds the real `OSError`, so the whole cause/context chain is searched.
     """
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno in _DISK_FULL), None)
 
 
 def interrupt_cause(exc: BaseException | None) -> BaseException | None:
     """The interrupt (KeyboardInterrupt, SystemExit, an orchestrator's termination signal: a BaseException that
     is not an Exception) in `exc`'s chain of causes and contexts, if any."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if not isinstance(exc, Exception):
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if not isinstance(e, Exception)), None)
 
 
 @contextmanager

@@ -271,19 +271,20 @@ class Run:
         from mlflow.entities import Metric
 
         pending: list[Metric] = []
-        last = [float("-inf")]
+        last_sent = float("-inf")
 
         def flush() -> None:
+            nonlocal last_sent
             if pending:
                 batch = pending.copy()
                 pending.clear()
                 self._call("logging metrics to", lambda: self.client.log_batch(self.run_id, metrics=batch))
-            last[0] = time.monotonic()
+            last_sent = time.monotonic()
 
         def on_epoch(values: dict[str, float], step: int) -> None:
             now = int(time.time() * 1000)
             pending.extend(Metric(k, float(v), now, step) for k, v in values.items())
-            if len(pending) >= 900 or time.monotonic() - last[0] >= every_s:
+            if len(pending) >= 900 or time.monotonic() - last_sent >= every_s:
                 flush()
 
         try:
