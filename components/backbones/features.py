@@ -159,8 +159,10 @@ class OnnxFeatures:
     on first use, so a `FeatureCache` that finds every row cached never pays for it.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, threads: int = 0) -> None:
         self.path = Path(path)
+        self.threads = threads
+        """onnxruntime intra-op threads; 0 is its default (one per physical core)."""
         self._session = None
         self._input_name = ""
 
@@ -168,7 +170,7 @@ class OnnxFeatures:
     def session(self):  # noqa: ANN201 - onnxruntime.InferenceSession
         """The onnxruntime session, created on first use."""
         if self._session is None:
-            self._session = open_session(self.path)
+            self._session = open_session(self.path, self.threads)
             self._input_name = self._session.get_inputs()[0].name
         return self._session
 

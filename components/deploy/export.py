@@ -36,6 +36,13 @@ class ExportResult:
     seconds: float
 
 
+HOW_MADE = {
+    "composed": "composed from the backbone's exported graph and the head",
+    "template": "the graph from this architecture's template",
+    "fresh": "exported afresh",
+}
+
+
 REQUIRED_METADATA = ("classes", "image_size")
 """Keys a consumer cannot work without; export refuses a model that lacks them."""
 
@@ -44,24 +51,83 @@ DESCRIPTIVE_METADATA = ("mean", "std", "backbone", "data_md5")
 """Keys that say what the model is; Graft's deploy stage always writes them."""
 
 
+HEAD_NODES = ("graft_head/Gemm", "graft_head/Div", "graft_head/Softmax")
+"""The nodes `compose_classifier` appends to a backbone's graph."""
+
+
+def compose_classifier(backbone_onnx: Path, model: GraftClassifier, opset: int) -> onnx.ModelProto:
+    """`model` as ONNX from its backbone's exported graph (uint8 images -> `features`) and its head, without the exporter.
+
+    When the backbone was never trained (`feature_extraction`), the deployed network is the backbone the choose
+    stage exported, with preprocessing inside, followed by the head: Gemm with the head's weights, division by the
+    temperature, softmax. Appending those three nodes takes milliseconds where the exporter takes seconds, and the
+    served model computes exactly the features the head was trained on. The caller still proves parity with
+    `model` in PyTorch (`check_parity`).
+
+    Raises:
+        ValueError: the file is not a backbone graph this can extend (other input or output, another opset, a
+        name the head would reuse).
+    """
+    proto = onnx.load(str(backbone_onnx))
+    graph = proto.graph
+    inputs = [value.name for value in graph.input if value.name not in {init.name for init in graph.initializer}]
+    if inputs != ["images"] or [value.name for value in graph.output] != ["features"]:
+        raise ValueError(f"{backbone_onnx.name} maps {inputs} to {[v.name for v in graph.output]}, not images to features")
+    versions = {entry.domain: entry.version for entry in proto.opset_import}
+    if versions.get("", versions.get("ai.onnx")) != opset:
+        raise ValueError(f"{backbone_onnx.name} is opset {versions}, the deployed model must be opset {opset}")
+    weight = model.head.weight.detach().cpu().numpy().astype(np.float32)
+    bias = model.head.bias.detach().cpu().numpy().astype(np.float32)
+    if weight.shape[1] != graph.output[0].type.tensor_type.shape.dim[1].dim_value:
+        raise ValueError(f"{backbone_onnx.name} gives {graph.output[0].type.tensor_type.shape.dim[1].dim_value} features, the head takes {weight.shape[1]}")
+    added = {"graft_head.weight": weight, "graft_head.bias": bias,
+             "graft_head.temperature": np.array(float(model.temperature), dtype=np.float32)}
+    taken = {init.name for init in graph.initializer} | {out for node in graph.node for out in node.output}
+    clash = taken & {*added, "graft_head/logits", "graft_head/scaled", "probabilities"}
+    if clash:
+        raise ValueError(f"{backbone_onnx.name} already names {sorted(clash)}")
+    graph.initializer.extend(onnx.numpy_helper.from_array(value, name) for name, value in added.items())
+    gemm, div, softmax = HEAD_NODES
+    graph.node.extend([
+        onnx.helper.make_node("Gemm", ["features", "graft_head.weight", "graft_head.bias"], ["graft_head/logits"], name=gemm, transB=1),
+        onnx.helper.make_node("Div", ["graft_head/logits", "graft_head.temperature"], ["graft_head/scaled"], name=div),
+        onnx.helper.make_node("Softmax", ["graft_head/scaled"], ["probabilities"], name=softmax, axis=1),
+    ])
+    graph.value_info.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["batch", weight.shape[1]]))
+    del graph.output[:]
+    graph.output.append(onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, ["batch", weight.shape[0]]))
+    del proto.metadata_props[:]
+    return proto
+
+
 def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str],
-                template_dir: Path | None = None) -> str:
+                template_dir: Path | None = None, backbone_onnx: Path | None = None) -> str:
     """Export `model` (uint8 N x S x S x 3 -> probabilities) with a dynamic batch axis, then check it.
 
-    With `template_dir`, the exporter runs once per architecture (`components.backbones.export.trace_with_template`).
+    With `backbone_onnx` (the graph of `model`'s untrained backbone), the model is composed from it
+    (`compose_classifier`); should that fail, or without it, the exporter runs, once per architecture
+    with `template_dir` (`components.backbones.export.trace_with_template`).
 
     Returns:
-        How the graph was made: "fresh", or "template" (this architecture's graph, exported before, with these weights).
+        How the graph was made: "composed", "fresh", or "template" (this architecture's graph, exported before,
+        with these weights).
     """
     tmp = path.with_suffix(".tmp.onnx")
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        if template_dir is None:
-            proto, how = trace_to_onnx(model, image_size, "probabilities", opset), "fresh"
-        else:
-            proto, how = trace_with_template(model, image_size, "probabilities", opset, template_dir)
-    except Exception as exc:  # noqa: BLE001 - the exporter raises many types
-        raise ExportError(f"torch.onnx.export failed ({exc}); try another deploy.opset or backbone") from exc
+    proto = None
+    if backbone_onnx is not None:
+        try:
+            proto, how = compose_classifier(backbone_onnx, model, opset), "composed"
+        except Exception as exc:  # noqa: BLE001 - an unreadable or unfit graph only costs an export
+            log.warning("could not compose the model from the backbone's graph %s (%s); exporting it", backbone_onnx, exc)
+    if proto is None:
+        try:
+            if template_dir is None:
+                proto, how = trace_to_onnx(model, image_size, "probabilities", opset), "fresh"
+            else:
+                proto, how = trace_with_template(model, image_size, "probabilities", opset, template_dir)
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types
+            raise ExportError(f"torch.onnx.export failed ({exc}); try another deploy.opset or backbone") from exc
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
@@ -109,12 +175,13 @@ def export_and_verify(
     parity_sources: list[Path],
     atol: float,
     template_dir: Path | None = None,
+    backbone_onnx: Path | None = None,
 ) -> ExportResult:
     """Export, check with `onnx.checker` (full), and pass the parity gate on `parity_sources`.
 
-    With `template_dir`, the graph comes from this architecture's template when there is one; should that
-    model ever fail the parity gate, the template is dropped and the model exported afresh before the gate
-    decides."""
+    With `backbone_onnx`, the graph is composed from the untrained backbone's graph and the head; with
+    `template_dir`, it comes from this architecture's template when there is one. Should such a model ever
+    fail the parity gate, the template is dropped and the model exported afresh before the gate decides."""
     started = time.perf_counter()
     missing = [key for key in REQUIRED_METADATA if key not in metadata]
     if missing:
@@ -123,17 +190,18 @@ def export_and_verify(
     if undescribed:
         log.warning("ONNX metadata lacks %s; the model will not say what it is", ", ".join(undescribed))
     text_meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    how = export_onnx(model, path, image_size, opset, text_meta, template_dir)
+    how = export_onnx(model, path, image_size, opset, text_meta, template_dir, backbone_onnx)
     images = load_batch(parity_sources, image_size)
     try:
         max_diff, agreement = check_parity(model, path, images, atol)
     except ExportError as exc:
-        if how != "template":
+        if how == "fresh":
             raise
-        log.warning("the model made from this architecture's ONNX graph template failed parity (%s); exporting afresh", exc)
-        template_path(model, image_size, "probabilities", opset, template_dir).unlink(missing_ok=True)
+        log.warning("the model %s failed parity (%s); exporting afresh", HOW_MADE[how], exc)
+        if how == "template":
+            template_path(model, image_size, "probabilities", opset, template_dir).unlink(missing_ok=True)
         how = export_onnx(model, path, image_size, opset, text_meta)
         max_diff, agreement = check_parity(model, path, images, atol)
     log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%% (%s)", len(images), max_diff, agreement * 100,
-             "the graph from this architecture's template" if how == "template" else "exported afresh")
+             HOW_MADE[how])
     return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started)

@@ -147,15 +147,16 @@ class _PatchMeans:
     def add(self, x: np.ndarray) -> None:
         n, c, h, w = x.shape
         top, left, bottom, right = self._padding(h, w)
-        padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+        # every tap sums the same images: add them up once, then each tap reads one C x H x W plane
+        padded = np.pad(x.sum(axis=0, dtype=np.float64), ((0, 0), (top, bottom), (left, right)))
         (kh, kw), (sh, sw), (dh, dw) = self.kernel, self.strides, self.dilations
         out_h = (h + top + bottom - (kh - 1) * dh - 1) // sh + 1
         out_w = (w + left + right - (kw - 1) * dw - 1) // sw + 1
         sums = np.empty((c, kh, kw), dtype=np.float64)
         for i in range(kh):
             for j in range(kw):
-                window = padded[:, :, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
-                sums[:, i, j] = window.sum(axis=(0, 2, 3), dtype=np.float64)
+                window = padded[:, i * dh : i * dh + sh * (out_h - 1) + 1 : sh, j * dw : j * dw + sw * (out_w - 1) + 1 : sw]
+                sums[:, i, j] = window.sum(axis=(1, 2))
         self.total = sums if self.total is None else self.total + sums
         self.count += n * out_h * out_w
 

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from components.backbones.export import backbone_onnx_path
 from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
@@ -72,7 +73,7 @@ class DeployContext:
 def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> ExportResult:
     """The trained model as ONNX, with its calibrated softmax and metadata, checked and parity-proven."""
     cfg = ctx.params.deploy
-    model, _ = load_classifier(trained.checkpoint_path)
+    model, ckpt = load_classifier(trained.checkpoint_path)
     model.temperature.fill_(evaluation.temperature)  # the calibrated softmax ships inside the ONNX graph
     spec = get_spec(trained.backbone)
     metadata = {
@@ -87,8 +88,11 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
         "output": "class probabilities",
     }
     parity_paths = [s.path for s in ctx.split.val[: cfg.parity_images]]
+    # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head
+    untrained = backbone_onnx_path(ctx.params.data.cache_dir, spec, ckpt["image_size"], ckpt["seed"]) if "backbone_state" not in ckpt else None
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
-                             template_dir=ctx.params.data.cache_dir / "onnx-graphs")
+                             template_dir=ctx.params.data.cache_dir / "onnx-graphs",
+                             backbone_onnx=untrained if untrained is not None and untrained.is_file() else None)
 
 
 def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:

@@ -272,6 +272,30 @@ def test_candidates_share_one_decode_of_the_sample(tiny_params, tmp_path, monkey
         assert np.array_equal(shared, alone), row.name
 
 
+@pytest.mark.parametrize(("cores", "threads"), [(2, 1), (12, 6)])
+def test_candidates_scored_side_by_side_share_the_cores(tiny_params, tmp_path, monkeypatch, cores, threads):
+    """The flow scores the candidates at once: each one's feature extraction gets its share of the cores
+    (the two candidates here, one of them the random baseline), not a thread on every core."""
+    import dataclasses
+
+    import components.backbones.features as features
+    import components.choose.candidates as candidates
+
+    real_facts, real_session = candidates.cpu_facts(), features.open_session
+    monkeypatch.setattr(candidates, "cpu_facts", lambda: dataclasses.replace(real_facts, cores=cores))
+    opened = []
+
+    def recording_session(path, threads=0):
+        opened.append(threads)
+        return real_session(path, threads)
+
+    monkeypatch.setattr(features, "open_session", recording_session)
+    params = load_params(REPO / "params.yaml", tiny_overrides(tiny_params.data.dir, tmp_path, tmp_path / "cache"))
+    result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)))
+    assert {row.name for row in result.candidates if row.logme is not None} == {"efficientnet_lite0", "random_efficientnet_lite0"}
+    assert opened[:2] == [threads, threads]  # the two candidates' sample features, before the finalists'
+
+
 def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
     """With every feature row cached, the only onnxruntime sessions are the latency measurements,
     and none at all while the latency figures are reused."""
