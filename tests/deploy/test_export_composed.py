@@ -62,11 +62,11 @@ def test_an_untrained_backbone_model_is_the_backbone_graph_and_its_head_and_matc
 def test_a_backbone_graph_that_does_not_fit_costs_an_export_and_nothing_else(tiny_model, backbone_graph, tmp_path, caplog):  # noqa: F811
     model = _calibrated(tiny_model)
     paths = [s.path for s in tiny_model.split.val[:8]]
-    wrong_opset = tmp_path / "opset17.onnx"
+    wrong_opset = tmp_path / "older.onnx"
     export_backbone(copy.deepcopy(model.backbone), get_spec("efficientnet_lite0"), 64, wrong_opset, 17)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx file")
-    for graph, why in ((wrong_opset, "opset"), (broken, "")):
+    for graph, why in ((wrong_opset, "the deployed model must be opset 18"), (broken, "")):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="components.deploy.export"):
             result = export_and_verify(model, tmp_path / f"{graph.stem}-model.onnx", 64, 18, META, paths, 1e-4,
