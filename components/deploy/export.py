@@ -74,8 +74,9 @@ def compose_classifier(backbone_onnx: Path, model: GraftClassifier, opset: int) 
     if inputs != ["images"] or [value.name for value in graph.output] != ["features"]:
         raise ValueError(f"{backbone_onnx.name} maps {inputs} to {[v.name for v in graph.output]}, not images to features")
     versions = {entry.domain: entry.version for entry in proto.opset_import}
-    if versions.get("", versions.get("ai.onnx")) != opset:
-        raise ValueError(f"{backbone_onnx.name} is opset {versions}, the deployed model must be opset {opset}")
+    found = versions.get("", versions.get("ai.onnx"))
+    if found != opset:
+        raise ValueError(f"{backbone_onnx.name} is opset {found}, the deployed model must be opset {opset} (deploy.opset)")
     weight = model.head.weight.detach().cpu().numpy().astype(np.float32)
     bias = model.head.bias.detach().cpu().numpy().astype(np.float32)
     if weight.shape[1] != graph.output[0].type.tensor_type.shape.dim[1].dim_value:
