@@ -34,6 +34,13 @@ class ExportResult:
     top1_agreement: float
     parity_images: int
     seconds: float
+    made: str = "fresh"
+    """How the graph was made: "composed", "template" or "fresh" (`HOW_MADE`)."""
+
+    @property
+    def how_made(self) -> str:
+        """`made` in words, for the model card and the logs."""
+        return HOW_MADE.get(self.made, self.made)
 
 
 HOW_MADE = {
@@ -205,4 +212,4 @@ def export_and_verify(
         max_diff, agreement = check_parity(model, path, images, atol)
     log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%% (%s)", len(images), max_diff, agreement * 100,
              HOW_MADE[how])
-    return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started)
+    return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started, how)

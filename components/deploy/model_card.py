@@ -207,6 +207,7 @@ def _export_section(facts: CardFacts) -> list[str]:
         "## ONNX export and parity",
         "",
         f"- **File sha256:** `{exported.sha256}` (opset {exported.opset})",
+        f"- **Graph:** {exported.how_made}",
         f"- **Parity with PyTorch** on {exported.parity_images} validation images: max |diff| "
         f"{exported.max_abs_diff:.2e} (limit {cfg.parity_atol:g}), top-1 agreement {exported.top1_agreement:.0%}",
         "",

@@ -143,7 +143,7 @@ def registration_details(facts: DeployFacts, manifest: SplitManifest) -> dict:
         },
         "metrics": {"val": evaluation.val, "test": evaluation.test, "per_class": evaluation.per_class},
         "gate": facts.verdict.to_dict(),
-        "onnx": {"opset": exported.opset, "sha256": exported.sha256, "parity": {
+        "onnx": {"opset": exported.opset, "sha256": exported.sha256, "graph": exported.made, "parity": {
             "max_abs_diff": exported.max_abs_diff, "top1_agreement": exported.top1_agreement, "images": exported.parity_images}},
         "variants": None if variants is None else {
             "fp32_accuracy": variants.fp32_accuracy,

@@ -102,6 +102,7 @@ class RunSummary:
                 "path": _project_path(deployed.export.onnx_path),
                 "sha256": deployed.export.sha256,
                 "opset": deployed.export.opset,
+                "graph": deployed.export.made,
                 "max_abs_diff": deployed.export.max_abs_diff,
                 "top1_agreement": deployed.export.top1_agreement,
                 "parity_images": deployed.export.parity_images,

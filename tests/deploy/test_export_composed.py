@@ -37,7 +37,7 @@ def test_an_untrained_backbone_model_is_the_backbone_graph_and_its_head_and_matc
     templates = tmp_path / "templates"
     with caplog.at_level(logging.INFO, logger="components.deploy.export"):
         result = export_and_verify(model, tmp_path / "model.onnx", 64, 18, META, paths, 1e-4, template_dir=templates, backbone_onnx=backbone_graph)
-    assert "composed from the backbone's exported graph and the head" in caplog.text
+    assert "composed from the backbone's exported graph and the head" in caplog.text and result.made == "composed"
     assert not templates.exists()  # the exporter never ran
 
     proto = onnx.load(str(result.onnx_path))
@@ -72,7 +72,7 @@ def test_a_backbone_graph_that_does_not_fit_costs_an_export_and_nothing_else(tin
             result = export_and_verify(model, tmp_path / f"{graph.stem}-model.onnx", 64, 18, META, paths, 1e-4,
                                        template_dir=tiny_model.params.data.cache_dir / "onnx-graphs", backbone_onnx=graph)
         assert "could not compose the model" in caplog.text and why in caplog.text
-        assert "composed" not in caplog.records[-1].getMessage()
+        assert "composed" not in caplog.records[-1].getMessage() and result.made == "template"
         assert not any(node.name in HEAD_NODES for node in onnx.load(str(result.onnx_path)).graph.node)
         assert result.max_abs_diff <= 1e-4 and result.top1_agreement == 1.0
 
@@ -87,5 +87,5 @@ def test_a_composed_model_whose_backbone_differs_fails_parity_and_is_exported_af
     with caplog.at_level(logging.WARNING, logger="components.deploy.export"):
         result = export_and_verify(model, tmp_path / "model.onnx", 64, 18, META, paths, 1e-5, backbone_onnx=backbone_graph)
     assert "composed from the backbone's exported graph and the head failed parity" in caplog.text and "exporting afresh" in caplog.text
-    assert result.max_abs_diff <= 1e-5 and result.top1_agreement == 1.0
+    assert result.max_abs_diff <= 1e-5 and result.top1_agreement == 1.0 and result.made == "fresh"
     assert not any(node.name in HEAD_NODES for node in onnx.load(str(result.onnx_path)).graph.node)

@@ -38,7 +38,7 @@ def facts(tiny_params, digits_dir, tmp_path):
         reliability_path=_png(tmp_path / "reliability_diagram.png", (0, 200, 0)),
         misclassified_path=_png(tmp_path / "misclassified.png", (0, 0, 200)),
     )
-    exported = ExportResult(Path("model.onnx"), "ab" * 32, 18, 4.6e-6, 1.0, 12, 2.0)
+    exported = ExportResult(Path("model.onnx"), "ab" * 32, 18, 4.6e-6, 1.0, 12, 2.0, "composed")
     labels = np.array([s.label for s in split.test])
     verdict = judge(np.eye(3)[labels], labels, GateRules(min_accuracy=0.5), classes=split.classes)
     variants = VariantsReport(0.9167, (
@@ -66,6 +66,7 @@ def test_the_card_tells_the_whole_story_of_the_version(facts):
     assert "| int8 | `model.int8.onnx` | no | 0.8500 | -6.7 pts |" in card and "more than deploy.max_variant_drop=0.01" in card
     assert "Promoted to champion" in card and "no champion yet" in card
     assert "max |diff| 4.60e-06" in card and "top-1 agreement 100%" in card
+    assert "- **Graph:** composed from the backbone's exported graph and the head" in card  # how the served graph was made
     assert "git checkout 0123abc\n" in card and "uncommitted changes" in card
     assert ".venv/bin/graft run --params run_params.yaml" in card
     assert "model_name: graft-test" in card  # the run's parameters, to save and rerun
