@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from components.backbones.classifier import Preprocess
-from components.backbones.features import cache_key
+from components.backbones.features import OnnxFeatures, cache_key
 from components.backbones.spec import BackboneSpec
 from components.core.errors import ExportError
 
@@ -158,6 +158,17 @@ class _ImagesToFeatures(nn.Module):
 def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path:
     """Where the exported backbone lives: the feature cache's key, `.onnx`."""
     return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}.onnx"
+
+
+def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> OnnxFeatures | None:
+    """The backbone's exported graph (`backbone_onnx_path`) as a feature extractor; None when it is not cached.
+
+    It is the graph the choose stage scored with and the deploy stage serves a `feature_extraction`
+    model with, so features computed with it are the served model's. onnxruntime computes them
+    several times faster than eager PyTorch on a CPU.
+    """
+    path = backbone_onnx_path(cache_dir, spec, image_size, seed)
+    return OnnxFeatures(path) if path.is_file() else None
 
 
 def quick_trace_to_onnx(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:

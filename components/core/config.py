@@ -105,7 +105,8 @@ class ChooseConfig(_Section):
     and onnxruntime (a retrain on new data does not time unchanged backbones again); false times
     every candidate on every run."""
     onnx_features: bool = True
-    """Extract the sample's features with the exported backbone on onnxruntime (faster on CPU than eager PyTorch)."""
+    """Compute a pre-trained backbone's features with its exported graph on onnxruntime (faster on CPU than eager
+    PyTorch): the choose sample, the finalists' split, and a `feature_extraction` model's training and test images."""
     baseline: bool = True
     """Always rank a randomly initialised twin of the first pre-trained candidate when none is listed."""
     download: Literal["auto", "never"] = "auto"

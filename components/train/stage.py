@@ -34,7 +34,7 @@ from components.train.loop import (
     save_checkpoint,
 )
 from components.train.network import build_model, resolve_precision
-from components.train.strategies import Outcome, run_strategy, trains_through_network
+from components.train.strategies import Outcome, feature_extractor, run_strategy, trains_through_network
 from components.train.trunk import prepare_trunk_cache, trunk_features
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _train(params: Params, split: Split, spec: BackboneSpec, size: int, store: R
     if cfg.strategy == "two_stage" and not cfg.augment:
         # stage 1 reads cached features in every process; compute them once, here, first
         cache = FeatureCache(params.data.cache_dir, spec, size, seed=cfg.seed)
-        cache.get([s.path for s in split.train + split.val], params.choose.batch_size)
+        cache.get([s.path for s in split.train + split.val], params.choose.batch_size, extractor=feature_extractor(params, spec, size))
     if cfg.strategy in ("fine_tune", "two_stage"):
         # likewise the cached trunk, when it applies: every process then reads it, none writes it
         model = build_model(spec, size, len(split.classes), cfg.seed)
@@ -184,7 +184,7 @@ def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) 
         features = _trained_features(params, model, spec, paths, trained.image_size, int(ckpt.get("frozen_blocks", 0)))
     else:
         cache = FeatureCache(params.data.cache_dir, spec, trained.image_size, seed=params.train.seed)
-        features = cache.get(paths, params.choose.batch_size, model.backbone)
+        features = cache.get(paths, params.choose.batch_size, model.backbone, feature_extractor(params, spec, trained.image_size))
     with torch.no_grad():
         return model.head(torch.from_numpy(features)).double().numpy()
 

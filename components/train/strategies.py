@@ -33,7 +33,8 @@ from threadpoolctl import threadpool_limits
 from torch import nn
 
 from components.backbones.classifier import GraftClassifier
-from components.backbones.features import FeatureCache
+from components.backbones.export import exported_extractor
+from components.backbones.features import FeatureCache, OnnxFeatures
 from components.backbones.spec import BackboneSpec
 from components.backbones.unfreeze import Trainable, select_trainable
 from components.backbones.zoo import get_spec
@@ -185,10 +186,19 @@ class Outcome:
         return cls(raw["head"], raw.get("backbone"), FitResult.from_dict(raw["fit"]), raw["cached"], raw["computed"], raw.get("frozen_blocks", 0))
 
 
+def feature_extractor(params: Params, spec: BackboneSpec, size: int) -> OnnxFeatures | None:
+    """What computes the pre-trained backbone's missing feature rows: its exported graph on onnxruntime, as in
+    the choose stage (`choose.onnx_features`), when that graph is cached; else eager PyTorch (None)."""
+    if not params.choose.onnx_features:
+        return None
+    return exported_extractor(params.data.cache_dir, spec, size, params.train.seed)
+
+
 def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
     cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
-    train_x = cache.get([s.path for s in split.train], params.choose.batch_size)
-    val_x = cache.get([s.path for s in split.val], params.choose.batch_size)
+    extractor = feature_extractor(params, spec, size)
+    train_x = cache.get([s.path for s in split.train], params.choose.batch_size, extractor=extractor)
+    val_x = cache.get([s.path for s in split.val], params.choose.batch_size, extractor=extractor)
     if not (np.isfinite(train_x).all() and np.isfinite(val_x).all()):
         raise TrainingError(f"{spec.name} features contain NaN or inf at {size}px; choose another backbone or data.image_size")
     head, result = train_head(params, train_x, labels_of(split.train), val_x, labels_of(split.val), on_epoch, store)

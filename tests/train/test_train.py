@@ -76,6 +76,41 @@ def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, f
     np.testing.assert_allclose(cached, direct, atol=1e-5)
 
 
+def test_feature_extraction_computes_missing_features_with_the_exported_backbone(digits_dir, tmp_path, monkeypatch):
+    """Images the choose stage never saw (here: all of them) get their features from the backbone graph the
+    choose stage exported, on onnxruntime, in training and in evaluation; eager PyTorch never runs."""
+    from components.backbones import features
+    from components.backbones.export import backbone_onnx_path, export_backbone
+    from components.data.images import load_batch
+
+    params = make_params(digits_dir, tmp_path, tmp_path / "cache", "data.image_size=64")
+    spec, split = get_spec("efficientnet_lite0"), scan(digits_dir)
+    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(params.data.cache_dir, spec, 64, params.train.seed), params.deploy.opset)
+
+    def eager(*args, **kwargs):
+        raise AssertionError("eager PyTorch computed features although the exported backbone is cached")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(features, "torch_extractor", eager)
+        result = fine_tune(params, split, choice(size=64), tmp_path / "run")
+        test_paths = [s.path for s in split.test]
+        logits = predict_logits(params, result, test_paths)
+    assert result.features_computed == len(split.train) + len(split.val) and not result.backbone_trained
+    model, _ = load_classifier(result.checkpoint_path)
+    with torch.no_grad():
+        direct = model(torch.from_numpy(load_batch(test_paths, 64))).numpy()
+    np.testing.assert_allclose(torch.softmax(torch.from_numpy(logits), 1).numpy(), direct, atol=1e-5)
+
+    # choose.onnx_features=false: eager PyTorch, to the same result
+    eager_params = make_params(digits_dir, tmp_path, tmp_path / "eager-cache", "data.image_size=64", "choose.onnx_features=false")
+    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(eager_params.data.cache_dir, spec, 64, params.train.seed), params.deploy.opset)
+    calls = []
+    real = features.torch_extractor
+    monkeypatch.setattr(features, "torch_extractor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    np.testing.assert_allclose(predict_logits(eager_params, result, test_paths), logits, atol=1e-4)
+    assert calls
+
+
 @pytest.mark.parametrize(
     ("strategy", "extra"),
     [("fine_tune", ()), ("two_stage", ()), ("scratch", ("train.batch_size=8", "train.epochs=5"))],
