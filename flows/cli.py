@@ -387,6 +387,10 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    if not sys.stderr.isatty() or args.command in ("run", "retrain", "schedule"):
+        # MLflow draws a progress bar for every download; a run's downloads are the champion's small files
+        # (its own log says what it does), and outside a terminal the bar's redraws become lines of clutter
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not args.verbose:
         for noisy in ("alembic", "httpx", "onnx_ir", "onnxscript", "torch.onnx", "mlflow.store.db.utils"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
