@@ -223,7 +223,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     result = evaluate_holdout(params, split, Path(args.summary), Path(args.out), Path(args.model) if args.model else None)
     print(f"ONNX model        {result.onnx_path}")
     print(f"test              accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
-          f"(largest gap to the run's PyTorch test metrics {result.max_gap_to_training:.1e})")
+          f"(largest gap to the training run's own test metrics {result.max_gap_to_training:.1e})")
     print(f"written           {result.metrics_path.resolve()}, {result.confusion_path.resolve()}")
     print("next:\n  dvc metrics diff    # against the last commit")
     return 0
