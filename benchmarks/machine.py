@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
+from components.runtime.cpu import OthersCpu, cpu_seconds  # noqa: E402, F401 - cpu_seconds: the benchmarks' import
+
 BUSY_LOAD_PER_CORE = 0.75
 BUSY_OTHERS_CORES = 0.5
 REPEATS = 3
@@ -68,48 +70,21 @@ def state() -> dict[str, object]:
     }
 
 
-def cpu_seconds() -> tuple[float, float] | None:
-    """(CPU seconds all processes have used, CPU seconds this process and its children have used), or None off Linux."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
-    except (OSError, ValueError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq = fields
-    own = os.times()
-    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
-
-
-class Watch:
-    """How many cores other processes kept busy while a block ran: `with Watch() as w: ...; w.others_cores`.
+class Watch(OthersCpu):
+    """How many cores other processes kept busy while a block ran: `with Watch() as w: ...; w.others_cores`
+    (`components.runtime.cpu.OthersCpu`), and whether that is quiet enough to keep the timings.
 
     Children this process waited for count as its own; a server started in a subprocess that is still
     running does not, so `also` names extra process ids whose CPU is ours too (read from /proc).
     """
 
-    def __init__(self, also: tuple[int, ...] = ()) -> None:
-        self.also = also
-        self.others_cores: float | None = None
-        self.seconds = 0.0
+    @property
+    def others_cores(self) -> float | None:
+        return self.cores
 
-    def _ours(self) -> float:
-        total = 0.0
-        for pid in self.also:
-            try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
-            except (OSError, ValueError, IndexError):
-                pass
-        return total
-
-    def __enter__(self) -> Watch:
-        self._before, self._also_before, self._started = cpu_seconds(), self._ours(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        after, self.seconds = cpu_seconds(), time.perf_counter() - self._started
-        if self._before and after and self.seconds > 0:
-            ours = (after[1] - self._before[1]) + (self._ours() - self._also_before)
-            self.others_cores = max(0.0, (after[0] - self._before[0]) - ours) / self.seconds
+    @others_cores.setter
+    def others_cores(self, value: float | None) -> None:
+        self.cores = value
 
     @property
     def quiet(self) -> bool:

@@ -115,6 +115,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path, seed_store: bool
         "data.image_size=64",
         "choose.sample_size=30",
         "choose.candidates=[efficientnet_lite0, random_efficientnet_lite0]",
+        "choose.latency_quiet_cores=null",  # tests run side by side on few cores; the busy check has its own test
         f"deploy.output_dir={work / 'outputs'}",
         "deploy.parity_images=16",
         "deploy.model_name=graft-test",

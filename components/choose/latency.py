@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.features import OnnxFeatures
+from components.runtime.cpu import OthersCpu
 from components.runtime.providers import choose_providers
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ LATENCY_RECORDS = 8
 """Latency records kept per exported file (settings or machines that differ), newest last."""
 
 
-def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> tuple[Latency, str | None]:
+def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
+                   quiet_cores: float | None = None) -> tuple[Latency, str | None]:
     """`measure_latency`, or the figures measured earlier for the same file, settings and machine.
 
     The figures are kept beside the exported file (`<name>.latency.json`, the last few settings and
@@ -98,6 +100,10 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> t
     atomically, so a new export changes them), the batch size and runs, and the machine (host, CPU
     model, cores, onnxruntime version and providers). A scheduled retrain on new data reuses them
     instead of timing unchanged backbones again.
+
+    With `quiet_cores`, a figure timed while other processes kept more cores than that busy is used
+    but not kept: the next run times it again. Each kept figure records how busy the others were
+    (`others_cores`); a record without it predates that check and is timed again.
 
     Returns:
         The latency and, when it came from the file, when it was measured (else None).
@@ -113,11 +119,21 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int) -> t
     except (OSError, ValueError, KeyError, TypeError):
         entries = []  # none yet, or unreadable: measure
     for entry in entries:
-        if entry["key"] == key:
+        if entry["key"] == key and "others_cores" in entry:
             return Latency(**entry["latency"]), entry["measured_at"]
-    latency = measure_latency(path, image_size, batch_size, runs)
+    with OthersCpu() as others:
+        latency = measure_latency(path, image_size, batch_size, runs)
+    if quiet_cores is not None and others.cores is not None and others.cores > quiet_cores:
+        log.warning(
+            "%s: latency timed while other processes kept %.1f cores busy (more than choose.latency_quiet_cores=%g): "
+            "used for this run, not kept; the next run times it again", path.name, others.cores, quiet_cores,
+        )
+        return latency, None
     measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
-    entries = [*entries, {"key": key, "latency": asdict(latency), "measured_at": measured_at}][-LATENCY_RECORDS:]
+    entries = [e for e in entries if e["key"] != key]
+    entry = {"key": key, "latency": asdict(latency), "measured_at": measured_at,
+             "others_cores": None if others.cores is None else round(others.cores, 2)}
+    entries = [*entries, entry][-LATENCY_RECORDS:]
     tmp = record.with_suffix(f".{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps({"entries": entries}))

@@ -76,7 +76,8 @@ def measure_candidates(params: Params, rows: list[CandidateScore]) -> list[Candi
         measured_at = None
         try:
             if cfg.latency_cache:
-                timing, measured_at = cached_latency(Path(row.onnx_path), row.image_size or 0, cfg.latency_batch_size, cfg.latency_runs)
+                timing, measured_at = cached_latency(Path(row.onnx_path), row.image_size or 0, cfg.latency_batch_size, cfg.latency_runs,
+                                                     cfg.latency_quiet_cores)
             else:
                 timing = measure_latency(Path(row.onnx_path), row.image_size or 0, cfg.latency_batch_size, cfg.latency_runs)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors

@@ -104,6 +104,9 @@ class ChooseConfig(_Section):
     """Reuse a candidate's latency timed earlier on this machine for the same exported file, settings
     and onnxruntime (a retrain on new data does not time unchanged backbones again); false times
     every candidate on every run."""
+    latency_quiet_cores: float | None = Field(0.5, ge=0)
+    """A latency timed while other processes kept more than this many cores busy is used for that run but
+    not kept for later ones (a busy moment would otherwise fix a figure many times off); null keeps every one."""
     onnx_features: bool = True
     """Compute a pre-trained backbone's features with its exported graph on onnxruntime (faster on CPU than eager
     PyTorch): the choose sample, the finalists' split, and a `feature_extraction` model's training and test images."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,3 +63,50 @@ def cpu_facts() -> CpuFacts:
                 flags.update(value.split())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return CpuFacts(model, cores, tuple(flag for flag in FLAGS_OF_INTEREST if flag in flags))
+
+
+def cpu_seconds() -> tuple[float, float] | None:
+    """(CPU seconds all processes have used, CPU seconds this process and its waited-for children have used),
+    or None where `/proc/stat` is not readable (not Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:8]]
+    except (OSError, ValueError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq = fields
+    own = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), own.user + own.system + own.children_user + own.children_system
+
+
+def process_cpu_seconds(pids: tuple[int, ...]) -> float:
+    """CPU seconds used so far by the processes `pids` (those still running; from /proc)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+class OthersCpu:
+    """How many cores other processes kept busy while a block ran: `with OthersCpu() as o: ...; o.cores`.
+
+    This process's CPU, its waited-for children's, and that of the processes in `also` (a server started
+    in a subprocess that is still running) count as ours. `cores` is None where it cannot be read.
+    """
+
+    def __init__(self, also: tuple[int, ...] = ()) -> None:
+        self.also = also
+        self.cores: float | None = None
+        self.seconds = 0.0
+
+    def __enter__(self) -> OthersCpu:
+        self._before, self._also_before, self._started = cpu_seconds(), process_cpu_seconds(self.also), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        after, self.seconds = cpu_seconds(), time.perf_counter() - self._started
+        if self._before and after and self.seconds > 0:
+            ours = (after[1] - self._before[1]) + (process_cpu_seconds(self.also) - self._also_before)
+            self.cores = max(0.0, (after[0] - self._before[0]) - ours) / self.seconds

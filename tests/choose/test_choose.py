@@ -1,5 +1,6 @@
 """The choose stage on real pip-packaged weights, real digit and texture images, real onnxruntime."""
 
+import json
 from functools import partial
 from pathlib import Path
 
@@ -352,6 +353,43 @@ def test_latency_is_timed_once_per_export_settings_and_machine(tiny_params, monk
     assert len(timed) == 2 * len(names) + 1 and timed[-1] == path.name
     choose_model(_with_choose(tiny_params, latency_cache=False), split)
     assert len(timed) == 3 * len(names) + 1
+
+
+def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monkeypatch, caplog):
+    """A figure timed while other processes kept the cores busy would stay many times off in every later
+    run: it is used for its own run only, and the next run times it again."""
+    import components.choose.latency as latency
+    from components.runtime.cpu import OthersCpu
+
+    split = scan(tiny_params.data.dir)
+    params = _with_choose(tiny_params, latency_quiet_cores=0.5)
+    for record in (params.data.cache_dir / "onnx").glob("*.latency.json"):
+        record.unlink()
+    timed: list[str] = []
+    real = latency.measure_latency
+    monkeypatch.setattr(latency, "measure_latency", lambda path, *a, **k: timed.append(Path(path).name) or real(path, *a, **k))
+
+    class Busy(OthersCpu):
+        def __exit__(self, *exc: object) -> None:
+            super().__exit__(*exc)
+            self.cores = 1.7  # what /proc/stat shows while another job runs beside the timing
+
+    monkeypatch.setattr(latency, "OthersCpu", Busy)
+    with caplog.at_level("WARNING", logger="components.choose.latency"):
+        busy = choose_model(params, split)
+    names = sorted(Path(row.onnx_path).name for row in busy.candidates)
+    assert sorted(timed) == names and all(row.latency_ms for row in busy.candidates)  # used in its own run
+    assert "timed while other processes kept 1.7 cores busy" in caplog.text and "not kept" in caplog.text
+    assert not list((params.data.cache_dir / "onnx").glob("*.latency.json"))
+
+    monkeypatch.setattr(latency, "OthersCpu", OthersCpu)  # a quiet machine (the real reading; the limit is lifted)
+    quiet = _with_choose(tiny_params, latency_quiet_cores=None)
+    choose_model(quiet, split)
+    assert sorted(timed) == sorted(names * 2)  # timed again, and now kept
+    records = [json.loads(r.read_text()) for r in (params.data.cache_dir / "onnx").glob("*.latency.json")]
+    assert len(records) == len(names) and all("others_cores" in e for r in records for e in r["entries"])
+    choose_model(quiet, split)
+    assert len(timed) == 2 * len(names)  # reused
 
 
 def _png(path: Path, value: int) -> Path:
