@@ -21,6 +21,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from components.core.files import user_cache_dir
+
 log = logging.getLogger(__name__)
 
 RUN_TABLES = ("flow_run", "task_run", "log", "artifact", "deployment", "flow")
@@ -29,8 +31,7 @@ RUN_TABLES = ("flow_run", "task_run", "log", "artifact", "deployment", "flow")
 
 def template_path(version: str) -> Path:
     """Where the empty database of Prefect `version` is kept."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "graft" / "prefect-db" / f"prefect-{version}.db"
+    return user_cache_dir() / "prefect-db" / f"prefect-{version}.db"
 
 
 class NewHomeDatabase:

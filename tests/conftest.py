@@ -117,6 +117,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path, seed_store: bool
         "choose.candidates=[efficientnet_lite0, random_efficientnet_lite0]",
         "choose.latency_quiet_cores=null",  # tests run side by side on few cores; the busy check has its own test
         f"deploy.output_dir={work / 'outputs'}",
+        f"deploy.graph_template_dir={cache_dir / 'onnx-graphs'}",  # the session's own, beside its feature cache
         "deploy.parity_images=16",
         "deploy.model_name=graft-test",
         "deploy.variants=[]",  # fp32 only: the variants (INT8's calibration and timing) have their own tests

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from components.core.errors import ConfigError
+from components.core.files import user_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,15 @@ class DeployConfig(_Section):
     a tie never replaces the champion); see also the `evaluate` gate settings."""
     output_dir: Path = Path("outputs")
     """Run folders, the latest `metrics.json` and plots for DVC."""
+    graph_template_dir: Path | None = None
+    """Where the exporter's graph of each architecture is kept (`components.backbones.export.trace_with_template`);
+    null: `$XDG_CACHE_HOME/graft/onnx-graphs`, shared by the projects on this machine (a template holds no
+    trained weights that matter: every export puts its own in, and the parity gate checks the result)."""
+
+    @property
+    def template_dir(self) -> Path:
+        """`graph_template_dir`, or the user's cache when it is null."""
+        return self.graph_template_dir if self.graph_template_dir is not None else user_cache_dir() / "onnx-graphs"
     variants: tuple[Literal["optimized", "fp16", "int8"], ...] = ("fp16", "int8")
     """Variants built beside the fp32 model: `fp16` for GPUs, `int8` for CPUs, `optimized` (onnxruntime's offline-optimised
     fp32 copy, published only where it is faster than fp32)."""
@@ -300,7 +310,10 @@ class Params(_Section):
                         },
                     }
                 ),
-                "deploy": self.deploy.model_copy(update={"output_dir": anchor(self.deploy.output_dir)}),
+                "deploy": self.deploy.model_copy(update={
+                    "output_dir": anchor(self.deploy.output_dir),
+                    "graph_template_dir": anchor(self.deploy.graph_template_dir.expanduser()) if self.deploy.graph_template_dir else None,
+                }),
                 "tracking": self.tracking.model_copy(update={"store_dir": anchor(self.tracking.store_dir)}),
             }
         )

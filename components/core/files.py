@@ -80,6 +80,13 @@ def write_json(path: Path, content: object) -> Path:
     return path
 
 
+def user_cache_dir() -> Path:
+    """Graft's folder in the user's cache: `$XDG_CACHE_HOME/graft` (`~/.cache/graft` by default). What it holds
+    is the same for every project on this machine (Prefect's empty database, the exporter's graph templates),
+    and safe to delete."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graft"
+
+
 def copy_file(source: Path, target: Path) -> Path:
     """Copy `source` to `target` atomically (a reader never sees half a file); returns `target`."""
     import shutil

@@ -91,7 +91,7 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head
     untrained = backbone_onnx_path(ctx.params.data.cache_dir, spec, ckpt["image_size"], ckpt["seed"]) if "backbone_state" not in ckpt else None
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
-                             template_dir=ctx.params.data.cache_dir / "onnx-graphs",
+                             template_dir=cfg.template_dir,
                              backbone_onnx=untrained if untrained is not None and untrained.is_file() else None)
 
 

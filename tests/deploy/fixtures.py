@@ -62,7 +62,7 @@ def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
         "std": list(spec.std), "backbone": trained.backbone, "data_md5": "test-md5",
     }
     exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4,
-                                 template_dir=params.data.cache_dir / "onnx-graphs")  # as the deploy stage exports
+                                 template_dir=params.deploy.template_dir)  # as the deploy stage exports
     return TinyModel(params, split, model, exported, work, trained, evaluate(params, split, trained, work / "run"))
 
 

@@ -70,7 +70,7 @@ def test_a_backbone_graph_that_does_not_fit_costs_an_export_and_nothing_else(tin
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="components.deploy.export"):
             result = export_and_verify(model, tmp_path / f"{graph.stem}-model.onnx", 64, 18, META, paths, 1e-4,
-                                       template_dir=tiny_model.params.data.cache_dir / "onnx-graphs", backbone_onnx=graph)
+                                       template_dir=tiny_model.params.deploy.template_dir, backbone_onnx=graph)
         assert "could not compose the model" in caplog.text and why in caplog.text
         assert "composed" not in caplog.records[-1].getMessage() and result.made == "template"
         assert not any(node.name in HEAD_NODES for node in onnx.load(str(result.onnx_path)).graph.node)

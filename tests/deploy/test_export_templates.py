@@ -37,7 +37,7 @@ def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def test_a_second_export_of_an_architecture_comes_from_its_template_and_equals_a_fresh_export(tiny_model, tmp_path):  # noqa: F811
     """The tiny model's export made the template; a model of the same architecture with other weights is built from it."""
-    template_dir = tiny_model.params.data.cache_dir / "onnx-graphs"
+    template_dir = tiny_model.params.deploy.template_dir
     model = _perturbed(tiny_model.model, seed=1)
     assert template_path(model, 64, "probabilities", 18, template_dir).is_file()
 
@@ -123,3 +123,21 @@ def test_the_template_key_changes_with_what_shapes_the_graph(change):
     else:
         model.backbone[2] = nn.ReLU6()  # no weights differ, the function does
         assert graph_key(model, 64, "probabilities", 18) != base
+
+
+def test_the_projects_on_one_machine_share_the_graph_templates(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """By default the templates live in the user's cache: a new project's first export of an architecture another
+    project exported already comes from its template. A folder of your own (relative to the params file) also works."""
+    from components.core.config import load_params
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+
+    def project(folder: str, *extra: str):
+        return load_params(REPO / "params.yaml", [f"data.cache_dir={tmp_path / folder}", *extra])
+
+    first, second = project("first"), project("second")
+    assert first.deploy.template_dir == second.deploy.template_dir == tmp_path / "user-cache" / "graft" / "onnx-graphs"
+    assert export_onnx(_perturbed(tiny_model.model, seed=3), tmp_path / "first.onnx", 64, 18, TEXT_META, first.deploy.template_dir) == "fresh"
+    assert export_onnx(_perturbed(tiny_model.model, seed=4), tmp_path / "second.onnx", 64, 18, TEXT_META, second.deploy.template_dir) == "template"
+    assert project("third", "deploy.graph_template_dir=graphs").deploy.template_dir == REPO / "graphs"
