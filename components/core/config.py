@@ -248,11 +248,6 @@ class DeployConfig(_Section):
     """Where the exporter's graph of each architecture is kept (`components.backbones.export.trace_with_template`);
     null: `$XDG_CACHE_HOME/graft/onnx-graphs`, shared by the projects on this machine (a template holds no
     trained weights that matter: every export puts its own in, and the parity gate checks the result)."""
-
-    @property
-    def template_dir(self) -> Path:
-        """`graph_template_dir`, or the user's cache when it is null."""
-        return self.graph_template_dir if self.graph_template_dir is not None else user_cache_dir() / "onnx-graphs"
     variants: tuple[Literal["optimized", "fp16", "int8"], ...] = ("fp16", "int8")
     """Variants built beside the fp32 model: `fp16` for GPUs, `int8` for CPUs, `optimized` (onnxruntime's offline-optimised
     fp32 copy, published only where it is faster than fp32)."""
@@ -268,6 +263,11 @@ class DeployConfig(_Section):
     """`graft serve`: most images in one JSON batch request."""
     serve_timeout_seconds: float = Field(10.0, gt=0)
     """`graft serve`: a request still running after this gets 504."""
+
+    @property
+    def template_dir(self) -> Path:
+        """`graph_template_dir`, or the user's cache when it is null."""
+        return self.graph_template_dir if self.graph_template_dir is not None else user_cache_dir() / "onnx-graphs"
 
 
 class TrackingConfig(_Section):
