@@ -414,15 +414,43 @@ def stoppable(command, warm_up: Sequence[str] = ()) -> int:
         if stop.signal is None and stop.lost is None:  # Prefect turned our SIGTERM into its own exception
             stop.signal = "SIGTERM" if not isinstance(exc, KeyboardInterrupt) else "SIGINT"
             stop.where = progress.where()
+        # worker threads still finishing a step (a candidate being scored) say nothing after the last line
+        logging.disable(logging.CRITICAL)
         print(stop.line(), file=sys.stderr, flush=True)
-        _quiet_exit(1 if stop.lost else EXIT_INTERRUPTED)
+        _quiet_exit(1 if stop.lost else EXIT_INTERRUPTED, api_up=_external_api_up(stop))
     return EXIT_INTERRUPTED  # pragma: no cover - _quiet_exit does not return
 
 
-def _quiet_exit(code: int) -> None:
+def _external_api_up(stop: Stop) -> bool:
+    """Whether the run reported to a Prefect server of yours (PREFECT_API_URL) that still answers."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) and stop.lost is None
+
+
+def _quiet_exit(code: int, api_up: bool = False) -> None:
     """End the process now: worker threads still scoring a candidate, and Prefect's background services
-    retrying a dead API, would otherwise hold the exit for minutes and print their tracebacks."""
-    logging.shutdown()
+    retrying a dead API, would otherwise hold the exit for minutes and print their tracebacks.
+
+    The terminal and the log files are flushed and closed. Prefect's API log handler is flushed only while
+    its API is `api_up`: the embedded API has stopped with the run, and flushing to it would only wait for
+    connections that fail, then print that they did."""
+    from prefect.logging.handlers import APILogHandler
+
+    loggers = [logging.getLogger(), *(item for item in list(logging.Logger.manager.loggerDict.values()) if isinstance(item, logging.Logger))]
+    handlers = list(dict.fromkeys(handler for logger in loggers for handler in logger.handlers))
+    for handler in handlers:  # as logging.shutdown() does, less the API handler of a stopped API
+        if isinstance(handler, APILogHandler) and not api_up:
+            continue
+        try:
+            handler.acquire()
+            try:
+                handler.flush()
+                handler.close()
+            finally:
+                handler.release()
+        except (OSError, ValueError):  # a closed stream: nothing left to write
+            pass
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
