@@ -207,3 +207,42 @@ def test_a_keyboard_interrupt_python_drops_is_not_reported_and_other_dropped_err
         RaisesWhenCollected(ValueError("still reported"))
     RaisesWhenCollected(KeyboardInterrupt("outside a run"))
     assert [type(exc).__name__ for exc in reported] == ["ValueError", "KeyboardInterrupt"]
+
+
+EXIT_SCRIPT = r"""
+import logging, sys, time
+from prefect.logging.handlers import APILogHandler
+from flows.interrupts import _quiet_exit
+
+log_file, marker, api_up = sys.argv[1], sys.argv[2], sys.argv[3] == "up"
+
+class SlowApi(APILogHandler):  # what flushing towards a stopped API cost: waiting on failed connections
+    def emit(self, record): pass
+    def flush(self):
+        open(marker, "w").write("flushed")
+        time.sleep(2)
+
+root = logging.getLogger()
+root.setLevel(logging.INFO)
+root.addHandler(logging.FileHandler(log_file))
+logging.getLogger("prefect.flow_runs").addHandler(SlowApi())
+logging.getLogger("components.choose").info("scored before the stop")
+_quiet_exit(130, api_up=api_up)
+"""
+
+
+def _exit(tmp_path: Path, api: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(tmp_path / "run.log"), str(tmp_path / "flushed"), api], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+
+
+def test_the_exit_after_a_stop_writes_the_log_files_and_never_flushes_to_a_stopped_api(tmp_path):
+    """The exit after an interrupt flushes and closes the run's log files, and leaves out Prefect's API handler
+    when the API has stopped with the run (flushing it waited on failed connections, then printed so)."""
+    done = _exit(tmp_path, "stopped")
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert (tmp_path / "run.log").read_text().splitlines() == ["scored before the stop"]
+    assert not (tmp_path / "flushed").exists()
+    # a server of yours (PREFECT_API_URL) that still answers gets the last batch
+    done = _exit(tmp_path, "up")
+    assert done.returncode == 130 and (tmp_path / "flushed").read_text() == "flushed"
