@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from benchmarks.machine import Verdict, Watch, state  # noqa: E402
+from benchmarks.machine import Verdict, Watch, process_cpu_seconds, state  # noqa: E402
 
 NAME = "graft-load"
 CLASSES = (0, 1, 7)
@@ -104,17 +104,6 @@ def descendants(pid: int) -> tuple[int, ...]:
         except OSError:
             pass
     return tuple(found)
-
-
-def cpu_seconds_of(pids: tuple[int, ...]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
 
 
 def start(command: list[str], env: dict[str, str], cwd: Path, log_path: Path, health: str) -> subprocess.Popen:
@@ -220,11 +209,11 @@ def levels(client: Client, pids: tuple[int, ...], concurrency: list[int], second
     Load(client, 2).run(count=50)  # warm-up: first requests allocate
     for level in concurrency:
         load = Load(client, level)
-        cpu_before = cpu_seconds_of(pids)
+        cpu_before = process_cpu_seconds(pids)
         with Watch(also=pids) as watch:
             elapsed = load.run(seconds=seconds)
         verdict.saw(f"{name} at {level}", watch)
-        rows.append({**load.summary(elapsed, cpu_seconds_of(pids) - cpu_before), "others_cores": watch.others_cores})
+        rows.append({**load.summary(elapsed, process_cpu_seconds(pids) - cpu_before), "others_cores": watch.others_cores})
         print(f"{name}, {level} clients: {rows[-1]}", flush=True)
     return rows
 

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script from a checkout
 
-from components.runtime.cpu import OthersCpu, cpu_seconds  # noqa: E402, F401 - cpu_seconds: the benchmarks' import
+from components.runtime.cpu import CpuWatch, cpu_seconds, process_cpu_seconds  # noqa: E402, F401 - re-exported for the benchmarks
 
 BUSY_LOAD_PER_CORE = 0.75
 BUSY_OTHERS_CORES = 0.5
@@ -70,21 +70,13 @@ def state() -> dict[str, object]:
     }
 
 
-class Watch(OthersCpu):
+class Watch(CpuWatch):
     """How many cores other processes kept busy while a block ran: `with Watch() as w: ...; w.others_cores`
-    (`components.runtime.cpu.OthersCpu`), and whether that is quiet enough to keep the timings.
+    (`components.runtime.cpu.CpuWatch`), and whether that is quiet enough to keep the timings.
 
     Children this process waited for count as its own; a server started in a subprocess that is still
     running does not, so `also` names extra process ids whose CPU is ours too (read from /proc).
     """
-
-    @property
-    def others_cores(self) -> float | None:
-        return self.cores
-
-    @others_cores.setter
-    def others_cores(self, value: float | None) -> None:
-        self.cores = value
 
     @property
     def quiet(self) -> bool:

@@ -244,13 +244,17 @@ def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event) -> None:
             return
 
 
+def _loggers() -> list[logging.Logger]:
+    """The root logger and every named one."""
+    return [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+
+
 def _silence_prefect_api_clients() -> None:
     """The API is gone: Prefect's log and event senders would only print retries and tracebacks now."""
     from prefect.logging.handlers import APILogHandler
 
-    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
-    for logger in loggers:
-        for handler in list(getattr(logger, "handlers", [])):
+    for logger in _loggers():
+        for handler in list(logger.handlers):
             if isinstance(handler, APILogHandler):
                 logger.removeHandler(handler)
     for noisy in (
@@ -435,13 +439,10 @@ def _quiet_exit(code: int, api_up: bool = False) -> None:
     The terminal and the log files are flushed and closed. Prefect's API log handler is flushed only while
     its API is `api_up`: the embedded API has stopped with the run, and flushing to it would only wait for
     connections that fail, then print that they did."""
-    from prefect.logging.handlers import APILogHandler
-
-    loggers = [logging.getLogger(), *(item for item in list(logging.Logger.manager.loggerDict.values()) if isinstance(item, logging.Logger))]
-    handlers = list(dict.fromkeys(handler for logger in loggers for handler in logger.handlers))
-    for handler in handlers:  # as logging.shutdown() does, less the API handler of a stopped API
-        if isinstance(handler, APILogHandler) and not api_up:
-            continue
+    if not api_up:
+        _silence_prefect_api_clients()
+    handlers = dict.fromkeys(handler for logger in _loggers() for handler in logger.handlers)
+    for handler in handlers:  # as logging.shutdown() does, for the handlers still attached
         try:
             handler.acquire()
             try:

@@ -160,15 +160,21 @@ def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, see
     return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}.onnx"
 
 
+def cached_backbone_onnx(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path | None:
+    """The backbone's exported graph (`backbone_onnx_path`) when the cache holds it, else None."""
+    path = backbone_onnx_path(cache_dir, spec, image_size, seed)
+    return path if path.is_file() else None
+
+
 def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> OnnxFeatures | None:
-    """The backbone's exported graph (`backbone_onnx_path`) as a feature extractor; None when it is not cached.
+    """The backbone's cached exported graph as a feature extractor; None when it is not cached.
 
     It is the graph the choose stage scored with and the deploy stage serves a `feature_extraction`
     model with, so features computed with it are the served model's. onnxruntime computes them
     several times faster than eager PyTorch on a CPU.
     """
-    path = backbone_onnx_path(cache_dir, spec, image_size, seed)
-    return OnnxFeatures(path) if path.is_file() else None
+    path = cached_backbone_onnx(cache_dir, spec, image_size, seed)
+    return OnnxFeatures(path) if path is not None else None
 
 
 def quick_trace_to_onnx(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:

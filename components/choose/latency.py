@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.features import OnnxFeatures
-from components.runtime.cpu import OthersCpu
+from components.runtime.cpu import CpuWatch
 from components.runtime.providers import choose_providers
 
 log = logging.getLogger(__name__)
@@ -121,18 +121,18 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
     for entry in entries:
         if entry["key"] == key and "others_cores" in entry:
             return Latency(**entry["latency"]), entry["measured_at"]
-    with OthersCpu() as others:
+    with CpuWatch() as others:
         latency = measure_latency(path, image_size, batch_size, runs)
-    if quiet_cores is not None and others.cores is not None and others.cores > quiet_cores:
+    if quiet_cores is not None and others.others_cores is not None and others.others_cores > quiet_cores:
         log.warning(
             "%s: latency timed while other processes kept %.1f cores busy (more than choose.latency_quiet_cores=%g): "
-            "used for this run, not kept; the next run times it again", path.name, others.cores, quiet_cores,
+            "used for this run, not kept; the next run times it again", path.name, others.others_cores, quiet_cores,
         )
         return latency, None
     measured_at = time.strftime("%Y-%m-%d %H:%M:%S")
     entries = [e for e in entries if e["key"] != key]
     entry = {"key": key, "latency": asdict(latency), "measured_at": measured_at,
-             "others_cores": None if others.cores is None else round(others.cores, 2)}
+             "others_cores": None if others.others_cores is None else round(others.others_cores, 2)}
     entries = [*entries, entry][-LATENCY_RECORDS:]
     tmp = record.with_suffix(f".{os.getpid()}.tmp")
     try:

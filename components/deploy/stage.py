@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.backbones.export import backbone_onnx_path
+from components.backbones.export import cached_backbone_onnx
 from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
@@ -89,10 +89,9 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     }
     parity_paths = [s.path for s in ctx.split.val[: cfg.parity_images]]
     # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head
-    untrained = backbone_onnx_path(ctx.params.data.cache_dir, spec, ckpt["image_size"], ckpt["seed"]) if "backbone_state" not in ckpt else None
+    untrained = None if trained.backbone_trained else cached_backbone_onnx(ctx.params.data.cache_dir, spec, trained.image_size, ckpt["seed"])
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
-                             template_dir=cfg.template_dir,
-                             backbone_onnx=untrained if untrained is not None and untrained.is_file() else None)
+                             template_dir=cfg.template_dir, backbone_onnx=untrained)
 
 
 def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:

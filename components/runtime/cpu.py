@@ -89,19 +89,19 @@ def process_cpu_seconds(pids: tuple[int, ...]) -> float:
     return total
 
 
-class OthersCpu:
-    """How many cores other processes kept busy while a block ran: `with OthersCpu() as o: ...; o.cores`.
+class CpuWatch:
+    """How many cores other processes kept busy while a block ran: `with CpuWatch() as w: ...; w.others_cores`.
 
     This process's CPU, its waited-for children's, and that of the processes in `also` (a server started
-    in a subprocess that is still running) count as ours. `cores` is None where it cannot be read.
+    in a subprocess that is still running) count as ours. `others_cores` is None where it cannot be read.
     """
 
     def __init__(self, also: tuple[int, ...] = ()) -> None:
         self.also = also
-        self.cores: float | None = None
+        self.others_cores: float | None = None
         self.seconds = 0.0
 
-    def __enter__(self) -> OthersCpu:
+    def __enter__(self) -> CpuWatch:
         self._before, self._also_before, self._started = cpu_seconds(), process_cpu_seconds(self.also), time.perf_counter()
         return self
 
@@ -109,4 +109,4 @@ class OthersCpu:
         after, self.seconds = cpu_seconds(), time.perf_counter() - self._started
         if self._before and after and self.seconds > 0:
             ours = (after[1] - self._before[1]) + (process_cpu_seconds(self.also) - self._also_before)
-            self.cores = max(0.0, (after[0] - self._before[0]) - ours) / self.seconds
+            self.others_cores = max(0.0, (after[0] - self._before[0]) - ours) / self.seconds

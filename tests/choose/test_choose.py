@@ -359,7 +359,7 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monke
     """A figure timed while other processes kept the cores busy would stay many times off in every later
     run: it is used for its own run only, and the next run times it again."""
     import components.choose.latency as latency
-    from components.runtime.cpu import OthersCpu
+    from components.runtime.cpu import CpuWatch
 
     split = scan(tiny_params.data.dir)
     params = _with_choose(tiny_params, latency_quiet_cores=0.5)
@@ -369,12 +369,12 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monke
     real = latency.measure_latency
     monkeypatch.setattr(latency, "measure_latency", lambda path, *a, **k: timed.append(Path(path).name) or real(path, *a, **k))
 
-    class Busy(OthersCpu):
+    class Busy(CpuWatch):
         def __exit__(self, *exc: object) -> None:
             super().__exit__(*exc)
-            self.cores = 1.7  # what /proc/stat shows while another job runs beside the timing
+            self.others_cores = 1.7  # what /proc/stat shows while another job runs beside the timing
 
-    monkeypatch.setattr(latency, "OthersCpu", Busy)
+    monkeypatch.setattr(latency, "CpuWatch", Busy)
     with caplog.at_level("WARNING", logger="components.choose.latency"):
         busy = choose_model(params, split)
     names = sorted(Path(row.onnx_path).name for row in busy.candidates)
@@ -382,7 +382,7 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monke
     assert "timed while other processes kept 1.7 cores busy" in caplog.text and "not kept" in caplog.text
     assert not list((params.data.cache_dir / "onnx").glob("*.latency.json"))
 
-    monkeypatch.setattr(latency, "OthersCpu", OthersCpu)  # a quiet machine (the real reading; the limit is lifted)
+    monkeypatch.setattr(latency, "CpuWatch", CpuWatch)  # a quiet machine (the real reading; the limit is lifted)
     quiet = _with_choose(tiny_params, latency_quiet_cores=None)
     choose_model(quiet, split)
     assert sorted(timed) == sorted(names * 2)  # timed again, and now kept
