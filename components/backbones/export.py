@@ -177,30 +177,83 @@ def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, see
     return OnnxFeatures(path) if path is not None else None
 
 
-def quick_trace_to_onnx(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
-    """Export with the TorchScript-based tracer, falling back to the torch.export-based exporter.
+def torchscript_trace(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export `model` (uint8 N x S x S x 3 -> `output_name`, batch axis dynamic) with PyTorch's TorchScript-based tracer.
 
-    A candidate's export only serves to measure its size and latency on onnxruntime and to
-    extract the choose sample's features, and onnxruntime optimises both graphs alike at
-    load. The tracer takes ~4 s for an EfficientNet-Lite where the torch.export-based
-    exporter takes 20-40 s on 2 cores, which made exports most of the choose stage's cost.
-    The model Graft deploys is always exported with the torch.export-based exporter
-    (`components.deploy.export.export_onnx`). PyTorch marks the tracer as legacy; when it is gone
-    or fails on a backbone, the other exporter runs instead.
+    Raises:
+        Whatever the tracer raises (it raises many types).
     """
     example = torch.zeros((2, image_size, image_size, 3), dtype=torch.uint8)
     buffer = io.BytesIO()
+    with EXPORT_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model.eval(), (example,), buffer, dynamo=False, input_names=["images"], output_names=[output_name],
+            dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
+        )
+    return onnx.load_model_from_string(buffer.getvalue())
+
+
+def quick_trace_to_onnx(model: nn.Module, image_size: int, output_name: str, opset: int) -> onnx.ModelProto:
+    """Export with the TorchScript-based tracer, falling back to the torch.export-based exporter.
+
+    The tracer takes well under a second for an EfficientNet-Lite on 2 cores where the torch.export-based
+    exporter takes 5-6 s (20-40 s in older PyTorch releases), which made exports most of the choose
+    stage's cost. PyTorch marks the tracer as legacy; when it is gone or fails on a backbone, the other
+    exporter runs instead.
+    """
     try:
-        with EXPORT_LOCK, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                model.eval(), (example,), buffer, dynamo=False, input_names=["images"], output_names=[output_name],
-                dynamic_axes={"images": {0: "batch"}, output_name: {0: "batch"}}, opset_version=opset,
-            )
-        return onnx.load_model_from_string(buffer.getvalue())
+        return torchscript_trace(model, image_size, output_name, opset)
     except Exception as exc:  # noqa: BLE001 - the tracer raises many types; the other exporter decides
         log.info("TorchScript tracer failed (%s: %s); using the torch.export-based exporter", exc.__class__.__name__, exc)
         return trace_to_onnx(model, image_size, output_name, opset)
+
+
+def tidy_onnx(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """`proto` after onnxruntime's basic graph optimisations, when they leave plain ONNX; else `proto` unchanged.
+
+    The tracer writes padding, shapes and constants as the Python code computed them (an
+    EfficientNet-Lite comes out with about 450 nodes, 221 of them Constant and 17 Pad with their own
+    shape arithmetic). onnxruntime's basic level (constant folding, redundant-node elimination, Conv +
+    Pad / BatchNorm / Add / Mul fusion) is semantics-preserving, hardware-independent and runs for every
+    execution provider; saved offline it leaves the graph a person reads in Netron and every runtime loads:
+    the same nodes as the torch.export-based exporter's optimised graph (99 for that network), the same
+    outputs. The result is used only if every node is a standard ONNX operator and the inputs and outputs
+    are unchanged; the deploy stage's parity gate checks it against PyTorch either way.
+    """
+    import tempfile
+
+    import onnxruntime as ort
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="graft-tidy-") as tmp:
+            target = Path(tmp) / "tidy.onnx"
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+            options.optimized_model_filepath = str(target)
+            ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            tidy = onnx.load(str(target))
+    except Exception as exc:  # noqa: BLE001 - tidying is optional: the untidy graph computes the same
+        log.info("onnxruntime could not tidy the graph (%s: %s); keeping it as exported", exc.__class__.__name__, exc)
+        return proto
+    foreign = sorted({node.domain for node in tidy.graph.node if node.domain not in ("", "ai.onnx")})
+
+    def ends(model: onnx.ModelProto) -> list[str]:
+        return [str(value) for value in (*model.graph.input, *model.graph.output)]
+
+    if foreign or ends(tidy) != ends(proto):
+        log.info("onnxruntime's tidied graph %s; keeping the graph as exported",
+                 f"uses {', '.join(foreign)} operators" if foreign else "changed the inputs or outputs")
+        return proto
+    used = {node.domain for node in tidy.graph.node} | {""}
+    kept = [entry for entry in tidy.opset_import if entry.domain in used or (entry.domain == "ai.onnx" and "" in used)]
+    del tidy.opset_import[:]
+    tidy.opset_import.extend(kept)
+    del tidy.metadata_props[:]
+    tidy.metadata_props.extend(proto.metadata_props)
+    tidy.producer_name, tidy.producer_version = proto.producer_name, proto.producer_version
+    return tidy
 
 
 def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, path: Path, opset: int) -> Path:

@@ -244,10 +244,17 @@ class DeployConfig(_Section):
     a tie never replaces the champion); see also the `evaluate` gate settings."""
     output_dir: Path = Path("outputs")
     """Run folders, the latest `metrics.json` and plots for DVC."""
+    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    """How a model whose backbone trained becomes ONNX (one whose backbone never trained is the choose stage's backbone
+    graph and its head): `torchscript`, PyTorch's TorchScript tracer, its graph tidied by onnxruntime's basic optimiser
+    (under a second; the torch.export-based exporter runs should the tracer fail); `dynamo`, the torch.export-based
+    exporter (5-6 s the first time per architecture on this machine, then `graph_template_dir`). The parity gate
+    checks either against PyTorch."""
     graph_template_dir: Path | None = None
-    """Where the exporter's graph of each architecture is kept (`components.backbones.export.trace_with_template`);
-    null: `$XDG_CACHE_HOME/graft/onnx-graphs`, shared by the projects on this machine (a template holds no
-    trained weights that matter: every export puts its own in, and the parity gate checks the result)."""
+    """Where the torch.export-based exporter's graph of each architecture is kept
+    (`components.backbones.export.trace_with_template`); null: `$XDG_CACHE_HOME/graft/onnx-graphs`, shared by the
+    projects on this machine (a template holds no trained weights that matter: every export puts its own in, and
+    the parity gate checks the result)."""
     variants: tuple[Literal["optimized", "fp16", "int8"], ...] = ("fp16", "int8")
     """Variants built beside the fp32 model: `fp16` for GPUs, `int8` for CPUs, `optimized` (onnxruntime's offline-optimised
     fp32 copy, published only where it is faster than fp32)."""

@@ -91,7 +91,7 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head
     untrained = None if trained.backbone_trained else cached_backbone_onnx(ctx.params.data.cache_dir, spec, trained.image_size, ckpt["seed"])
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
-                             template_dir=cfg.template_dir, backbone_onnx=untrained)
+                             template_dir=cfg.template_dir, backbone_onnx=untrained, exporter=cfg.exporter)
 
 
 def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:

@@ -104,7 +104,7 @@ def test_the_seeds_recipe_resnet50_features_then_its_last_block_with_batchnorm_f
     )
     assert code == 0, printed[-3000:]
     assert summary["chosen"] == "resnet50" and summary["strategy"] == "two_stage"
-    assert summary["onnx"]["top1_agreement"] == 1.0
+    assert summary["onnx"]["top1_agreement"] == 1.0 and summary["onnx"]["graph"] == "traced"  # deploy.exporter's default
     start = torch.load(filled_caches["resnet50"], weights_only=True)
     trained = torch.load(summary["files"]["checkpoint"], weights_only=True)["backbone_state"]
     changed = {key for key, tensor in trained.items() if not torch.equal(tensor, start[key])}
@@ -126,7 +126,7 @@ def test_a_timm_backbone_is_ranked_fine_tuned_exported_and_served(filled_caches,
     assert code == 0, printed[-3000:]
     rows = {row["name"]: row for row in summary["candidates"]}
     assert set(rows) == {TIMM_NAME, f"random_{TIMM_NAME}"} and summary["chosen"] == TIMM_NAME
-    assert summary["onnx"]["max_abs_diff"] <= 1e-4 and summary["onnx"]["top1_agreement"] == 1.0
+    assert summary["onnx"]["max_abs_diff"] <= 1e-4 and summary["onnx"]["top1_agreement"] == 1.0 and summary["onnx"]["graph"] == "traced"
     tags = _version_tags(graft_run, summary)
     assert tags["backbone"] == TIMM_NAME and tags["weights.revision"] == COMMIT
     assert tags["weights.sha256"] == filled_caches["timm_sha256"]

@@ -62,8 +62,31 @@ def tiny_model(digits_dir, feature_cache_dir, tmp_path_factory) -> TinyModel:
         "std": list(spec.std), "backbone": trained.backbone, "data_md5": "test-md5",
     }
     exported = export_and_verify(model, work / "model" / "model.onnx", trained.image_size, 18, meta, [s.path for s in split.val], 1e-4,
-                                 template_dir=params.deploy.template_dir)  # as the deploy stage exports
+                                 template_dir=params.deploy.template_dir)  # as the deploy stage exports a trained backbone's model
     return TinyModel(params, split, model, exported, work, trained, evaluate(params, split, trained, work / "run"))
+
+
+def served_like_pytorch(onnx_path: Path, model, paths: list[Path]) -> np.ndarray:  # noqa: ANN001 - GraftClassifier
+    """Check the deployed file's contract: uint8 images in, probabilities out, both on a `batch` axis; Graft's
+    metadata; the full checker; PyTorch's probabilities to 1e-5 on `paths`, the same top-1. Returns the file's probabilities."""
+    import onnx
+    import torch
+
+    from components.data.images import load_batch
+    from components.runtime.model import OnnxClassifier
+
+    proto = onnx.load(str(onnx_path))
+    assert [(value.name, value.type.tensor_type.shape.dim[0].dim_param) for value in (*proto.graph.input, *proto.graph.output)] == [
+        ("images", "batch"), ("probabilities", "batch")]
+    assert {p.key: p.value for p in proto.metadata_props}["classes"] == '["0", "1", "7"]' and proto.producer_name == "graft"
+    onnx.checker.check_model(proto, full_check=True)
+    images = load_batch(paths, 64)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(images)).numpy()
+    served = OnnxClassifier(onnx_path).predict_proba(images)
+    np.testing.assert_allclose(served, expected, atol=1e-5)
+    assert (served.argmax(1) == expected.argmax(1)).all()
+    return served
 
 
 def deploy_params(tiny_model: TinyModel, work: Path, name: str = NAME, *extra: str):

@@ -1,4 +1,5 @@
-"""The ONNX exporter runs once per architecture: later exports fill its graph template with their own weights."""
+"""The torch.export-based ONNX exporter (`deploy.exporter: dynamo`) runs once per architecture: later exports fill its
+graph template with their own weights."""
 
 import copy
 import logging
@@ -36,12 +37,13 @@ def _initializers(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def test_a_second_export_of_an_architecture_comes_from_its_template_and_equals_a_fresh_export(tiny_model, tmp_path):  # noqa: F811
-    """The tiny model's export made the template; a model of the same architecture with other weights is built from it."""
-    template_dir = tiny_model.params.deploy.template_dir
+    """The first torch.export-based export made the template; a model of the same architecture with other weights is built from it."""
+    template_dir = tmp_path / "templates"
+    assert export_onnx(tiny_model.model, tmp_path / "first.onnx", 64, 18, TEXT_META, template_dir, exporter="dynamo") == "fresh"
     model = _perturbed(tiny_model.model, seed=1)
     assert template_path(model, 64, "probabilities", 18, template_dir).is_file()
 
-    assert export_onnx(model, tmp_path / "from-template.onnx", 64, 18, TEXT_META, template_dir) == "template"
+    assert export_onnx(model, tmp_path / "from-template.onnx", 64, 18, TEXT_META, template_dir, exporter="dynamo") == "template"
     via_template = onnx.load(str(tmp_path / "from-template.onnx"))
     fresh = trace_to_onnx(model, 64, "probabilities", 18)
 
@@ -58,7 +60,7 @@ def test_a_second_export_of_an_architecture_comes_from_its_template_and_equals_a
         expected = model(torch.from_numpy(images)).numpy()
     actual = OnnxClassifier(tmp_path / "from-template.onnx").predict_proba(images)
     np.testing.assert_allclose(actual, expected, atol=1e-5)
-    assert not np.allclose(actual, OnnxClassifier(tiny_model.onnx_path).predict_proba(images), atol=1e-3)  # not the template's weights
+    assert not np.allclose(actual, OnnxClassifier(tmp_path / "first.onnx").predict_proba(images), atol=1e-3)  # not the template's weights
 
 
 def _small_classifier(seed: int) -> GraftClassifier:
@@ -76,26 +78,26 @@ def test_a_template_that_does_not_fit_is_replaced_by_a_fresh_export(digits_dir, 
     model = _small_classifier(0)
     template = template_path(model, 64, "probabilities", 18, templates)
 
-    assert export_onnx(model, tmp_path / "a.onnx", 64, 18, {}, templates) == "fresh"
+    assert export_onnx(model, tmp_path / "a.onnx", 64, 18, {}, templates, exporter="dynamo") == "fresh"
     assert template.is_file() and [p.name for p in templates.iterdir()] == [template.name]
 
     template.write_bytes(b"not an onnx file")  # a broken or half-written template costs a fresh export, nothing else
     with caplog.at_level(logging.WARNING, logger="components.backbones.export"):
-        assert export_onnx(model, tmp_path / "b.onnx", 64, 18, {}, templates) == "fresh"
+        assert export_onnx(model, tmp_path / "b.onnx", 64, 18, {}, templates, exporter="dynamo") == "fresh"
     assert "does not fit" in caplog.text and "exporting afresh" in caplog.text
     onnx.checker.check_model(onnx.load(str(template)), full_check=True)  # replaced by a good one
 
     other = _small_classifier(1)
-    assert export_onnx(other, tmp_path / "c.onnx", 64, 18, {}, templates) == "template"
+    assert export_onnx(other, tmp_path / "c.onnx", 64, 18, {}, templates, exporter="dynamo") == "template"
     bigger = GraftClassifier(other.backbone, 8, 5, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()  # another head: another key
-    assert export_onnx(bigger, tmp_path / "d.onnx", 64, 18, {}, templates) == "fresh" and len(list(templates.iterdir())) == 2
+    assert export_onnx(bigger, tmp_path / "d.onnx", 64, 18, {}, templates, exporter="dynamo") == "fresh" and len(list(templates.iterdir())) == 2
 
 
 def test_a_model_from_a_template_that_fails_parity_is_exported_afresh_before_the_gate_decides(digits_dir, tmp_path, caplog):
     """A template whose graph computes something else (its weights fit) cannot reach the registry."""
     templates = tmp_path / "templates"
     model = _small_classifier(0)
-    export_onnx(model, tmp_path / "first.onnx", 64, 18, {}, templates)
+    export_onnx(model, tmp_path / "first.onnx", 64, 18, {}, templates, exporter="dynamo")
     template = template_path(model, 64, "probabilities", 18, templates)
     proto = onnx.load(str(template))
     (relu,) = [node for node in proto.graph.node if node.op_type == "Relu"]
@@ -104,7 +106,8 @@ def test_a_model_from_a_template_that_fails_parity_is_exported_afresh_before_the
 
     paths = sorted(digits_dir.rglob("*.png"))[:8]
     with caplog.at_level(logging.WARNING, logger="components.deploy.export"):
-        result = export_and_verify(_small_classifier(1), tmp_path / "model.onnx", 64, 18, META, paths, 1e-5, template_dir=templates)
+        result = export_and_verify(_small_classifier(1), tmp_path / "model.onnx", 64, 18, META, paths, 1e-5, template_dir=templates,
+                                   exporter="dynamo")
     assert "failed parity" in caplog.text and "exporting afresh" in caplog.text
     assert result.max_abs_diff <= 1e-5 and result.top1_agreement == 1.0
     assert not template.exists()  # dropped: the next export makes a good one
@@ -134,10 +137,11 @@ def test_the_projects_on_one_machine_share_the_graph_templates(tiny_model, tmp_p
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
 
     def project(folder: str, *extra: str):
-        return load_params(REPO / "params.yaml", [f"data.cache_dir={tmp_path / folder}", *extra])
+        return load_params(REPO / "params.yaml", [f"data.cache_dir={tmp_path / folder}", "deploy.exporter=dynamo", *extra])
 
     first, second = project("first"), project("second")
     assert first.deploy.template_dir == second.deploy.template_dir == tmp_path / "user-cache" / "graft" / "onnx-graphs"
-    assert export_onnx(_perturbed(tiny_model.model, seed=3), tmp_path / "first.onnx", 64, 18, TEXT_META, first.deploy.template_dir) == "fresh"
-    assert export_onnx(_perturbed(tiny_model.model, seed=4), tmp_path / "second.onnx", 64, 18, TEXT_META, second.deploy.template_dir) == "template"
+    for params, seed, made in ((first, 3, "fresh"), (second, 4, "template")):
+        assert export_onnx(_perturbed(tiny_model.model, seed=seed), tmp_path / f"{seed}.onnx", 64, 18, TEXT_META,
+                           params.deploy.template_dir, exporter=params.deploy.exporter) == made
     assert project("third", "deploy.graph_template_dir=graphs").deploy.template_dir == REPO / "graphs"
