@@ -23,7 +23,8 @@ the convolutions), QDQ format, per-channel symmetric int8 weights, MinMax activa
   convolution's bias by the shift its rounded weights cause on the calibration images' mean
   input (bias correction, Nagel et al. 2019, "Data-Free Quantization Through Weight
   Equalization and Bias Correction", section 4.2, with empirical means) took weight-only
-  quantisation from -3.3 to -0.4 points, and every convolution quantised from -5.4 to -1.1.
+  quantisation from -3.3 to -0.4 points, and every convolution quantised from -5.4 (-4.3 on the
+  traced graph) to -1.1.
 - **The stem and the first block stay fp32** (`INT8_FLOAT_LEADING_CONVS`): quantising them too cost
   1.1 points, and made the model slower, not faster (1.9x fp32 at batch 1 against 2.3x: a
   3-channel input gives the integer GEMM too little to do). The head (the last Gemm) stays fp32
