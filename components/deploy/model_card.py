@@ -25,6 +25,7 @@ from components.backbones.spec import BackboneSpec
 from components.backbones.zoo import get_spec
 from components.data.versions import dvc_file_for
 from components.deploy.facts import DeployFacts
+from components.evaluate.gate import signed_points
 from components.registry import ui_links
 from components.runtime.bundle import MODEL_CARD, MODEL_CARD_DIR, MODEL_CARD_HTML
 
@@ -193,7 +194,7 @@ def _variants_section(facts: CardFacts) -> list[str]:
              f"{facts.params.deploy.max_variant_drop:g} is not published. Load one with `OnnxClassifier.load(..., variant=NAME)`.", ""]
     lines += _table(
         ("variant", "file", "published", "accuracy", "change vs fp32", "top-1 agreement", "speed-up vs fp32 (batch 1, 32)", "size"),
-        [(v.name, f"`{v.path.name}`", "yes" if v.published else "no", f"{v.accuracy:.4f}", f"{v.accuracy_change * 100:+.1f} pts",
+        [(v.name, f"`{v.path.name}`", "yes" if v.published else "no", f"{v.accuracy:.4f}", f"{signed_points(v.accuracy_change)} pts",
           f"{v.top1_agreement:.1%}", f"{v.speed.speedup_batch1:.2f}x, {v.speed.speedup_batch:.2f}x" if v.speed else "not timed",
           f"{v.size_bytes / 1e6:.1f} MB") for v in variants.variants],
     )

@@ -51,6 +51,7 @@ from components.data.split import MANIFEST_FILE, SplitManifest
 from components.deploy.facts import DeployFacts
 from components.deploy.model_card import CARD_ARTIFACT_DIR, CARD_HTML_NAME, CARD_NAME, MAX_DESCRIPTION
 from components.deploy.variants import VariantsReport
+from components.evaluate.gate import signed_points
 from components.registry import mlflow_calls, ui_links
 from components.registry.history import record_manual_move
 from components.registry.tracking import Run
@@ -80,7 +81,7 @@ def variants_summary(variants: VariantsReport | None) -> str:
     """One line: each variant's accuracy change against fp32 (and speed-up where timed), and which were not published."""
     if variants is None or not variants.variants:
         return "fp32 only"
-    parts = [f"{v.name} {v.accuracy_change * 100:+.1f} pts" + (f" {v.speed.speedup_batch1:.1f}x" if v.speed else "")
+    parts = [f"{v.name} {signed_points(v.accuracy_change)} pts" + (f" {v.speed.speedup_batch1:.1f}x" if v.speed else "")
              + ("" if v.published else " (not published)") for v in variants.variants]
     return ", ".join(parts) + " vs fp32"
 

@@ -36,6 +36,7 @@ import numpy as np
 from components.core.errors import VariantError
 from components.core.files import sha256
 from components.deploy.int8 import to_int8
+from components.evaluate.gate import signed_points
 from components.runtime.cpu import cpu_facts
 from components.runtime.model import OnnxClassifier
 from components.runtime.providers import GPU_PROVIDERS, choose_providers
@@ -254,7 +255,7 @@ def judge_variant(
     change = accuracy - float((reference.argmax(1) == labels).mean())
     published = -change <= max_drop + 1e-9
     reason = (
-        f"{name}: test accuracy {accuracy:.4f} ({change * 100:+.1f} points vs fp32, limit "
+        f"{name}: test accuracy {accuracy:.4f} ({signed_points(change)} points vs fp32, limit "
         f"deploy.max_variant_drop={max_drop * 100:.1f} points): " + ("published" if published else "NOT published")
     )
     return VariantResult(

@@ -202,15 +202,18 @@ def _mlflow_passes(name: str, candidate: float, baseline: float | None = None, *
 
 
 def _points(value: float) -> str:
-    return f"{value * 100:.1f}"
+    return signed_points(value).lstrip("+")
 
 
 def _images(count: int) -> str:
     return f"{count} image" if count == 1 else f"{count} images"
 
 
-def _signed_points(value: float) -> str:
-    return f"{value * 100 + 0.0:+.1f}"  # + 0.0 turns -0.0 into 0.0
+def signed_points(value: float) -> str:
+    """A change (a fraction: -0.0101) in points with its sign: one decimal, two where the second is not 0, so a
+    figure just past a limit never reads as the limit itself (-1.01 against a 1.0-point limit, not -1.0)."""
+    hundredths = round(value * 100, 2) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{hundredths:+.1f}" if hundredths == round(hundredths, 1) else f"{hundredths:+.2f}"
 
 
 def _floor_checks(predicted: np.ndarray, labels: np.ndarray, num_classes: int, rules: GateRules) -> list[Check]:
@@ -230,7 +233,7 @@ def _improvement_check(score_: float, best: float, version: str, rules: GateRule
     gain = score_ - best
     minimum = rules.min_improvement
     passed = _mlflow_passes(rules.metric, score_, best, min_absolute_change=max(minimum - EPSILON, EPSILON))
-    line = f"{rules.metric} {score_:.3f} vs {best:.3f} (champion v{version}): {_signed_points(gain)} points"
+    line = f"{rules.metric} {score_:.3f} vs {best:.3f} (champion v{version}): {signed_points(gain)} points"
     if passed:
         tail = f"at least the {_points(minimum)}-point minimum" if minimum > 0 else "better than the champion"
     elif gain <= EPSILON:
@@ -261,7 +264,7 @@ def _bootstrap_check(challenger: np.ndarray, champion: np.ndarray, labels: np.nd
     low, high = bootstrap_interval(challenger, champion, labels, rules.metric, num_classes, rules.bootstrap_samples, rules.alpha, rules.seed)
     head = (
         f"paired bootstrap ({rules.bootstrap_samples} resamples): {1 - rules.alpha:.0%} interval of the {rules.metric} "
-        f"gain [{_signed_points(low)}, {_signed_points(high)}] points"
+        f"gain [{signed_points(low)}, {signed_points(high)}] points"
     )
     if low > 0:
         return Check("significance", True, f"{head} lies above 0: unlikely to be noise"), (low, high)
@@ -274,7 +277,7 @@ def _class_drop_check(challenger: np.ndarray, champion: np.ndarray, labels: np.n
     drops = theirs - mine
     worse = [i for i in range(len(classes)) if np.isfinite(drops[i]) and drops[i] > limit + EPSILON]
     if worse:
-        parts = [f"'{classes[i]}' {mine[i]:.3f} vs {theirs[i]:.3f} ({_signed_points(-drops[i])} points)" for i in worse]
+        parts = [f"'{classes[i]}' {mine[i]:.3f} vs {theirs[i]:.3f} ({signed_points(-drops[i])} points)" for i in worse]
         return Check(
             "class_drop", False,
             f"recall fell by more than the {_points(limit)}-point limit (evaluate.max_class_drop) against champion v{version} "
@@ -284,7 +287,7 @@ def _class_drop_check(challenger: np.ndarray, champion: np.ndarray, labels: np.n
     return Check(
         "class_drop", True,
         f"no class's recall fell by more than {_points(limit)} points (largest change: '{classes[largest]}' "
-        f"{_signed_points(-drops[largest])} points)",
+        f"{signed_points(-drops[largest])} points)",
     )
 
 

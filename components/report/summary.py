@@ -18,6 +18,7 @@ from components.data.split import PARTS, Split
 from components.deploy.model_card import CARD_NAME
 from components.deploy.stage import DeployResult
 from components.deploy.variants import VariantsReport
+from components.evaluate.gate import signed_points
 from components.evaluate.stage import EvalResult
 from components.train.stage import TrainResult
 
@@ -230,5 +231,5 @@ def _variant_lines(variants: VariantsReport | None) -> list[str]:
     """One line per variant: its accuracy change against fp32 and whether it was published."""
     if not variants:
         return []
-    parts = [f"{v.name} {v.accuracy_change * 100:+.1f} pts{'' if v.published else ' (NOT published)'}" for v in variants.variants]
+    parts = [f"{v.name} {signed_points(v.accuracy_change)} pts{'' if v.published else ' (NOT published)'}" for v in variants.variants]
     return [f"variants          {', '.join(parts)} (accuracy vs fp32)"]

@@ -63,7 +63,7 @@ def test_the_card_tells_the_whole_story_of_the_version(facts):
     assert "Picture: [reliability diagram](../evaluate/reliability_diagram.png)" in card  # no run known: the file beside it
     assert "![" not in card  # MLflow's Markdown viewer shows no pictures: links instead
     assert "| fp16 | `model.fp16.onnx` | yes | 0.9167 | +0.0 pts | 100.0% | not timed | 2.3 MB |" in card  # the variants table
-    assert "| int8 | `model.int8.onnx` | no | 0.8500 | -6.7 pts |" in card and "more than deploy.max_variant_drop=0.01" in card
+    assert "| int8 | `model.int8.onnx` | no | 0.8500 | -6.67 pts |" in card and "more than deploy.max_variant_drop=0.01" in card
     assert "Promoted to champion" in card and "no champion yet" in card
     assert "max |diff| 4.60e-06" in card and "top-1 agreement 100%" in card
     assert "- **Graph:** composed from the backbone's exported graph and the head" in card  # how the served graph was made

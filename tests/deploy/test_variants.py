@@ -200,6 +200,24 @@ def test_judging_uses_the_configured_limit(tiny_model, tmp_path):  # noqa: F811
     assert np.isclose(judge_variant("int8", worse, reference, images, labels, 1.0, 0.0).accuracy_change, -loss)
 
 
+def test_a_drop_just_over_the_limit_never_reads_as_the_limit(tiny_model):  # noqa: F811
+    """One image in N lost, the limit a tenth of a point under it: the verdict's figure must show which side it is on."""
+    paths, _ = tiny_model.val()
+    images = load_batch(paths, 64)
+    served = OnnxClassifier(tiny_model.onnx_path).predict_proba(images)
+    labels = served.argmax(1)
+    labels[0] = (labels[0] + 1) % served.shape[1]  # the variant (the same file) errs on the first image only
+    reference = served.copy()
+    reference[0] = np.eye(served.shape[1])[labels[0]]  # fp32 gets it right
+    drop = 100 / len(images)  # points
+    limit = np.floor(drop * 10) / 10
+    assert round(drop, 1) == limit < round(drop, 2)  # one decimal would show the drop equal to the limit
+    result = judge_variant("int8", tiny_model.onnx_path, reference, images, labels, limit / 100, 0.0)
+    assert not result.published
+    assert f"({-drop:+.2f} points vs fp32, limit deploy.max_variant_drop={limit:.1f} points): NOT published" in result.reason
+    assert np.isclose(result.accuracy_change * 100, -drop)
+
+
 @pytest.mark.slow  # trains the head on all 1,797 digits at the configured 112 px: ~2-3 min on two shared cores
 def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_dir):
     from components.backbones.zoo import get_spec

@@ -245,3 +245,18 @@ def test_gate_rules_come_from_params_yaml(digits_dir, tmp_path, feature_cache_di
     rules = GateRules.from_params(params)
     assert (rules.test, rules.alpha, rules.max_class_drop, rules.min_improvement) == ("bootstrap", 0.01, 0.1, 0.02)
     assert rules.min_accuracy == params.evaluate.min_accuracy and rules.metric == params.evaluate.metric
+
+
+def test_a_gain_just_under_the_minimum_never_reads_as_the_minimum():
+    """99 images: one more right is +1.01 points; against a 1.02-point minimum one decimal would say +1.0 below 1.0."""
+    labels = np.repeat(np.arange(3), 33)
+
+    def erring_on(wrong: list[int]) -> np.ndarray:
+        predicted = labels.copy()
+        predicted[wrong] = (labels[wrong] + 1) % 3
+        return np.eye(3)[predicted] * 0.9 + 0.1 / 3
+
+    champion, challenger = erring_on(list(range(0, 99, 10))), erring_on(list(range(10, 99, 10)))
+    verdict = judge(challenger, labels, GateRules(min_improvement=0.0102), champion, "1", None, ("a", "b", "c"))
+    assert not verdict.promote
+    assert verdict.reasons[0].endswith("+1.01 points, below the 1.02-point minimum (deploy.min_improvement)")
