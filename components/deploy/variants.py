@@ -256,7 +256,7 @@ def judge_variant(
     published = -change <= max_drop + 1e-9
     reason = (
         f"{name}: test accuracy {accuracy:.4f} ({signed_points(change)} points vs fp32, limit "
-        f"deploy.max_variant_drop={max_drop * 100:.1f} points): " + ("published" if published else "NOT published")
+        f"deploy.max_variant_drop={signed_points(max_drop).lstrip('+')} points): " + ("published" if published else "NOT published")
     )
     return VariantResult(
         name=name,
