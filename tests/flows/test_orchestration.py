@@ -21,9 +21,10 @@ from tests.services import NO_MLFLOW_JOBS, free_port, stop, wait_http
 def test_params_fingerprint_ignores_paths_and_names_but_not_training_settings(tmp_path):
     base = load_params(REPO / "params.yaml")
     moved = load_params(REPO / "params.yaml", [f"data.dir={tmp_path}", f"deploy.output_dir={tmp_path}", "deploy.model_name=other",
-                                               f"tracking.store_dir={tmp_path}", f"data.cache_dir={tmp_path}"])
+                                               f"tracking.store_dir={tmp_path}", f"data.cache_dir={tmp_path}",
+                                               f"deploy.graph_template_dir={tmp_path}"])
     assert params_fingerprint(moved) == params_fingerprint(base)
-    for change in ("train.lr=0.01", "data.seed=7", "choose.candidates=[efficientnet_lite0]", "data.image_size=64"):
+    for change in ("train.lr=0.01", "data.seed=7", "choose.candidates=[efficientnet_lite0]", "data.image_size=64", "deploy.exporter=dynamo"):
         assert params_fingerprint(load_params(REPO / "params.yaml", [change])) != params_fingerprint(base), change
     # a restricted fingerprint (the choose stage's) ignores what choose does not read
     keys = ("choose", "data.image_size")
