@@ -229,6 +229,10 @@ class EvaluateConfig(_Section):
     """Largest drop in any one class's recall, challenger vs champion, that still allows promotion; null for no limit."""
 
 
+Exporter = Literal["torchscript", "dynamo"]
+"""`deploy.exporter`'s choices (`components.deploy.export.export_onnx`)."""
+
+
 class DeployConfig(_Section):
     """Export, parity gate and registration."""
 
@@ -244,7 +248,7 @@ class DeployConfig(_Section):
     a tie never replaces the champion); see also the `evaluate` gate settings."""
     output_dir: Path = Path("outputs")
     """Run folders, the latest `metrics.json` and plots for DVC."""
-    exporter: Literal["torchscript", "dynamo"] = "torchscript"
+    exporter: Exporter = "torchscript"
     """How a model whose backbone trained becomes ONNX (one whose backbone never trained is the choose stage's backbone
     graph and its head): `torchscript`, PyTorch's TorchScript tracer, its graph tidied by onnxruntime's basic optimiser
     (under a second; the torch.export-based exporter runs should the tracer fail); `dynamo`, the torch.export-based

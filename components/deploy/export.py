@@ -8,6 +8,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ import torch
 
 from components.backbones.classifier import GraftClassifier
 from components.backbones.export import template_path, tidy_onnx, torchscript_trace, trace_to_onnx, trace_with_template
+from components.core.config import Exporter
 from components.core.errors import ExportError
 from components.core.files import sha256, temp_write
 from components.data.images import load_batch
@@ -51,7 +53,7 @@ HOW_MADE = {
 }
 
 
-EXPORTERS = ("torchscript", "dynamo")
+EXPORTERS = get_args(Exporter)
 """`deploy.exporter`: PyTorch's TorchScript-based tracer (tidied, `components.backbones.export.tidy_onnx`) or its
 torch.export-based exporter (`dynamo=True`, once per architecture through the graph templates)."""
 
@@ -115,7 +117,7 @@ def compose_classifier(backbone_onnx: Path, model: GraftClassifier, opset: int) 
 
 
 def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int, metadata: dict[str, str],
-                template_dir: Path | None = None, backbone_onnx: Path | None = None, exporter: str = "torchscript") -> str:
+                template_dir: Path | None = None, backbone_onnx: Path | None = None, exporter: Exporter = "torchscript") -> str:
     """Export `model` (uint8 N x S x S x 3 -> probabilities) with a dynamic batch axis, then check it.
 
     With `backbone_onnx` (the graph of `model`'s untrained backbone), the model is composed from it
@@ -201,7 +203,7 @@ def export_and_verify(
     atol: float,
     template_dir: Path | None = None,
     backbone_onnx: Path | None = None,
-    exporter: str = "torchscript",
+    exporter: Exporter = "torchscript",
 ) -> ExportResult:
     """Export (`export_onnx`), check with `onnx.checker` (full), and pass the parity gate on `parity_sources`.
 
