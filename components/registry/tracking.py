@@ -160,24 +160,65 @@ def _opened(uri: str) -> str:
     return uri
 
 
+def empty_store_template():  # noqa: ANN201 - EmptyDatabaseTemplate, imported lazily
+    """The empty store of this MLflow version, kept in the user's cache: a new project's store starts as a copy
+    (`components.core.empty_database`), which opens at once where creating the schema takes 1.0-1.3 s.
+
+    MLflow writes one row about the store's own place when it creates a store: its Default experiment (id 0),
+    with an artifact location under the folder the creating process ran in. The template leaves it out, and
+    MLflow writes it afresh when it opens the copy, as for a store it made itself.
+    """
+    import mlflow
+
+    from components.core.empty_database import EmptyDatabaseTemplate
+    from components.core.files import user_cache_dir
+
+    return EmptyDatabaseTemplate(
+        user_cache_dir() / "mlflow-db" / f"mlflow-{mlflow.__version__}.db",
+        nonempty_tables=("alembic_version", "workspaces"),  # the schema's version and MLflow's default workspace
+        scrub=("delete from experiment_tags where experiment_id = 0", "delete from experiments where experiment_id = 0"),
+    )
+
+
 def _create_embedded_store(uri: str, store_dir: Path) -> None:
     """Create (or migrate) the SQLite store once, however many processes open it at the same moment.
 
     MLflow creates its schema when a process first opens an empty database; two processes doing so at once
     fail with `table ... already exists`. A file lock beside the database makes the first one create it and
-    the others wait, then find it made.
+    the others wait, then find it made. A new store starts from this MLflow version's empty store when the
+    user's cache holds one (`empty_store_template`), and the first store made is kept there.
     """
     from filelock import FileLock, Timeout
 
     from mlflow import MlflowClient
 
+    def create() -> None:
+        client = MlflowClient(uri, uri)
+        client.search_experiments(max_results=1)  # creates or migrates the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's, in the same database
+
     store_dir.mkdir(parents=True, exist_ok=True)
+    database, template = store_dir / STORE_FILE, empty_store_template()
     lock = FileLock(str(store_dir / f".{STORE_FILE}.lock"))
     try:
         with lock.acquire(timeout=600):
-            client = MlflowClient(uri, uri)
-            client.search_experiments(max_results=1)  # creates or migrates the tracking tables
-            client.search_registered_models(max_results=1)  # and the registry's, in the same database
+            new = not database.exists()
+            seeded = new and template.seed(database)
+            if seeded:
+                log.info("new MLflow store %s: it starts from %s (no migrations)", database, template.template)
+            try:
+                create()
+            except Exception as exc:  # noqa: BLE001 - a damaged template: start afresh; anything else is reported below
+                if not seeded:
+                    raise
+                log.warning("the MLflow store copied from %s did not open (%s); deleting that copy and creating a "
+                            "new store", template.template, mlflow_calls.first_line(exc))
+                _forget_engine(uri)  # MLflow keeps one engine per URI, with connections open on the deleted copy
+                template.discard(database)
+                seeded = False
+                create()
+            if new and not seeded:
+                template.keep(database)
     except Timeout as exc:
         raise TrackingStoreError(
             f"waited 10 minutes for another process creating the MLflow store at {store_dir}; if none is running, "
@@ -189,6 +230,15 @@ def _create_embedded_store(uri: str, store_dir: Path) -> None:
             f"and holds a store of this MLflow version (`mlflow db upgrade {uri}` migrates an older one), "
             f"or set {TRACKING_URI_ENV} to another store"
         ) from exc
+
+
+def _forget_engine(uri: str) -> None:
+    """Close and drop the SQLAlchemy engine MLflow keeps for `uri`, so the next client opens the file afresh."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    engine = getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+    if engine is not None:
+        engine.dispose()
 
 
 def open_tracking_store(params: Params) -> str:

@@ -57,7 +57,7 @@ def test_a_broken_template_is_replaced_and_the_next_new_prefect_home_starts_from
     template.parent.mkdir(parents=True)
     template.write_bytes(b"this is not a SQLite database" * 100)
     first, log = _start(tmp_path / "first", cache)
-    assert not first["seeded"] and "deleting that copy and starting with a new database" in log
+    assert not first["seeded"] and "is not a usable empty database" in log
     assert _schema(template) == _schema(tmp_path / "first" / "prefect.db")
     assert sorted(p.name for p in template.parent.iterdir()) == [template.name]  # one self-contained file
 
