@@ -21,7 +21,9 @@
    the install, the flow itself <= 5 min, `make test` on a warm .venv <= 15 min.
 
 Timings are written only when the machine was quiet before and during the runs (`benchmarks/machine.py`),
-unless --force. Results go to benchmarks/results/pipeline.json (merged with earlier measurements).
+unless --force. Results go to benchmarks/results/pipeline.json (merged with earlier measurements), with
+the host's matrix-product speed when the runs began (`peak`): on a shared host a quiet machine is not always
+an equally fast one, and two results are compared by it.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run as a script from a checkout
 
-from benchmarks.machine import Verdict, Watch, state  # noqa: E402
+from benchmarks.machine import Verdict, Watch, peak_gflops, state  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
 BUDGETS_S = {"flow": 300, "make_run_fresh": 900, "make_test_warm": 900}
@@ -226,7 +228,9 @@ def main() -> None:
     if verdict.before:
         print(f"machine busy before starting: {verdict.before}; nothing will be written without --force", flush=True)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    measured: dict[str, object] = {"strategies": strategies(verdict), "imports": import_times(), "prefect_api_start_s": prefect_api_start()}
+    # the host's speed now: a shared host's runs differ by a quarter from hour to hour at the same load
+    measured: dict[str, object] = {"peak": peak_gflops()}
+    measured.update({"strategies": strategies(verdict), "imports": import_times(), "prefect_api_start_s": prefect_api_start()})
     if args.budgets or args.fresh_clone:
         with tempfile.TemporaryDirectory() as tmp:
             if args.budgets:

@@ -291,7 +291,7 @@ def _prefect_api(stop: Stop, warm_up: Sequence[str] = ()) -> Iterator[None]:
     for good (after Prefect's own retries, for a server of yours) stops the run with one line naming the
     API instead of a traceback.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
     if PREFECT_API_URL.value():
         _import(warm_up)
@@ -319,7 +319,10 @@ def _prefect_api(stop: Stop, warm_up: Sequence[str] = ()) -> Iterator[None]:
     watchdog.start()
     try:
         # a local server does not blink: a refused connection means it is gone, so fail at once
-        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0}), _quiet_log_batches(api):
+        # heartbeats tell a lasting server that a run died; this one ends with the run, so none is sent (the
+        # heartbeat thread sleeps in 1 s steps, and the flow's end waited up to 1 s for it to notice)
+        with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 0, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), \
+                _quiet_log_batches(api):
             try:
                 yield
             except Exception as exc:

@@ -246,3 +246,35 @@ def test_the_exit_after_a_stop_writes_the_log_files_and_never_flushes_to_a_stopp
     # a server of yours (PREFECT_API_URL) that still answers gets the last batch
     done = _exit(tmp_path, "up")
     assert done.returncode == 130 and (tmp_path / "flushed").read_text() == "flushed"
+
+
+_HEARTBEAT = r"""
+import sys
+from prefect import flow
+from flows.interrupts import stoppable
+
+@flow(name="heartbeat-check")
+def tiny() -> int:
+    return 0
+
+sys.exit(stoppable(tiny))
+"""
+
+
+def _heartbeat_run(tmp_path: Path, **env: str) -> str:
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_LOGGING_LEVEL": "DEBUG", **env}
+    done = subprocess.run([sys.executable, "-c", _HEARTBEAT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout + done.stderr
+
+
+def test_a_run_on_the_embedded_api_sends_no_heartbeats_and_one_on_your_server_does(tmp_path, prefect_harness):
+    """Heartbeats tell a lasting Prefect server that a run died; the embedded API ends with the run, so nothing
+    would read them, and the flow's end waited up to 1 s for Prefect's heartbeat thread to wake and stop."""
+    from prefect.settings import PREFECT_API_URL
+
+    embedded = _heartbeat_run(tmp_path)
+    assert "Finished in state Completed" in embedded, embedded[-3000:]
+    assert "heartbeat context" not in embedded, embedded[-3000:]
+    yours = _heartbeat_run(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value())
+    assert "Finished in state Completed" in yours and "Started flow run heartbeat context" in yours, yours[-3000:]
