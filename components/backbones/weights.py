@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import sys
-import threading
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Literal
 
 from components.core.errors import WeightsError
-from components.core.files import sha256
+from components.core.files import cached_sha256, sha256
 
 log = logging.getLogger(__name__)
 
@@ -51,23 +50,6 @@ CONNECT_TIMEOUT_S = 10.0
 def hub_offline() -> bool:
     """True when `HF_HUB_OFFLINE` (or `TRANSFORMERS_OFFLINE`) is set, read now rather than at import."""
     return any(os.environ.get(name, "").upper() in _TRUE for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
-_DIGESTS: dict[tuple[str, int, int], str] = {}
-_DIGESTS_LOCK = threading.Lock()
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a weights file, computed once per process for each (path, size, mtime)."""
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    with _DIGESTS_LOCK:
-        known = _DIGESTS.get(key)
-    if known is None:
-        known = sha256(path)
-        with _DIGESTS_LOCK:
-            _DIGESTS[key] = known
-    return known
 
 
 class Weights(ABC):
@@ -130,7 +112,7 @@ class Weights(ABC):
             "weights.source": self.description,
             "weights.revision": self.revision(),
             "weights.url": self.url(),
-            "weights.sha256": file_sha256(path) if path.is_file() else "",
+            "weights.sha256": cached_sha256(path) if path.is_file() else "",
         }
         return {key: value for key, value in facts.items() if value}
 

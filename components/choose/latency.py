@@ -1,8 +1,8 @@
 """Candidate backbones on the deployment runtime: their latency per image on onnxruntime.
 
 Each candidate's exported backbone (`components.backbones.export`) is timed at batch 1 and at the
-serving batch; the figures are kept beside the file and reused while the file, the settings, the
-machine and onnxruntime are the same.
+serving batch; the figures are kept in this machine's cache and reused while the graph (its sha256),
+the settings, the machine and onnxruntime are the same.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.features import OnnxFeatures
+from components.core.files import cached_sha256, user_cache_dir
 from components.runtime.cpu import CpuWatch
 from components.runtime.providers import choose_providers
 
@@ -88,34 +89,38 @@ def _machine() -> dict[str, object]:
 
 
 LATENCY_RECORDS = 8
-"""Latency records kept per exported file (settings or machines that differ), newest last."""
+"""Latency records kept per graph (settings or machines that differ), newest last."""
+
+
+def latency_records_dir() -> Path:
+    """Where the figures are kept: the user's cache (`$XDG_CACHE_HOME/graft/latency`), shared by this
+    machine's projects; safe to delete."""
+    return user_cache_dir() / "latency"
 
 
 def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
                    quiet_cores: float | None = None) -> tuple[Latency, str | None]:
-    """`measure_latency`, or the figures measured earlier for the same file, settings and machine.
+    """`measure_latency`, or the figures measured earlier for the same graph, settings and machine.
 
-    The figures are kept beside the exported file (`<name>.latency.json`, the last few settings and
-    machines it was timed with), keyed by the file's size and modification time (exports are written
-    atomically, so a new export changes them), the batch size and runs, and the machine (host, CPU
-    model, cores, onnxruntime version and providers). A scheduled retrain on new data reuses them
-    instead of timing unchanged backbones again.
+    The figures are kept in this machine's cache (`latency_records_dir`, one file per graph, the last
+    few settings and machines it was timed with), keyed by the graph's sha256, the batch size and runs,
+    and the machine (host, CPU model, cores, onnxruntime version and providers). A latency is a fact of
+    the graph and the machine, not of the project: a scheduled retrain on new data, and a new project
+    scoring the same backbones (the exports are byte-identical), reuse them instead of timing unchanged
+    backbones again; a changed graph has another sha256 and is timed.
 
     With `quiet_cores`, a figure timed while other processes kept more cores than that busy is used
     but not kept: the next run times it again. Each kept figure records how busy the others were
     (`others_cores`); a record without it predates that check and is timed again.
 
     Returns:
-        The latency and, when it came from the file, when it was measured (else None).
+        The latency and, when it was kept from an earlier run, when that run measured it (else None).
     """
-    stat = path.stat()
-    key = {
-        "file": [stat.st_size, stat.st_mtime_ns], "image_size": image_size, "batch_size": batch_size, "runs": runs,
-        "machine": _machine(),
-    }
-    record = path.with_name(path.name + ".latency.json")
+    digest = cached_sha256(path)
+    key = {"graph": digest, "image_size": image_size, "batch_size": batch_size, "runs": runs, "machine": _machine()}
+    record = latency_records_dir() / f"{digest[:32]}.json"
     try:
-        entries = [e for e in json.loads(record.read_text())["entries"] if e["key"]["file"] == key["file"]]
+        entries = [e for e in json.loads(record.read_text())["entries"] if e["key"]["graph"] == digest]
     except (OSError, ValueError, KeyError, TypeError):
         entries = []  # none yet, or unreadable: measure
     for entry in entries:
@@ -136,6 +141,7 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
     entries = [*entries, entry][-LATENCY_RECORDS:]
     tmp = record.with_suffix(f".{os.getpid()}.tmp")
     try:
+        record.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"entries": entries}))
         os.replace(tmp, record)
     except OSError as exc:  # a read-only cache still gets its figures, measured each time

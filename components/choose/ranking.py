@@ -86,7 +86,7 @@ def measure_candidates(params: Params, rows: list[CandidateScore]) -> list[Candi
         log.info(
             "%s: %.2f ms/image at batch 1, %.2f ms/image at batch %d on %s, %.1f MB%s",
             row.name, timing.batch1_ms, timing.batch_ms, timing.batch_size, timing.provider, row.size_mb or 0.0,
-            f" (timed {measured_at} on this machine, same file and runtime; choose.latency_cache=false times it again)"
+            f" (timed {measured_at} on this machine, same graph and runtime; choose.latency_cache=false times it again)"
             if measured_at else "",
         )
         row = replace(

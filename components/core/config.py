@@ -102,9 +102,9 @@ class ChooseConfig(_Section):
     latency_runs: int = Field(20, ge=3)
     """Timed runs per batch size; the median is reported."""
     latency_cache: bool = True
-    """Reuse a candidate's latency timed earlier on this machine for the same exported file, settings
-    and onnxruntime (a retrain on new data does not time unchanged backbones again); false times
-    every candidate on every run."""
+    """Reuse a candidate's latency timed earlier on this machine, by any project, for the same exported graph
+    (its sha256), settings and onnxruntime (kept in `~/.cache/graft/latency`: a retrain on new data or a new
+    project does not time unchanged backbones again); false times every candidate on every run."""
     latency_quiet_cores: float | None = Field(0.5, ge=0)
     """A latency timed while other processes kept more than this many cores busy is used for that run but
     not kept for later ones (a busy moment would otherwise fix a figure many times off); null keeps every one."""

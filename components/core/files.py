@@ -12,6 +12,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -116,6 +117,23 @@ def file_md5(path: Path) -> str:
 def sha256(path: Path) -> str:
     """Hex SHA-256 of a file."""
     return file_digest(path, "sha256")
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+
+
+def cached_sha256(path: Path) -> str:
+    """`sha256` of a file, computed once per process for each (path, size, modification time)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _DIGESTS_LOCK:
+        known = _DIGESTS.get(key)
+    if known is None:
+        known = sha256(path)
+        with _DIGESTS_LOCK:
+            _DIGESTS[key] = known
+    return known
 
 
 def save_figure(fig, path: Path, dpi: int = 100) -> Path:  # noqa: ANN001 - matplotlib Figure

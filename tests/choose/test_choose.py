@@ -318,12 +318,15 @@ def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
     assert sorted(opened) == sorted(Path(row.onnx_path).name for row in result.candidates)
 
 
-def test_latency_is_timed_once_per_export_settings_and_machine(tiny_params, monkeypatch, caplog):
+def test_latency_is_timed_once_per_graph_settings_and_machine_whichever_project_exports_it(tiny_params, tmp_path, monkeypatch, caplog):
     import os
+
+    import onnx
 
     import components.choose.latency as latency
     import components.choose.ranking as ranking
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this machine's records start empty
     split = scan(tiny_params.data.dir)
     timed: list[str] = []
     real = latency.measure_latency
@@ -334,37 +337,47 @@ def test_latency_is_timed_once_per_export_settings_and_machine(tiny_params, monk
 
     monkeypatch.setattr(latency, "measure_latency", counting)
     monkeypatch.setattr(ranking, "measure_latency", counting)
-    for record in (tiny_params.data.cache_dir / "onnx").glob("*.latency.json"):
-        record.unlink()
     first = choose_model(tiny_params, split)
     names = sorted(Path(row.onnx_path).name for row in first.candidates)
     assert sorted(timed) == names
+    assert len(list(latency.latency_records_dir().glob("*.json"))) == len(names)
     with caplog.at_level("INFO", logger="components.choose.ranking"):
         again = choose_model(tiny_params, split)
-    assert sorted(timed) == names  # not timed again: same files, settings, machine
+    assert sorted(timed) == names  # not timed again: same graphs, settings, machine
     assert [r.latency_ms for r in again.candidates] == [r.latency_ms for r in first.candidates]
-    assert "on this machine, same file and runtime; choose.latency_cache=false times it again" in caplog.text
-    # another serving batch size, a new export of one file, or the cache turned off: timed again
+    assert "on this machine, same graph and runtime; choose.latency_cache=false times it again" in caplog.text
+
+    # a new project exports the same backbones afresh, byte for byte: their figures are this machine's already
+    other = tiny_params.model_copy(update={"data": tiny_params.data.model_copy(update={"cache_dir": tmp_path / "other-project"})})
+    elsewhere = choose_model(other, split)
+    assert all(Path(r.onnx_path).is_relative_to(tmp_path / "other-project") for r in elsewhere.candidates)
+    assert sorted(timed) == names and [r.latency_ms for r in elsewhere.candidates] == [r.latency_ms for r in first.candidates]
+
+    # another serving batch size, a changed graph, or the cache turned off: timed again
     choose_model(_with_choose(tiny_params, latency_batch_size=8), split)
     assert len(timed) == 2 * len(names)
-    path = Path(first.candidates[0].onnx_path)
-    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
-    choose_model(tiny_params, split)
+    path = Path(elsewhere.candidates[0].onnx_path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))  # touched, not changed
+    choose_model(other, split)
+    assert len(timed) == 2 * len(names)
+    graph = onnx.load(str(path))
+    graph.doc_string = "another export"
+    onnx.save(graph, str(path))
+    choose_model(other, split)
     assert len(timed) == 2 * len(names) + 1 and timed[-1] == path.name
     choose_model(_with_choose(tiny_params, latency_cache=False), split)
     assert len(timed) == 3 * len(names) + 1
 
 
-def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monkeypatch, caplog):
+def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, tmp_path, monkeypatch, caplog):
     """A figure timed while other processes kept the cores busy would stay many times off in every later
     run: it is used for its own run only, and the next run times it again."""
     import components.choose.latency as latency
     from components.runtime.cpu import CpuWatch
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this machine's records start empty
     split = scan(tiny_params.data.dir)
     params = _with_choose(tiny_params, latency_quiet_cores=0.5)
-    for record in (params.data.cache_dir / "onnx").glob("*.latency.json"):
-        record.unlink()
     timed: list[str] = []
     real = latency.measure_latency
     monkeypatch.setattr(latency, "measure_latency", lambda path, *a, **k: timed.append(Path(path).name) or real(path, *a, **k))
@@ -380,13 +393,13 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, monke
     names = sorted(Path(row.onnx_path).name for row in busy.candidates)
     assert sorted(timed) == names and all(row.latency_ms for row in busy.candidates)  # used in its own run
     assert "timed while other processes kept 1.7 cores busy" in caplog.text and "not kept" in caplog.text
-    assert not list((params.data.cache_dir / "onnx").glob("*.latency.json"))
+    assert not list(latency.latency_records_dir().glob("*.json"))
 
     monkeypatch.setattr(latency, "CpuWatch", CpuWatch)  # a quiet machine (the real reading; the limit is lifted)
     quiet = _with_choose(tiny_params, latency_quiet_cores=None)
     choose_model(quiet, split)
     assert sorted(timed) == sorted(names * 2)  # timed again, and now kept
-    records = [json.loads(r.read_text()) for r in (params.data.cache_dir / "onnx").glob("*.latency.json")]
+    records = [json.loads(r.read_text()) for r in latency.latency_records_dir().glob("*.json")]
     assert len(records) == len(names) and all("others_cores" in e for r in records for e in r["entries"])
     choose_model(quiet, split)
     assert len(timed) == 2 * len(names)  # reused
