@@ -103,7 +103,7 @@ class EmptyDatabaseTemplate:
 def _unusable(database: Path) -> str | None:
     """Why `database` is no usable template (a truncated copy, a file that is not SQLite, no schema), or None."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as db:
+        with contextlib.closing(sqlite3.connect(database)) as db:  # a private copy: no URI (a '#' in a path would end it)
             check = db.execute("PRAGMA quick_check").fetchone()[0]
             if check != "ok":
                 return f"SQLite's check says: {check}"
