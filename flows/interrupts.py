@@ -16,7 +16,6 @@ A run against a real Prefect server (PREFECT_API_URL) keeps Prefect's own retry 
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import atexit
 import contextlib
@@ -232,15 +231,33 @@ def _quiet_log_batches(api: _DetachedPrefectAPI) -> Iterator[None]:
         yield
 
 
-def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event) -> None:
-    """Interrupt the main thread when the embedded API exits while the run still needs it."""
+LOST_API_GRACE_S = 10.0
+"""How long the main thread has, once the embedded API is gone, to reach its own end before the watchdog ends
+the process itself."""
+
+
+def _watch(api: _DetachedPrefectAPI, stop: Stop, done: threading.Event, main_thread: int) -> None:
+    """Stop the run when the embedded API exits while the run still needs it.
+
+    The main thread gets a real SIGINT, not `_thread.interrupt_main()`'s simulated one: a simulated signal is
+    only seen at the main thread's next Python instruction, so a main thread blocked in a wait (a lock, a future,
+    a sleep) would sleep on, while a real one ends the wait at once. Should the main thread still not reach its
+    end within LOST_API_GRACE_S (a call that ignores signals), the watchdog prints the line and ends the process:
+    with the API gone the run can record and register nothing more, and every write it makes is atomic.
+    """
     while not done.wait(0.5):
         process = api.process
         if process is not None and process.poll() is not None:
             stop.lost = f"the embedded Prefect API ({api.address}) exited with code {process.returncode}"
             stop.where = progress.where()
             _silence_prefect_api_clients()
-            _thread.interrupt_main()
+            progress.request_stop(stop.lost)  # should the interrupt be swallowed, the run's next step raises it
+            signal.pthread_kill(main_thread, signal.SIGINT)
+            if not done.wait(LOST_API_GRACE_S):
+                log.debug("the main thread did not stop within %g s of losing the API", LOST_API_GRACE_S)
+                logging.disable(logging.CRITICAL)
+                print(stop.line(), file=sys.stderr, flush=True)
+                _quiet_exit(1)
             return
 
 
@@ -315,7 +332,8 @@ def _prefect_api(stop: Stop, warm_up: Sequence[str] = ()) -> Iterator[None]:
         api.stop()
         raise
     done = threading.Event()
-    watchdog = threading.Thread(target=_watch, args=(api, stop, done), name="graft-prefect-watchdog", daemon=True)
+    watchdog = threading.Thread(target=_watch, args=(api, stop, done, threading.main_thread().ident),
+                                name="graft-prefect-watchdog", daemon=True)
     watchdog.start()
     try:
         # a local server does not blink: a refused connection means it is gone, so fail at once
@@ -446,15 +464,18 @@ def _quiet_exit(code: int, api_up: bool = False) -> None:
         _silence_prefect_api_clients()
     handlers = dict.fromkeys(handler for logger in _loggers() for handler in logger.handlers)
     for handler in handlers:  # as logging.shutdown() does, for the handlers still attached
+        lock = handler.lock
+        # a thread stopped halfway through writing a record may hold its handler's lock: do not wait on it for ever
+        if lock is not None and not lock.acquire(timeout=1):
+            continue
         try:
-            handler.acquire()
-            try:
-                handler.flush()
-                handler.close()
-            finally:
-                handler.release()
+            handler.flush()
+            handler.close()
         except (OSError, ValueError):  # a closed stream: nothing left to write
             pass
+        finally:
+            if lock is not None:
+                lock.release()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

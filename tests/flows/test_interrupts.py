@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from flows.interrupts import LOST_API_GRACE_S
 from mlflow import MlflowClient
 from tests import services
 from tests.conftest import REPO, tiny_overrides
@@ -162,6 +163,47 @@ def test_a_lost_embedded_prefect_api_ends_the_run_within_seconds_with_one_line(w
     _assert_one_clear_line(run, "error: the embedded Prefect API (http://127.0.0.1:")
     assert "during fine-tune" in run.output.splitlines()[-1]
     assert _versions(tmp_path) == []
+
+
+_WAITING_RUN = """
+import os, signal, subprocess, sys, threading
+from flows.interrupts import stoppable
+
+def command():
+    if sys.argv[1] == "deaf":  # a main thread that no signal reaches, as in a native call that ignores them
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+    servers = subprocess.run(["pgrep", "-P", str(os.getpid())], capture_output=True, text=True).stdout.split()
+    for pid in servers:
+        os.kill(int(pid), signal.SIGKILL)
+    print("waiting", flush=True)
+    threading.Event().wait()  # a lock wait: a simulated interrupt would never end it
+    return 0
+
+sys.exit(stoppable(command))
+"""
+
+
+@pytest.mark.parametrize("main_thread", ["waiting", "deaf"])
+def test_a_lost_embedded_api_ends_a_run_whose_main_thread_waits_on_a_lock_or_ignores_signals(tmp_path, main_thread):
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+    process = subprocess.Popen([sys.executable, "-c", _WAITING_RUN, main_thread], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        seen = []
+        while not seen or seen[-1] not in ("waiting\n", ""):  # the API is gone and the main thread waits from here
+            seen.append(process.stdout.readline())
+        lost = time.monotonic()
+        rest, _ = process.communicate(timeout=120)
+        seconds = time.monotonic() - lost
+    finally:
+        _reap(process)
+    output = "".join(seen) + rest
+    last = output.rstrip().splitlines()[-1]
+    assert process.returncode == 1 and "waiting" in output, output[-3000:]
+    # a real signal ends the wait within the watchdog's half-second look; the deaf one, within the grace after it
+    assert seconds < (LIMIT_S if main_thread == "waiting" else LIMIT_S + LOST_API_GRACE_S), seconds
+    assert last.startswith("error: the embedded Prefect API (http://127.0.0.1:") and "exited with code -9" in last
+    assert "Traceback" not in output, output[-3000:]
 
 
 def test_an_unusable_prefect_home_or_database_ends_the_run_at_once_with_one_line(work):
