@@ -49,6 +49,19 @@ def _prefect_console_on_this_tests_stderr():
     yield
 
 
+_CHECKOUT_LITTER = ("mlruns", "mlflow.db", "mlartifacts")
+"""What MLflow makes in the current folder when a client, a server or an experiment is set up without Graft's store:
+a test that leaves one of these in the checkout ran MLflow against the wrong place."""
+
+
+@pytest.fixture(autouse=True)
+def _nothing_left_in_the_checkout():
+    before = {name for name in _CHECKOUT_LITTER if (REPO / name).exists()}
+    yield
+    made = [name for name in _CHECKOUT_LITTER if name not in before and (REPO / name).exists()]
+    assert not made, f"the test left {', '.join(made)} in the checkout ({REPO}): point its MLflow client, server or experiment at tmp_path"
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     """A throwaway Prefect API (SQLite in a temp folder) for flow tests."""

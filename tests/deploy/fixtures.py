@@ -116,14 +116,16 @@ def deploy_dumped(path: Path, uri: str, name: str, work: Path):  # noqa: ANN201 
 def deploy_tiny(tiny_model: TinyModel, uri: str, name: str, work: Path, experiment: str = "faults"):  # noqa: ANN201 - DeployResult
     """`deploy()` of the tiny model as model `name`, in a new run of `experiment` on the tracking server `uri`."""
     from components.deploy.stage import DeployContext, deploy
-    from components.registry.tracking import Run, _ensure_experiment, use_tracking_uri
+    from components.registry.tracking import Run, _ensure_experiment, experiment_location, use_tracking_uri
     from mlflow import MlflowClient
 
     use_tracking_uri(uri)  # consumers (the gate loading the champion) read the same registry
     client = MlflowClient(uri, uri)
-    _ensure_experiment(client, experiment, None)  # as `graft run` does: safe when a concurrent run creates it too
+    params = deploy_params(tiny_model, work, name)
+    # as `graft run` does: safe when a concurrent run creates it too, its artifacts in the store's folder
+    _ensure_experiment(client, experiment, experiment_location(params, uri))
     run = Run(client.create_run(client.get_experiment_by_name(experiment).experiment_id).info.run_id, uri)
-    ctx = DeployContext(deploy_params(tiny_model, work, name), tiny_model.split, run, work, "test-md5", "test")
+    ctx = DeployContext(params, tiny_model.split, run, work, "test-md5", "test")
     result = deploy(ctx, tiny_model.trained, tiny_model.evaluation)
     run.finish()
     return result

@@ -199,3 +199,20 @@ def test_a_new_projects_store_starts_from_the_empty_store_the_first_one_made(tmp
         assert db.execute("select count(*) from experiments").fetchone() == (0,)
     project("fourth")
     assert "it starts from" in caplog.text
+
+
+def test_a_database_store_keeps_new_experiments_artifacts_in_the_project_not_in_the_folder_the_run_starts_in(tmp_path, monkeypatch):
+    """MLflow's default for an experiment of a database store is `./mlruns` of the current folder; `graft run` gives
+    every database (SQLite, or PostgreSQL and the others opened directly) the project's store folder, and leaves a
+    tracking server's experiments to the server's own artifact store."""
+    from components.core.config import load_params
+    from components.registry.tracking import experiment_location
+
+    params = load_params(REPO / "params.yaml", [f"tracking.store_dir={tmp_path / 'store'}"])
+    monkeypatch.chdir(tmp_path)
+    inside = (tmp_path / "store" / "artifacts").as_uri()
+    for uri in (f"sqlite:///{tmp_path / 'other.db'}", "postgresql://graft@db.internal/mlflow",
+                "postgresql+psycopg2://graft@db.internal/mlflow", "mysql+pymysql://graft@db/mlflow", "mssql://db/mlflow"):
+        assert experiment_location(params, uri) == inside, uri
+    for uri in ("http://127.0.0.1:5000", "https://mlflow.internal", "databricks"):
+        assert experiment_location(params, uri) is None, uri
