@@ -54,7 +54,7 @@ from components.deploy.variants import VariantsReport
 from components.evaluate.gate import signed_points
 from components.registry import mlflow_calls, ui_links
 from components.registry.history import record_manual_move
-from components.registry.tracking import Run
+from components.registry.tracking import Run, requirements_pinned_here
 from components.registry.versions import LOGGED_MODEL_URI, uri_inside
 from components.runtime.providers import choose_providers
 from components.runtime.signing import sign_folder, signing_key
@@ -225,17 +225,18 @@ def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int,
     client = run.client
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
-        mlflow.onnx.save_model(
-            model,
-            str(local),
-            mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.run_id,
-                               model_id=logged.model_id, metadata={k: _maybe_json(v) for k, v in metadata.items()}),
-            signature=infer_signature(example, np.zeros((1, num_classes), dtype=np.float32)),
-            input_example=example,
-            onnx_execution_providers=choose_providers(),
-            save_as_external_data=False,
-            pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # not inferred: that loads the model in a subprocess
-        )
+        with requirements_pinned_here():
+            mlflow.onnx.save_model(
+                model,
+                str(local),
+                mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run.run_id,
+                                   model_id=logged.model_id, metadata={k: _maybe_json(v) for k, v in metadata.items()}),
+                signature=infer_signature(example, np.zeros((1, num_classes), dtype=np.float32)),
+                input_example=example,
+                onnx_execution_providers=choose_providers(),
+                save_as_external_data=False,
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # not inferred: that loads the model in a subprocess
+            )
         # the fp32 file too: the registered bytes are the exported ones the gate judged, not MLflow's re-save
         copied = copy_variant_files(onnx_path, [v for v in variants if v != "fp32"], local)
         digests = {path.name: sha256(path) for path in copied}

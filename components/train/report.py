@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.registry.tracking import Run
+from components.registry.tracking import Run, requirements_pinned_here
 from components.train.stage import TrainResult, load_classifier
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ def log_trained_model(run: Run, trained: TrainResult) -> str:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     signature = infer_signature(example, output)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, requirements_pinned_here():
         local = Path(tmp) / "model"
         mlflow.pytorch.save_model(
             model,

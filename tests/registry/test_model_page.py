@@ -63,6 +63,15 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert {"onnxruntime", "torch", "mlflow", "python"} <= set(details["runtime"]) and details["onnx"]["opset"] == 18
     assert {row["name"] for row in details["variants"]["table"]} == {"fp16", "int8"}
     assert details["data"]["classes"] == ["0", "1", "7"] and details["model"]["weights.source"]
+    # both models' pip requirements hold in this environment: the check MLflow would make before saving them, which
+    # Graft skips (`requirements_pinned_here`), would find nothing
+    from mlflow.utils.requirements_utils import _check_requirement_satisfied
+
+    pytorch_folder = Path(mlflow.artifacts.download_artifacts(f"runs:/{summary['run_id']}/pytorch_model", dst_path=str(tmp_path / "pt")))
+    for requirements in (folder / "requirements.txt", pytorch_folder / "requirements.txt"):
+        lines = [line for line in requirements.read_text().splitlines() if line.strip()]
+        assert any(line.startswith("mlflow==") for line in lines) and len(lines) >= 3, lines
+        assert [line for line in lines if _check_requirement_satisfied(line) is not None] == [], requirements
 
     # the run: a readable name, a description with the verdict, its source, commit and dataset
     assert run.info.run_name == f"champion v{number} · efficientnet_lite0 · feature_extraction"
