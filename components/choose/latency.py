@@ -98,6 +98,10 @@ def latency_records_dir() -> Path:
     return user_cache_dir() / "latency"
 
 
+def _quiet_enough(others_cores: float | None, quiet_cores: float | None) -> bool:
+    return quiet_cores is None or others_cores is None or others_cores <= quiet_cores
+
+
 def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
                    quiet_cores: float | None = None) -> tuple[Latency, str | None]:
     """`measure_latency`, or the figures measured earlier for the same graph, settings and machine.
@@ -111,7 +115,8 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
 
     With `quiet_cores`, a figure timed while other processes kept more cores than that busy is used
     but not kept: the next run times it again. Each kept figure records how busy the others were
-    (`others_cores`); a record without it predates that check and is timed again.
+    (`others_cores`); a record without it predates that check and is timed again, and so is one kept
+    by a run without the check (`quiet_cores` None) while the others were busier than `quiet_cores`.
 
     Returns:
         The latency and, when it was kept from an earlier run, when that run measured it (else None).
@@ -124,7 +129,7 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
     except (OSError, ValueError, KeyError, TypeError):
         entries = []  # none yet, or unreadable: measure
     for entry in entries:
-        if entry["key"] == key and "others_cores" in entry:
+        if entry["key"] == key and "others_cores" in entry and _quiet_enough(entry["others_cores"], quiet_cores):
             return Latency(**entry["latency"]), entry["measured_at"]
     with CpuWatch() as others:
         latency = measure_latency(path, image_size, batch_size, runs)

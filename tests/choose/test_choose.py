@@ -327,6 +327,7 @@ def test_latency_is_timed_once_per_graph_settings_and_machine_whichever_project_
     import components.choose.ranking as ranking
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this machine's records start empty
+    tiny_params = _with_choose(tiny_params, latency_cache=True, latency_quiet_cores=None)  # the tests' own share the cores
     split = scan(tiny_params.data.dir)
     timed: list[str] = []
     real = latency.measure_latency
@@ -377,6 +378,7 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, tmp_p
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this machine's records start empty
     split = scan(tiny_params.data.dir)
+    tiny_params = _with_choose(tiny_params, latency_cache=True)
     params = _with_choose(tiny_params, latency_quiet_cores=0.5)
     timed: list[str] = []
     real = latency.measure_latency
@@ -403,6 +405,17 @@ def test_latency_timed_on_a_busy_machine_is_used_but_not_kept(tiny_params, tmp_p
     assert len(records) == len(names) and all("others_cores" in e for r in records for e in r["entries"])
     choose_model(quiet, split)
     assert len(timed) == 2 * len(names)  # reused
+
+    # kept by a run without the check while the others were busy: a run with the check does not trust it
+    for record in latency.latency_records_dir().glob("*.json"):
+        kept = json.loads(record.read_text())
+        for entry in kept["entries"]:
+            entry["others_cores"] = 1.2
+        record.write_text(json.dumps(kept))
+    choose_model(quiet, split)
+    assert len(timed) == 2 * len(names)  # without the check: reused
+    choose_model(params, split)
+    assert len(timed) == 3 * len(names)  # with it (0.5 cores): timed again
 
 
 def _png(path: Path, value: int) -> Path:
