@@ -19,6 +19,18 @@ from components.train.stage import fine_tune, load_classifier, predict_logits
 from tests.train.test_train import SIZE, choice, make_params
 
 
+def _same_training(fast, slow):  # noqa: ANN001, ANN202 - TrainResult, TrainResult -> the two classifiers
+    """The same epochs, losses and weights, to float rounding; returns (through the backbone, on the cached trunk)."""
+    assert fast.epochs_run == slow.epochs_run
+    for a, b in zip(fast.history, slow.history, strict=True):
+        for key in ("train/loss", "val/loss", "val/accuracy"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+    expected, actual = load_classifier(slow.checkpoint_path)[0], load_classifier(fast.checkpoint_path)[0]
+    for name, tensor in expected.state_dict().items():
+        torch.testing.assert_close(actual.state_dict()[name], tensor, rtol=5e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+    return expected, actual
+
+
 @pytest.mark.parametrize(
     ("strategy", "extra"),
     [("fine_tune", ()), ("fine_tune", ("train.freeze_bn=false", "train.unfreeze=2")), ("two_stage", ())],
@@ -42,14 +54,7 @@ def test_the_cached_trunk_trains_the_model_the_whole_backbone_trains(digits_dir,
         assert ran == cached, caplog.text
         if not cached:
             assert "training through the whole backbone every epoch: train.cache_trunk is false" in caplog.text
-    fast, slow = results[True], results[False]
-    assert fast.epochs_run == slow.epochs_run
-    for a, b in zip(fast.history, slow.history, strict=True):
-        for key in ("train/loss", "val/loss", "val/accuracy"):
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
-    expected, actual = load_classifier(slow.checkpoint_path)[0], load_classifier(fast.checkpoint_path)[0]
-    for name, tensor in expected.state_dict().items():
-        torch.testing.assert_close(actual.state_dict()[name], tensor, rtol=5e-3, atol=1e-3, msg=lambda m, name=name: f"{name}: {m}")
+    expected, actual = _same_training(results[True], results[False])
     from components.data.images import load_batch
 
     images = torch.from_numpy(load_batch([s.path for s in split.val + split.test], SIZE))
@@ -92,6 +97,39 @@ def test_where_the_trunk_is_not_a_fixed_function_training_runs_through_the_whole
     assert f"training through the whole backbone every epoch: {reason}" in caplog.text
     assert "cached trunk:" not in caplog.text
     assert load_classifier(result.checkpoint_path)[1]["frozen_blocks"] == (0 if "all" in overrides[0] else 15)
+
+
+@pytest.mark.parametrize("graph", ["the backbone's", "another backbone's"])
+def test_many_images_run_the_frozen_blocks_on_onnxruntime_and_train_the_model_the_whole_backbone_trains(
+    digits_dir, tmp_path, caplog, monkeypatch, graph
+):
+    """The frozen blocks run on onnxruntime through the export choose left in the cache, cut where they end, and
+    training on those rows gives the losses and the weights of training through the whole backbone in PyTorch,
+    to float rounding. A graph in that place that does not compute the frozen blocks (here: another backbone's
+    weights) is not cut: PyTorch runs them, and says why."""
+    import components.train.trunk as trunk_module
+    from components.backbones.export import backbone_onnx_path, export_backbone
+
+    monkeypatch.setattr(trunk_module, "ONNX_TRUNK_MIN_IMAGES", 1)  # the tiny folders hold a few dozen images
+    split = scan(digits_dir)
+    results = {}
+    for cached in (True, False):
+        params = make_params(digits_dir, tmp_path / str(cached), tmp_path / f"cache-{cached}", "train.strategy=fine_tune",
+                             "train.epochs=3", "train.patience=50", "train.resume=false", f"train.cache_trunk={str(cached).lower()}",
+                             "train.mixed_precision=false")
+        if cached:  # what choose leaves in the cache: the candidate's exported graph
+            name = "efficientnet_lite0" if graph == "the backbone's" else "random_efficientnet_lite0"
+            export_backbone(get_spec(name).build(SIZE, seed=params.train.seed), get_spec(name), SIZE,
+                            backbone_onnx_path(params.data.cache_dir, get_spec("efficientnet_lite0"), SIZE, params.train.seed),
+                            params.deploy.opset)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="components"):
+            results[cached] = fine_tune(params, split, choice(), tmp_path / f"run-{cached}")
+        if cached and graph == "the backbone's":
+            assert "frozen blocks on onnxruntime: efficientnet_lite0-" in caplog.text and ") on onnxruntime" in caplog.text, caplog.text
+        elif cached:
+            assert "frozen blocks in PyTorch: no tensor of efficientnet_lite0-" in caplog.text and ") on PyTorch" in caplog.text, caplog.text
+    _same_training(results[True], results[False])
 
 
 def test_the_trunk_cache_is_reused_by_the_next_run_and_by_scoring(digits_dir, tmp_path, caplog):
