@@ -297,11 +297,13 @@ def test_candidates_scored_side_by_side_share_the_cores(tiny_params, tmp_path, m
     assert opened[:2] == [threads, threads]  # the two candidates' sample features, before the finalists'
 
 
-def test_cached_features_open_no_extraction_session(tiny_params, monkeypatch):
+def test_cached_features_open_no_extraction_session(tiny_params, tmp_path, monkeypatch):
     """With every feature row cached, the only onnxruntime sessions are the latency measurements,
     and none at all while the latency figures are reused."""
     import components.backbones.features as features
 
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this test's own latency records
+    tiny_params = _with_choose(tiny_params, latency_cache=True, latency_quiet_cores=None)
     split = scan(tiny_params.data.dir)
     choose_model(tiny_params, split)  # fills the feature cache and the latency records
     opened = []
