@@ -116,9 +116,14 @@ class TrunkCache:
             started = time.perf_counter()
             todo_paths = [p for _, p in todo]
             on_onnx = self._onnx_trunk(trunk, preprocess, todo_paths)
+            fresh = None
             if on_onnx is not None:
-                fresh = _run_batches(on_onnx, todo_paths, self.image_size, batch_size, f"{self.spec.name} frozen blocks")
-            else:
+                try:
+                    fresh = _run_batches(on_onnx, todo_paths, self.image_size, batch_size, f"{self.spec.name} frozen blocks")
+                except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors; PyTorch computes the same
+                    log.warning("frozen blocks on onnxruntime failed (%s); running them in PyTorch", exc)
+                    on_onnx = None
+            if fresh is None:
                 fresh = _run_trunk(trunk, preprocess, todo_paths, self.image_size, batch_size, f"{self.spec.name} frozen blocks")
             seconds = time.perf_counter() - started
             log.info("frozen blocks: %d images in %.1f s (%.0f images/s) on %s", len(todo), seconds, len(todo) / max(seconds, 1e-9),
