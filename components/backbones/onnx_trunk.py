@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from components.runtime.providers import session_options
+
 log = logging.getLogger(__name__)
 
 RTOL = 1e-3
@@ -48,14 +50,11 @@ def _float_tensors_4d(model) -> list[str]:  # noqa: ANN001 - onnx.ModelProto
     ]
 
 
-def _session(model, threads: int | None = None):  # noqa: ANN001, ANN202 - onnx.ModelProto -> onnxruntime.InferenceSession
+def _session(model):  # noqa: ANN001, ANN202 - onnx.ModelProto -> onnxruntime.InferenceSession
+    """On the CPU, where PyTorch computes the frozen blocks it stands in for, with Graft's session options."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
 
 
 def cut_at_trunk(onnx_path: Path, probe: np.ndarray, expected: np.ndarray) -> OnnxTrunk | None:

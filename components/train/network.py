@@ -98,7 +98,8 @@ def resolve_precision(
     On CUDA, `train.mixed_precision` (true or auto) autocasts to bfloat16 where supported, else float16, and
     `train.channels_last` applies. On the CPU, bfloat16 autocast needs native bfloat16 (`cpu_bf16`, default:
     this CPU's flags) and either `mixed_precision: true`, or `auto` on a cached trunk's tail (`cached_trunk`),
-    where it was measured to change nothing but the speed; channels-last stays off on the CPU (no faster there).
+    where it was measured to change nothing but the speed; channels-last stays off on the CPU (no faster there), but for
+    the depthwise convolutions that train (`_depthwise_in_float32_channels_last`).
 
     Raises:
         TrainingError: `train.device=cuda` on a machine without CUDA.

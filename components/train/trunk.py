@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -114,17 +114,17 @@ class TrunkCache:
         if todo:
             log.info("running the %d frozen blocks of %s over %d images (once; cached in %s)", trunk.frozen_blocks, self.spec.name, len(todo), self.rows_path.parent)
             started = time.perf_counter()
-            todo_paths = [p for _, p in todo]
+            todo_paths, desc = [p for _, p in todo], f"{self.spec.name} frozen blocks"
             on_onnx = self._onnx_trunk(trunk, preprocess, todo_paths)
             fresh = None
             if on_onnx is not None:
                 try:
-                    fresh = _run_batches(on_onnx, todo_paths, self.image_size, batch_size, f"{self.spec.name} frozen blocks")
+                    fresh = _run_batches(on_onnx, todo_paths, self.image_size, batch_size, desc)
                 except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors; PyTorch computes the same
                     log.warning("frozen blocks on onnxruntime failed (%s); running them in PyTorch", exc)
                     on_onnx = None
             if fresh is None:
-                fresh = _run_trunk(trunk, preprocess, todo_paths, self.image_size, batch_size, f"{self.spec.name} frozen blocks")
+                fresh = _run_batches(_in_pytorch(trunk, preprocess), todo_paths, self.image_size, batch_size, desc)
             seconds = time.perf_counter() - started
             log.info("frozen blocks: %d images in %.1f s (%.0f images/s) on %s", len(todo), seconds, len(todo) / max(seconds, 1e-9),
                      "onnxruntime" if on_onnx is not None else "PyTorch")
@@ -143,8 +143,7 @@ class TrunkCache:
         if graph is None:
             return None
         probe = load_batch(paths[:2], self.image_size)
-        with torch.inference_mode():
-            expected = trunk.trunk(preprocess(torch.from_numpy(probe))).float().numpy()
+        expected = _in_pytorch(trunk, preprocess)(probe)
         try:
             found = cut_at_trunk(graph, probe, expected)
         except Exception as exc:  # noqa: BLE001 - onnx and onnxruntime raise many types; PyTorch computes the same
@@ -163,24 +162,23 @@ class TrunkCache:
             return tuple(trunk.trunk(preprocess(probe)).shape[1:])
 
 
-def _run_batches(run: OnnxTrunk, paths: list[Path], size: int, batch_size: int, desc: str) -> np.ndarray:
+def _in_pytorch(trunk: TrunkSplit, preprocess: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    """The frozen blocks in PyTorch, as a function of uint8 images (what `OnnxTrunk` is on onnxruntime)."""
+
+    @torch.inference_mode()
+    def run(images: np.ndarray) -> np.ndarray:
+        return trunk.trunk(preprocess(torch.from_numpy(images))).float().numpy()
+
+    return run
+
+
+def _run_batches(run: Callable[[np.ndarray], np.ndarray], paths: list[Path], size: int, batch_size: int, desc: str) -> np.ndarray:
+    """`run` over the decoded images of `paths`, `batch_size` at a time, with a progress bar: float32 rows."""
     chunks = []
     bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
     for start in range(0, len(paths), batch_size):
         images = load_batch(paths[start : start + batch_size], size)
         chunks.append(np.asarray(run(images), dtype=np.float32))
-        bar.update(len(images))
-    bar.close()
-    return np.concatenate(chunks)
-
-
-@torch.inference_mode()
-def _run_trunk(trunk: TrunkSplit, preprocess: torch.nn.Module, paths: list[Path], size: int, batch_size: int, desc: str) -> np.ndarray:
-    chunks = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
-    for start in range(0, len(paths), batch_size):
-        images = torch.from_numpy(load_batch(paths[start : start + batch_size], size))
-        chunks.append(trunk.trunk(preprocess(images)).float().numpy())
         bar.update(len(images))
     bar.close()
     return np.concatenate(chunks)
