@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,12 +39,14 @@ from components.core.errors import TrainingError
 from components.data.images import load_batch
 from components.data.split import Sample, Split
 from components.runtime.cpu import cpu_facts
+from components.train import depthwise
 from components.train.collectives import World, all_sum, broadcast_buffers, shard, world
 from components.train.loop import (
     FitResult,
     MetricsCallback,
     Phase,
     ResumeStore,
+    adamw,
     batch_indices,
     fit,
     make_criterion,
@@ -99,7 +99,7 @@ def resolve_precision(
     `train.channels_last` applies. On the CPU, bfloat16 autocast needs native bfloat16 (`cpu_bf16`, default:
     this CPU's flags) and either `mixed_precision: true`, or `auto` on a cached trunk's tail (`cached_trunk`),
     where it was measured to change nothing but the speed; channels-last stays off on the CPU (no faster there), but for
-    the depthwise convolutions that train (`_depthwise_in_float32_channels_last`).
+    the depthwise convolutions that train (`components.train.depthwise`).
 
     Raises:
         TrainingError: `train.device=cuda` on a machine without CUDA.
@@ -268,7 +268,7 @@ def network_phase(model: GraftClassifier, data: TrainingData, cfg: TrainConfig, 
         backbone_params = [p for p in model.backbone.parameters() if p.requires_grad]
         groups.append({"params": backbone_params, "lr": setup.backbone_lr})
         lr_names = ("lr", "lr/backbone")
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    optimizer = adamw(groups, setup.head_lr, cfg.weight_decay)
     place = world()
     min_batch = 2 * place.size  # two images per process and batch, for BatchNorm
     steps = len(batch_indices(data.train_labels, data.num_classes, cfg, torch.Generator().manual_seed(0), min_batch))
@@ -336,48 +336,6 @@ def network_phase(model: GraftClassifier, data: TrainingData, cfg: TrainConfig, 
     )
 
 
-def _is_trained_depthwise(module: nn.Module) -> bool:
-    return (isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
-            and module.weight.requires_grad)
-
-
-@contextmanager
-def _depthwise_in_float32_channels_last(model: GraftClassifier, precision: Precision) -> Iterator[None]:
-    """On the CPU, the depthwise convolutions that train run in float32 and channels-last while training.
-
-    PyTorch's CPU kernel for a depthwise convolution's weight gradient is slow in the default layout and slower
-    still in bfloat16: for EfficientNet-Lite's 5x5 depthwise convolution of 1,152 channels on 4x4 outputs, 64
-    images, it took 51 ms in bfloat16 and 36 ms in float32, against 14 ms in float32 channels-last (01:30 UTC),
-    while the whole training step took 98 ms. Run in float32 and channels-last, each such convolution is exact
-    where bfloat16 rounded, and a step of the cached trunk's tail took 87-91 ms against 118-123 (bfloat16
-    autocast, alternating runs, 01:35 UTC). Their modules get their own forward for the duration, and their
-    weights the layout; both are put back before the model is saved or exported.
-    """
-    if precision.device != "cpu":
-        yield
-        return
-    patched = [module for module in model.modules() if _is_trained_depthwise(module)]
-
-    def float32_channels_last(forward):  # noqa: ANN001, ANN202 - the module's own bound forward
-        def run(x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", enabled=False):
-                return forward(x.float().contiguous(memory_format=torch.channels_last))
-
-        return run
-
-    with torch.no_grad():
-        for module in patched:
-            module.forward = float32_channels_last(module.forward)
-            module.to(memory_format=torch.channels_last)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for module in patched:
-                del module.forward
-                module.to(memory_format=torch.contiguous_format)
-
-
 def train_network(
     model: GraftClassifier, data: TrainingData, params: Params, setup: NetworkSetup,
     store: ResumeStore, on_epoch: MetricsCallback | None, step_offset: int = 0,
@@ -404,7 +362,7 @@ def train_network(
             precision.describe(),
         )
     phase = network_phase(model, data, cfg, setup, precision, augmenter)
-    with _depthwise_in_float32_channels_last(model, precision):
+    with depthwise.for_training(model, precision.device):
         result = fit(phase, store, on_epoch, step_offset)
     model.to("cpu")
     if precision.channels_last:

@@ -48,6 +48,7 @@ from components.train.loop import (
     MetricsCallback,
     Phase,
     ResumeStore,
+    adamw,
     batch_indices,
     fit,
     make_criterion,
@@ -87,7 +88,7 @@ def train_head(
     num_classes = int(max(train_y.max(), val_y.max())) + 1
     warn_if_imbalanced(y, num_classes, cfg)
     head = nn.Linear(x.shape[1], num_classes)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = adamw(head.parameters(), cfg.lr, cfg.weight_decay)
     criterion = make_criterion(cfg, y, num_classes)
     generator = torch.Generator().manual_seed(cfg.seed)
 
