@@ -12,9 +12,9 @@ tail trains, and `for_training` works around both while `fit` runs:
   outputs (Intel Xeon with AMX, 02:58 UTC). A KxK kernel's gradient is made of 3x3 tiles instead: each tile
   is the gradient of a 3x3 depthwise convolution over the input shifted to the tile's corner (four tiles
   cover 5x5), and each goes through the fast kernel: 10.7 ms against 21.2 in one alternating run. The input
-  gradient and the forward pass are PyTorch's own. `DepthwiseConv` is that autograd function; a module's
-  call to `torch.conv2d` with its own weight is routed to it while the module runs (`_RouteToDepthwise`), so
-  any `nn.Conv2d` subclass works, whatever padding it applies first.
+  gradient and the forward pass are PyTorch's own. `DepthwiseConv` is that autograd function; the call to
+  `torch.conv2d` with its own weight of a module whose kernel is larger than 3x3 is routed to it while the
+  module runs (`_RouteToDepthwise`), so any `nn.Conv2d` subclass works, whatever padding it applies first.
 
 Both are undone when `for_training` exits, before the model is saved or exported.
 """
@@ -67,6 +67,7 @@ class DepthwiseConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int], padding: tuple[int, int]) -> torch.Tensor:  # noqa: ANN001, D102
+        x = x.contiguous(memory_format=torch.channels_last)  # the tiles' windows are then copied without a transpose
         ctx.save_for_backward(x, weight)
         ctx.geometry = (stride, padding, bias is not None)
         return F.conv2d(x, weight, bias, stride, padding, 1, weight.shape[0])
@@ -96,8 +97,8 @@ _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "gro
 
 
 class _RouteToDepthwise(TorchFunctionMode):
-    """While a depthwise module runs: its `torch.conv2d` call goes to `DepthwiseConv` (other calls are untouched,
-    and so is a call this function does not cover: string padding, dilation)."""
+    """While a depthwise module with a kernel larger than 3x3 runs: its `torch.conv2d` call goes to `DepthwiseConv`
+    (other calls are untouched, and so is a call this function does not cover: string padding, dilation)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -108,7 +109,8 @@ class _RouteToDepthwise(TorchFunctionMode):
         if func is torch.conv2d:
             call = {**dict(zip(_CONV2D_ARGS, args, strict=False)), **kwargs}
             padding = call.get("padding", 0)
-            if call.get("weight") is self.weight and not isinstance(padding, str) and _pair(call.get("dilation", 1)) == (1, 1):
+            if (call.get("weight") is self.weight and max(self.weight.shape[-2:]) > TILE and not isinstance(padding, str)
+                    and _pair(call.get("dilation", 1)) == (1, 1)):
                 return DepthwiseConv.apply(call["input"], self.weight, call.get("bias"), _pair(call.get("stride", 1)), _pair(padding))
         return func(*args, **kwargs)
 
