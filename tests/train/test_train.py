@@ -22,7 +22,7 @@ from components.data.folders import scan
 from components.evaluate.stage import evaluate
 from components.train.loop import batch_indices, class_weights
 from components.train.network import Precision, resolve_precision
-from components.train.stage import fine_tune, forget_checkpoints, load_classifier, predict_logits
+from components.train.stage import fine_tune, forget_checkpoints, load_classifier, predict_logits, resume_key
 from components.train.strategies import feature_standardisation, fold_standardisation, train_head
 from tests.conftest import REPO, tiny_overrides
 
@@ -282,7 +282,11 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
 
     with pytest.raises(Killed):
         fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
-    assert list((params.data.cache_dir / "resume").glob("*.pt")), "no epoch checkpoint was left behind"
+    left = list((params.data.cache_dir / "resume").glob("*.pt"))
+    assert left, "no epoch checkpoint was left behind"
+    if strategy == "fine_tune":  # the frozen blocks are left out: the rerun builds the same pre-trained weights again
+        state = torch.load(left[0], weights_only=True)
+        assert state["frozen"] and not set(state["frozen"]) & (set(state["model"]) | set(state["best_model"]))
 
     steps: list[int] = []
     with caplog.at_level(logging.INFO, logger="components"):
@@ -303,6 +307,29 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
     # ... and then it is forgotten
     forget_checkpoints(params, resumed)
     assert not list((params.data.cache_dir / "resume").glob(f"{resumed.resume_key}-*"))
+
+
+def test_a_checkpoint_that_froze_other_parameters_is_not_resumed(digits_dir, feature_cache_dir, tmp_path, caplog):
+    """Its frozen parameters are not in it, so it fits only a model that freezes the same ones: another is
+    trained from the start, with a warning, instead of being given weights that were never trained."""
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=2", "train.patience=49")
+    split = scan(digits_dir)
+
+    def die(row: dict, step: int) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
+    key = resume_key(params, split, get_spec("efficientnet_lite0"), SIZE)
+    path = params.data.cache_dir / "resume" / f"{key}-fine-tune.pt"
+    state = torch.load(path, weights_only=True)
+    state["frozen"] = state["frozen"][1:]  # as if one more parameter had trained
+    torch.save(state, path)
+    with caplog.at_level(logging.INFO, logger="components"):
+        again = fine_tune(params, split, choice(), tmp_path / "again")
+    assert "froze other parameters than this run; training from the start" in caplog.text
+    assert again.resumed_from_epoch == 0 and again.epochs_run == 2
+    forget_checkpoints(params, again)
 
 
 _SIGKILL_CHILD = """
