@@ -23,7 +23,7 @@ Both are undone when `for_training` exits, before the model is saved or exported
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -98,8 +98,9 @@ _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "gro
 
 
 class _RouteToDepthwise(TorchFunctionMode):
-    """While a depthwise module with a kernel larger than 3x3 runs: its `torch.conv2d` call goes to `DepthwiseConv`
-    (other calls are untouched, and so is a call this function does not cover: string padding, dilation)."""
+    """While a depthwise module with a kernel larger than 3x3 runs (`_float32_channels_last` enters it only for
+    those): its `torch.conv2d` call goes to `DepthwiseConv` (other calls are untouched, and so is a call this
+    function does not cover: string padding, dilation)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         super().__init__()
@@ -110,8 +111,7 @@ class _RouteToDepthwise(TorchFunctionMode):
         if func is torch.conv2d:
             call = {**dict(zip(_CONV2D_ARGS, args, strict=False)), **kwargs}
             padding = call.get("padding", 0)
-            if (call.get("weight") is self.weight and max(self.weight.shape[-2:]) > TILE and not isinstance(padding, str)
-                    and _pair(call.get("dilation", 1)) == (1, 1)):
+            if call.get("weight") is self.weight and not isinstance(padding, str) and _pair(call.get("dilation", 1)) == (1, 1):
                 return DepthwiseConv.apply(call["input"], self.weight, call.get("bias"), _pair(call.get("stride", 1)), _pair(padding))
         return func(*args, **kwargs)
 
@@ -122,9 +122,11 @@ def is_trained_depthwise(module: nn.Module) -> bool:
             and module.weight.requires_grad)
 
 
-def _float32_channels_last(module: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _float32_channels_last(module: nn.Conv2d, forward: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    tiled = max(module.kernel_size) > TILE  # a 3x3 kernel's gradient is fast already: its calls are not intercepted
+
     def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", enabled=False), _RouteToDepthwise(module.weight):
+        with torch.autocast("cpu", enabled=False), _RouteToDepthwise(module.weight) if tiled else nullcontext():
             return forward(x.float().contiguous(memory_format=torch.channels_last))
 
     return run

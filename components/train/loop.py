@@ -230,7 +230,8 @@ def fit(phase: Phase, store: ResumeStore | None = None, on_epoch: MetricsCallbac
     best_loss, best_epoch, start = math.inf, 0, 1
     best = copy_state(phase.model)
     state = store.load(phase.name) if store else None
-    if state is not None and state.get("frozen", frozen_parameters(phase.model)) != frozen_parameters(phase.model):
+    frozen = frozen_parameters(phase.model)
+    if state is not None and state.get("frozen", frozen) != frozen:
         log.warning("checkpoint %s froze other parameters than this run; training from the start", store.path(phase.name))
         state = None
     if state is not None:

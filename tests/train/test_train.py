@@ -282,7 +282,8 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
 
     with pytest.raises(Killed):
         fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
-    left = list((params.data.cache_dir / "resume").glob("*.pt"))
+    key = resume_key(params, split, get_spec("efficientnet_lite0"), SIZE)
+    left = list((params.data.cache_dir / "resume").glob(f"{key}-*.pt"))  # this run's: the cache folder is shared
     assert left, "no epoch checkpoint was left behind"
     if strategy == "fine_tune":  # the frozen blocks are left out: the rerun builds the same pre-trained weights again
         state = torch.load(left[0], weights_only=True)
