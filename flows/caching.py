@@ -34,6 +34,11 @@ def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.core.
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _inputs(params, split, name: str, keys: tuple[str, ...]) -> str:  # noqa: ANN001 - Params, Split
+    return "|".join((_weights_state(params, name), str(params.data.cache_dir), split_fingerprint(split),
+                     params_fingerprint(params, keys), code_fingerprint()))
+
+
 def candidate_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - prefect TaskRunContext
     """Key of one candidate's score: its name and weights, the images, the choose parameters, the components' code.
 
@@ -41,10 +46,22 @@ def candidate_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - pre
     PREFECT_TASKS_REFRESH_CACHE=true so the scores (and their exports) are made again.
     """
     params, split, name = parameters["params"], parameters["split"], parameters["name"]
-    inputs = "|".join((_weights_state(params, name), str(params.data.cache_dir), split_fingerprint(split),
-                       params_fingerprint(params, CHOOSE_KEYS), code_fingerprint()))
+    inputs = _inputs(params, split, name, CHOOSE_KEYS)
     return f"score-{resolve_spec(params, name).slug}-{hashlib.sha256(inputs.encode()).hexdigest()[:24]}"
+
+
+# What training one finalist's head reads besides: the fine-tune stage's settings (its head recipe).
+FINALIST_KEYS = (*CHOOSE_KEYS, "train")
+
+
+def finalist_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - prefect TaskRunContext
+    """Key of one finalist's head trial: what its candidate score's key holds, the `train` settings, and the
+    first round's row it starts from (its image size and graph)."""
+    params, split, row = parameters["params"], parameters["split"], parameters["row"]
+    inputs = "|".join((_inputs(params, split, row.name, FINALIST_KEYS), str(row.image_size), str(row.onnx_path)))
+    return f"finalist-{resolve_spec(params, row.name).slug}-{hashlib.sha256(inputs.encode()).hexdigest()[:24]}"
 
 
 # TASK_SOURCE adds the task function's own source to the key.
 CANDIDATE_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=candidate_cache_key)
+FINALIST_CACHE = TASK_SOURCE + CacheKeyFnPolicy(cache_key_fn=finalist_cache_key)

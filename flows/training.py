@@ -14,6 +14,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from components.choose.candidates import CandidateScore, score_candidate
+from components.choose.finalists import train_finalist
 from components.choose.ranking import ChooseResult
 from components.choose.report import log_choice
 from components.choose.stage import choose_model
@@ -32,7 +33,7 @@ from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
 from components.train.stage import TrainResult, fine_tune, forget_checkpoints
 from components.train.strategies import fit_finalist_head
-from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE
+from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE, FINALIST_CACHE
 from flows.resilience import service_retries
 
 
@@ -48,14 +49,21 @@ def score_candidate_task(params: Params, split: Split, name: str) -> CandidateSc
     return score_candidate(params, split, name)
 
 
+# cached like the scores, with the `train` settings too: the head is trained with the fine-tune stage's recipe
+@task(name="train-finalist", cache_policy=FINALIST_CACHE, cache_expiration=CACHE_EXPIRATION, persist_result=True, task_run_name="finalist-{row.name}")
+def train_finalist_task(params: Params, split: Split, row: CandidateScore) -> CandidateScore:
+    return train_finalist(params, split, row, partial(fit_finalist_head, params))
+
+
 def choose_stage(params: Params, split: Split) -> ChooseResult:
     """The choose stage, each candidate scored as its own (mapped, cached) task on the flow's task runner;
-    the finalists' heads are trained with the fine-tune stage's recipe."""
+    the finalists' heads are trained one after another (cached tasks) with the fine-tune stage's recipe."""
 
     def score_all(names: tuple[str, ...]) -> list[CandidateScore]:
         return score_candidate_task.map(unmapped(params), unmapped(split), names).result()
 
-    return choose_model(params, split, score_all, fit_head=partial(fit_finalist_head, params))
+    return choose_model(params, split, score_all, fit_head=partial(fit_finalist_head, params),
+                        train_one=lambda row: train_finalist_task(params, split, row))
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)

@@ -45,6 +45,10 @@ FitHead = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], HeadTrial]
 """Trains a head on (train features, train labels) and scores it on (val features, val labels)."""
 
 
+TrainOne = Callable[[CandidateScore], CandidateScore]
+"""`train_finalist` of one first-round row, e.g. as a cached task; default: trained here."""
+
+
 SPLIT_IMAGES = DecodedImages(max_bytes=512 * 2**20)
 """The split's images, decoded once per image size for all finalists (1,800 images at 112 px hold
 68 MB; past 512 MB the least recently used are dropped). `train_finalists` empties it when done."""
@@ -104,8 +108,11 @@ def train_finalist(params: Params, split: Split, row: CandidateScore, fit_head: 
     return replace(row, val_accuracy=trial.val_accuracy, val_loss=trial.val_loss, train_seconds=round(seconds, 2))
 
 
-def train_finalists(params: Params, split: Split, finalists: list[CandidateScore], fit_head: FitHead) -> list[CandidateScore]:
-    """`train_finalist` for each finalist in turn (they share the cores and the decoded images)."""
+def train_finalists(params: Params, split: Split, finalists: list[CandidateScore], fit_head: FitHead,
+                    train_one: TrainOne | None = None) -> list[CandidateScore]:
+    """`train_finalist` for each finalist in turn (they share the cores and the decoded images), or `train_one`
+    for each when given (`graft run` passes a cached Prefect task: a rerun on the same images and settings
+    takes each finalist's figures from the cache)."""
     if params.train.strategy != "feature_extraction" or params.train.augment:
         log.info(
             "choose, round 2: finalists are compared by a head on frozen, unaugmented features; "
@@ -113,6 +120,8 @@ def train_finalists(params: Params, split: Split, finalists: list[CandidateScore
             " with augmentation" if params.train.augment else "",
         )
     try:
-        return [train_finalist(params, split, row, fit_head) for row in finalists]
+        if train_one is None:
+            return [train_finalist(params, split, row, fit_head) for row in finalists]
+        return [train_one(row) for row in finalists]
     finally:
         SPLIT_IMAGES.clear()

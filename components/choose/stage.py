@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from components.choose.candidates import CandidateScore, plan_candidates, score_candidate
-from components.choose.finalists import FitHead, pick_finalists, train_finalists
+from components.choose.finalists import FitHead, TrainOne, pick_finalists, train_finalists
 from components.choose.ranking import ChooseResult, measure_candidates, rank, settle
 from components.core.config import Params
 from components.data.split import Split
@@ -28,7 +28,8 @@ ScoreAll = Callable[[Sequence[str]], list[CandidateScore]]
 
 
 def choose_model(
-    params: Params, split: Split, score_all: ScoreAll | None = None, fit_head: FitHead | None = None
+    params: Params, split: Split, score_all: ScoreAll | None = None, fit_head: FitHead | None = None,
+    train_one: TrainOne | None = None,
 ) -> ChooseResult:
     """Score every candidate in `choose.candidates` on a sample, time the eligible ones, rank them, and
     train the `choose.finalists` best: the best validation accuracy wins.
@@ -40,6 +41,8 @@ def choose_model(
         fit_head: The fine-tune stage's head trainer for the finalists
             (`functools.partial(components.train.strategies.fit_finalist_head, params)`); needed
             whenever more than one eligible candidate reaches the second round.
+        train_one: Trains one finalist's head (`components.choose.finalists.train_finalist` with `fit_head`),
+            e.g. as a cached task; default: here, one after another.
 
     Raises:
         ConfigError: an unknown candidate name.
@@ -56,11 +59,11 @@ def choose_model(
     finalists = pick_finalists(params, ranking.candidates)
     if len(finalists) < 2:
         return ranking
-    if fit_head is None:
+    if fit_head is None and train_one is None:
         raise ValueError(
             f"choose.finalists={params.choose.finalists} trains finalists' heads: pass "
             "fit_head=functools.partial(components.train.strategies.fit_finalist_head, params), as flows.training does"
         )
     log.info("choose, round 2: training the heads of %s on the whole training split", ", ".join(r.name for r in finalists))
-    trained = train_finalists(params, split, finalists, fit_head)
+    trained = train_finalists(params, split, finalists, fit_head, train_one)
     return settle(params, ranking, trained, time.perf_counter() - started)

@@ -97,12 +97,27 @@ def champion_probabilities(name: str, champion, classes: tuple[str, ...], images
     return model.predict_proba(images_at(model.image_size)), None
 
 
-def judge_challenger(client, name: str, split: Split, onnx_path: Path, classes: tuple[str, ...], rules: GateRules) -> Verdict:  # noqa: ANN001
+def judge_challenger(  # noqa: PLR0913
+    client,  # noqa: ANN001 - MlflowClient
+    name: str,
+    split: Split,
+    onnx_path: Path,
+    classes: tuple[str, ...],
+    rules: GateRules,
+    images: TestImages | None = None,
+    challenger_probs: np.ndarray | None = None,
+) -> Verdict:
     """The gate's verdict on the exported challenger: floors on every test image, the comparison with the
-    champion on the test images neither has seen."""
-    images = TestImages(split)
-    challenger = OnnxClassifier(onnx_path)
-    challenger_probs = challenger.predict_proba(images.at(challenger.image_size))
+    champion on the test images neither has seen.
+
+    `images` are the split's test images when the caller decoded them already; `challenger_probs`, the
+    challenger's probabilities on them when the caller computed them already (else onnxruntime runs it here)."""
+    images = images if images is not None else TestImages(split)
+    if challenger_probs is None:
+        challenger = OnnxClassifier(onnx_path)
+        challenger_probs = challenger.predict_proba(images.at(challenger.image_size))
+    if len(challenger_probs) != len(images.labels):
+        raise ValueError(f"{len(challenger_probs)} rows of challenger probabilities for {len(images.labels)} test images")
     champion = version_by_alias(client, name, CHAMPION)
     if champion is None:
         return judge(challenger_probs, images.labels, rules, classes=classes)

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from components.backbones.export import cached_backbone_onnx
 from components.backbones.zoo import get_spec
 from components.core import progress
@@ -22,9 +24,9 @@ from components.core.lineage import CHALLENGER, CHAMPION
 from components.data.images import load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
+from components.deploy.facts import DeployFacts
 from components.deploy.judge import TestImages, judge_challenger
 from components.deploy.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, ModelCard, write_model_card
-from components.deploy.facts import DeployFacts
 from components.deploy.register import LoggedModel, record_manual_promotion, register_model
 from components.deploy.variants import VariantsReport, build_variants
 from components.evaluate.gate import GateRules, Verdict
@@ -32,6 +34,7 @@ from components.evaluate.stage import EvalResult
 from components.registry.history import move_alias, refresh_model_page
 from components.registry.tracking import Run
 from components.runtime.bundle import write_bundle
+from components.runtime.model import OnnxClassifier
 from components.train.stage import TrainResult, load_classifier
 
 log = logging.getLogger(__name__)
@@ -94,23 +97,34 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
                              template_dir=cfg.template_dir, backbone_onnx=untrained, exporter=cfg.exporter)
 
 
-def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult) -> Verdict:
-    """The gate's verdict on the exported challenger against the champion (`components.deploy.judge`); logged to the run."""
+def test_probabilities(trained: TrainResult, exported: ExportResult, images: TestImages) -> np.ndarray:
+    """The exported model's probabilities on the test images, on onnxruntime's CPU provider: what the gate judges
+    and what each variant is compared with (computed once for both)."""
+    return OnnxClassifier(exported.onnx_path, ["CPUExecutionProvider"]).predict_proba(images.at(trained.image_size))
+
+
+def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages, probabilities: np.ndarray) -> Verdict:
+    """The gate's verdict on the exported challenger (its `probabilities` on `images`) against the champion
+    (`components.deploy.judge`); logged to the run."""
     client, name = ctx.run.client, ctx.params.deploy.model_name
     record_manual_promotion(client, name)
-    verdict = judge_challenger(client, name, ctx.split, exported.onnx_path, trained.classes, GateRules.from_params(ctx.params))
+    verdict = judge_challenger(client, name, ctx.split, exported.onnx_path, trained.classes, GateRules.from_params(ctx.params),
+                               images, probabilities)
     log.info("gate: %s", verdict.text())
     ctx.run.set_tags(verdict.tags())
     ctx.run.log_dict(verdict.to_dict(), f"{REPORT_ARTIFACT_DIR}/gate.json")
     return verdict
 
 
-def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages) -> VariantsReport:
-    """The optimised, fp16 and INT8 variants beside the fp32 file, each judged on the test images."""
+def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages,
+                probabilities: np.ndarray) -> VariantsReport:
+    """The optimised, fp16 and INT8 variants beside the fp32 file, each judged on the test images against fp32's
+    `probabilities` on them."""
     cfg = ctx.params.deploy
     calibration_paths = [s.path for s in stratified_sample(ctx.split.train, cfg.calibration_images, ctx.params.data.seed)]
     calibration = load_batch(calibration_paths, trained.image_size)
-    variants = build_variants(exported.onnx_path, cfg.variants, images.at(trained.image_size), images.labels, calibration, cfg.max_variant_drop)
+    variants = build_variants(exported.onnx_path, cfg.variants, images.at(trained.image_size), images.labels, calibration,
+                              cfg.max_variant_drop, reference=probabilities)
     ctx.run.log_dict(variants.to_dict(), "deploy/variants.json")
     return variants
 
@@ -147,9 +161,11 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     progress.note("export")
     exported = export(ctx, trained, evaluation)
     progress.note("the gate")
-    verdict = gate(ctx, trained, exported)
+    images = TestImages(ctx.split)
+    probabilities = test_probabilities(trained, exported, images)
+    verdict = gate(ctx, trained, exported, images, probabilities)
     progress.note("the variants")
-    variants = variants_of(ctx, trained, exported, TestImages(ctx.split))
+    variants = variants_of(ctx, trained, exported, images, probabilities)
     progress.note("registration")
     facts = DeployFacts(ctx.params, ctx.split, trained, evaluation, exported, verdict, variants, ctx.data_md5, ctx.commit, ctx.hold)
     version, logged = register(ctx, facts)

@@ -315,12 +315,14 @@ def build_variants(
     calibration_images: np.ndarray,
     max_drop: float,
     min_speedup: float = MIN_SPEEDUP,
+    reference: np.ndarray | None = None,
 ) -> VariantsReport:
     """Build each variant in `names` beside `fp32_path`, and judge each.
 
     The files are built concurrently (onnxruntime's quantiser and optimiser spend most of their
     time outside Python's lock); they are scored and timed one after another, so no timing shares
-    the CPU with other work of this process.
+    the CPU with other work of this process (scoring one variant while the others were still being
+    built made the whole step slower on 2 cores, not faster).
 
     Args:
         fp32_path: The exported, parity-checked model (`.../model.onnx`).
@@ -330,6 +332,8 @@ def build_variants(
         calibration_images: uint8 training images for INT8 calibration.
         max_drop: Largest accuracy loss (fraction, 0.01 = 1 point) a published variant may have.
         min_speedup: Least speed-up over fp32 (batch 1 and batch 32) a published CPU variant must show; 0 to skip timing.
+        reference: fp32's probabilities on `test_images` on the CPU provider, when the caller has them already
+            (the deploy stage's gate computed them); else they are computed here.
 
     Returns:
         The fp32 accuracy and one `VariantResult` per variant; unpublished files are moved to `rejected/`.
@@ -339,24 +343,27 @@ def build_variants(
     unknown = [name for name in wanted if name not in builders]
     if unknown:
         raise VariantError(f"unknown variant '{unknown[0]}' in deploy.variants; choose from {', '.join(builders)}")
-    reference = OnnxClassifier(fp32_path, ["CPUExecutionProvider"]).predict_proba(test_images)
+    if reference is None:
+        reference = OnnxClassifier(fp32_path, ["CPUExecutionProvider"]).predict_proba(test_images)
+    elif reference.shape != (len(test_images), reference.shape[-1]):
+        raise ValueError(f"reference holds {reference.shape[0]} rows of probabilities for {len(test_images)} test images")
+    fp32_accuracy = float((reference.argmax(1) == test_labels).mean())
     if not wanted:
-        return VariantsReport(float((reference.argmax(1) == test_labels).mean()), ())
+        return VariantsReport(fp32_accuracy, ())
     log.info("building the %s variants", ", ".join(wanted))
     with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="variant") as pool:
         futures = {name: pool.submit(_build, name, builders[name], variant_path(fp32_path, name)) for name in wanted}
         seconds = {name: future.result() for name, future in futures.items()}
     results = []
     for name in wanted:
-        target = variant_path(fp32_path, name)
-        result = judge_variant(name, target, reference, test_images, test_labels, max_drop, seconds[name])
+        result = judge_variant(name, variant_path(fp32_path, name), reference, test_images, test_labels, max_drop, seconds[name])
         if result.published and min_speedup > 0:
             result = judge_speed(result, fp32_path, test_images, min_speedup)
         log.info("%s", result.reason)
         if not result.published:
-            rejected = target.parent / "rejected" / target.name
+            rejected = result.path.parent / "rejected" / result.path.name
             rejected.parent.mkdir(exist_ok=True)
-            shutil.move(target, rejected)
+            shutil.move(result.path, rejected)
             result = replace(result, path=rejected)
         results.append(result)
-    return VariantsReport(float((reference.argmax(1) == test_labels).mean()), tuple(results))
+    return VariantsReport(fp32_accuracy, tuple(results))

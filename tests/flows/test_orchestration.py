@@ -621,3 +621,32 @@ def test_an_unchanged_candidate_score_comes_from_the_cache(prefect_harness, tmp_
     assert score(["choose.sample_size=24"]).name != "Cached"
     sorted((data / "7").iterdir())[0].unlink()
     assert score([]).name != "Cached"  # the images changed
+
+
+@pytest.mark.slow
+def test_an_unchanged_finalist_head_comes_from_the_cache(prefect_harness, tmp_path, digits_dir, feature_cache_dir):
+    from prefect import flow
+
+    from components.data.folders import scan
+    from flows.training import score_candidate_task, train_finalist_task
+
+    data = shutil.copytree(digits_dir, tmp_path / "images", copy_function=shutil.copy)  # new times: see above
+    overrides = tiny_overrides(data, tmp_path, feature_cache_dir)
+
+    @flow
+    def finalist(extra: list[str]):
+        params = load_params(REPO / "params.yaml", overrides + extra)
+        split = scan(params.data.dir)
+        row = score_candidate_task(params, split, "efficientnet_lite0")
+        return train_finalist_task(params, split, row, return_state=True)
+
+    first, again = finalist([]), finalist([])
+    assert first.is_completed() and first.name != "Cached"
+    assert first.result().val_accuracy is not None and first.result().train_seconds is not None
+    assert again.is_completed() and again.name == "Cached"
+    assert again.result() == first.result()
+    assert finalist(["evaluate.top_k=2"]).name == "Cached"  # the head does not read evaluate.*
+    changed = finalist(["train.lr=0.01"])  # the head's recipe
+    assert changed.name != "Cached" and changed.result().val_accuracy is not None
+    sorted((data / "7").iterdir())[0].unlink()
+    assert finalist([]).name != "Cached"  # the images changed
