@@ -97,7 +97,7 @@ def champion_probabilities(name: str, champion, classes: tuple[str, ...], images
     return model.predict_proba(images_at(model.image_size)), None
 
 
-def judge_challenger(  # noqa: PLR0913
+def judge_challenger(
     client,  # noqa: ANN001 - MlflowClient
     name: str,
     split: Split,
