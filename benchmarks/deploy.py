@@ -22,7 +22,9 @@ listed as not measured otherwise. Writes benchmarks/results/deploy.{json,md}.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -210,6 +212,7 @@ def main() -> int:
     size = params.data.image_size or get_spec(args.backbone).input_size
     split = scan(params.data.dir, SplitSettings.from_config(params.data))
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # about 130 MB of models: gone when the benchmark ends
     print(f"training the {args.backbone} head at {size}px on {len(split.train)} images ...", flush=True)
     trained = fine_tune(params, split, ChooseResult(args.backbone, size, "logme", "benchmark", (), 0.0), work)
     model, _ = load_classifier(trained.checkpoint_path)

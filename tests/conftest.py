@@ -3,7 +3,7 @@ an isolated Prefect API and MLflow store per test session."""
 
 from __future__ import annotations
 
-import atexit
+import contextlib
 import functools
 import os
 import shutil
@@ -88,17 +88,26 @@ def feature_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @functools.cache
 def _store_template() -> Path:
-    """An empty MLflow store at this MLflow's schema, made once per test process."""
+    """An empty MLflow store at this MLflow's schema: one folder per MLflow version and user in the temp
+    folder, made by the first test process that needs it and reused by every later one and later sessions
+    (pytest-xdist's workers end without running atexit hooks, so a folder per process was left behind)."""
+    import mlflow
     from mlflow import MlflowClient
 
     from components.registry.tracking import STORE_FILE
 
-    folder = Path(tempfile.mkdtemp(prefix="graft-mlflow-template-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    uri = f"sqlite:///{folder / STORE_FILE}"
-    client = MlflowClient(uri, uri)
-    client.search_experiments(max_results=1)  # creates the tracking tables
-    client.search_registered_models(max_results=1)  # and the registry's
+    folder = Path(tempfile.gettempdir()) / f"graft-test-mlflow-store-{mlflow.__version__}-{os.getuid()}"
+    if not (folder / STORE_FILE).is_file():
+        staging = Path(tempfile.mkdtemp(prefix=f"{folder.name}.", dir=folder.parent))
+        try:
+            uri = f"sqlite:///{staging / STORE_FILE}"
+            client = MlflowClient(uri, uri)
+            client.search_experiments(max_results=1)  # creates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's
+            with contextlib.suppress(OSError):  # another process may have put its own in place first
+                staging.rename(folder)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return folder / STORE_FILE
 
 

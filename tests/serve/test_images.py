@@ -36,7 +36,7 @@ def _env(lines: list[str], key: str) -> str:
     return re.search(rf"{key}=(\S+)", found)[1]
 
 
-def test_the_serving_image_runs_graft_serve_and_checks_readiness_on_the_open_inference_protocol():
+def test_the_serving_image_runs_graft_serve_and_checks_readiness_on_the_open_inference_protocol(tmp_path):
     from components.serve.server import LiveModel, ServeSettings, create_app
     from tests.models import tiny_onnx
 
@@ -46,7 +46,7 @@ def test_the_serving_image_runs_graft_serve_and_checks_readiness_on_the_open_inf
     assert "http://127.0.0.1:8000/v2/health/ready" in healthcheck
     cmd = next(line for line in lines if line.startswith("CMD"))
     assert '"--host", "0.0.0.0"' in cmd and '"--port", "8000"' in cmd
-    routes = {route.path for route in create_app(LiveModel(str(tiny_onnx(Path("/tmp") / "graft-image-test" / "model.onnx"))), ServeSettings()).routes}
+    routes = {route.path for route in create_app(LiveModel(str(tiny_onnx(tmp_path / "model.onnx"))), ServeSettings()).routes}
     assert "/v2/health/ready" in routes
 
 
