@@ -62,8 +62,7 @@ def choose_stage(params: Params, split: Split) -> ChooseResult:
     def score_all(names: tuple[str, ...]) -> list[CandidateScore]:
         return score_candidate_task.map(unmapped(params), unmapped(split), names).result()
 
-    return choose_model(params, split, score_all, fit_head=partial(fit_finalist_head, params),
-                        train_one=lambda row: train_finalist_task(params, split, row))
+    return choose_model(params, split, score_all, train_one=lambda row: train_finalist_task(params, split, row))
 
 
 @task(name="fine-tune", cache_policy=NO_CACHE)

@@ -108,7 +108,7 @@ def train_finalist(params: Params, split: Split, row: CandidateScore, fit_head: 
     return replace(row, val_accuracy=trial.val_accuracy, val_loss=trial.val_loss, train_seconds=round(seconds, 2))
 
 
-def train_finalists(params: Params, split: Split, finalists: list[CandidateScore], fit_head: FitHead,
+def train_finalists(params: Params, split: Split, finalists: list[CandidateScore], fit_head: FitHead | None,
                     train_one: TrainOne | None = None) -> list[CandidateScore]:
     """`train_finalist` for each finalist in turn (they share the cores and the decoded images), or `train_one`
     for each when given (`graft run` passes a cached Prefect task: a rerun on the same images and settings

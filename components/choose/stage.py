@@ -40,7 +40,7 @@ def choose_model(
         score_all: Scores the named candidates (default: one after another in this process).
         fit_head: The fine-tune stage's head trainer for the finalists
             (`functools.partial(components.train.strategies.fit_finalist_head, params)`); needed
-            whenever more than one eligible candidate reaches the second round.
+            whenever more than one eligible candidate reaches the second round, unless `train_one` is given.
         train_one: Trains one finalist's head (`components.choose.finalists.train_finalist` with `fit_head`),
             e.g. as a cached task; default: here, one after another.
 
@@ -48,7 +48,7 @@ def choose_model(
         ConfigError: an unknown candidate name.
         DataError: the training split cannot rank anything.
         ModelError: no candidate is eligible, or no finalist could be trained.
-        ValueError: finalists are to be trained and no `fit_head` was given.
+        ValueError: finalists are to be trained and neither `fit_head` nor `train_one` was given.
     """
     names = plan_candidates(params, split)
     started = time.perf_counter()
@@ -62,7 +62,8 @@ def choose_model(
     if fit_head is None and train_one is None:
         raise ValueError(
             f"choose.finalists={params.choose.finalists} trains finalists' heads: pass "
-            "fit_head=functools.partial(components.train.strategies.fit_finalist_head, params), as flows.training does"
+            "fit_head=functools.partial(components.train.strategies.fit_finalist_head, params), or a train_one that "
+            "trains with it, as flows.training does"
         )
     log.info("choose, round 2: training the heads of %s on the whole training split", ", ".join(r.name for r in finalists))
     trained = train_finalists(params, split, finalists, fit_head, train_one)

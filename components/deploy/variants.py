@@ -345,8 +345,8 @@ def build_variants(
         raise VariantError(f"unknown variant '{unknown[0]}' in deploy.variants; choose from {', '.join(builders)}")
     if reference is None:
         reference = OnnxClassifier(fp32_path, ["CPUExecutionProvider"]).predict_proba(test_images)
-    elif reference.shape != (len(test_images), reference.shape[-1]):
-        raise ValueError(f"reference holds {reference.shape[0]} rows of probabilities for {len(test_images)} test images")
+    elif len(reference) != len(test_images):
+        raise ValueError(f"reference holds {len(reference)} rows of probabilities for {len(test_images)} test images")
     fp32_accuracy = float((reference.argmax(1) == test_labels).mean())
     if not wanted:
         return VariantsReport(fp32_accuracy, ())
