@@ -119,12 +119,12 @@ def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult, image
 def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages,
                 probabilities: np.ndarray) -> VariantsReport:
     """The optimised, fp16 and INT8 variants beside the fp32 file, each judged on the test images against fp32's
-    `probabilities` on them."""
+    `probabilities` on them; a build of the same fp32 file and inputs as before is copied from `data.cache_dir/variants/`."""
     cfg = ctx.params.deploy
     calibration_paths = [s.path for s in stratified_sample(ctx.split.train, cfg.calibration_images, ctx.params.data.seed)]
     calibration = load_batch(calibration_paths, trained.image_size)
     variants = build_variants(exported.onnx_path, cfg.variants, images.at(trained.image_size), images.labels, calibration,
-                              cfg.max_variant_drop, reference=probabilities)
+                              cfg.max_variant_drop, reference=probabilities, cache_dir=ctx.params.data.cache_dir / "variants")
     ctx.run.log_dict(variants.to_dict(), "deploy/variants.json")
     return variants
 

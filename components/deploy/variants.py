@@ -18,10 +18,18 @@ for GPUs: it is timed where a GPU provider is present and otherwise published on
 alone, its speed "not timed: no GPU". A variant that is not published moves to `rejected/`
 in the run folder, so it can be inspected, and is neither registered nor bundled. Imports
 onnx and onnxruntime only, no torch.
+
+A build is a function of the fp32 file's bytes, the calibration images (INT8), the library
+versions and this machine's CPU. A rerun on unchanged data exports the same fp32 file byte for
+byte, so with a cache folder (the deploy stage's `data.cache_dir/variants/`) each build is kept
+(`components.core.build_cache`) and an identical one is copied instead of built again: INT8's
+calibration and bias correction are most of this step. Accuracy and speed are judged afresh on
+every run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import statistics
@@ -33,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from components.core.build_cache import BuildCache, build_key
 from components.core.errors import VariantError
 from components.core.files import sha256
 from components.deploy.int8 import to_int8
@@ -67,6 +76,10 @@ busy machine, where several threads spinning for the same cores make any single 
 
 CPU_VARIANTS = ("optimized", "int8")
 """Variants meant for the CPU provider, hence timed against fp32 on the CPU that builds them."""
+
+
+VARIANT_CACHE_KEEP = 6
+"""Variant files kept in the build cache: every variant of the last two distinct models."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,8 @@ class VariantResult:
     reason: str
     speed: Speed | None = None
     """Timed against fp32 on this machine; None when not timed (fp16 without a GPU, or rejected on accuracy)."""
+    reused: bool = False
+    """Copied from the build cache, built before from the same fp32 file and inputs (`seconds` is the copy's)."""
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -296,15 +311,31 @@ def _builders(fp32_path: Path, calibration_images: np.ndarray) -> dict[str, Call
     }
 
 
-def _build(name: str, builder: Callable[[Path], Path], target: Path) -> float:
+def _build_key(fp32_path: Path, name: str, calibration_images: np.ndarray) -> str:
+    """Everything a variant's bytes depend on (see the module docstring)."""
+    import onnx
+    import onnxruntime as ort
+
+    images = np.ascontiguousarray(calibration_images)
+    calibration = f"{images.shape} {hashlib.sha256(images.tobytes()).hexdigest()}" if name == "int8" else "not read"
+    return build_key("variant", name, sha256(fp32_path), calibration, cpu_facts().describe(),
+                     f"onnx {onnx.__version__}", f"onnxruntime {ort.__version__}")
+
+
+def _build(name: str, builder: Callable[[Path], Path], target: Path, cache: BuildCache | None, key: str) -> tuple[float, bool]:
+    """Build (or copy from `cache`) one variant; returns the seconds it took and whether it was copied."""
     started = time.perf_counter()
+    if cache is not None and cache.fetch(key, target):
+        return time.perf_counter() - started, True
     try:
         builder(target)
     except VariantError:
         raise
     except Exception as exc:  # noqa: BLE001 - onnx/onnxruntime tools raise many types
         raise VariantError(f"building the {name} variant of {target.parent / 'model.onnx'} failed ({exc}); drop it from deploy.variants") from exc
-    return time.perf_counter() - started
+    if cache is not None:
+        cache.keep(key, target)
+    return time.perf_counter() - started, False
 
 
 def build_variants(
@@ -316,6 +347,7 @@ def build_variants(
     max_drop: float,
     min_speedup: float = MIN_SPEEDUP,
     reference: np.ndarray | None = None,
+    cache_dir: Path | None = None,
 ) -> VariantsReport:
     """Build each variant in `names` beside `fp32_path`, and judge each.
 
@@ -334,6 +366,7 @@ def build_variants(
         min_speedup: Least speed-up over fp32 (batch 1 and batch 32) a published CPU variant must show; 0 to skip timing.
         reference: fp32's probabilities on `test_images` on the CPU provider, when the caller has them already
             (the deploy stage's gate computed them); else they are computed here.
+        cache_dir: Where builds are kept and reused (see the module docstring); None builds every variant.
 
     Returns:
         The fp32 accuracy and one `VariantResult` per variant; unpublished files are moved to `rejected/`.
@@ -351,12 +384,19 @@ def build_variants(
     if not wanted:
         return VariantsReport(fp32_accuracy, ())
     log.info("building the %s variants", ", ".join(wanted))
+    cache = BuildCache(cache_dir, VARIANT_CACHE_KEEP) if cache_dir is not None else None
+    keys = {name: _build_key(fp32_path, name, calibration_images) for name in wanted} if cache is not None else dict.fromkeys(wanted, "")
     with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="variant") as pool:
-        futures = {name: pool.submit(_build, name, builders[name], variant_path(fp32_path, name)) for name in wanted}
-        seconds = {name: future.result() for name, future in futures.items()}
+        futures = {name: pool.submit(_build, name, builders[name], variant_path(fp32_path, name), cache, keys[name]) for name in wanted}
+        built = {name: future.result() for name, future in futures.items()}
+    reused = [name for name in wanted if built[name][1]]
+    if reused:
+        log.info("%s: the same fp32 model and inputs as a build before; copied from %s", ", ".join(reused), cache_dir)
     results = []
     for name in wanted:
-        result = judge_variant(name, variant_path(fp32_path, name), reference, test_images, test_labels, max_drop, seconds[name])
+        seconds, copied = built[name]
+        result = judge_variant(name, variant_path(fp32_path, name), reference, test_images, test_labels, max_drop, seconds)
+        result = replace(result, reused=copied)
         if result.published and min_speedup > 0:
             result = judge_speed(result, fp32_path, test_images, min_speedup)
         log.info("%s", result.reason)

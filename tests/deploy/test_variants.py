@@ -254,3 +254,40 @@ def test_int8_is_published_for_the_real_configuration(tmp_path, feature_cache_di
     assert int8.published, int8.reason  # within 1 point and faster than fp32 on this CPU
     assert -int8.accuracy_change <= params.deploy.max_variant_drop and int8.top1_agreement >= 0.97
     assert int8.speed is not None and min(int8.speed.speedup_batch1, int8.speed.speedup_batch) >= 1.05
+
+
+def test_a_variant_of_the_same_model_and_inputs_is_copied_from_the_build_cache_and_judged_again(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    """A rerun exports the same fp32 file: its variants come from the cache, byte for byte, and are judged afresh. Other
+    calibration images, or a tampered cache entry, build again."""
+    cache_dir = tmp_path / "cache" / "variants"
+    paths, labels = tiny_model.val()
+    images = load_batch(paths, 64)
+    calibration = load_batch([s.path for s in tiny_model.split.train[::3]], 64)
+
+    def build(folder_name, calibration_images):
+        folder = tmp_path / folder_name
+        folder.mkdir()
+        fp32 = shutil.copyfile(tiny_model.onnx_path, folder / "model.onnx")
+        return build_variants(fp32, ("fp16", "int8"), images, labels, calibration_images, max_drop=1.0, min_speedup=0, cache_dir=cache_dir)
+
+    first = build("first", calibration)
+    assert [v.reused for v in first.variants] == [False, False]
+    real_int8 = variants_module.build_int8
+    monkeypatch.setattr(variants_module, "build_int8", lambda *args: pytest.fail("INT8 was built again for the same model and inputs"))
+    monkeypatch.setattr(variants_module, "to_fp16", lambda *args: pytest.fail("fp16 was built again for the same model"))
+    second = build("second", calibration)
+    assert [v.reused for v in second.variants] == [True, True]
+    for before, after in zip(first.variants, second.variants, strict=True):
+        assert after.path.parent == tmp_path / "second" and after.path.read_bytes() == before.path.read_bytes()
+        assert after.accuracy == before.accuracy and after.reason == before.reason  # judged again, to the same verdict
+
+    monkeypatch.setattr(variants_module, "build_int8", real_int8)
+    other = build("other-calibration", calibration[::2])
+    assert [v.reused for v in other.variants] == [True, False]  # fp16 does not read the calibration images
+
+    for entry in cache_dir.iterdir():
+        for kept in entry.glob("model.int8.onnx"):
+            kept.write_bytes(kept.read_bytes()[:-16] + bytes(16))
+    rebuilt = build("after-tampering", calibration)
+    assert not rebuilt.get("int8").reused
+    assert rebuilt.get("int8").path.read_bytes() == first.get("int8").path.read_bytes()

@@ -516,8 +516,14 @@ def test_augmentation_is_per_image_seeded_and_keeps_the_format(tiny_params):
 
 
 @pytest.mark.slow  # torch.export of the whole model takes ~15-30 s on two shared cores
-def test_the_trained_model_is_logged_to_mlflow_with_its_signature(digits_dir, feature_cache_dir, tmp_path):
+def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_model_again_from_its_copy(
+    digits_dir, feature_cache_dir, tmp_path, monkeypatch
+):
+    """The PyTorch model is logged with its signature and loads to the same outputs. Logged a second time (a rerun
+    trains the same weights), it comes from the build cache without another export: the same `model.pt2` bytes,
+    with a `MLmodel` of its own (a new uuid), and it loads to the same outputs."""
     import mlflow.pytorch
+    import yaml
     from mlflow.models import get_model_info
 
     from components.data.images import load_batch
@@ -527,8 +533,9 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature(digits_dir, fe
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=2")
     split = scan(digits_dir)
     result = fine_tune(params, split, choice(), tmp_path / "run")
+    cache_dir = tmp_path / "cache" / "pt2"
     with parent_run(params) as run:
-        uri = log_trained_model(run, result)
+        uri = log_trained_model(run, result, cache_dir)
     signature = get_model_info(uri).signature
     spec = signature.inputs.to_dict()[0]["tensor-spec"]
     assert spec["dtype"] == "uint8" and list(spec["shape"]) == [-1, SIZE, SIZE, 3]
@@ -536,7 +543,21 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature(digits_dir, fe
     logged = mlflow.pytorch.load_model(uri)
     images = torch.from_numpy(load_batch([s.path for s in split.val[:4]], SIZE))
     with torch.no_grad():
-        torch.testing.assert_close(logged(images), load_classifier(result.checkpoint_path)[0](images))
+        expected = load_classifier(result.checkpoint_path)[0](images)
+        torch.testing.assert_close(logged(images), expected)
+
+    monkeypatch.setattr(mlflow.pytorch, "save_model", lambda *a, **k: pytest.fail("the same model was exported again"))
+    with parent_run(params) as run:
+        again = log_trained_model(run, result, cache_dir)
+    assert again != uri
+    first, second = (Path(mlflow.artifacts.download_artifacts(u, dst_path=str(tmp_path / name))) for u, name in ((uri, "a"), (again, "b")))
+    assert (second / "data" / "model.pt2").read_bytes() == (first / "data" / "model.pt2").read_bytes()
+    before, after = (yaml.safe_load((folder / "MLmodel").read_text()) for folder in (first, second))
+    assert after["model_uuid"] != before["model_uuid"]
+    assert {k: v for k, v in after.items() if k not in ("model_uuid", "utc_time_created")} == {
+        k: v for k, v in before.items() if k not in ("model_uuid", "utc_time_created")}
+    with torch.no_grad():
+        torch.testing.assert_close(mlflow.pytorch.load_model(again)(images), expected)
 
 
 def test_an_interrupt_during_a_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
