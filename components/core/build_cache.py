@@ -62,22 +62,32 @@ class BuildCache:
     def fetch(self, key: str, target: Path) -> bool:
         """Copy the entry `key` to `target` (a file, or a folder for a folder entry); False when there is none."""
         entry = self.root / key
+        if not entry.is_dir():
+            return False
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
-        except (OSError, ValueError):
-            return False
-        files: dict[str, str] = manifest["files"]
-        bad = [name for name, digest in files.items() if not (entry / name).is_file() or sha256(entry / name) != digest]
-        if bad:
-            log.warning("build cache: %s in %s does not match its recorded sha256; deleted, building again", bad[0], entry)
+            files, kind = dict(manifest["files"]), manifest["kind"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("build cache: %s has no readable manifest (%s); deleted, building again", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
             return False
-        if manifest["kind"] == "file":
-            (name,) = files
-            copy_file(entry / name, target)
-        else:
-            _copy_folder(entry, target, files)
-        os.utime(entry / MANIFEST)  # used now: the last to be pruned
+        existed = target.exists()
+        try:
+            bad = [name for name, digest in files.items() if not (entry / name).is_file() or sha256(entry / name) != digest]
+            if bad:
+                log.warning("build cache: %s in %s does not match its recorded sha256; deleted, building again", bad[0], entry)
+                shutil.rmtree(entry, ignore_errors=True)
+                return False
+            if kind == "file":
+                (name,) = files
+                copy_file(entry / name, target)
+            else:
+                _copy_folder(entry, target, files)
+            os.utime(entry / MANIFEST)  # used now: the last to be pruned
+        except FileNotFoundError:  # another process pruned the entry while it was read: build instead
+            if kind == "folder" and not existed:
+                shutil.rmtree(target, ignore_errors=True)
+            return False
         return True
 
     def keep(self, key: str, source: Path) -> None:

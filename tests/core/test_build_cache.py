@@ -87,3 +87,16 @@ def test_the_key_changes_with_every_input():
     assert len({base, build_key("variant", "fp16", "sha-of-model", (64, 112, 112, 3)),
                 build_key("variant", "int8", "sha-of-other", (64, 112, 112, 3)),
                 build_key("variant", "int8", "sha-of-model", (32, 112, 112, 3))}) == 4
+
+
+def test_an_entry_without_a_readable_manifest_is_deleted_and_built_again(tmp_path, caplog):
+    cache = BuildCache(tmp_path / "cache", keep=4)
+    source = tmp_path / "model.onnx"
+    source.write_bytes(b"model")
+    cache.keep("k", source)
+    (tmp_path / "cache" / "k" / "manifest.json").write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        assert not cache.fetch("k", tmp_path / "out.onnx")
+    assert "no readable manifest" in caplog.text and not (tmp_path / "cache" / "k").exists()
+    cache.keep("k", source)
+    assert cache.fetch("k", tmp_path / "out.onnx") and (tmp_path / "out.onnx").read_bytes() == b"model"
