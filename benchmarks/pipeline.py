@@ -7,7 +7,8 @@
 1. Strategies (issue 17): `graft run` on 600 demo digits (about 420 training images, 112 px, the
    three-way split) with `train.strategy=feature_extraction` and with `fine_tune`, each twice: cold
    (new caches, store and Prefect home: the first run of a new project) and warm (the same again: a
-   rerun); then feature_extraction once more on 600 other digits in the same project (Prefect's
+   rerun, which trains the same weights and so copies its `pt2` model and variants from the build cache);
+   then feature_extraction once more on 600 other digits in the same project (Prefect's
    database and the MLflow store exist, every image is new: a run on new data). Each run is one `graft run` process, timed from outside, with a timeline from inside:
    imports, the embedded Prefect API, every stage and every deploy step (`components.core.progress`
    marks them; the benchmark only listens), and its CPU time (with the embedded API's): `cores_busy` is
