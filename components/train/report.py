@@ -54,10 +54,13 @@ def _requirements() -> list[str]:
 
 def _model_digest(model) -> str:  # noqa: ANN001 - torch.nn.Module
     """sha256 of the module's structure and every tensor in its state (names, shapes, dtypes, bytes)."""
+    import torch
+
     digest = hashlib.sha256(repr(model).encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # the raw bytes, whatever the dtype (numpy has no bfloat16)
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
