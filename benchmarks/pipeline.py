@@ -195,7 +195,8 @@ def import_times() -> dict:
 
 def prefect_api_start() -> float:
     """Seconds to start (and stop) Prefect's embedded API alone, as `graft run` starts it."""
-    code = ("import time, tempfile, os; os.environ['PREFECT_HOME'] = tempfile.mkdtemp(); "
+    code = ("import atexit, shutil, time, tempfile, os; os.environ['PREFECT_HOME'] = home = tempfile.mkdtemp(prefix='graft-bench-prefect-'); "
+            "atexit.register(shutil.rmtree, home, ignore_errors=True); "
             "os.environ.setdefault('PREFECT_SERVER_ANALYTICS_ENABLED', 'false'); os.environ.setdefault('PREFECT_UI_ENABLED', 'false'); "
             "os.environ.setdefault('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS', '120'); "
             "from flows.interrupts import _DetachedPrefectAPI; api = _DetachedPrefectAPI(); t = time.perf_counter(); api.launch(); api.wait(); "

@@ -20,6 +20,9 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# DVC outside a repository with `core.analytics = false` (a test's new repo, its analytics daemon) writes a usage
+# report to a temp file and, offline, never sends or deletes it
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs the suite in parallel processes on few cores: one math thread each (inherited by
     # the graft processes the tests start), so the workers do not oversubscribe the cores they share

@@ -78,7 +78,8 @@ def _version_tags(graft_run, summary) -> dict[str, str]:
     version = summary["registered"]["version"]
     folder = client.get_model_version_download_uri("graft-test", version).rstrip("/")
     mlflow.set_tracking_uri(uri)
-    details = json.loads(Path(mlflow.artifacts.download_artifacts(f"{folder}/registration.json")).read_text())
+    downloads = graft_run.store.parent / f"registration-v{version}"
+    details = json.loads(Path(mlflow.artifacts.download_artifacts(f"{folder}/registration.json", dst_path=str(downloads))).read_text())
     return {**client.get_model_version("graft-test", version).tags, **details["model"]}
 
 

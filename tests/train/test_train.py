@@ -530,6 +530,9 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_m
     from components.registry.tracking import parent_run
     from components.train.report import log_trained_model
 
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's loaders leave their downloads in temp folders
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=2")
     split = scan(digits_dir)
     result = fine_tune(params, split, choice(), tmp_path / "run")
