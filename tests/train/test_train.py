@@ -522,6 +522,8 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_m
     """The PyTorch model is logged with its signature and loads to the same outputs. Logged a second time (a rerun
     trains the same weights), it comes from the build cache without another export: the same `model.pt2` bytes,
     with a `MLmodel` of its own (a new uuid), and it loads to the same outputs."""
+    import tempfile
+
     import mlflow.pytorch
     import yaml
     from mlflow.models import get_model_info
@@ -529,8 +531,6 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_m
     from components.data.images import load_batch
     from components.registry.tracking import parent_run
     from components.train.report import log_trained_model
-
-    import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's loaders leave their downloads in temp folders
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=2")
