@@ -90,11 +90,16 @@ def check_setup(params: Params, cuda_devices: int | None = None) -> None:
         )
 
 
+ELASTIC_LOG_DIR = "torchrun-logs"
+"""torchrun's own folders, in the job folder: left to itself it makes a `torchelastic_*` folder in /tmp per run and keeps it."""
+
+
 def launch_command(processes: int, job: Path) -> list[str]:
     """The torchrun command line that trains the job in `processes` processes on this machine."""
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-        f"--nproc_per_node={processes}", "-m", "components.train.worker", str(job),
+        f"--nproc_per_node={processes}", f"--log-dir={job.parent / ELASTIC_LOG_DIR}",
+        "-m", "components.train.worker", str(job),
     ]
 
 

@@ -5,6 +5,7 @@ metrics, or the processes' own error."""
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,13 @@ def test_fine_tune_in_two_processes_learns_logs_every_epoch_and_keeps_one_model(
     )
     split = scan(digits_dir)
     rows: list[tuple[int, dict]] = []
+    elastic_before = set(Path(tempfile.gettempdir()).glob("torchelastic_*"))
     with caplog.at_level("INFO", logger="components.train.launcher"):
         result = fine_tune(params, split, choice(), tmp_path / "run", on_epoch=lambda row, step: rows.append((step, row)))
     assert result.backbone_trained and result.epochs_run == 3
+    # torchrun's own folders are in the job folder, not left behind in /tmp
+    assert set(Path(tempfile.gettempdir()).glob("torchelastic_*")) == elastic_before
+    assert (tmp_path / "run" / "distributed" / "torchrun-logs").is_dir()
     assert "fine-tune in 2 processes (gloo on the CPU)" in caplog.text and "torch.distributed.run --standalone" in caplog.text
     assert [line for line in caplog.messages if line.startswith("epoch ")] == [
         f"epoch {i}: train loss {row['train/loss']:.4f}, val loss {row['val/loss']:.4f}, val accuracy {row['val/accuracy']:.3f}"
@@ -120,6 +125,7 @@ def test_each_process_takes_a_disjoint_share_of_every_batch():
     assert torch.equal(shard(batch, World()), batch)
     command = launch_command(3, Path("/x/job.json"))
     assert "--nproc_per_node=3" in command and command[-2:] == ["components.train.worker", "/x/job.json"]
+    assert "--log-dir=/x/torchrun-logs" in command
 
 
 def test_progress_is_read_line_by_line_and_a_half_written_line_waits(tmp_path):
