@@ -65,6 +65,14 @@ def _nothing_left_in_the_checkout():
     assert not made, f"the test left {', '.join(made)} in the checkout ({REPO}): point its MLflow client, server or experiment at tmp_path"
 
 
+@pytest.fixture
+def temp_in_tmp_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Python's temp folder is the test's `tmp_path`: MLflow's loaders (`get_model_info`, `*.load_model`) download into
+    temp folders they never delete."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return tmp_path
+
+
 @pytest.fixture(scope="session")
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
     """A throwaway Prefect API (SQLite in a temp folder) for flow tests."""

@@ -18,7 +18,7 @@ from components.backbones.classifier import GraftClassifier
 from components.backbones.export import template_path, tidy_onnx, torchscript_trace, trace_to_onnx, trace_with_template
 from components.core.config import Exporter
 from components.core.errors import ExportError
-from components.core.files import sha256, temp_write
+from components.core.files import cached_sha256, temp_write
 from components.data.images import load_batch
 from components.runtime.model import OnnxClassifier
 
@@ -234,4 +234,5 @@ def export_and_verify(
         max_diff, agreement = check_parity(model, path, images, atol)
     log.info("ONNX parity on %d images: max |diff| %.2e, top-1 agreement %.0f%% (%s)", len(images), max_diff, agreement * 100,
              HOW_MADE[how])
-    return ExportResult(path, sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started, how)
+    # cached: the variants' build cache keys on the same digest in this process
+    return ExportResult(path, cached_sha256(path), opset, max_diff, agreement, len(images), time.perf_counter() - started, how)

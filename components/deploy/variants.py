@@ -43,7 +43,7 @@ import numpy as np
 
 from components.core.build_cache import BuildCache, build_key
 from components.core.errors import VariantError
-from components.core.files import sha256
+from components.core.files import cached_sha256, sha256
 from components.deploy.int8 import to_int8
 from components.evaluate.gate import signed_points
 from components.runtime.cpu import cpu_facts
@@ -318,7 +318,7 @@ def _build_key(fp32_path: Path, name: str, calibration_images: np.ndarray) -> st
 
     images = np.ascontiguousarray(calibration_images)
     calibration = f"{images.shape} {hashlib.sha256(images.tobytes()).hexdigest()}" if name == "int8" else "not read"
-    return build_key("variant", name, sha256(fp32_path), calibration, cpu_facts().describe(),
+    return build_key("variant", name, cached_sha256(fp32_path), calibration, cpu_facts().describe(),
                      f"onnx {onnx.__version__}", f"onnxruntime {ort.__version__}")
 
 

@@ -34,12 +34,8 @@ def _batch() -> np.ndarray:
     return batch
 
 
-def test_pyfunc_loads_the_champion_and_answers_uint8_nhwc_batches_as_graft_does(champion, tmp_path, monkeypatch):
-    import tempfile
-
+def test_pyfunc_loads_the_champion_and_answers_uint8_nhwc_batches_as_graft_does(champion, temp_in_tmp_path):
     import mlflow
-
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's loaders leave their downloads in temp folders
 
     store, version = champion
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")

@@ -517,13 +517,11 @@ def test_augmentation_is_per_image_seeded_and_keeps_the_format(tiny_params):
 
 @pytest.mark.slow  # torch.export of the whole model takes ~15-30 s on two shared cores
 def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_model_again_from_its_copy(
-    digits_dir, feature_cache_dir, tmp_path, monkeypatch
+    digits_dir, feature_cache_dir, tmp_path, monkeypatch, temp_in_tmp_path
 ):
     """The PyTorch model is logged with its signature and loads to the same outputs. Logged a second time (a rerun
     trains the same weights), it comes from the build cache without another export: the same `model.pt2` bytes,
     with a `MLmodel` of its own (a new uuid), and it loads to the same outputs."""
-    import tempfile
-
     import mlflow.pytorch
     import yaml
     from mlflow.models import get_model_info
@@ -532,7 +530,6 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_m
     from components.registry.tracking import parent_run
     from components.train.report import log_trained_model
 
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # MLflow's loaders leave their downloads in temp folders
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.epochs=2")
     split = scan(digits_dir)
     result = fine_tune(params, split, choice(), tmp_path / "run")
