@@ -28,6 +28,7 @@ from components.evaluate.report import log_evaluation
 from components.evaluate.stage import EvalResult, evaluate
 from components.registry.tracking import Run, parent_run
 from components.report.dvc_outputs import write_dvc_outputs
+from components.report.log_file import capture_run_log
 from components.report.run_log import log_run_start, log_summary
 from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
@@ -87,28 +88,30 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
     the DVC train stage's outputs there (metrics, plots, the ONNX model); with `hold`, register the model
     as challenger only, whatever the gate says (`hold` says why)."""
     clock = Stopwatch()
-    with clock("data"):
-        split, md5 = scan_task(params)
-    commit = git_commit()
-    with parent_run(params, tags={"data_md5": md5, "git_commit": commit}) as run:
-        run_dir = params.deploy.output_dir / "runs" / run.run_id
-        log_run_start(run, params, split, md5, commit)
-        with clock("choose"):
-            choice = choose_stage(params, split)
-        log_choice(run, choice, run_dir)
-        with clock("fine_tune"):
-            trained = fine_tune_task(params, split, choice, run, run_dir)
-        if params.tracking.log_pytorch_model:
-            log_trained_model(run, trained, params.data.cache_dir / "pt2")
-        with clock("evaluate"):
-            evaluation = evaluate_task(params, split, trained, run_dir)
-        log_evaluation(run, evaluation)
-        with clock("deploy"):
-            deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit, hold), trained, evaluation)
-        forget_checkpoints(params, trained)  # registered: nothing left to resume
-        summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds, split)
-        log_summary(run, summary)
-        if report_dir is not None:
-            write_dvc_outputs(summary, report_dir)
+    with capture_run_log() as run_log:
+        with clock("data"):
+            split, md5 = scan_task(params)
+        commit = git_commit()
+        with parent_run(params, tags={"data_md5": md5, "git_commit": commit}) as run:
+            run_dir = params.deploy.output_dir / "runs" / run.run_id
+            with run_log.kept(run, run_dir):
+                log_run_start(run, params, split, md5, commit)
+                with clock("choose"):
+                    choice = choose_stage(params, split)
+                log_choice(run, choice, run_dir)
+                with clock("fine_tune"):
+                    trained = fine_tune_task(params, split, choice, run, run_dir)
+                if params.tracking.log_pytorch_model:
+                    log_trained_model(run, trained, params.data.cache_dir / "pt2")
+                with clock("evaluate"):
+                    evaluation = evaluate_task(params, split, trained, run_dir)
+                log_evaluation(run, evaluation)
+                with clock("deploy"):
+                    deployed = deploy_task(DeployContext(params, split, run, run_dir, md5, commit, hold), trained, evaluation)
+                forget_checkpoints(params, trained)  # registered: nothing left to resume
+                summary = RunSummary(run.run_id, params.data.dir, md5, commit, choice, trained, evaluation, deployed, run_dir, clock.seconds, split)
+                log_summary(run, summary)
+                if report_dir is not None:
+                    write_dvc_outputs(summary, report_dir)
     create_markdown_artifact(key="graft-run-summary", markdown=summary.markdown(), description=summary.model_label)
     return summary

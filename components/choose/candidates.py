@@ -22,6 +22,7 @@ from components.backbones.features import FeatureCache, OnnxFeatures
 from components.backbones.spec import BackboneSpec, count_params_m
 from components.backbones.zoo import configured_specs, get_spec, random_twin, register_backbones
 from components.choose.logme import logme
+from components.choose.probe import probe_accuracy
 from components.core.config import Params
 from components.core.errors import DataError, ExportError, GraftError, ModelError
 from components.data.images import DecodedImages
@@ -75,31 +76,6 @@ class CandidateScore:
         out = asdict(self)
         out["params"] = int(self.params_m * 1e6) if self.params_m is not None else None
         return out
-
-
-def probe_accuracy(features: np.ndarray, labels: np.ndarray, seed: int) -> float | None:
-    """Accuracy of a logistic-regression probe on a held-out third of the sample (None if too small)."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    _, counts = np.unique(labels, return_counts=True)
-    if counts.min() < 2 or len(labels) < 2 * len(counts):
-        return None
-    x_fit, x_test, y_fit, y_test = train_test_split(
-        features, labels, test_size=max(len(counts), int(0.3 * len(labels))), stratify=labels, random_state=seed
-    )
-    from sklearn.decomposition import PCA
-    from threadpoolctl import threadpool_limits
-
-    # An L2-regularised probe's weights lie in the span of the centred training rows, so projecting
-    # onto that span first (at most N-1 dimensions, instead of D) gives the same fit, much faster.
-    rank = min(len(x_fit) - 1, features.shape[1])
-    probe = make_pipeline(StandardScaler(), PCA(rank, svd_solver="full"), LogisticRegression(max_iter=1000, C=0.5))
-    with threadpool_limits(1, user_api="blas"):  # small problem: extra BLAS threads only contend
-        probe.fit(x_fit, y_fit)
-        return float(probe.score(x_test, y_test))
 
 
 def resolve_spec(params: Params, name: str) -> BackboneSpec:

@@ -20,6 +20,7 @@ from components.deploy.stage import DeployResult
 from components.deploy.variants import VariantsReport
 from components.evaluate.gate import signed_points
 from components.evaluate.stage import EvalResult
+from components.report.log_file import RUN_LOG
 from components.train.stage import TrainResult
 
 
@@ -157,6 +158,7 @@ class RunSummary:
             f"gate              {'; '.join(deployed.verdict.reasons)}",
             *([f"held back         {deployed.held}"] if deployed.held else []),
             f"files             {self.run_dir}",
+            *([f"log               {self.run_dir / RUN_LOG}"] if (self.run_dir / RUN_LOG).is_file() else []),
             f"MLflow run        {self.run_id}",
             f"timings (s)       {timings}",
             "",

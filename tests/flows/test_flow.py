@@ -1,6 +1,7 @@
 """The whole pipeline end to end: real Prefect, real MLflow on SQLite, real onnxruntime."""
 
 import json
+import re
 from pathlib import Path
 
 import onnx
@@ -73,6 +74,16 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     assert [m.step for m in client.get_metric_history(summary["run_id"], "val/loss")] == list(range(1, epochs + 1))
     # without --report, `graft run` writes its run folder and nothing DVC or git track
     assert sorted(p.name for p in run_cli.params.deploy.output_dir.iterdir()) == ["runs"]
+    # the run's log, from its first line (before the MLflow run existed) to its upload, in the run folder and on the run
+    log_file = run_cli.params.deploy.output_dir / "runs" / summary["run_id"] / "run.log"
+    lines = log_file.read_text().splitlines()
+    assert "components.data.folders: data " in lines[0] and "classes" in lines[0]
+    assert any(re.search(r"components\.train\.loop: head: epoch \d+ of \d+, train loss .* images/s$", line) for line in lines)
+    assert any("components.deploy" in line and "ONNX parity on" in line for line in lines)
+    assert "run log: " in lines[-1] and summary["run_id"] in lines[-1]
+    uploaded = Path(client.download_artifacts(summary["run_id"], "run.log", str(tmp_path / "download")))
+    assert uploaded.read_text() == log_file.read_text()
+    assert f"log               {log_file}" in printed
 
     images = sorted((digits_dir / "7").iterdir())[:3] + sorted((digits_dir / "0").iterdir())[:3]
     capsys.readouterr()

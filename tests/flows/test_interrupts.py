@@ -7,6 +7,7 @@ so the embedded Prefect API gets it too, as it would from a Ctrl-C.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -142,6 +143,14 @@ def test_an_interrupt_stops_every_stage_within_seconds_registers_nothing_and_the
     experiment = client.get_experiment_by_name("graft").experiment_id
     parents = [r for r in client.search_runs([experiment]) if "mlflow.parentRunId" not in r.data.tags]
     assert sorted(r.info.status for r in parents) == ["FINISHED", "KILLED", "KILLED", "KILLED"]
+    # each run's log is in its run folder up to where it stopped; only the finished run uploaded it to MLflow
+    for parent in parents:
+        log_file = tmp_path / "outputs" / "runs" / parent.info.run_id / "run.log"
+        uploaded = [a.path for a in client.list_artifacts(parent.info.run_id) if a.path == "run.log"]
+        assert uploaded == (["run.log"] if parent.info.status == "FINISHED" else []), parent.info.status
+        assert "choose, round 1: scoring" in log_file.read_text()
+    logs = [(tmp_path / "outputs" / "runs" / r.info.run_id / "run.log").read_text() for r in parents if r.info.status == "KILLED"]
+    assert any(re.search(r": epoch \d+ of 25, train loss", text) for text in logs)  # stopped in or after fine-tune
     with sqlite3.connect(tmp_path / "homes" / "prefect" / "prefect.db") as db:
         states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
     assert states == ["COMPLETED", "CRASHED", "CRASHED", "CRASHED"]
