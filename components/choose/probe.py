@@ -69,7 +69,7 @@ def span_coordinates(fit: np.ndarray, other: np.ndarray) -> tuple[np.ndarray, np
     centre = fit.mean(axis=0)
     fit, other = fit - centre, other - centre
     values, vectors = np.linalg.eigh(fit @ fit.T)
-    keep = values > max(values.max(initial=0.0), 0.0) * 1e-10
+    keep = values > values.max(initial=0.0) * 1e-10
     basis = (fit.T @ vectors[:, keep]) / np.sqrt(values[keep])  # D x k, orthonormal columns
     return fit @ basis, other @ basis
 
