@@ -78,7 +78,8 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     log_file = run_cli.params.deploy.output_dir / "runs" / summary["run_id"] / "run.log"
     lines = log_file.read_text().splitlines()
     assert "components.data.folders: data " in lines[0] and "classes" in lines[0]
-    assert any(re.search(r"components\.train\.loop: head: epoch \d+ of \d+, train loss .* images/s$", line) for line in lines)
+    # (its epoch lines are checked where training surely runs: the shared cache may hold a finished head's checkpoint)
+    assert any(re.search(r"components\.train\.stage: fine-tune done: \d+ epochs", line) for line in lines)
     assert any("components.deploy" in line and "ONNX parity on" in line for line in lines)
     assert "run log: " in lines[-1] and summary["run_id"] in lines[-1]
     uploaded = Path(client.download_artifacts(summary["run_id"], "run.log", str(tmp_path / "download")))

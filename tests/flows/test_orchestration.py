@@ -343,7 +343,7 @@ def test_the_deployment_runs_on_a_prefect_server_and_process_worker_against_an_m
     # the worker's flow run (Prefect's own logging set-up) keeps the run's INFO lines in its log, uploaded to the server
     uploaded = Path(client.download_artifacts(champion.run_id, "run.log", str(tmp_path / "download"))).read_text()
     assert uploaded == (tmp_path / "outputs" / "runs" / champion.run_id / "run.log").read_text()
-    assert "components.data.folders: data " in uploaded and "head: epoch " in uploaded and "ONNX parity on" in uploaded
+    assert "components.data.folders: data " in uploaded and "fine-tune done: " in uploaded and "ONNX parity on" in uploaded
 
     out = run_once("graft-retrain/graft-retrain-cli")  # same data and parameters: nothing to do
     assert "Completed" in out, out[-2000:]
