@@ -18,6 +18,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Isolated, quiet Prefect for the whole session (set before prefect is imported anywhere).
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
+# tests call the components outside flows too: their log lines have no flow run to go to, which Prefect's API
+# handler would otherwise warn about once per logger (dozens of lines in the warnings summary)
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 # DVC outside a repository with `core.analytics = false` (a test's new repo, its analytics daemon) writes a usage
