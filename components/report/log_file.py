@@ -74,7 +74,7 @@ class RunLogFile(logging.Handler):
     def _upload(self, run: Run) -> None:
         if self.path is None:
             return
-        log.info("run log: %s (uploaded to MLflow run %s as %s)", self.path, run.run_id, RUN_LOG)
+        log.info("run log: %s (uploading it to MLflow run %s as %s)", self.path, run.run_id, RUN_LOG)
         try:
             run.log_artifact(self.path)
         except GraftError as exc:

@@ -47,7 +47,7 @@ def test_lines_before_the_run_folder_exists_come_first_then_every_line_and_the_u
     written = (tmp_path / "runs" / run.run_id / RUN_LOG).read_text().splitlines()
     assert written[0].endswith("INFO components.test_log_file: before the run folder")
     assert sorted(line.split(": ", 1)[1] for line in written[1:5]) == [f"from thread {i}" for i in range(4)]
-    assert written[5].endswith("last line of the body") and f"uploaded to MLflow run {run.run_id}" in written[6]
+    assert written[5].endswith("last line of the body") and f"uploading it to MLflow run {run.run_id}" in written[6]
     assert len(written) == 7 and logging.getLogger().handlers.count(run_log) == 0
     assert logging.getLogger("components").level == logging.NOTSET  # Graft's loggers as they were
     uploaded = run.client.download_artifacts(run.run_id, RUN_LOG, str(tmp_path / "download"))
