@@ -48,7 +48,7 @@ from components.deploy.int8 import to_int8
 from components.evaluate.gate import signed_points
 from components.runtime.cpu import cpu_facts
 from components.runtime.model import OnnxClassifier
-from components.runtime.providers import GPU_PROVIDERS, choose_providers
+from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_providers
 from components.runtime.variant_files import variant_path
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _session(path: Path, providers: list[str]):  # noqa: ANN202 - onnxruntime.In
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = SPEED_THREADS
-    return ort.InferenceSession(str(path), options, providers=providers)
+    return ort.InferenceSession(str(path), options, providers=session_providers(providers, path))
 
 
 def time_against_fp32(fp32_path: Path, path: Path, images: np.ndarray, providers: list[str]) -> Speed:

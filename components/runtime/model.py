@@ -26,7 +26,7 @@ from components.core.errors import GraftError
 from components.data.images import load_batch
 from components.registry.versions import download_artifact, parse_registry_uri, registry_version
 from components.runtime.bundle import open_bundle
-from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_options
+from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_options, session_providers
 from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
 from components.runtime.variant_files import (
@@ -85,7 +85,8 @@ class OnnxClassifier:
         self.path = Path(path)
         check_external_data(self.path)  # refuse weights files outside the model's folder before onnxruntime reads them
         try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers or choose_providers())
+            chosen = session_providers(providers or choose_providers(), self.path, source.sha256 if source else None)
+            self.session = ort.InferenceSession(str(self.path), options, providers=chosen)
         except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own untyped errors
             raise GraftError(f"onnxruntime cannot load {self.path} ({exc}); is it a valid ONNX model?") from exc
         meta = self.session.get_modelmeta().custom_metadata_map

@@ -4,9 +4,18 @@
 from __future__ import annotations
 
 import ctypes.util
+import logging
+import os
+from collections.abc import Sequence
 from pathlib import Path
 
+from components.core.files import cached_sha256, user_cache_dir
+
+log = logging.getLogger(__name__)
+
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
+
+TENSORRT_CACHE_ENV = "GRAFT_TENSORRT_CACHE"
 
 
 def has_nvidia_gpu() -> bool:
@@ -64,8 +73,53 @@ def session_options(threads: int = 0, spin: bool | None = None):  # noqa: ANN201
     return options
 
 
+def tensorrt_cache_root() -> Path:
+    """Where TensorRT's engines and timing cache are kept: `$GRAFT_TENSORRT_CACHE`, else
+    `$XDG_CACHE_HOME/graft/tensorrt` (`~/.cache/graft/tensorrt`)."""
+    return Path(os.environ.get(TENSORRT_CACHE_ENV) or user_cache_dir() / "tensorrt")
+
+
+def tensorrt_options(model: Path, sha256: str | None = None) -> dict[str, str]:
+    """TensorRT's provider options for `model`: its engines kept on disk, so that only the first session
+    on this machine builds them (seconds to minutes), and the timing cache shared by every model.
+
+    onnxruntime names a cached engine after the model's file name and its graph's node names, not its
+    weights: a new version of the same architecture, also `model.onnx`, would load the old version's
+    engine. So each model file gets a folder of its own, named by its sha256 (`sha256` when the caller
+    checked it already). A folder that cannot be made costs the cache, not the session: a warning, and
+    TensorRT builds its engines in every process.
+    """
+    root = tensorrt_cache_root()
+    digest = sha256 or cached_sha256(Path(model))
+    engines, timing = root / digest[:16], root / "timing"
+    try:
+        for folder in (engines, timing):
+            folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        log.warning("TensorRT engine cache %s cannot be made (%s): engines are built in every process; "
+                    "set %s to a folder you can write to", root, exc.strerror or exc, TENSORRT_CACHE_ENV)
+        return {}
+    return {
+        "trt_engine_cache_enable": "True",
+        "trt_engine_cache_path": str(engines),
+        "trt_timing_cache_enable": "True",
+        "trt_timing_cache_path": str(timing),
+    }
+
+
+def session_providers(names: Sequence[str], model: Path, sha256: str | None = None) -> list[str | tuple[str, dict[str, str]]]:
+    """`names` as onnxruntime's `providers` argument for a session on `model`: TensorRT with its options
+    (`tensorrt_options`), the others by name. The precision is the file's: TensorRT runs an fp32 file
+    in fp32 (no `trt_fp16_enable`) and the fp16 variant in fp16, so what runs is what the deploy stage judged."""
+    chosen: list[str | tuple[str, dict[str, str]]] = []
+    for name in names:
+        options = tensorrt_options(model, sha256) if name == "TensorrtExecutionProvider" else {}
+        chosen.append((name, options) if options else name)
+    return chosen
+
+
 def open_session(path: Path, threads: int = 0, spin: bool | None = None):  # noqa: ANN201 - onnxruntime.InferenceSession
     """An onnxruntime session on the providers this machine really has (as `graft predict` uses)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads, spin), providers=choose_providers())
+    return ort.InferenceSession(str(path), session_options(threads, spin), providers=session_providers(choose_providers(), path))

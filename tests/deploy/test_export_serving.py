@@ -4,9 +4,11 @@ import copy
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import pytest
 import torch
 from PIL import Image
@@ -222,3 +224,63 @@ def test_graft_serve_turns_spin_waiting_off_and_other_sessions_keep_onnxruntime_
     assert providers.session_options().get_session_config_entry(key) == "0"
     with pytest.raises(RuntimeError):  # a caller may still ask for it explicitly
         providers.session_options(spin=True).get_session_config_entry(key)
+
+
+def _sessions_asked_for(monkeypatch) -> list:
+    """Record the `providers` each onnxruntime session is asked for, and open it on the CPU (no GPU here)."""
+    import onnxruntime as ort
+
+    asked, real = [], ort.InferenceSession
+
+    def recording(path, options=None, providers=None, **kwargs):
+        asked.append(providers)
+        return real(path, options, providers=["CPUExecutionProvider"], **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    return asked
+
+
+def test_tensorrt_keeps_each_model_file_s_engines_in_a_folder_of_its_own(exported, tmp_path, monkeypatch):
+    """TensorRT builds its engines once per machine, into a cache. onnxruntime names a cached engine by the
+    file's name and the graph's node names, not the weights: two versions of one architecture, both
+    `model.onnx`, must get folders of their own, or the new version would run the old one's engine."""
+    import components.runtime.providers as providers
+
+    _, _, result = exported
+    monkeypatch.setenv(providers.TENSORRT_CACHE_ENV, str(tmp_path / "tensorrt"))
+    old, new = tmp_path / "v1" / "model.onnx", tmp_path / "v2" / "model.onnx"
+    old.parent.mkdir()
+    new.parent.mkdir()
+    old.write_bytes(result.onnx_path.read_bytes())
+    retrained = onnx.load(str(result.onnx_path))
+    weight = next(t for t in reversed(retrained.graph.initializer) if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight) * 1.5, weight.name))  # same graph, other weights
+    onnx.save(retrained, str(new))
+
+    asked = _sessions_asked_for(monkeypatch)
+    for path in (old, new, old):
+        OnnxClassifier.load(path, providers=["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    options = [providers_asked[0][1] for providers_asked in asked]
+    assert [providers_asked[0][0] for providers_asked in asked] == ["TensorrtExecutionProvider"] * 3
+    assert all(providers_asked[1] == "CPUExecutionProvider" for providers_asked in asked)
+    engines = [o["trt_engine_cache_path"] for o in options]
+    assert engines[0] == engines[2] != engines[1]  # the same file finds its engines again; a retrained one does not
+    assert all(o["trt_engine_cache_enable"] == "True" and o["trt_timing_cache_enable"] == "True" for o in options)
+    assert {o["trt_timing_cache_path"] for o in options} == {str(tmp_path / "tensorrt" / "timing")}  # tactics: shared
+    assert all("trt_fp16_enable" not in o for o in options)  # the file's own precision: what the deploy stage judged
+    assert all((Path(e).stat().st_mode & 0o777) == 0o700 for e in engines)
+
+
+def test_an_unwritable_tensorrt_cache_costs_the_cache_and_says_so_not_the_session(exported, tmp_path, monkeypatch, caplog):
+    import components.runtime.providers as providers
+
+    _, _, result = exported
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(providers.TENSORRT_CACHE_ENV, str(blocker / "tensorrt"))  # no folder can be made under a file
+    asked = _sessions_asked_for(monkeypatch)
+    with caplog.at_level("WARNING", logger="components.runtime.providers"):
+        model = OnnxClassifier(result.onnx_path, ["TensorrtExecutionProvider", "CPUExecutionProvider"])
+    assert asked == [["TensorrtExecutionProvider", "CPUExecutionProvider"]]
+    assert model.predict_proba(np.zeros((1, model.image_size, model.image_size, 3), np.uint8)).shape[0] == 1
+    assert "GRAFT_TENSORRT_CACHE" in caplog.text and "built in every process" in caplog.text
