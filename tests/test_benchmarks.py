@@ -86,3 +86,16 @@ def test_the_pipeline_benchmark_splits_a_run_into_start_up_stages_and_steps():
     assert parts["stages_s"] == {"data": 0.5, "deploy": 5.0}
     assert parts["deploy_steps_s"] == {"start": 0.5, "export": 1.5, "the variants": 3.0}
     assert parts["outside_stages_s"] == 4.5 and parts["after_last_stage_s"] == 1.0 and parts["between_stages_s"] == 0.5
+
+
+def test_the_pipeline_benchmark_reports_the_median_round_with_its_own_timeline():
+    """Figures that hold: each whole-run figure is a median over rounds, and the timeline shown is that of the
+    round whose wall time is the median, not parts of different rounds."""
+    pipeline = _load("pipeline")
+    rounds = [{"wall_s": 31.0, "choose": "slow round"}, {"wall_s": 25.0, "choose": "median round"}, {"wall_s": 24.0, "choose": "fast round"}]
+    median = pipeline.median_run(rounds)
+    assert median["wall_s"] == 25.0 and median["choose"] == "median round"
+    assert median["wall_s_rounds"] == [31.0, 25.0, 24.0]  # in the order they ran
+    even = pipeline.median_run(rounds[:2])
+    assert even["wall_s"] == 28.0 and even["choose"] == "median round"  # the lower middle's timeline
+    assert pipeline.ROUNDS >= 3
