@@ -18,6 +18,8 @@
    the torch.export-based exporter to run (`deploy.exporter: dynamo`, or a failed trace), it would run as
    on a machine's first export. Goals: a cold feature_extraction run under 20 s; a cold fine_tune run at
    most 1.7x the cold feature_extraction run.
+   `benchmarks/results/pipeline_timeline.png` draws each run's timeline against the 20 s goal (`--plot`
+   draws it again from the results file).
 2. Start-up: `python -X importtime` of the flow's modules (the heaviest named), and the embedded
    Prefect API's start alone.
 3. Budgets (issue 2, `--budgets`, `--fresh-clone`): `make run` from a fresh clone <= 15 min including
@@ -49,6 +51,7 @@ sys.path.insert(0, str(REPO))  # run as a script from a checkout
 from benchmarks.machine import Verdict, Watch, peak_gflops, state  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
+TIMELINE_PLOT = RESULTS.with_name("pipeline_timeline.png")
 BUDGETS_S = {"flow": 300, "make_run_fresh": 900, "make_test_warm": 900}
 GOALS = {"feature_extraction_cold_s": 20.0, "fine_tune_over_feature_extraction": 1.7}
 PER_CLASS = 60
@@ -241,13 +244,66 @@ def flow_once(workdir: Path) -> dict:
     return {"seconds": round(seconds, 1), "stage_seconds": content["timings"], "test_accuracy": content.get("test", {}).get("accuracy"), "chosen": content["chosen"]}
 
 
+RUNS_PLOTTED = {
+    "feature_extraction_cold": "feature_extraction, new project",
+    "feature_extraction_warm": "feature_extraction, rerun",
+    "feature_extraction_new_images": "feature_extraction, new images",
+    "fine_tune_cold": "fine_tune, new project",
+    "fine_tune_warm": "fine_tune, rerun",
+}
+
+
+def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
+    """One bar per run (the median round): where its wall time went, against the 20 s goal."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["strategies"]
+    parts = [("start: imports, Prefect API", "#9e9e9e"), ("data", "#bcaaa4"), ("choose", "#42a5f5"), ("fine-tune", "#66bb6a"),
+             ("between stages (pt2 model)", "#ffa726"), ("evaluate", "#ab47bc"), ("deploy", "#ef5350"), ("end", "#616161")]
+    names = [name for name in RUNS_PLOTTED if name in runs]
+    fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(names) + 1.9))
+    for row, name in enumerate(reversed(names)):
+        run = runs[name]
+        stages = run["stages_s"]
+        widths = [run["interpreter_s"] + run["imports_s"] + run["prefect_api_and_flow_start_s"], stages.get("data", 0.0),
+                  stages.get("choose", 0.0), stages.get("fine-tune", 0.0), run["between_stages_s"], stages.get("evaluate", 0.0),
+                  stages.get("deploy", 0.0), run["after_last_stage_s"]]
+        left = 0.0
+        for (label, colour), width in zip(parts, widths, strict=True):
+            ax.barh(row, width, left=left, color=colour, label=label if row == 0 else None)
+            left += width
+        ax.text(left + 0.3, row, f"{run['wall_s']:.1f} s", va="center", fontsize=9)
+    ax.axvline(GOALS["feature_extraction_cold_s"], color="black", linestyle="--", linewidth=1)
+    ax.text(GOALS["feature_extraction_cold_s"] + 0.2, -0.65, "goal: 20 s", fontsize=8)
+    ax.set_yticks(range(len(names)), [RUNS_PLOTTED[name] for name in reversed(names)])
+    ax.set_xlabel("seconds")
+    machine = results.get("machine", {})
+    ax.set_title(f"graft run on 600 digits, the median of {runs.get('rounds', 1)} rounds: {machine.get('at', '')}, "
+                 f"{machine.get('cpu', {}).get('model', '')}, {machine.get('cpu', {}).get('cores', '')} cores", fontsize=10)
+    ax.set_ylim(-0.8, len(names) - 0.4)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", action="store_true", help="also time the flow on the demo data, warm and cold cache")
     parser.add_argument("--fresh-clone", action="store_true", help="also time make run / make test from a fresh clone")
     parser.add_argument("--force", action="store_true", help="write timings even from a busy machine (marked as such)")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="rounds of the runs (medians are reported; at least 1)")
+    parser.add_argument("--plot", action="store_true", help="only draw the timeline figure again from the results file")
     args = parser.parse_args()
+    if args.plot:
+        print(f"wrote {plot_timeline(json.loads(RESULTS.read_text()))}")
+        return
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, not {args.rounds}")
     verdict = Verdict()
@@ -278,7 +334,7 @@ def main() -> None:
     results.update(measured, forced=args.force)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {RESULTS} and {plot_timeline(results)}")
 
 
 if __name__ == "__main__":

@@ -99,3 +99,17 @@ def test_the_pipeline_benchmark_reports_the_median_round_with_its_own_timeline()
     even = pipeline.median_run(rounds[:2])
     assert even["wall_s"] == 28.0 and even["choose"] == "median round"  # the lower middle's timeline
     assert pipeline.ROUNDS >= 3
+
+
+def test_the_pipeline_timeline_figure_is_drawn_from_the_results_file(tmp_path):
+    """The whole-run figure in the README comes from the committed results, and `--plot` draws it again."""
+    import json
+
+    from PIL import Image
+
+    pipeline = _load("pipeline")
+    results = json.loads(pipeline.RESULTS.read_text())
+    drawn = pipeline.plot_timeline(results, tmp_path / "timeline.png")
+    with Image.open(drawn) as image:
+        assert image.format == "PNG" and image.width > 600 and image.height > 300
+    assert set(pipeline.RUNS_PLOTTED) <= set(results["strategies"])  # every bar has its run in the results
