@@ -260,6 +260,8 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from components.core.files import save_figure
+
     runs = results["strategies"]
     parts = [("start: imports, Prefect API", "#9e9e9e"), ("data", "#bcaaa4"), ("choose", "#42a5f5"), ("fine-tune", "#66bb6a"),
              ("between stages (pt2 model)", "#ffa726"), ("evaluate", "#ab47bc"), ("deploy", "#ef5350"), ("end", "#616161")]
@@ -286,11 +288,7 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
     ax.set_ylim(-0.8, len(names) - 0.4)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main() -> None:
