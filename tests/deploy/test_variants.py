@@ -188,6 +188,48 @@ def test_bias_correction_removes_the_mean_shift_of_rounded_weights(tiny_model, t
     assert after < 0.5 * before, (before, after)
 
 
+@pytest.mark.parametrize("vnni", [True, False], ids=["8-bit weights", "7-bit weights"])
+def test_int8_weights_are_the_rounding_the_bias_correction_assumed(tiny_model, tmp_path, monkeypatch, vnni):  # noqa: F811
+    """Each quantised convolution's weights in the INT8 file, dequantised, equal `rounded_like_onnxruntime` of the
+    fp32 weights: per channel, scale absmax / 127 with VNNI, absmax / 63 without (onnxruntime's own reduced range
+    is -64..64, which the bias correction did not assume), and no weight outside the range."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    import components.deploy.int8 as int8
+    from components.runtime.cpu import CpuFacts, cpu_facts
+
+    flags = ("avx2", "avx512f", "avx512_vnni") if vnni else ("avx2", "avx512f")
+    monkeypatch.setattr(int8, "cpu_facts", lambda: CpuFacts(cpu_facts().model, cpu_facts().cores, flags))
+    calibration = load_batch([s.path for s in tiny_model.split.train[:16]], 64)
+    meta = int8.to_int8(tiny_model.onnx_path, tmp_path / "model.int8.onnx", calibration)
+    bits = 8 if vnni else 7
+    assert meta["graft.int8_weight_bits"] == str(bits)
+    prepared = tmp_path / "prepared.onnx"
+    quant_pre_process(str(tiny_model.onnx_path), str(prepared), skip_symbolic_shape=True)
+    source = onnx.load(str(prepared))
+    fp32 = {init.name: numpy_helper.to_array(init) for init in source.graph.initializer}
+    quantised = onnx.load(str(tmp_path / "model.int8.onnx"))
+    stored = {init.name: numpy_helper.to_array(init) for init in quantised.graph.initializer}
+    checked = adjusted = 0
+    for node in quantised.graph.node:
+        name = node.input[0].removesuffix("_quantized")
+        if node.op_type == "DequantizeLinear" and name in fp32 and stored[node.input[0]].dtype == np.int8:
+            weight, q, scale = fp32[name], stored[node.input[0]], stored[node.input[1]]
+            assert np.abs(q).max() <= 2 ** (bits - 1) - 1, name
+            # onnxruntime raises the scale of a channel whose int32 bias would overflow (weights near zero): those
+            # channels are the only ones allowed to differ, and only upwards
+            given = scale == int8.weight_scales(weight, bits)
+            assert (scale[~given] > int8.weight_scales(weight, bits)[~given]).all(), name
+            adjusted += int((~given).sum())
+            dequantised = q.astype(np.float64) * scale.reshape(-1, *[1] * (q.ndim - 1))
+            np.testing.assert_array_equal(dequantised[given], int8.rounded_like_onnxruntime(weight, bits)[given], err_msg=name)
+            checked += len(scale)
+    convs = [node for node in source.graph.node if node.op_type == "Conv"]
+    assert sum(fp32[node.input[1]].shape[0] for node in convs[int8.INT8_FLOAT_LEADING_CONVS:]) == checked > 0
+    assert adjusted <= 0.01 * checked, (adjusted, checked)
+
+
 def test_judging_uses_the_configured_limit(tiny_model, tmp_path):  # noqa: F811
     paths, labels = tiny_model.val()
     images = load_batch(paths, 64)
