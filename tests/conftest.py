@@ -154,6 +154,7 @@ def tiny_overrides(data_dir: Path, work: Path, cache_dir: Path, seed_store: bool
         # tests run side by side on few cores: their latencies are timed each run and never kept in this machine's
         # records, which real runs read (the records have their own tests)
         "choose.latency_cache=false",
+        "choose.shared_exports=false",  # nor the exported backbones: the session's feature cache holds its own
         f"deploy.output_dir={work / 'outputs'}",
         f"deploy.graph_template_dir={cache_dir / 'onnx-graphs'}",  # the session's own, beside its feature cache
         "deploy.parity_images=16",

@@ -1,6 +1,8 @@
 """Scoring one candidate backbone on a sample of the user's own data (the choose stage's first round).
 
-Each candidate is exported once to ONNX (cached), its features are
+Each candidate is exported once to ONNX (cached in the project, and for the
+zoo's backbones on this machine too: another project copies the graph instead
+of exporting it again), its features are
 extracted once (cached) on a stratified sample of the training split, and
 it is scored with LogME and a quick held-out linear probe (the sample's
 images are decoded once per image size and shared by the candidates). A
@@ -23,8 +25,10 @@ from components.backbones.spec import BackboneSpec, count_params_m
 from components.backbones.zoo import configured_specs, get_spec, random_twin, register_backbones
 from components.choose.logme import logme
 from components.choose.probe import probe_accuracy
+from components.core.build_cache import BuildCache, build_key
 from components.core.config import Params
 from components.core.errors import DataError, ExportError, GraftError, ModelError
+from components.core.files import user_cache_dir
 from components.data.images import DecodedImages
 from components.data.split import Sample, Split, stratified_sample
 from components.runtime.cpu import cpu_facts
@@ -144,11 +148,43 @@ def side_by_side_threads(params: Params) -> int:
     return max(1, cpu_facts().cores // len(candidate_names(params)))
 
 
+MACHINE_EXPORTS_KEEP = 8
+"""Exported zoo backbones kept in `$XDG_CACHE_HOME/graft/backbones` for every project (13-19 MB each for the
+EfficientNet-Lites at 112 px)."""
+
+
+def machine_exports() -> BuildCache:
+    """The zoo backbones' exported graphs, shared by the projects on this machine."""
+    return BuildCache(user_cache_dir() / "backbones", MACHINE_EXPORTS_KEEP)
+
+
+def _machine_key(params: Params, path: Path) -> str:
+    """The machine cache's key for a project's exported backbone `path`: its name (the weights file, the size, the
+    seed, the preprocessing and torch versions), the opset, and Graft's own code (`build_key`)."""
+    return build_key("backbone-onnx", path.name, params.deploy.opset)
+
+
+def _copy_machine_export(params: Params, spec: BackboneSpec, path: Path) -> None:
+    """Copy the zoo backbone's exported graph from this machine's cache into the project, when it is there.
+
+    Only the zoo's backbones (known parameter count): a user's backbone is its factory's code, which no key here
+    names. The copy is checked against the sha256 recorded when it was kept.
+    """
+    if path.is_file() or spec.params_m is None or not params.choose.shared_exports:
+        return
+    started = time.perf_counter()
+    if machine_exports().fetch(_machine_key(params, path), path):
+        log.info("%s: exported graph %s copied from this machine's cache %s (%.1fs)", spec.name, path.name,
+                 machine_exports().root, time.perf_counter() - started)
+
+
 def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> Path:  # noqa: ANN001 - nn.Module or None
     path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
     if not path.is_file():
         net = backbone if backbone is not None else spec.build(size, seed=params.train.seed)
         export_backbone(net, spec, size, path, params.deploy.opset)
+        if spec.params_m is not None and params.choose.shared_exports:
+            machine_exports().keep(_machine_key(params, path), path)
     return path
 
 
@@ -175,6 +211,7 @@ def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
     try:
         cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
         onnx_path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
+        _copy_machine_export(params, spec, onnx_path)
         backbone = None
         if spec.params_m is None or not onnx_path.is_file():
             backbone = spec.build(size, seed=params.train.seed)

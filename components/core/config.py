@@ -105,6 +105,11 @@ class ChooseConfig(_Section):
     """Reuse a candidate's latency timed earlier on this machine, by any project, for the same exported graph
     (its sha256), settings and onnxruntime (kept in `~/.cache/graft/latency`: a retrain on new data or a new
     project does not time unchanged backbones again); false times every candidate on every run."""
+    shared_exports: bool = True
+    """Keep each zoo backbone's exported graph in `~/.cache/graft/backbones` for every project on this machine
+    (checked against its sha256 when copied; keyed by the weights file, the size, the seed, the opset, torch and
+    Graft's own code): a new project copies it instead of exporting it again (about a second per candidate, and
+    the backbone need not be built); false exports in every project."""
     latency_quiet_cores: float | None = Field(0.5, ge=0)
     """A latency timed while other processes kept more than this many cores busy is used for that run but
     not kept for later ones (a busy moment would otherwise fix a figure many times off); null keeps every one."""

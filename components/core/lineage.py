@@ -73,8 +73,8 @@ def sha256_tag(filename: str) -> str:
 
 # Where things are and what the result is called: they change no weight of the model.
 # Any other key, including keys added later, counts as training-relevant.
-NOT_TRAINING_RELEVANT = ("data.dir", "data.cache_dir", "deploy.output_dir", "deploy.graph_template_dir", "deploy.model_name",
-                         "deploy.serve_*", "tracking")
+NOT_TRAINING_RELEVANT = ("data.dir", "data.cache_dir", "choose.shared_exports", "deploy.output_dir", "deploy.graph_template_dir",
+                         "deploy.model_name", "deploy.serve_*", "tracking")
 
 
 def _matches(key: str, patterns: Sequence[str]) -> bool:

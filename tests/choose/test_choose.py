@@ -474,3 +474,47 @@ def test_every_torchvision_backbone_loads_from_torch_home_exports_and_is_ranked(
         assert row.status == "ok", (name, row.status)
         assert row.logme is not None and row.latency_ms > 0 and Path(row.onnx_path).is_file(), name
         assert row.image_size == (224 if name.startswith("vit") else 64), name
+
+
+def test_a_new_project_copies_a_zoo_backbones_graph_from_this_machines_cache_instead_of_exporting_it(tiny_params, tmp_path, monkeypatch, caplog):
+    """The first project exports each zoo candidate and keeps the graph for the machine; a second project (its own
+    caches) scores the same candidates from copies, byte for byte, without exporting or building a backbone. A kept
+    graph whose bytes changed is refused and exported again; `choose.shared_exports: false` keeps nothing."""
+    import components.choose.candidates as candidates
+    from components.backbones.spec import BackboneSpec
+    from components.choose.candidates import score_candidate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    split = scan(tiny_params.data.dir)
+    names = ("efficientnet_lite0", "random_efficientnet_lite0")
+
+    def project(name: str, shared: bool = True):
+        params = _with_choose(tiny_params, shared_exports=shared)
+        return params.model_copy(update={"data": params.data.model_copy(update={"cache_dir": tmp_path / name})})
+
+    first = {name: score_candidate(project("first"), split, name) for name in names}
+    kept = sorted((tmp_path / "user-cache" / "graft" / "backbones").glob("*/*.onnx"))
+    assert sorted(path.name for path in kept) == sorted(Path(row.onnx_path).name for row in first.values())
+
+    real_export, real_build = candidates.export_backbone, BackboneSpec.build
+    monkeypatch.setattr(candidates, "export_backbone", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(BackboneSpec, "build", lambda *a, **k: pytest.fail("a backbone was built"))
+    with caplog.at_level("INFO", logger="components.choose.candidates"):
+        second = {name: score_candidate(project("second"), split, name) for name in names}
+    for name in names:
+        assert second[name].status == "ok" and second[name].logme == first[name].logme
+        copied, exported = Path(second[name].onnx_path), Path(first[name].onnx_path)
+        assert copied.parent.parent == tmp_path / "second" and copied.read_bytes() == exported.read_bytes()
+        assert f"{name}: exported graph {copied.name} copied from this machine's cache" in caplog.text
+
+    kept[0].write_bytes(kept[0].read_bytes()[:-16] + bytes(16))  # a kept graph altered after it was kept
+    monkeypatch.setattr(candidates, "export_backbone", real_export)
+    monkeypatch.setattr(BackboneSpec, "build", real_build)
+    third = {name: score_candidate(project("third"), split, name) for name in names}
+    assert "does not match its recorded sha256" in caplog.text
+    for name in names:
+        assert Path(third[name].onnx_path).read_bytes() == Path(first[name].onnx_path).read_bytes()
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-user-cache"))
+    score_candidate(project("fourth", shared=False), split, names[0])
+    assert not (tmp_path / "other-user-cache" / "graft" / "backbones").exists()
