@@ -138,6 +138,26 @@ def test_a_cpu_variant_no_faster_than_fp32_is_not_published(built, tiny_model, t
     assert report.published == ("fp16",)
 
 
+@pytest.mark.parametrize(("fp32_s", "variant_s", "rounds"), [(2.0, 1.0, 3), (1.0, 2.0, 3), (1.0, 1.04, 5)],
+                         ids=["twice as fast: clear", "half as fast: clear", "near the bar: every round"])
+def test_speed_timing_stops_once_the_verdict_is_clear_and_times_every_round_near_the_bar(tiny_model, tmp_path, monkeypatch,  # noqa: F811
+                                                                                         fp32_s, variant_s, rounds):
+    """Against the 1.05x bar, three rounds decide a variant far from it either way; one near it is timed every round.
+    Without a bar (GPU variants, the benchmark) every round is timed. The clock is replaced: each round times fp32,
+    then the variant, at batch 1 and at batch 32."""
+    import itertools
+
+    fp32 = shutil.copyfile(tiny_model.onnx_path, tmp_path / "model.onnx")
+    variant = shutil.copyfile(tiny_model.onnx_path, tmp_path / "model.int8.onnx")
+    images = load_batch([s.path for s in tiny_model.split.val[:4]], 64)
+    for bar, expected in ((variants_module.MIN_SPEEDUP, rounds), (None, variants_module.SPEED_ROUNDS)):
+        clock = itertools.cycle([fp32_s, variant_s])
+        monkeypatch.setattr(variants_module, "_seconds", lambda run, calls, clock=clock: next(clock))
+        speed = variants_module.time_against_fp32(fp32, variant, images, ["CPUExecutionProvider"], bar=bar)
+        assert speed.rounds == expected
+        assert speed.speedup_batch1 == pytest.approx(fp32_s / variant_s) and speed.speedup_batch == pytest.approx(fp32_s / variant_s)
+
+
 def test_int8_records_how_it_was_built_and_the_cpu_it_was_built_on(built):
     from components.runtime.cpu import cpu_facts
 
