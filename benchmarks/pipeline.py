@@ -9,7 +9,10 @@
    (new caches, store and Prefect home: the first run of a new project) and warm (the same again: a
    rerun, which trains the same weights and so copies its `pt2` model and variants from the build cache);
    then feature_extraction once more on 600 other digits in the same project (Prefect's
-   database and the MLflow store exist, every image is new: a run on new data). The whole sequence runs three
+   database and the MLflow store exist, every image is new: a run on new data). A new project is one on a machine
+   that has run Graft before: what Graft keeps for every project (`~/.cache/graft`: Prefect's and MLflow's empty
+   databases, the candidates' latencies, the zoo backbones' exported graphs) is there after the first round. So each
+   round also runs feature_extraction once with its own empty `$XDG_CACHE_HOME`: a machine's first run. The whole sequence runs three
    times (`--rounds`), each round in new folders, and each figure is the round with the median wall time, every
    round's wall time beside it. Each run is one `graft run` process, timed from outside, with a timeline from inside:
    imports, the embedded Prefect API, every stage and every deploy step (`components.core.progress`
@@ -121,11 +124,15 @@ def timeline(events: list[list], wall: float) -> dict[str, object]:
     }
 
 
-def graft_run(work: Path, data: Path, strategy: str, label: str, verdict: Verdict, templates: Path | None = None) -> dict:
-    """One `graft run` in its own process, with its timeline; `templates`: its `deploy.graph_template_dir`."""
+def graft_run(work: Path, data: Path, strategy: str, label: str, verdict: Verdict, templates: Path | None = None,
+              user_cache: Path | None = None) -> dict:
+    """One `graft run` in its own process, with its timeline; `templates`: its `deploy.graph_template_dir`;
+    `user_cache`: its `$XDG_CACHE_HOME` (else the machine's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     (work / "prefect").mkdir(parents=True, exist_ok=True)
     env.update(PREFECT_HOME=str(work / "prefect"), PYTHONPATH=str(REPO))
+    if user_cache is not None:
+        env["XDG_CACHE_HOME"] = str(user_cache)
     events_path, summary = work / f"{label}.events.json", work / f"{label}.summary.json"
     cmd = [sys.executable, "-c", TIMELINE, str(events_path), "run", "--summary", str(summary),
            "--set", f"data.dir={data}", "--set", f"data.cache_dir={work / 'cache'}", "--set", f"train.strategy={strategy}",
@@ -159,6 +166,9 @@ def strategies(verdict: Verdict, rounds: int = ROUNDS) -> dict:
         for number in range(1, rounds + 1):
             root = Path(tmp) / f"round-{number}"
             templates = root / "graph-templates"  # empty: no torch.export-based export of the architecture before
+            runs.setdefault("feature_extraction_first_on_machine", []).append(graft_run(
+                root / "first-on-machine", data, "feature_extraction", f"feature_extraction_first_on_machine.round{number}", verdict,
+                user_cache=root / "user-cache"))  # its graph templates too: `deploy.graph_template_dir` is null
             for strategy in ("feature_extraction", "fine_tune"):
                 for label in ("cold", "warm"):
                     name = f"{strategy}_{label}"
@@ -245,6 +255,7 @@ def flow_once(workdir: Path) -> dict:
 
 
 RUNS_PLOTTED = {
+    "feature_extraction_first_on_machine": "feature_extraction, machine's first run",
     "feature_extraction_cold": "feature_extraction, new project",
     "feature_extraction_warm": "feature_extraction, rerun",
     "feature_extraction_new_images": "feature_extraction, new images",
@@ -283,7 +294,7 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
     ax.set_yticks(range(len(names)), [RUNS_PLOTTED[name] for name in reversed(names)])
     ax.set_xlabel("seconds")
     machine = results.get("machine", {})
-    ax.set_title(f"graft run on 600 digits, the median of {runs.get('rounds', 1)} rounds: {machine.get('at', '')}, "
+    ax.set_title(f"graft run on 600 digits, the median of {runs.get('rounds', 1)} rounds\n{machine.get('at', '')}, "
                  f"{machine.get('cpu', {}).get('model', '')}, {machine.get('cpu', {}).get('cores', '')} cores", fontsize=10)
     ax.set_ylim(-0.8, len(names) - 0.4)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, fontsize=8, frameon=False)
