@@ -178,15 +178,17 @@ def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) 
     feature cache; once training changed it, they are computed through the trained backbone, from
     the cached trunk where its first blocks never trained (`train.cache_trunk`).
     """
-    model, ckpt = load_classifier(trained.checkpoint_path)
     spec = get_spec(trained.backbone)
     if trained.backbone_trained:
+        model, ckpt = load_classifier(trained.checkpoint_path)
+        head = model.head
         features = _trained_features(params, model, spec, paths, trained.image_size, int(ckpt.get("frozen_blocks", 0)))
-    else:
+    else:  # the pre-trained backbone: only the head is read; the cache builds the backbone should it miss a row
+        head = load_head(trained.checkpoint_path)
         cache = FeatureCache(params.data.cache_dir, spec, trained.image_size, seed=params.train.seed)
-        features = cache.get(paths, params.choose.batch_size, model.backbone, feature_extractor(params, spec, trained.image_size))
+        features = cache.get(paths, params.choose.batch_size, None, feature_extractor(params, spec, trained.image_size))
     with torch.no_grad():
-        return model.head(torch.from_numpy(features)).double().numpy()
+        return head(torch.from_numpy(features)).double().numpy()
 
 
 def _trained_features(params: Params, model: GraftClassifier, spec: BackboneSpec, paths: Sequence[Path], size: int, frozen_blocks: int) -> np.ndarray:
@@ -196,6 +198,14 @@ def _trained_features(params: Params, model: GraftClassifier, spec: BackboneSpec
         except ModelError as exc:
             log.info("scoring through the whole trained backbone: %s", exc)
     return compute_features(model.backbone, spec, paths, size, params.choose.batch_size, "trained features")
+
+
+def load_head(checkpoint_path: Path) -> torch.nn.Linear:
+    """The trained head alone (features in, logits out), without building the backbone."""
+    weights = torch.load(checkpoint_path, map_location="cpu", weights_only=True)["head"]
+    head = torch.nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+    head.load_state_dict(weights)
+    return head.eval()
 
 
 def load_classifier(checkpoint_path: Path) -> tuple[GraftClassifier, dict[str, object]]:

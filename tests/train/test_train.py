@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from components.backbones.spec import BackboneSpec
 from components.backbones.unfreeze import select_trainable, trunk_blocks
 from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
@@ -54,7 +55,9 @@ def backbone_state(result) -> dict[str, torch.Tensor]:
 # --- each strategy learns ------------------------------------------------------------------------
 
 
-def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, feature_cache_dir, tmp_path):
+def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, feature_cache_dir, tmp_path, monkeypatch):
+    """Feature extraction beats chance and leaves the backbone as it was; its scores from cached features are the
+    deployed model's, read with the head alone (no backbone built)."""
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "data.image_size=64")
     split = scan(digits_dir)
     result = fine_tune(params, split, choice(size=64), tmp_path / "run")
@@ -72,7 +75,9 @@ def test_feature_extraction_beats_chance_and_keeps_backbone_frozen(digits_dir, f
 
     with torch.no_grad():
         direct = model(torch.from_numpy(load_batch([s.path for s in split.val], 64))).numpy()
-    cached = torch.softmax(torch.from_numpy(predict_logits(params, result, [s.path for s in split.val])), 1).numpy()
+    with monkeypatch.context() as patch:  # every row is cached: the backbone is not needed, so not built
+        patch.setattr(BackboneSpec, "build", lambda *a, **k: pytest.fail("a backbone was built to score cached features"))
+        cached = torch.softmax(torch.from_numpy(predict_logits(params, result, [s.path for s in split.val])), 1).numpy()
     np.testing.assert_allclose(cached, direct, atol=1e-5)
 
 
