@@ -136,11 +136,13 @@ def cached_sha256(path: Path) -> str:
     return known
 
 
-def save_figure(fig, path: Path, dpi: int = 100) -> Path:  # noqa: ANN001 - matplotlib Figure
-    """Lay out, save (atomically) and close a matplotlib figure."""
+def save_figure(fig, path: Path, dpi: int = 100, layout: bool = True) -> Path:  # noqa: ANN001 - matplotlib Figure
+    """Lay out (`tight_layout`, unless `layout` is false: the figure placed its parts itself), save (atomically)
+    and close a matplotlib figure."""
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    if layout:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:

@@ -35,9 +35,17 @@ def plot_confusion(labels: np.ndarray, predicted: np.ndarray, classes: tuple[str
     return save_figure(fig, path)
 
 
+MISTAKE_CELL_PX = 160
+"""Each misclassified image is scaled to fit a square of this many pixels (nearest neighbour: small scans stay sharp)."""
+
+
 def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, classes: tuple[str, ...], indices: list[int],
                   path: Path, part: str = "test") -> Path:
-    """Save a grid of the given images of `part` titled with their true and predicted class."""
+    """Save a grid of the given images of `part` titled with their true and predicted class.
+
+    The grid is one picture (the images pasted side by side) under one set of axes, with the titles as text:
+    drawn as a subplot per image, laid out by matplotlib, it took about a third of a second for 16 images.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,16 +59,29 @@ def plot_mistakes(paths: list[Path], labels: np.ndarray, probs: np.ndarray, clas
         return save_figure(fig, path)
     columns = min(4, len(indices))
     rows = -(-len(indices) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(max(2.2 * columns, 4.5), 2.5 * rows + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, index in zip(axes.flat, indices, strict=False):
+    cell, title_px, gap = MISTAKE_CELL_PX, 56, 16  # the two-line title above each image, a gap around it
+    width, height = columns * (cell + gap) + gap, rows * (cell + title_px + gap) + gap
+    sheet = Image.new("RGB", (width, height), "white")
+    titles = []
+    for number, index in enumerate(indices):
+        row, column = divmod(number, columns)
+        left, top = gap + column * (cell + gap), gap + row * (cell + title_px + gap) + title_px
         with Image.open(paths[index]) as image:
-            ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+            picture = image.convert("RGB")
+        scale = cell / max(picture.size)
+        picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))), Image.Resampling.NEAREST)
+        sheet.paste(picture, (left + (cell - picture.width) // 2, top + (cell - picture.height) // 2))
         guess = int(probs[index].argmax())
-        ax.set_title(f"true {classes[labels[index]]}\npred {classes[guess]} ({probs[index, guess]:.2f})", fontsize=8, color="#b30000")
-    fig.suptitle(f"most confidently wrong {part} images ({len(indices)} shown)", fontsize=10)
-    return save_figure(fig, path)
+        titles.append((left + cell / 2, top - 6, f"true {classes[labels[index]]}\npred {classes[guess]} ({probs[index, guess]:.2f})"))
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi + 0.4), dpi=dpi)
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.4 * dpi)))
+    ax.imshow(np.asarray(sheet), interpolation="nearest")
+    ax.axis("off")
+    for x, y, text in titles:
+        ax.text(x, y, text, ha="center", va="bottom", fontsize=8, color="#b30000")
+    fig.suptitle(f"most confidently wrong {part} images ({len(indices)} shown)", fontsize=10, y=0.99)
+    return save_figure(fig, path, dpi=dpi, layout=False)
 
 
 def plot_reliability(rows: list[ReliabilityBin], bins: int, ece: float, path: Path, title: str) -> Path:

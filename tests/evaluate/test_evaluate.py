@@ -171,3 +171,26 @@ def test_the_exported_model_carries_the_fitted_temperature(tiny_model):
         assert np.abs(onnx_probs - softmax(logits_of(params, trained, split.val))).max() > 1e-3
     with torch.no_grad():
         assert float(model.temperature) == pytest.approx(result.temperature)
+
+
+def test_the_misclassified_picture_shows_each_image_whole_at_any_size(tmp_path):
+    """Images of any size and mode are each scaled into their cell of the grid, whole: a tiny grey scan, a wide
+    photo and a tall one, each a solid colour, all appear."""
+    from PIL import Image
+
+    from components.evaluate.plots import MISTAKE_CELL_PX, plot_mistakes
+
+    colours = {"grey.png": ((8, 8), "L", 128), "wide.png": ((300, 60), "RGB", (255, 0, 0)), "tall.png": ((40, 400), "RGBA", (0, 0, 255, 255))}
+    paths = []
+    for name, (size, mode, colour) in colours.items():
+        Image.new(mode, size, colour).save(tmp_path / name)
+        paths.append(tmp_path / name)
+    probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7]])
+    picture = np.asarray(Image.open(plot_mistakes(paths, np.array([0, 1, 0]), probs, ("a", "b"), [0, 1, 2], tmp_path / "m.png")).convert("RGB"))
+
+    def pixels(rgb: tuple[int, int, int]) -> int:
+        return int((picture == rgb).all(axis=2).sum())
+
+    assert pixels((128, 128, 128)) >= MISTAKE_CELL_PX**2 * 0.9  # the 8x8 scan, scaled up to its cell
+    assert pixels((255, 0, 0)) >= MISTAKE_CELL_PX * (MISTAKE_CELL_PX * 60 // 300) * 0.9  # 5:1, its width fills the cell
+    assert pixels((0, 0, 255)) >= MISTAKE_CELL_PX * (MISTAKE_CELL_PX * 40 // 400) * 0.9  # 1:10, its height fills the cell
