@@ -158,6 +158,12 @@ def machine_exports() -> BuildCache:
     return BuildCache(user_cache_dir() / "backbones", MACHINE_EXPORTS_KEEP)
 
 
+def _shares_export(params: Params, spec: BackboneSpec) -> bool:
+    """Whether the backbone's export goes through this machine's cache: only the zoo's backbones (known parameter
+    count), as a user's backbone is its factory's code, which no key here names; and `choose.shared_exports`."""
+    return spec.params_m is not None and params.choose.shared_exports
+
+
 def _machine_key(params: Params, path: Path) -> str:
     """The machine cache's key for a project's exported backbone `path`: its name (the weights file, the size, the
     seed, the preprocessing and torch versions), the opset, and Graft's own code (`build_key`)."""
@@ -165,17 +171,14 @@ def _machine_key(params: Params, path: Path) -> str:
 
 
 def _copy_machine_export(params: Params, spec: BackboneSpec, path: Path) -> None:
-    """Copy the zoo backbone's exported graph from this machine's cache into the project, when it is there.
-
-    Only the zoo's backbones (known parameter count): a user's backbone is its factory's code, which no key here
-    names. The copy is checked against the sha256 recorded when it was kept.
-    """
-    if path.is_file() or spec.params_m is None or not params.choose.shared_exports:
+    """Copy the backbone's exported graph from this machine's cache into the project, when `_shares_export` and
+    it is there; the copy is checked against the sha256 recorded when it was kept."""
+    if path.is_file() or not _shares_export(params, spec):
         return
-    started = time.perf_counter()
-    if machine_exports().fetch(_machine_key(params, path), path):
+    started, shared = time.perf_counter(), machine_exports()
+    if shared.fetch(_machine_key(params, path), path):
         log.info("%s: exported graph %s copied from this machine's cache %s (%.1fs)", spec.name, path.name,
-                 machine_exports().root, time.perf_counter() - started)
+                 shared.root, time.perf_counter() - started)
 
 
 def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> Path:  # noqa: ANN001 - nn.Module or None
@@ -183,7 +186,7 @@ def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> P
     if not path.is_file():
         net = backbone if backbone is not None else spec.build(size, seed=params.train.seed)
         export_backbone(net, spec, size, path, params.deploy.opset)
-        if spec.params_m is not None and params.choose.shared_exports:
+        if _shares_export(params, spec):
             machine_exports().keep(_machine_key(params, path), path)
     return path
 

@@ -186,7 +186,7 @@ def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) 
     else:  # the pre-trained backbone: only the head is read; the cache builds the backbone should it miss a row
         head = load_head(trained.checkpoint_path)
         cache = FeatureCache(params.data.cache_dir, spec, trained.image_size, seed=params.train.seed)
-        features = cache.get(paths, params.choose.batch_size, None, feature_extractor(params, spec, trained.image_size))
+        features = cache.get(paths, params.choose.batch_size, extractor=feature_extractor(params, spec, trained.image_size))
     with torch.no_grad():
         return head(torch.from_numpy(features)).double().numpy()
 
