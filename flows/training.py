@@ -102,7 +102,7 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
                 with clock("fine_tune"):
                     trained = fine_tune_task(params, split, choice, run, run_dir)
                 if params.tracking.log_pytorch_model:
-                    log_trained_model(run, trained, params.data.cache_dir / "pt2")
+                    log_trained_model(run, trained, params.data.cache_dir / "pt2", params.tracking.pt2_templates)
                 with clock("evaluate"):
                     evaluation = evaluate_task(params, split, trained, run_dir)
                 log_evaluation(run, evaluation)

@@ -90,6 +90,10 @@ class BuildCache:
             return False
         return True
 
+    def discard(self, key: str) -> None:
+        """Delete the entry `key` (one found unfit for its use), so that the next build keeps a new one."""
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
     def keep(self, key: str, source: Path) -> None:
         """Keep a copy of `source` (a file or a folder) as the entry `key`; failures are logged, not raised."""
         temp = self.root / f".tmp-{key}-{os.getpid()}-{threading.get_ident()}"

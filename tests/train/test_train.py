@@ -565,6 +565,58 @@ def test_the_trained_model_is_logged_to_mlflow_with_its_signature_and_the_same_m
         torch.testing.assert_close(mlflow.pytorch.load_model(again)(images), expected)
 
 
+@pytest.mark.slow  # two torch.export runs of the whole model
+def test_a_new_model_built_like_one_exported_before_is_written_into_that_archive_the_same_bytes_as_its_own_export(
+    digits_dir, feature_cache_dir, tmp_path, monkeypatch, temp_in_tmp_path
+):
+    """A model with new weights but the structure of one exported before (a retrain, a new project on the same
+    machine) is not exported: its weights are put into the kept archive, and the result is its own export's
+    `model.pt2` byte for byte, with its own metadata in `MLmodel`, and loads to the model's outputs. A template
+    that does not hold the model's weights is refused."""
+    import dataclasses
+
+    import mlflow.pytorch
+    import yaml
+
+    from components.data.images import load_batch
+    from components.registry.tracking import parent_run
+    from components.train.report import PT2_FILE, TemplateMismatch, fill_template, log_trained_model
+
+    split = scan(digits_dir)
+    first = fine_tune(make_params(digits_dir, tmp_path, feature_cache_dir), split, choice(), tmp_path / "a")
+    # fine-tuned: the backbone's weights (and BatchNorm's counters) differ from the template's too, not only the head's
+    params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.epochs=1")
+    second = dataclasses.replace(fine_tune(params, split, choice(), tmp_path / "b"), classes=("nought", "one", "two"))
+    before, after = (load_classifier(result.checkpoint_path)[0].state_dict() for result in (first, second))
+    assert {name for name in before if not torch.equal(before[name], after[name])} > {"head.weight", "head.bias"}
+    templates = tmp_path / "pt2-templates"
+    with parent_run(params) as run:
+        log_trained_model(run, first, template_dir=templates)
+    assert len(list(templates.iterdir())) == 1
+
+    export = mlflow.pytorch.save_model
+    monkeypatch.setattr(mlflow.pytorch, "save_model", lambda *a, **k: pytest.fail("a model built like the template was exported"))
+    with parent_run(params) as run:
+        filled = log_trained_model(run, second, template_dir=templates)
+    monkeypatch.setattr(mlflow.pytorch, "save_model", export)
+    with parent_run(params) as run:
+        exported = log_trained_model(run, second)
+    ours, theirs = (Path(mlflow.artifacts.download_artifacts(u, dst_path=str(tmp_path / name))) for u, name in ((filled, "f"), (exported, "e")))
+    assert (ours / PT2_FILE).read_bytes() == (theirs / PT2_FILE).read_bytes()
+    mine, own = (yaml.safe_load((folder / "MLmodel").read_text()) for folder in (ours, theirs))
+    assert mine["metadata"]["classes"] == ["nought", "one", "two"] and mine["model_uuid"] != own["model_uuid"]
+    assert {k: v for k, v in mine.items() if k not in ("model_uuid", "utc_time_created")} == {
+        k: v for k, v in own.items() if k not in ("model_uuid", "utc_time_created")}
+    images = torch.from_numpy(load_batch([s.path for s in split.val[:4]], SIZE))
+    with torch.no_grad():
+        torch.testing.assert_close(mlflow.pytorch.load_model(filled)(images), load_classifier(second.checkpoint_path)[0](images))
+
+    wider, _ = load_classifier(second.checkpoint_path)
+    wider.head = torch.nn.Linear(wider.head.in_features, 4)
+    with pytest.raises(TemplateMismatch, match="head.weight has another size"):
+        fill_template(ours / PT2_FILE, wider, tmp_path / "wider" / "model.pt2")
+
+
 def test_an_interrupt_during_a_checkpoint_write_stops_the_run_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     """A Ctrl-C (or SIGTERM) that lands inside torch.save: its zip writer's clean-up raises "unexpected pos ..." over
     the interrupt. The interrupt is what propagates, the half-written file is gone and the previous checkpoint stays."""
