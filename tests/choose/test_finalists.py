@@ -14,8 +14,8 @@ from components.core.config import load_params
 from components.core.errors import ModelError, TrainingError
 from components.data.folders import scan
 from components.data.split import SplitSettings
-from components.train.stage import fine_tune
-from components.train.strategies import fit_finalist_head
+from components.train.stage import fine_tune, forget_checkpoints
+from components.train.strategies import fit_finalist_head, forget_trained_heads
 from tests.conftest import REPO, tiny_overrides
 
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -52,6 +52,7 @@ def test_default_selection_picks_the_best_trained_backbone_where_logme_misorders
     params, split = misordered
     assert params.train.strategy == "feature_extraction" and params.choose.finalists >= len(LITES)
     result = choose_model(params, split, fit_head=partial(fit_finalist_head, params))
+    forget_trained_heads()  # the fine-tune stage would reuse the finalists' heads: the truth is trained anew
     truth = {name: trained_accuracy(params, split, name, tmp_path) for name in LITES}
     best = max(truth.values())
     assert truth[result.score_pick] < best - 0.01, f"LogME's pick trains as well as the best here: {truth}"
@@ -63,6 +64,44 @@ def test_default_selection_picks_the_best_trained_backbone_where_logme_misorders
     place = {1: "1st", 2: "2nd", 3: "3rd"}[rows[result.chosen].score_rank]
     assert result.reason.startswith(f"validation accuracy {best:.3f} after training the 3 finalists' heads")
     assert result.reason.endswith(f"LogME ranked it {place}")
+
+
+def test_the_feature_extraction_stage_takes_the_winning_finalists_head_which_is_the_head_it_would_train(
+    misordered, tmp_path, monkeypatch
+):
+    """Right after the choose stage in the same process (as `graft run` runs them), the feature_extraction stage
+    does not train the winner's head again: it takes the finalist's, replays its epochs to the run's metrics and
+    leaves the global random generators as training would. Trained again from nothing, it is the same head."""
+    import torch
+
+    import components.train.strategies as strategies
+    from components.train.stage import load_head
+
+    params, split = misordered
+    forget_trained_heads()
+    choice = choose_model(params, split, fit_head=partial(fit_finalist_head, params))
+    monkeypatch.setattr(strategies, "fit", lambda *a, **k: pytest.fail("the winning finalist's head was trained again"))
+    logged = []
+    torch.manual_seed(123)  # whatever the generators hold before, the stage seeds them
+    reused = fine_tune(params, split, choice, tmp_path / "reused", on_epoch=lambda row, step: logged.append((step, row)))
+    generators_after_reuse = torch.get_rng_state()
+    # its finished checkpoint is written as training writes it: a stop in a later stage does not train it again
+    kept = list((params.data.cache_dir / "resume").glob(f"{reused.resume_key}-*"))
+    assert kept and all(torch.load(path, weights_only=True)["finished"] for path in kept)
+    forget_checkpoints(params, reused)
+    monkeypatch.undo()
+    forget_trained_heads()
+    fresh = fine_tune(params, split, choice, tmp_path / "fresh")
+    forget_checkpoints(params, fresh)
+    assert fresh.resumed_from_epoch == 0
+    assert torch.equal(generators_after_reuse, torch.get_rng_state())
+    for name, tensor in load_head(fresh.checkpoint_path).state_dict().items():
+        assert torch.equal(load_head(reused.checkpoint_path).state_dict()[name], tensor), name
+    timings = ("train/images_per_second", "time/epoch_seconds")
+    assert [{k: v for k, v in row.items() if k not in timings} for row in reused.history] == [
+        {k: v for k, v in row.items() if k not in timings} for row in fresh.history]
+    assert (reused.best_epoch, reused.best_val_loss) == (fresh.best_epoch, fresh.best_val_loss)
+    assert logged == list(enumerate(reused.history, 1))
 
 
 def test_one_finalist_keeps_choosing_by_the_score_alone(misordered):

@@ -24,7 +24,7 @@ from components.evaluate.stage import evaluate
 from components.train.loop import batch_indices, class_weights
 from components.train.network import Precision, resolve_precision
 from components.train.stage import fine_tune, forget_checkpoints, load_classifier, predict_logits, resume_key
-from components.train.strategies import feature_standardisation, fold_standardisation, train_head
+from components.train.strategies import feature_standardisation, fold_standardisation, forget_trained_heads, train_head
 from tests.conftest import REPO, tiny_overrides
 
 SIZE = 32  # digits are 8x8 scans: 32 px is plenty, and keeps backbone epochs to about a second
@@ -285,6 +285,8 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
         if step == kill_at:
             raise Killed
 
+    # each run below stands for a new process: none has the heads this one trained (`train_head` keeps them)
+    forget_trained_heads()
     with pytest.raises(Killed):
         fine_tune(params, split, choice(), tmp_path / "killed", on_epoch=die)
     key = resume_key(params, split, get_spec("efficientnet_lite0"), SIZE)
@@ -295,6 +297,7 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
         assert state["frozen"] and not set(state["frozen"]) & (set(state["model"]) | set(state["best_model"]))
 
     steps: list[int] = []
+    forget_trained_heads()
     with caplog.at_level(logging.INFO, logger="components"):
         resumed = fine_tune(params, split, choice(), tmp_path / "resumed", on_epoch=lambda row, step: steps.append(step))
     assert "resumed" in caplog.text
@@ -308,6 +311,7 @@ def test_a_killed_run_resumes_and_ends_exactly_like_an_uninterrupted_one(digits_
     # the finished state stays until the model is registered (a stop in a later stage must not retrain) ...
     kept = list((params.data.cache_dir / "resume").glob(f"{resumed.resume_key}-*"))
     assert kept and all(torch.load(p, weights_only=False)["finished"] for p in kept)
+    forget_trained_heads()
     again = fine_tune(params, split, choice(), tmp_path / "again")
     assert again.resumed_from_epoch == reference.epochs_run and again.epochs_run == reference.epochs_run
     # ... and then it is forgotten
