@@ -275,9 +275,10 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
 
     runs = results["strategies"]
     parts = [("start: imports, Prefect API", "#9e9e9e"), ("data", "#bcaaa4"), ("choose", "#42a5f5"), ("fine-tune", "#66bb6a"),
-             ("between stages (pt2 model)", "#ffa726"), ("evaluate", "#ab47bc"), ("deploy", "#ef5350"), ("end", "#616161")]
+             ("between stages (MLflow, pt2 model)", "#ffa726"), ("evaluate", "#ab47bc"), ("deploy", "#ef5350"), ("end", "#616161")]
     names = [name for name in RUNS_PLOTTED if name in runs]
     fig, ax = plt.subplots(figsize=(9.5, 0.55 * len(names) + 1.9))
+    right = 0.0
     for row, name in enumerate(reversed(names)):
         run = runs[name]
         stages = run["stages_s"]
@@ -289,6 +290,8 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
             ax.barh(row, width, left=left, color=colour, label=label if row == 0 else None)
             left += width
         ax.text(left + 0.3, row, f"{run['wall_s']:.1f} s", va="center", fontsize=9)
+        right = max(right, left)
+    ax.set_xlim(0, max(right, GOALS["feature_extraction_cold_s"]) * 1.12)  # room for the wall-time labels
     ax.axvline(GOALS["feature_extraction_cold_s"], color="black", linestyle="--", linewidth=1)
     ax.text(GOALS["feature_extraction_cold_s"] + 0.2, -0.65, "goal: 20 s", fontsize=8)
     ax.set_yticks(range(len(names)), [RUNS_PLOTTED[name] for name in reversed(names)])

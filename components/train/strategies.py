@@ -138,8 +138,8 @@ def _trained_before(key: str, on_epoch: MetricsCallback | None,
             _kept_heads.move_to_end(key)
     if kept is None:
         return None
-    log.info("head: the same features, labels and train settings as a head trained before in this run (the choose "
-             "stage's finalist); its weights and %d epochs reused", len(kept.result.history))
+    log.info("head: the same features, labels and train settings as a head trained before in this process (in a run, "
+             "the choose stage's winning finalist); its weights and %d epochs reused", len(kept.result.history))
     python_state, numpy_state, torch_state = kept.random_states
     random.setstate(python_state)
     np.random.set_state(numpy_state)

@@ -61,3 +61,10 @@ def test_relative_paths_are_anchored_at_the_params_file(tmp_path):
 def test_valid_keys_cover_all_sections():
     sections = {key.split(".")[0] for key in valid_keys()}
     assert sections == {"data", "choose", "train", "evaluate", "deploy", "tracking"}
+
+
+def test_the_pt2_templates_are_the_machines_unless_a_folder_is_named_relative_to_the_params_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))
+    assert load_params(REPO / "params.yaml").tracking.pt2_templates == tmp_path / "user-cache" / "graft" / "pt2-templates"
+    named = load_params(REPO / "params.yaml", ["tracking.pt2_template_dir=templates"])
+    assert named.tracking.pt2_templates == REPO / "templates"
