@@ -220,7 +220,7 @@ def log_trained_model(run: Run, trained: TrainResult, cache_dir: Path | None = N
             _restamp(local)
             log.info("PyTorch model: the same weights as a model saved before; logged from its copy in %s", cache_dir)
         elif templates is not None and _from_template(templates, template_key, model, local, metadata):
-            log.info("PyTorch model: its weights put into the export of a model built like it (%s, %.1fs)",
+            log.info("PyTorch model: its weights put into the export of a model built like it (%s, %.2fs)",
                      templates.root, time.perf_counter() - started)
             if cache is not None:
                 cache.keep(key, local)
