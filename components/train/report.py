@@ -72,15 +72,19 @@ def _requirements() -> list[str]:
             for name, found in _installed("torch", "torchvision", "efficientnet-lite-pytorch", "numpy", "pillow").items()]
 
 
-def _model_digest(model) -> str:  # noqa: ANN001 - torch.nn.Module
-    """sha256 of the module's structure and every tensor in its state (names, shapes, dtypes, bytes)."""
+def _raw_bytes(tensor) -> bytes:  # noqa: ANN001 - torch.Tensor
+    """A tensor's values as bytes in memory order, whatever the dtype (numpy has no bfloat16)."""
     import torch
 
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def _model_digest(model) -> str:  # noqa: ANN001 - torch.nn.Module
+    """sha256 of the module's structure and every tensor in its state (names, shapes, dtypes, bytes)."""
     digest = hashlib.sha256(repr(model).encode())
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
-        # the raw bytes, whatever the dtype (numpy has no bfloat16)
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(_raw_bytes(tensor))
     return digest.hexdigest()
 
 
@@ -133,7 +137,7 @@ def fill_template(template: Path, model, target: Path) -> None:  # noqa: ANN001 
             record = f"data/weights/{payload['path_name']}"
             if payload["use_pickle"] or not whole or not tensor.is_contiguous() or record in replaced:
                 raise TemplateMismatch(f"{name} is not one whole raw tensor in the template")
-            data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+            data = _raw_bytes(tensor)
             if archive.getinfo(f"{prefix}/{record}").file_size != len(data):
                 raise TemplateMismatch(f"{name} has another size in the template")
             replaced[record] = data
@@ -213,7 +217,7 @@ def log_trained_model(run: Run, trained: TrainResult, cache_dir: Path | None = N
                  if template_dir is not None and get_spec(trained.backbone).params_m is not None else None)
     # the requirements name the libraries that make a zoo backbone's graph but timm's, and not the archive's writer
     template_key = build_key("pt2-template", _structure_digest(model), example.shape, signature.to_dict(),
-                             requirements, _installed("timm", "mlflow"))
+                             requirements, _installed("timm", "mlflow")) if templates is not None else ""
     with tempfile.TemporaryDirectory() as tmp:
         local, started = Path(tmp) / "model", time.perf_counter()
         if cache is not None and cache.fetch(key, local):
