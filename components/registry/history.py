@@ -268,22 +268,37 @@ def _after_the_move(client, name: str) -> None:  # noqa: ANN001
                     "the next move or registration does it", name, exc)
 
 
+SYNC_ATTEMPTS = 5
+"""How often `sync_challenger` reads and writes again when the champion or the versions changed under it."""
+
+
+def _challenger_target(client, name: str, versions: list) -> str | None:  # noqa: ANN001
+    champion = alias_version(client, name, CHAMPION)
+    newest = max((int(v.version) for v in versions), default=None)
+    return str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
+
+
 def sync_challenger(client, name: str, versions: list | None = None) -> str | None:  # noqa: ANN001
     """Point `challenger` at the newest version registered after the champion, or remove it; returns it (None: removed).
 
-    With no champion, every version is newer than it, so `challenger` is the newest version.
+    With no champion, every version is newer than it, so `challenger` is the newest version. Two runs
+    registering at once (a team's shared registry) can move `champion` between this one's reading and writing:
+    after writing, it reads the champion and the versions again, and writes again until what it wrote still holds.
     """
     versions = versions if versions is not None else _versions(client, name)
-    champion = alias_version(client, name, CHAMPION)
-    newest = max((int(v.version) for v in versions), default=None)
-    target = str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
-    current = alias_version(client, name, CHALLENGER)
-    if target == current:
-        return target
-    if target is None:
-        mlflow_calls.delete_alias(client, name, CHALLENGER)
-    else:
-        mlflow_calls.set_alias(client, name, CHALLENGER, target)
+    target = _challenger_target(client, name, versions)
+    for _ in range(SYNC_ATTEMPTS):
+        if target != alias_version(client, name, CHALLENGER):
+            if target is None:
+                mlflow_calls.delete_alias(client, name, CHALLENGER)
+            else:
+                mlflow_calls.set_alias(client, name, CHALLENGER, target)
+        versions = _versions(client, name)
+        now = _challenger_target(client, name, versions)
+        if now == target:
+            return target
+        target = now
+    log.warning("challenger of '%s': the champion kept moving while it was set; the next move or registration sets it", name)
     return target
 
 

@@ -116,3 +116,30 @@ def test_a_history_written_by_an_older_graft_is_still_read_continued_and_moved_o
     assert not [key for key in client.get_registered_model(name).tags if key.startswith("graft.")]  # the model page is clear
     assert rollback(client, name, "back", who="bob@test").version == v2
     assert rollback(client, name, "back again", who="bob@test").version == v1
+
+
+def test_the_challenger_follows_a_champion_that_another_run_moves_while_it_is_set(active_registry, monkeypatch):  # noqa: F811
+    """Two runs registering at once on a team's registry: the other run moves `champion` to the newest version
+    between this one's reading the aliases and writing `challenger`. Reading again after the write, the
+    challenger is removed: nothing is newer than the champion that won."""
+    from components.registry import history, mlflow_calls
+
+    reg = active_registry
+    client = reg.client
+    before = alias_version(client, NAME)
+    newest = str(max(int(v.version) for v in client.search_model_versions(f"name='{NAME}'")))
+    client.set_registered_model_alias(NAME, "champion", reg.v1)  # an older champion: the newest version challenges it
+    client.delete_registered_model_alias(NAME, "challenger")  # so that this sync has to write it
+    set_alias = mlflow_calls.set_alias
+
+    def and_the_other_run_moves_the_champion(c, name, alias, version):  # noqa: ANN001, ANN202
+        set_alias(c, name, alias, version)
+        if alias == "challenger":
+            client.set_registered_model_alias(NAME, "champion", newest)
+
+    monkeypatch.setattr(mlflow_calls, "set_alias", and_the_other_run_moves_the_champion)
+    assert history.sync_challenger(client, NAME) is None
+    assert alias_version(client, NAME) == newest and alias_version(client, NAME, "challenger") is None
+    monkeypatch.undo()
+    client.set_registered_model_alias(NAME, "champion", before)  # the module's registry as the test found it
+    history.sync_challenger(client, NAME)
