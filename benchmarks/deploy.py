@@ -110,10 +110,12 @@ def diagnose_int8(fp32_path: Path, calibration: np.ndarray, images: np.ndarray, 
         _Calibration,
         correct_weight_bias,
         float_nodes,
+        quantise,
         rounded_like_onnxruntime,
         to_int8,
     )
     from components.deploy.variants import time_against_fp32
+    from components.runtime.cpu import cpu_facts
     from components.runtime.model import OnnxClassifier
 
     prepared = work / "prepared.onnx"
@@ -148,14 +150,18 @@ def diagnose_int8(fp32_path: Path, calibration: np.ndarray, images: np.ndarray, 
         onnx.save(source, str(target))
         return target
 
-    recipe = work / "recipe.onnx"
-    to_int8(fp32_path, recipe, calibration)
-    meta = onnx.load(str(fp32_path)).metadata_props
-    proto = onnx.load(str(recipe))
-    proto.metadata_props.extend(meta)
-    onnx.save(proto, str(recipe))
+    def recipe_file(name: str, bits: int | None) -> Path:
+        path = work / f"{name}.onnx"
+        to_int8(fp32_path, path, calibration) if bits is None else quantise(fp32_path, path, calibration, bits)
+        proto = onnx.load(str(path))
+        proto.metadata_props.extend(onnx.load(str(fp32_path)).metadata_props)
+        onnx.save(proto, str(path))
+        return path
+
+    bits = 8 if cpu_facts().vnni else 7
     cases = [
-        ("Graft's recipe: U8S8, 8-bit weights, bias-corrected, stem and first block fp32", recipe, True),
+        (f"Graft's recipe: U8S8, {bits}-bit weights, bias-corrected, stem and first block fp32", recipe_file("recipe", None), True),
+        *([] if cpu_facts().vnni else [("the recipe with 8-bit weights, as a CPU with VNNI builds it (this CPU has none)", recipe_file("recipe-8", 8), True)]),
         ("the same without bias correction", quantised("no-correction", model, QuantType.QUInt8, float_nodes(model)), True),
         ("every convolution int8, bias-corrected", quantised("all-convs", correct_weight_bias(model, "images", calibration, [], 8), QuantType.QUInt8, head), True),
         ("every convolution int8, no bias correction", quantised("all-plain", model, QuantType.QUInt8, head), True),
@@ -384,6 +390,9 @@ def markdown(result: dict) -> str:
     if result["int8_diagnosis"]:
         lines += ["", "## Where INT8's accuracy goes (test split; speed: 1 onnxruntime thread, against fp32)", "",
                   "| quantised as | accuracy change | top-1 agreement with fp32 | x fp32 batch 1 | x fp32 batch 32 |", "|---|---:|---:|---:|---:|"]
+        if not result["machine"]["cpu"]["vnni"]:
+            lines[-2:-2] = ["This CPU has no VNNI: the rows other than the recipe's use 8-bit weights, whose integer kernels saturate "
+                            "here (`components/runtime/cpu.py`), so their losses include that.", ""]
         for row in result["int8_diagnosis"]:
             lines.append(f"| {row['case']} | {row['accuracy_change_points']:+.2f} pts | {row['top1_agreement']:.1%} | "
                          f"{row.get('speedup_batch1', '-')} | {row.get('speedup_batch32', '-')} |")

@@ -271,6 +271,11 @@ class DeployConfig(_Section):
     """Largest validation-accuracy loss of a variant against fp32 (0.01 = 1 point); a variant that loses more is not published."""
     calibration_images: int = Field(64, ge=1)
     """Training images (stratified) that calibrate the INT8 variant's activation ranges."""
+    int8_weight_bits: Literal["auto", 7, 8] = "auto"
+    """The INT8 variant's weights: `auto` uses all 8 bits where the building CPU has VNNI (AVX-512 VNNI, AVX-VNNI, AMX)
+    and 7 elsewhere; 7 keeps its accuracy on any x86 CPU (set it where the serving CPUs may lack VNNI: an 8-bit file
+    loses accuracy there, and `variant="auto"` skips it); 8 needs a CPU with VNNI to build on
+    (`components.deploy.int8`)."""
     serve_poll_seconds: float = Field(10.0, gt=0)
     """`graft serve`: how often to ask the registry whether the alias moved (then reload)."""
     serve_max_upload_mb: float = Field(10.0, gt=0)

@@ -35,6 +35,12 @@ Weights use all 8 bits where the building CPU has VNNI (AVX-512 VNNI, AVX-VNNI o
 uint8 x int8 products in saturating 16-bit sums (VPMADDUBSW) and 2 x 255 x 127 does not fit. The file
 records which, and the CPU it was built on (`graft.int8_*` metadata). The weights' scales are computed
 here (`weight_scales`) and given to the quantiser, so the bias correction and the file agree on them.
+
+An 8-bit file loses accuracy on a CPU without VNNI (the demo model, built for VNNI and run on an AVX2-only
+AMD EPYC on 2026-12-07: 86.2% against fp32's 90.9%; the 7-bit file built there: 90.6%). Where the serving
+CPUs may lack VNNI, `deploy.int8_weight_bits: 7` builds the portable file on any machine; and
+`OnnxClassifier.load(..., variant="auto")` does not pick an 8-bit INT8 file on such a CPU
+(`components.runtime.cpu.int8_loss_here`).
 """
 
 from __future__ import annotations
@@ -257,15 +263,49 @@ def correct_weight_bias(model, input_name: str, images: np.ndarray, skip: Sequen
     return model
 
 
-def to_int8(source: Path, target: Path, calibration_images: np.ndarray) -> dict[str, str]:
+def weight_bits(setting: int | str | None = None) -> int:
+    """The INT8 weights' bits for `deploy.int8_weight_bits`: 7 or 8 as set, else (`auto`, None) 8 where this CPU has VNNI.
+
+    Raises:
+        VariantError: 8 on a CPU without VNNI, which could not judge the file (its kernels saturate: see the module
+            docstring), or a value other than auto, 7 and 8.
+    """
+    vnni = cpu_facts().vnni
+    if setting in (None, "auto"):
+        return 8 if vnni else 7
+    if setting == 7:
+        return 7
+    if setting == 8 and vnni:
+        return 8
+    if setting == 8:
+        raise VariantError(
+            f"deploy.int8_weight_bits is 8, but this CPU ({cpu_facts().describe()}) has no VNNI, so the INT8 model could not "
+            "be judged here (its integer kernels saturate); build it on a CPU with VNNI, or set deploy.int8_weight_bits: auto or 7"
+        )
+    raise VariantError(f"deploy.int8_weight_bits is {setting!r}; set auto, 7 (any x86 CPU) or 8 (CPUs with VNNI)")
+
+
+def to_int8(source: Path, target: Path, calibration_images: np.ndarray, bits_setting: int | str | None = None) -> dict[str, str]:
     """Static INT8 quantisation of `source` into `target` (see the module docstring for the recipe).
+
+    Args:
+        source: The fp32 model.
+        target: Where the INT8 model goes.
+        calibration_images: uint8 images that calibrate the activation ranges.
+        bits_setting: `deploy.int8_weight_bits` (`weight_bits`): auto (None), 7 or 8.
 
     Returns:
         The `graft.int8_*` metadata to stamp on the file: scheme, weight bits, fp32 nodes, build CPU.
 
     Raises:
-        VariantError: no calibration images.
+        VariantError: no calibration images; `bits_setting` 8 on a CPU without VNNI.
     """
+    return quantise(source, target, calibration_images, weight_bits(bits_setting))
+
+
+def quantise(source: Path, target: Path, calibration_images: np.ndarray, bits: int) -> dict[str, str]:
+    """`to_int8` with `bits`-bit weights whatever this CPU is (the deploy benchmark runs an 8-bit file on a CPU without
+    VNNI with it, to show what that costs)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -273,7 +313,6 @@ def to_int8(source: Path, target: Path, calibration_images: np.ndarray) -> dict[
     if len(calibration_images) == 0:
         raise VariantError("no calibration images for INT8; set deploy.calibration_images >= 1 or drop int8 from deploy.variants")
     cpu = cpu_facts()
-    bits = 8 if cpu.vnni else 7
     input_name = onnx.load(str(source), load_external_data=False).graph.input[0].name
     with tempfile.TemporaryDirectory(prefix="graft-int8-") as tmp:
         prepared, corrected = Path(tmp) / "prepared.onnx", Path(tmp) / "corrected.onnx"

@@ -199,7 +199,11 @@ def _variants_section(facts: CardFacts) -> list[str]:
           f"{v.size_bytes / 1e6:.1f} MB") for v in variants.variants],
     )
     rejected = [f"- {v.name}: {v.reason}" for v in variants.variants if not v.published]
-    return [*lines, "", *rejected, *([""] if rejected else [])]
+    portable = [f"- {v.name} keeps this accuracy on {v.keeps_accuracy_on}; on other CPUs `variant=\"auto\"` loads the next variant "
+                "instead (set deploy.int8_weight_bits: 7 to build one for every x86 CPU)"
+                for v in variants.variants if v.published and v.keeps_accuracy_on]
+    notes = [*rejected, *portable]
+    return [*lines, "", *notes, *([""] if notes else [])]
 
 
 def _export_section(facts: CardFacts) -> list[str]:

@@ -124,7 +124,8 @@ def variants_of(ctx: DeployContext, trained: TrainResult, exported: ExportResult
     calibration_paths = [s.path for s in stratified_sample(ctx.split.train, cfg.calibration_images, ctx.params.data.seed)]
     calibration = load_batch(calibration_paths, trained.image_size)
     variants = build_variants(exported.onnx_path, cfg.variants, images.at(trained.image_size), images.labels, calibration,
-                              cfg.max_variant_drop, reference=probabilities, cache_dir=ctx.params.data.cache_dir / "variants")
+                              cfg.max_variant_drop, reference=probabilities, cache_dir=ctx.params.data.cache_dir / "variants",
+                              int8_weight_bits=cfg.int8_weight_bits)
     ctx.run.log_dict(variants.to_dict(), "deploy/variants.json")
     return variants
 

@@ -45,7 +45,7 @@ import numpy as np
 from components.core.build_cache import BuildCache, build_key
 from components.core.errors import VariantError
 from components.core.files import cached_sha256, sha256
-from components.deploy.int8 import to_int8
+from components.deploy.int8 import to_int8, weight_bits
 from components.evaluate.gate import signed_points
 from components.runtime.cpu import cpu_facts
 from components.runtime.model import OnnxClassifier
@@ -135,6 +135,8 @@ class VariantResult:
     """Timed against fp32 on this machine; None when not timed (fp16 without a GPU, or rejected on accuracy)."""
     reused: bool = False
     """Copied from the build cache, built before from the same fp32 file and inputs (`seconds` is the copy's)."""
+    keeps_accuracy_on: str | None = None
+    """The CPUs on which this accuracy holds, where not all: an INT8 file with 8-bit weights, `graft.int8_exact_on`."""
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
@@ -214,11 +216,12 @@ def _stamp(model, target: Path, extra: dict[str, str]) -> None:  # noqa: ANN001 
     onnx.save_model(model, str(target))
 
 
-def build_int8(source: Path, target: Path, calibration_images: np.ndarray) -> Path:
-    """The INT8 variant (`components.deploy.int8.to_int8`), stamped with how it was built."""
+def build_int8(source: Path, target: Path, calibration_images: np.ndarray, bits: int | None = None) -> Path:
+    """The INT8 variant (`components.deploy.int8.to_int8`, with `bits`-bit weights; None: as this CPU suits), stamped
+    with how it was built."""
     import onnx
 
-    facts = to_int8(source, target, calibration_images)
+    facts = to_int8(source, target, calibration_images, bits)
     _stamp(onnx.load(str(target)), target, {"graft.variant": "int8", **facts})
     return target
 
@@ -283,7 +286,8 @@ def judge_variant(
     seconds: float,
 ) -> VariantResult:
     """Score `path` on the test images against the fp32 probabilities `reference` (accuracy only; `judge_speed` times it)."""
-    probs = OnnxClassifier(path, ["CPUExecutionProvider"]).predict_proba(images)
+    model = OnnxClassifier(path, ["CPUExecutionProvider"])
+    probs = model.predict_proba(images)
     accuracy = float((probs.argmax(1) == labels).mean())
     change = accuracy - float((reference.argmax(1) == labels).mean())
     published = -change <= max_drop + 1e-9
@@ -302,6 +306,7 @@ def judge_variant(
         size_bytes=path.stat().st_size,
         seconds=seconds,
         reason=reason,
+        keeps_accuracy_on=model.metadata.get("graft.int8_exact_on") if model.metadata.get("graft.int8_weight_bits") == "8" else None,
     )
 
 
@@ -321,21 +326,21 @@ def judge_speed(result: VariantResult, fp32_path: Path, images: np.ndarray, min_
                    reason=f"{head}NOT published: {speed.text()}, not {min_speedup:g}x as fast as fp32 on this CPU")
 
 
-def _builders(fp32_path: Path, calibration_images: np.ndarray) -> dict[str, Callable[[Path], Path]]:
+def _builders(fp32_path: Path, calibration_images: np.ndarray, int8_bits: int) -> dict[str, Callable[[Path], Path]]:
     return {
         "optimized": lambda target: optimize_offline(fp32_path, target),
         "fp16": lambda target: to_fp16(fp32_path, target),
-        "int8": lambda target: build_int8(fp32_path, target, calibration_images),
+        "int8": lambda target: build_int8(fp32_path, target, calibration_images, int8_bits),
     }
 
 
-def _build_key(fp32_path: Path, name: str, calibration_images: np.ndarray) -> str:
+def _build_key(fp32_path: Path, name: str, calibration_images: np.ndarray, int8_bits: int) -> str:
     """Everything a variant's bytes depend on (see the module docstring)."""
     import onnx
     import onnxruntime as ort
 
     images = np.ascontiguousarray(calibration_images)
-    calibration = f"{images.shape} {hashlib.sha256(images.tobytes()).hexdigest()}" if name == "int8" else "not read"
+    calibration = f"{images.shape} {hashlib.sha256(images.tobytes()).hexdigest()} {int8_bits}-bit weights" if name == "int8" else "not read"
     return build_key("variant", name, cached_sha256(fp32_path), calibration, cpu_facts().describe(),
                      f"onnx {onnx.__version__}", f"onnxruntime {ort.__version__}")
 
@@ -366,6 +371,7 @@ def build_variants(
     min_speedup: float = MIN_SPEEDUP,
     reference: np.ndarray | None = None,
     cache_dir: Path | None = None,
+    int8_weight_bits: int | str | None = None,
 ) -> VariantsReport:
     """Build each variant in `names` beside `fp32_path`, and judge each.
 
@@ -385,12 +391,14 @@ def build_variants(
         reference: fp32's probabilities on `test_images` on the CPU provider, when the caller has them already
             (the deploy stage's gate computed them); else they are computed here.
         cache_dir: Where builds are kept and reused (see the module docstring); None builds every variant.
+        int8_weight_bits: `deploy.int8_weight_bits`: auto (None), 7 or 8 (`components.deploy.int8.weight_bits`).
 
     Returns:
         The fp32 accuracy and one `VariantResult` per variant; unpublished files are moved to `rejected/`.
     """
-    builders = _builders(fp32_path, calibration_images)
     wanted = list(dict.fromkeys(names))
+    int8_bits = weight_bits(int8_weight_bits) if "int8" in wanted else 0
+    builders = _builders(fp32_path, calibration_images, int8_bits)
     unknown = [name for name in wanted if name not in builders]
     if unknown:
         raise VariantError(f"unknown variant '{unknown[0]}' in deploy.variants; choose from {', '.join(builders)}")
@@ -403,7 +411,7 @@ def build_variants(
         return VariantsReport(fp32_accuracy, ())
     log.info("building the %s variants", ", ".join(wanted))
     cache = BuildCache(cache_dir, VARIANT_CACHE_KEEP) if cache_dir is not None else None
-    keys = {name: _build_key(fp32_path, name, calibration_images) for name in wanted} if cache is not None else dict.fromkeys(wanted, "")
+    keys = {name: _build_key(fp32_path, name, calibration_images, int8_bits) for name in wanted} if cache is not None else dict.fromkeys(wanted, "")
     with ThreadPoolExecutor(max_workers=len(wanted), thread_name_prefix="variant") as pool:
         futures = {name: pool.submit(_build, name, builders[name], variant_path(fp32_path, name), cache, keys[name]) for name in wanted}
         built = {name: future.result() for name, future in futures.items()}

@@ -17,6 +17,7 @@ import functools
 import os
 import platform
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,22 @@ def cpu_facts() -> CpuFacts:
                 flags.update(value.split())
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return CpuFacts(model, cores, tuple(flag for flag in FLAGS_OF_INTEREST if flag in flags))
+
+
+def int8_loss_here(metadata: Mapping[str, str], cpu: CpuFacts | None = None) -> str | None:
+    """Why an INT8 model would lose accuracy on `cpu` (default: this machine's), or None where it keeps it.
+
+    An INT8 file built with 8-bit weights (`graft.int8_weight_bits`, stamped by `components.deploy.int8`) is exact
+    only on CPUs with VNNI: without it onnxruntime's uint8 x int8 kernels add pairs of products in saturating
+    16-bit sums (see the module docstring). A 7-bit file, or a file without the stamp, is not flagged."""
+    if metadata.get("graft.int8_weight_bits") != "8":
+        return None
+    cpu = cpu or cpu_facts()
+    if cpu.vnni:
+        return None
+    built_on = metadata.get("graft.int8_built_on", "a CPU with VNNI")
+    return (f"the INT8 model has 8-bit weights (built on {built_on}), and this CPU ({cpu.describe()}) has no VNNI: "
+            "onnxruntime's integer kernels saturate there and the model loses accuracy")
 
 
 def cpu_seconds() -> tuple[float, float] | None:

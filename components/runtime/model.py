@@ -6,7 +6,7 @@ file is checked against what registration recorded before onnxruntime opens
 it (`components.runtime.trust`). The label list, input size and backbone are
 read from the ONNX model's own metadata. Each model may come in variants
 beside the fp32 file (`components.runtime.variant_files`); `variant="auto"`
-picks the one that suits the execution provider.
+picks the one that suits the execution provider and this CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from components.core.errors import GraftError
 from components.data.images import load_batch
 from components.registry.versions import download_artifact, parse_registry_uri, registry_version
 from components.runtime.bundle import open_bundle
+from components.runtime.cpu import int8_loss_here
 from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_options, session_providers
 from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
@@ -55,6 +56,8 @@ class ModelSource:
     """Fingerprint of the key whose signature verified the model's folder (None: verification off)."""
     warning: str | None = None
     """Why this model should not be serving although it was asked for (champion moved onto a failed version)."""
+    note: str | None = None
+    """Why `variant="auto"` passed over the variant it would otherwise have loaded (INT8 built for VNNI, on a CPU without)."""
 
     def describe(self) -> str:
         where = f"{self.name} v{self.version}" if self.version else self.uri
@@ -103,6 +106,12 @@ class OnnxClassifier:
         self.io_binding = on_gpu if io_binding is None else io_binding
         self._device = "cuda" if on_gpu else "cpu"
 
+    @property
+    def accuracy_warning(self) -> str | None:
+        """Why this model would score below what its deploy stage measured on this machine's CPU, or None
+        (`components.runtime.cpu.int8_loss_here`: an INT8 file with 8-bit weights on a CPU without VNNI)."""
+        return int8_loss_here(self.metadata) if self.provider == "CPUExecutionProvider" else None
+
     @classmethod
     def load(cls, model: str | Path, providers: list[str] | None = None, variant: str = "fp32") -> OnnxClassifier:
         """Load from an `.onnx` file, a deploy bundle folder, or an MLflow URI such as `models:/NAME@champion`.
@@ -110,27 +119,44 @@ class OnnxClassifier:
         Args:
             model: Where the model is.
             providers: Execution providers; default `choose_providers()`.
-            variant: fp32, optimized, fp16, int8, or auto (fp16 on a GPU, int8 on a CPU, when published).
+            variant: fp32, optimized, fp16, int8, or auto (fp16 on a GPU, int8 on a CPU, when published and when it
+                keeps its accuracy on this CPU: see `accuracy_warning`).
         """
         providers = providers or choose_providers()
+        loaded = cls._load(model, providers, variant)
+        problem = loaded.accuracy_warning
+        if problem is None:
+            return loaded
+        if variant != "auto":
+            log.warning("%s; load variant 'auto' or 'fp32' for the accuracy the deploy stage measured, or deploy with "
+                        "deploy.int8_weight_bits: 7 for an INT8 model that keeps it on every x86 CPU", problem)
+            return loaded
+        fallback = cls._load(model, providers, variant, skip=(loaded.source.variant,))
+        note = f"{problem}; loaded {fallback.source.variant} instead (deploy with deploy.int8_weight_bits: 7 for an INT8 model for every x86 CPU)"
+        log.warning("%s", note)
+        fallback.source = replace(fallback.source, note=note)
+        return fallback
+
+    @classmethod
+    def _load(cls, model: str | Path, providers: list[str], variant: str, skip: Sequence[str] = ()) -> OnnxClassifier:
         text = str(model)
         registry = parse_registry_uri(text)
         if registry is not None:
-            return cls._from_registry(text, *registry, providers, variant)
+            return cls._from_registry(text, *registry, providers, variant, skip)
         if "://" in text or text.startswith(("runs:/", "models:/")):
             with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
                 return cls._from_file(_find_onnx(download_artifact(text, Path(tmp)), text), providers, "fp32", text)
         path = Path(text)
         if path.is_dir():
             bundle = open_bundle(path)
-            chosen = pick_variant(variant, bundle.variants, providers)
+            chosen = pick_variant(variant, bundle.variants, providers, skip)
             file = bundle.file(chosen)
             source = ModelSource(text, chosen, bundle.name, bundle.version, sha256=bundle.sha256[file.name], signed_by=bundle.signed_by)
             return cls(file, providers, source)
         if not path.is_file():
             raise GraftError(f"model file '{path}' not found: pass an .onnx file, a bundle folder or models:/NAME@champion")
         available = [name for name in VARIANT_SUFFIXES if variant_path(path, name).is_file()]
-        return cls._from_file(path, providers, pick_variant(variant, available, providers), text)
+        return cls._from_file(path, providers, pick_variant(variant, available, providers, skip), text)
 
     @classmethod
     def _from_file(cls, fp32_path: Path, providers: list[str], variant: str, uri: str) -> OnnxClassifier:
@@ -140,11 +166,12 @@ class OnnxClassifier:
         return cls(file, providers, ModelSource(uri, variant, sha256=checked.sha256.get(file.name), signed_by=checked.signed_by))
 
     @classmethod
-    def _from_registry(cls, uri: str, name: str, alias: str | None, version: str | None, providers: list[str], variant: str) -> OnnxClassifier:
+    def _from_registry(cls, uri: str, name: str, alias: str | None, version: str | None, providers: list[str], variant: str,
+                       skip: Sequence[str] = ()) -> OnnxClassifier:
         from mlflow import MlflowClient
 
         found = registry_version(name, alias, version)
-        chosen = pick_variant(variant, published_variants(found.tags), providers)
+        chosen = pick_variant(variant, published_variants(found.tags), providers, skip)
         filename = variant_filename(chosen)
         # the session holds the model in memory, so the downloaded copy can go at once
         with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:

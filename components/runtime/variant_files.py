@@ -40,11 +40,11 @@ def variant_filename(variant: str) -> str:
     return variant_path(Path(FP32_FILE), variant).name
 
 
-def pick_variant(requested: str, available: Sequence[str], providers: Sequence[str]) -> str:
-    """Resolve `auto` (fp16 on a GPU provider, else int8, else the optimised fp32) and check availability."""
+def pick_variant(requested: str, available: Sequence[str], providers: Sequence[str], skip: Sequence[str] = ()) -> str:
+    """Resolve `auto` (fp16 on a GPU provider, else int8, else the optimised fp32; none of `skip`) and check availability."""
     if requested == "auto":
         preference = ("fp16", "fp32") if providers and providers[0] in GPU_PROVIDERS else ("int8", "optimized", "fp32")
-        return next(name for name in preference if name in available or name == "fp32")
+        return next(name for name in preference if (name in available and name not in skip) or name == "fp32")
     if requested not in VARIANT_SUFFIXES:
         raise GraftError(f"unknown model variant '{requested}'; choose one of {', '.join(VARIANT_CHOICES)}")
     if requested not in available:

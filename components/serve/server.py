@@ -272,7 +272,7 @@ def _model_facts(model: OnnxClassifier) -> dict:
     source = model.source
     return {
         "uri": source.uri, "name": source.name, "version": source.version, "alias": source.alias, "variant": source.variant,
-        "provider": model.provider, "sha256": source.sha256, "signed_by": source.signed_by,
+        "provider": model.provider, "sha256": source.sha256, "signed_by": source.signed_by, "note": source.note,
     }
 
 

@@ -20,6 +20,8 @@ def test_set_overrides_are_typed():
     assert params.train.lr == 0.01
     assert params.choose.candidates == ("efficientnet_lite0",)
     assert params.data.image_size is None
+    assert load_params(REPO / "params.yaml", ["deploy.int8_weight_bits=7"]).deploy.int8_weight_bits == 7
+    assert load_params(REPO / "params.yaml").deploy.int8_weight_bits == "auto"
 
 
 def test_unknown_set_key_lists_valid_keys_and_closest_match():
@@ -40,7 +42,8 @@ def test_unknown_key_in_file_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     ("override", "key"),
-    [("train.epochs=many", "train.epochs"), ("data.val_fraction=1.5", "data.val_fraction"), ("choose.score=magic", "choose.score")],
+    [("train.epochs=many", "train.epochs"), ("data.val_fraction=1.5", "data.val_fraction"), ("choose.score=magic", "choose.score"),
+     ("deploy.int8_weight_bits=6", "deploy.int8_weight_bits")],
 )
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

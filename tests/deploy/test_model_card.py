@@ -72,6 +72,17 @@ def test_the_card_tells_the_whole_story_of_the_version(facts):
     assert "model_name: graft-test" in card  # the run's parameters, to save and rerun
 
 
+def test_the_card_says_on_which_cpus_an_int8_model_with_8_bit_weights_keeps_its_accuracy(facts, tmp_path):
+    from dataclasses import replace
+
+    int8 = VariantResult("int8", tmp_path / "model.int8.onnx", True, 0.9167, 0.0, 1.0, 1e-3, 1_200_000, 1.0, "published",
+                         keeps_accuracy_on="CPUs with VNNI (avx512_vnni, avx_vnni or amx_int8)")
+    card = render_card(replace(facts, variants=VariantsReport(0.9167, (int8,))))
+    assert "- int8 keeps this accuracy on CPUs with VNNI (avx512_vnni, avx_vnni or amx_int8); on other CPUs" in card
+    assert "deploy.int8_weight_bits: 7" in card
+    assert "keeps this accuracy on" not in render_card(facts)  # the 7-bit kind (and a rejected file) needs no such line
+
+
 def test_in_mlflow_the_card_links_the_version_the_run_and_each_picture_in_mlflows_viewer(facts):
     from dataclasses import replace
 

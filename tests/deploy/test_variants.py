@@ -12,6 +12,8 @@ import pytest
 import components.deploy.variants as variants_module
 from components.data.images import load_batch
 from components.deploy.variants import build_variants, judge_variant
+from components.runtime.cpu import CpuFacts
+from components.runtime.cpu import cpu_facts as real_cpu_facts
 from components.runtime.model import OnnxClassifier
 from tests.deploy.fixtures import biased_copy, tiny_model  # noqa: F401 - fixtures
 
@@ -106,7 +108,7 @@ def test_a_variant_losing_more_than_the_limit_is_not_published(tiny_model, tmp_p
     paths, labels = tiny_model.val()
     images = load_batch(paths, 64)
 
-    def broken_int8(source, target, calibration_images):  # a quantiser that ruins the model
+    def broken_int8(source, target, calibration_images, bits=None):  # a quantiser that ruins the model
         return biased_copy(source, target, winner=0)
 
     monkeypatch.setattr(variants_module, "build_int8", broken_int8)
@@ -353,3 +355,76 @@ def test_a_variant_of_the_same_model_and_inputs_is_copied_from_the_build_cache_a
     rebuilt = build("after-tampering", calibration)
     assert not rebuilt.get("int8").reused
     assert rebuilt.get("int8").path.read_bytes() == first.get("int8").path.read_bytes()
+
+
+def _cpu(vnni: bool) -> CpuFacts:
+    """This machine's CPU, with or without VNNI."""
+    flags = ("avx2", "avx512f", "avx512_vnni") if vnni else ("avx2", "fma")
+    return CpuFacts(real_cpu_facts().model, real_cpu_facts().cores, flags)
+
+
+def _copied(tiny_model, folder):  # noqa: F811
+    """The tiny model's fp32 file copied into `folder`, and its validation images and labels."""
+    paths, labels = tiny_model.val()
+    return shutil.copyfile(tiny_model.onnx_path, folder / "model.onnx"), load_batch(paths, 64), labels
+
+
+@pytest.fixture(scope="module")
+def eight_bit_int8(tiny_model, tmp_path_factory):  # noqa: F811
+    """A folder with fp32 and an INT8 file built with 8-bit weights, as a CPU with VNNI builds it."""
+    import components.deploy.int8 as int8
+
+    folder = tmp_path_factory.mktemp("int8-bits")
+    fp32, images, labels = _copied(tiny_model, folder)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(int8, "cpu_facts", lambda: _cpu(vnni=True))
+        report = build_variants(fp32, ("int8",), images, labels, images[::2], max_drop=1.0, min_speedup=0)
+    return fp32, report
+
+
+def test_auto_passes_over_an_int8_model_with_8_bit_weights_on_a_cpu_without_vnni(eight_bit_int8, monkeypatch, caplog):
+    import components.runtime.cpu as cpu
+
+    fp32, report = eight_bit_int8
+    int8 = report.get("int8")
+    assert int8.published and int8.keeps_accuracy_on.startswith("CPUs with VNNI")
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: _cpu(vnni=True))
+    assert OnnxClassifier.load(fp32, variant="auto").source.variant == "int8"
+
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: _cpu(vnni=False))
+    with caplog.at_level("WARNING"):
+        model = OnnxClassifier.load(fp32, variant="auto")
+    assert model.source.variant == "fp32" and model.path == fp32
+    assert "8-bit weights" in model.source.note and "no VNNI" in model.source.note
+    assert "deploy.int8_weight_bits: 7" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        asked = OnnxClassifier.load(fp32, variant="int8")  # asked for by name: loaded, with the warning
+    assert asked.source.variant == "int8" and asked.source.note is None
+    assert "no VNNI" in caplog.text and asked.accuracy_warning
+
+
+def test_int8_weight_bits_7_builds_a_file_every_cpu_may_load(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    import components.deploy.int8 as int8
+    import components.runtime.cpu as cpu
+
+    fp32, images, labels = _copied(tiny_model, tmp_path)
+    monkeypatch.setattr(int8, "cpu_facts", lambda: _cpu(vnni=True))
+    report = build_variants(fp32, ("int8",), images, labels, images[::2], max_drop=1.0, min_speedup=0, int8_weight_bits=7)
+    meta = {p.key: p.value for p in onnx.load(str(report.get("int8").path)).metadata_props}
+    assert meta["graft.int8_weight_bits"] == "7" and meta["graft.int8_exact_on"] == "any x86-64 CPU"
+    assert report.get("int8").keeps_accuracy_on is None
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: _cpu(vnni=False))
+    assert OnnxClassifier.load(fp32, variant="auto").source.variant == "int8"
+
+
+def test_int8_weight_bits_8_is_refused_where_the_cpu_could_not_judge_it(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    import components.deploy.int8 as int8
+    from components.core.errors import VariantError
+
+    fp32, images, labels = _copied(tiny_model, tmp_path)
+    monkeypatch.setattr(int8, "cpu_facts", lambda: _cpu(vnni=False))
+    with pytest.raises(VariantError, match="int8_weight_bits is 8.*no VNNI.*auto or 7"):
+        build_variants(fp32, ("int8",), images, labels, images[::2], max_drop=1.0, min_speedup=0, int8_weight_bits=8)
+    assert not (tmp_path / "model.int8.onnx").exists()

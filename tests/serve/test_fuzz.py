@@ -40,8 +40,8 @@ STACK_TRACE_MARKS = ("Traceback (most recent call last)", 'File "', "site-packag
 _ERROR = {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {"type": "string", "minLength": 1}}}
 _FACTS = {
     "type": "object",
-    "required": ["uri", "name", "version", "alias", "variant", "provider", "sha256", "signed_by"],
-    "properties": {key: {"type": ["string", "null"]} for key in ("uri", "name", "version", "alias", "variant", "provider", "sha256", "signed_by")},
+    "required": ["uri", "name", "version", "alias", "variant", "provider", "sha256", "signed_by", "note"],
+    "properties": {key: {"type": ["string", "null"]} for key in ("uri", "name", "version", "alias", "variant", "provider", "sha256", "signed_by", "note")},
 }
 _ROW = {
     "type": "object",
