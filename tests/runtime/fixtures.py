@@ -45,19 +45,21 @@ class Store:
         experiment = self.client.get_experiment_by_name(self.params.tracking.experiment)
         return Run(self.client.create_run(experiment.experiment_id).info.run_id, self.uri)
 
-    def model_files(self, folder: str, variants: tuple[str, ...] = ("int8",)) -> Path:
-        """A fp32 file and its variants in `work/folder`, each a real, different ONNX model; returns the fp32 path."""
+    def model_files(self, folder: str, variants: tuple[str, ...] = ("int8",), variant_metadata: dict[str, str] | None = None) -> Path:
+        """A fp32 file and its variants in `work/folder`, each a real, different ONNX model (the variants with
+        `variant_metadata` added to Graft's); returns the fp32 path."""
         fp32 = tiny_onnx(self.work / folder / "model.onnx", image_size=SIZE)
         for variant in variants:
             tiny_onnx(self.work / folder / f"model.{variant}.onnx", classes=("0", "1", "7"), image_size=SIZE)
-            _rename_graph(self.work / folder / f"model.{variant}.onnx", variant)
+            _rename_graph(self.work / folder / f"model.{variant}.onnx", variant, variant_metadata or {})
         return fp32
 
-    def register(self, folder: str, tags: dict[str, str] | None = None, variants: tuple[str, ...] = ("int8",)) -> str:
+    def register(self, folder: str, tags: dict[str, str] | None = None, variants: tuple[str, ...] = ("int8",),
+                 variant_metadata: dict[str, str] | None = None) -> str:
         """Log and register a fresh model as the deploy stage does; returns its version."""
         from components.deploy.register import log_onnx_model, register_version
 
-        fp32 = self.model_files(folder, variants)
+        fp32 = self.model_files(folder, variants, variant_metadata)
         run = self.run()
         logged = log_onnx_model(run, fp32, SIZE, 3, variants)
         version = register_version(run, NAME, logged, {**PASSED_GATE, **(tags or {})}, "trust test")
@@ -75,12 +77,13 @@ class Store:
         return path
 
 
-def _rename_graph(path: Path, name: str) -> None:
-    """Make a variant file's bytes differ from the fp32 file's (same behaviour, another graph name)."""
+def _rename_graph(path: Path, name: str, metadata: dict[str, str]) -> None:
+    """Make a variant file's bytes differ from the fp32 file's (same behaviour, another graph name), and add `metadata`."""
     import onnx
 
     model = onnx.load(str(path))
     model.graph.name = f"tiny-{name}"
+    model.metadata_props.extend(onnx.StringStringEntryProto(key=key, value=value) for key, value in metadata.items())
     onnx.save_model(model, str(path))
 
 

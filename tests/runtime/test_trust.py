@@ -193,3 +193,19 @@ def test_a_champion_the_gate_failed_is_followed_with_a_warning_and_graft_history
     assert main(["history", "--params", str(store.params_file()), "--name", NAME]) == 0
     out = capsys.readouterr().out
     assert f"-> v{failed}  manual by" in out and f"! v{failed}: the gate did not promote it" in out and "not yet in the history" not in out
+
+
+def test_auto_loads_the_registered_fp32_file_instead_of_an_int8_file_this_cpu_would_run_saturated(store, monkeypatch, caplog):  # noqa: F811
+    import components.runtime.cpu as cpu
+
+    version = store.register("v1", variant_metadata={"graft.int8_weight_bits": "8", "graft.int8_built_on": "a build machine with VNNI"})
+    store.client.set_registered_model_alias(NAME, "champion", version)
+    real = cpu.cpu_facts()
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: cpu.CpuFacts(real.model, real.cores, ("avx2", "fma")))
+    with caplog.at_level(logging.WARNING):
+        model = OnnxClassifier.load(f"models:/{NAME}@champion", variant="auto")
+    assert model.source.variant == "fp32" and model.source.version == version
+    assert model.source.sha256 == store.client.get_model_version(NAME, version).tags["sha256.model.onnx"]  # checked like any load
+    assert "a build machine with VNNI" in model.source.note and "deploy.int8_weight_bits: 7" in caplog.text
+    monkeypatch.setattr(cpu, "cpu_facts", lambda: cpu.CpuFacts(real.model, real.cores, ("avx2", "avx512_vnni")))
+    assert OnnxClassifier.load(f"models:/{NAME}@champion", variant="auto").source.variant == "int8"
