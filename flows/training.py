@@ -23,7 +23,7 @@ from components.core.lineage import git_commit
 from components.data.folders import scan
 from components.data.split import Split, SplitSettings
 from components.data.versions import data_version
-from components.deploy.stage import DeployContext, DeployResult, deploy
+from components.deploy.stage import DeployContext, DeployResult, check_settings, deploy
 from components.evaluate.report import log_evaluation
 from components.evaluate.stage import EvalResult, evaluate
 from components.registry.tracking import Run, parent_run
@@ -87,6 +87,7 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
     """Run the four stages on `params.data.dir` and return the run summary; with `report_dir`, also write
     the DVC train stage's outputs there (metrics, plots, the ONNX model); with `hold`, register the model
     as challenger only, whatever the gate says (`hold` says why)."""
+    check_settings(params)  # deploy settings this machine cannot carry out: refused before any training
     clock = Stopwatch()
     with capture_run_log() as run_log:
         with clock("data"):

@@ -28,6 +28,7 @@ from components.deploy.facts import DeployFacts
 from components.evaluate.gate import signed_points
 from components.registry import ui_links
 from components.runtime.bundle import MODEL_CARD, MODEL_CARD_DIR, MODEL_CARD_HTML
+from components.runtime.cpu import INT8_FOR_EVERY_CPU
 
 CARD_ARTIFACT_DIR = MODEL_CARD_DIR
 """Where the run keeps its cards (`model_card/`)."""
@@ -200,7 +201,7 @@ def _variants_section(facts: CardFacts) -> list[str]:
     )
     rejected = [f"- {v.name}: {v.reason}" for v in variants.variants if not v.published]
     portable = [f"- {v.name} keeps this accuracy on {v.keeps_accuracy_on}; on other CPUs `variant=\"auto\"` loads the next variant "
-                "instead (set deploy.int8_weight_bits: 7 to build one for every x86 CPU)"
+                f"instead ({INT8_FOR_EVERY_CPU})"
                 for v in variants.variants if v.published and v.keeps_accuracy_on]
     notes = [*rejected, *portable]
     return [*lines, "", *notes, *([""] if notes else [])]

@@ -25,6 +25,7 @@ from components.data.images import load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
 from components.deploy.facts import DeployFacts
+from components.deploy.int8 import weight_bits
 from components.deploy.judge import TestImages, judge_challenger
 from components.deploy.model_card import CARD_ARTIFACT_DIR, REPORT_ARTIFACT_DIR, CardFacts, ModelCard, write_model_card
 from components.deploy.register import LoggedModel, record_manual_promotion, register_model
@@ -71,6 +72,17 @@ class DeployContext:
     commit: str
     hold: str | None = None
     """Why `champion` must not move in this run whatever the gate says (a `dvc exp run`, `--no-promote`); None to let the gate decide."""
+
+
+def check_settings(params: Params) -> None:
+    """Refuse, before a run trains anything, deploy settings this machine could not carry out
+    (`deploy.int8_weight_bits: 8` on a CPU without VNNI: `components.deploy.int8.weight_bits`).
+
+    Raises:
+        VariantError: the setting, with the fix.
+    """
+    if "int8" in params.deploy.variants:
+        weight_bits(params.deploy.int8_weight_bits)
 
 
 def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> ExportResult:

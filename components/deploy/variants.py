@@ -47,7 +47,7 @@ from components.core.errors import VariantError
 from components.core.files import cached_sha256, sha256
 from components.deploy.int8 import to_int8, weight_bits
 from components.evaluate.gate import signed_points
-from components.runtime.cpu import cpu_facts
+from components.runtime.cpu import cpu_facts, int8_needs_vnni
 from components.runtime.model import OnnxClassifier
 from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_providers
 from components.runtime.variant_files import variant_path
@@ -306,7 +306,7 @@ def judge_variant(
         size_bytes=path.stat().st_size,
         seconds=seconds,
         reason=reason,
-        keeps_accuracy_on=model.metadata.get("graft.int8_exact_on") if model.metadata.get("graft.int8_weight_bits") == "8" else None,
+        keeps_accuracy_on=model.metadata.get("graft.int8_exact_on") if int8_needs_vnni(model.metadata) else None,
     )
 
 

@@ -66,13 +66,20 @@ def cpu_facts() -> CpuFacts:
     return CpuFacts(model, cores, tuple(flag for flag in FLAGS_OF_INTEREST if flag in flags))
 
 
-def int8_loss_here(metadata: Mapping[str, str], cpu: CpuFacts | None = None) -> str | None:
-    """Why an INT8 model would lose accuracy on `cpu` (default: this machine's), or None where it keeps it.
+INT8_FOR_EVERY_CPU = "deploy with deploy.int8_weight_bits: 7 for an INT8 model that keeps its accuracy on every x86 CPU"
+"""The fix wherever an INT8 file's 8-bit weights are a problem (the loader's warnings, the model card)."""
 
-    An INT8 file built with 8-bit weights (`graft.int8_weight_bits`, stamped by `components.deploy.int8`) is exact
-    only on CPUs with VNNI: without it onnxruntime's uint8 x int8 kernels add pairs of products in saturating
-    16-bit sums (see the module docstring). A 7-bit file, or a file without the stamp, is not flagged."""
-    if metadata.get("graft.int8_weight_bits") != "8":
+
+def int8_needs_vnni(metadata: Mapping[str, str]) -> bool:
+    """Whether an ONNX file's Graft metadata says it is INT8 with 8-bit weights (`graft.int8_weight_bits`, stamped by
+    `components.deploy.int8`): exact only on CPUs with VNNI, whose kernels do not saturate (see the module docstring)."""
+    return metadata.get("graft.int8_weight_bits") == "8"
+
+
+def int8_loss_here(metadata: Mapping[str, str], cpu: CpuFacts | None = None) -> str | None:
+    """Why an INT8 model would lose accuracy on `cpu` (default: this machine's), or None where it keeps it: an
+    8-bit file (`int8_needs_vnni`) on a CPU without VNNI. A 7-bit file, or a file without the stamp, is not flagged."""
+    if not int8_needs_vnni(metadata):
         return None
     cpu = cpu or cpu_facts()
     if cpu.vnni:

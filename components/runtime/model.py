@@ -26,7 +26,7 @@ from components.core.errors import GraftError
 from components.data.images import load_batch
 from components.registry.versions import download_artifact, parse_registry_uri, registry_version
 from components.runtime.bundle import open_bundle
-from components.runtime.cpu import int8_loss_here
+from components.runtime.cpu import INT8_FOR_EVERY_CPU, int8_loss_here
 from components.runtime.providers import GPU_PROVIDERS, choose_providers, session_options, session_providers
 from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
@@ -128,11 +128,10 @@ class OnnxClassifier:
         if problem is None:
             return loaded
         if variant != "auto":
-            log.warning("%s; load variant 'auto' or 'fp32' for the accuracy the deploy stage measured, or deploy with "
-                        "deploy.int8_weight_bits: 7 for an INT8 model that keeps it on every x86 CPU", problem)
+            log.warning("%s; load variant 'auto' or 'fp32' for the accuracy the deploy stage measured, or %s", problem, INT8_FOR_EVERY_CPU)
             return loaded
         fallback = cls._load(model, providers, variant, skip=(loaded.source.variant,))
-        note = f"{problem}; loaded {fallback.source.variant} instead (deploy with deploy.int8_weight_bits: 7 for an INT8 model for every x86 CPU)"
+        note = f"{problem}; loaded {fallback.source.variant} instead ({INT8_FOR_EVERY_CPU})"
         log.warning("%s", note)
         fallback.source = replace(fallback.source, note=note)
         return fallback

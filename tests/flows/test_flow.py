@@ -149,6 +149,19 @@ def test_bad_input_registers_nothing(run_cli, tmp_path, capsys):
         assert _client(run_cli.params).search_registered_models() == []
 
 
+def test_int8_weight_bits_this_cpu_cannot_build_stops_the_run_before_it_trains(run_cli, tmp_path, capsys, monkeypatch):
+    import components.deploy.int8 as int8
+    from components.runtime.cpu import CpuFacts
+
+    real = int8.cpu_facts()
+    monkeypatch.setattr(int8, "cpu_facts", lambda: CpuFacts(real.model, real.cores, ("avx2", "fma")))
+    code, summary = run_cli("deploy.variants=[int8]", "deploy.int8_weight_bits=8")
+    assert code == 2 and summary is None
+    err = capsys.readouterr().err
+    assert "deploy.int8_weight_bits is 8" in err and "no VNNI" in err and "auto or 7" in err and "Traceback" not in err
+    assert not (run_cli.params.deploy.output_dir / "runs").exists()  # no run folder: nothing trained, logged or registered
+
+
 def test_a_bad_image_stops_graft_run_with_one_clear_line_and_no_traceback(tmp_path, digits_dir):
     """What a user sees in the terminal: the file and the fix, not a trace through Prefect's engine."""
     import os
