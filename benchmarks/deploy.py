@@ -8,7 +8,9 @@ split and, for the CPU variants, timed against fp32), then times every engine: l
 at batch 1 and throughput at batch 32, in `--rounds` rounds (each engine once per round, so all
 see the same load; figures are the medians of the rounds), with onnxruntime's and torch's default
 threads. Beside each: achieved GFLOP/s (the model's multiply-adds x 2 x images/s) against what this
-CPU reaches on a large matrix product, and each variant's test-accuracy change.
+CPU reaches on a large matrix product, and each variant's test-accuracy change. Then INT8 against fp32
+in back-to-back pairs (`paired_ratios`), on onnxruntime's default threads and on one: the INT8 goal is
+judged on the median of the pairs' ratios, which holds while the shared host's speed swings.
 
 It also shows where INT8's loss came from (`components.deploy.int8`): the same graph quantised
 without bias correction, with the weights alone quantised, with signed int8 activations (S8S8),
@@ -93,6 +95,51 @@ def time_engines(engines: dict[str, object], one: np.ndarray, many: np.ndarray, 
             "rounds_p50_ms_batch1": [round(float(np.percentile(b1, 50)) * 1000, 3) for b1, _ in measured],
         }
     out["_others_cores"] = watch.others_cores
+    return out
+
+
+PAIRS = 7
+"""fp32/INT8 pairs per thread count in `paired_ratios`."""
+
+
+def _session_call(path: Path, threads: int):  # noqa: ANN202 - a callable on a uint8 batch
+    from components.runtime.providers import open_session
+
+    session = open_session(path, threads)
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})
+
+
+def paired_ratios(fp32_path: Path, int8_path: Path, one: np.ndarray, many: np.ndarray, runs: int, verdict: Verdict) -> dict[str, dict]:
+    """INT8 against fp32 in `PAIRS` back-to-back pairs per thread count (onnxruntime's default, then one), each pair's
+    ratio taken within the pair, the two alternating which goes first.
+
+    The host shares its cores with other machines, which no load average shows: the same fp32 session at batch 1
+    on two threads read 1.4 ms and 2.3 ms a minute apart (2026-12-07, AMD host), since each of the graph's
+    parallel steps waits for the slower thread. Timed seconds apart, fp32 and INT8 see the same host, so the
+    median of the pairs' ratios (with their range) holds where a ratio of two engines timed minutes apart does
+    not. One session is alive at a time."""
+    out: dict[str, dict] = {}
+    with Watch() as watch:
+        for threads in (0, 1):
+            batch1, batch32 = [], []
+            for pair in range(PAIRS):
+                order = ("fp32", "int8") if pair % 2 == 0 else ("int8", "fp32")
+                measured = {}
+                for name in order:
+                    call = _session_call(fp32_path if name == "fp32" else int8_path, threads)
+                    b1 = _times(call, one, runs)
+                    b32 = _times(call, many, max(3, runs // 10))
+                    measured[name] = (statistics.median(b1), statistics.median(b32))
+                    del call
+                batch1.append(measured["fp32"][0] / measured["int8"][0])
+                batch32.append(measured["fp32"][1] / measured["int8"][1])
+            out["default threads" if threads == 0 else "1 thread"] = {
+                f"batch_{size}": {"median": round(statistics.median(values), 2), "min": round(min(values), 2), "max": round(max(values), 2),
+                                  "pairs": [round(v, 2) for v in values]}
+                for size, values in ((1, batch1), (32, batch32))
+            }
+    verdict.saw("pairs", watch)
     return out
 
 
@@ -248,6 +295,8 @@ def main() -> int:
     with torch.inference_mode():
         timings = time_engines(engines, one, many, args.runs, args.rounds, verdict)
     others = timings.pop("_others_cores")
+    int8 = report.get("int8")
+    paired = paired_ratios(exported.onnx_path, int8.path, one, many, args.runs // 2, verdict) if int8 and int8.path else None
 
     rows = []
     for engine, timing in timings.items():
@@ -272,16 +321,16 @@ def main() -> int:
         {"engine": f"onnxruntime {v} ({p})", "status": "not measured: no NVIDIA GPU on this machine"} for p in ("CUDA", "TensorRT") for v in ("fp32", "fp16")
     ]
     diagnosis = None if args.no_diagnosis else diagnose_int8(exported.onnx_path, calibration, test_images, labels, work, verdict)
-    int8 = report.get("int8")
     result = {
         "machine": state(), "peak": peak_gflops(), "verdict": verdict.to_dict(), "others_cores_while_timing": others,
         "model": {"backbone": trained.backbone, "image_size": size, "classes": len(split.classes), "test_images": len(labels),
                   "macs_per_image": macs, "parity_max_abs_diff": exported.max_abs_diff, "fp32_accuracy": report.fp32_accuracy},
         "max_variant_drop": params.deploy.max_variant_drop,
         "variants_seconds": round(variants_seconds, 1),
-        "cpu": rows, "gpu": gpu_rows, "ratios": ratios,
+        "cpu": rows, "gpu": gpu_rows, "ratios": ratios, "int8_paired": paired,
         "goals": {
-            "int8_2x_fp32_at_batch_1_and_32": bool(int8 and ratios.get("int8_vs_fp32_batch1", 0) >= 2 and ratios.get("int8_vs_fp32_batch32", 0) >= 2),
+            # judged on the pairs at onnxruntime's default threads (`paired_ratios`: robust to the host's swings)
+            "int8_2x_fp32_at_batch_1_and_32": bool(paired and all(paired["default threads"][f"batch_{size}"]["median"] >= 2 for size in (1, 32))),
             "int8_within_1_point": bool(int8 and -int8.accuracy_change <= 0.01 + 1e-9),
         },
         "int8_diagnosis": diagnosis,
@@ -293,6 +342,7 @@ def main() -> int:
             for key in ("p50_ms_batch1", "p99_ms_batch1", "images_per_s_batch32", "gflops_batch32", "rounds_p50_ms_batch1"):
                 row[key] = None
         result["ratios"] = {key: None for key in ratios}
+        result["int8_paired"] = None
         result["goals"]["int8_2x_fp32_at_batch_1_and_32"] = None
         for row in diagnosis or []:
             row.pop("speedup_batch1", None), row.pop("speedup_batch32", None)
@@ -375,11 +425,17 @@ def markdown(result: dict) -> str:
         "",
         f"Ratios within this run: onnxruntime fp32 {_cell(ratios.get('ort_fp32_vs_eager_batch1'), 'x')} eager at batch 1; "
         f"INT8 {_cell(ratios.get('int8_vs_fp32_batch1'), 'x')} fp32 at batch 1 and {_cell(ratios.get('int8_vs_fp32_batch32'), 'x')} at batch 32 "
-        f"(goal 2x: {'busy' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] is None else ('met' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] else 'NOT met')}); "
+        f"(goal 2x, judged on the pairs below: {'busy' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] is None else ('met' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] else 'NOT met')}); "
         f"INT8 within 1 point: {'met' if result['goals']['int8_within_1_point'] else 'NOT met'}. "
-        f"Variants built and judged in {result['variants_seconds']} s. Deploy's own verdicts:",
-        "",
+        f"Variants built and judged in {result['variants_seconds']} s.",
     ]
+    if result.get("int8_paired"):
+        lines += ["", f"INT8 against fp32 in {PAIRS} back-to-back pairs per thread count (each pair's ratio within the pair; the goal is "
+                  "judged on these, at onnxruntime's default threads): " + "; ".join(
+                      f"{threads}: batch 1 **{r['batch_1']['median']}x** ({r['batch_1']['min']}-{r['batch_1']['max']}), "
+                      f"batch 32 **{r['batch_32']['median']}x** ({r['batch_32']['min']}-{r['batch_32']['max']})"
+                      for threads, r in result["int8_paired"].items()) + "."]
+    lines += ["", "Deploy's own verdicts:", ""]
     lines += [f"- {v['reason']}" for v in result["variants"]["variants"]]
     opened = [row for row in result["gpu"] if "open_s" in row]
     if opened:

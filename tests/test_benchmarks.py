@@ -76,6 +76,33 @@ def test_the_deploy_benchmark_counts_multiply_adds_from_the_graph(tmp_path):
     assert _load("deploy").macs_per_image(path) == 4 * 8 * 8 * 3 * 3 * 3
 
 
+def test_the_deploy_benchmark_times_int8_against_fp32_in_pairs_on_both_thread_counts(tmp_path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def conv(path: Path, channels: int) -> Path:  # the "fp32" model does 16x the work of the "int8" one
+        weights = numpy_helper.from_array(np.ones((channels, 3, 3, 3), dtype="float32"), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "conv",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [weights],
+        )
+        onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9), str(path))
+        return path
+
+    deploy = _load("deploy")
+    verdict = _load("machine").Verdict()
+    images = np.random.default_rng(0).random((32, 3, 32, 32), dtype=np.float32)
+    paired = deploy.paired_ratios(conv(tmp_path / "big.onnx", 256), conv(tmp_path / "small.onnx", 16), images[:1], images, 20, verdict)
+    assert set(paired) == {"default threads", "1 thread"}
+    for figures in paired.values():
+        for size in ("batch_1", "batch_32"):
+            row = figures[size]
+            assert len(row["pairs"]) == deploy.PAIRS and row["min"] <= row["median"] <= row["max"]
+        assert figures["batch_32"]["median"] > 2  # the smaller model is timed as the faster one, pair by pair
+
+
 def test_the_pipeline_benchmark_splits_a_run_into_start_up_stages_and_steps():
     events = [[0.0, "imported", "flows.cli"], [2.0, "enter_stage", "data"], [2.5, "leave_stage", "data"],
               [3.0, "enter_stage", "deploy"], [3.5, "note", "export"], [5.0, "note", "the variants"], [8.0, "leave_stage", "deploy"],
