@@ -30,6 +30,9 @@ the convolutions), QDQ format, per-channel symmetric int8 weights, MinMax activa
   3-channel input gives the integer GEMM too little to do). The head (the last Gemm) stays fp32
   too: 10 x 1280 weights, nothing to win, and the logits keep their resolution.
 
+The image's normalisation is then read as one DequantizeLinear where it is exact (`fold_input_normalisation`:
+EfficientNet-Lite's (x - 127) / 128 on the uint8 pixels), 5-8% off INT8's time at batch 1.
+
 Weights use all 8 bits where the building CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX) and 7
 (-63..63, with `reduce_range`) where it does not, because there onnxruntime's kernels add pairs of
 uint8 x int8 products in saturating 16-bit sums (VPMADDUBSW) and 2 x 255 x 127 does not fit. The file
@@ -285,6 +288,84 @@ def weight_bits(setting: int | str | None = None) -> int:
     raise VariantError(f"deploy.int8_weight_bits is {setting!r}; set auto, 7 (any x86 CPU) or 8 (CPUs with VNNI)")
 
 
+def _constant(model, name: str) -> np.ndarray | None:  # noqa: ANN001 - onnx.ModelProto
+    from onnx import numpy_helper
+
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            return numpy_helper.to_array(tensor)
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name and node.attribute[0].name == "value":
+            return numpy_helper.to_array(node.attribute[0].t)
+    return None
+
+
+def fold_input_normalisation(model) -> str | None:  # noqa: ANN001 - onnx.ModelProto, changed in place
+    """The export's normalisation of the uint8 image (Cast to float, / 255, - mean, / std) as one DequantizeLinear,
+    where 255 x mean is a whole number on every channel (EfficientNet-Lite's (x - 127) / 128): the image is then read
+    as the quantised tensor it is, in one pass over it instead of four. Returns what it folded, or None (another chain,
+    or a mean that is no whole number of pixel levels: nothing changes).
+
+    The result differs from the float chain by float rounding only (about 1e-7 of the input's range). Measured on the
+    demo model (Lite0 at 112 px, AMD EPYC with VNNI, 2026-12-07): INT8 at batch 1 on two threads 5-8% sooner, pairs
+    of runs taken in turn; the same fold on the fp32 file gained 0-3%, within the host's noise, so the fp32 export
+    keeps the float chain (a lone DequantizeLinear on its input would read as a quantised network to TensorRT)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    if len(graph.input) != 1 or graph.input[0].type.tensor_type.elem_type != TensorProto.UINT8:
+        return None
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {value.name for value in graph.output}
+
+    def only_consumer(name: str):  # noqa: ANN202 - onnx.NodeProto or None
+        found = consumers.get(name, [])
+        return found[0] if len(found) == 1 and name not in outputs else None
+
+    first = only_consumer(graph.input[0].name)
+    if first is not None and first.op_type == "Transpose":
+        first = only_consumer(first.output[0])
+    chain = [first]
+    for _ in range(3):
+        chain.append(only_consumer(chain[-1].output[0]) if chain[-1] is not None else None)
+    if [getattr(node, "op_type", None) for node in chain] != ["Cast", "Div", "Sub", "Div"]:
+        return None
+    cast, by_255, minus_mean, by_std = chain
+    if _attribute(cast, "to", None) != TensorProto.FLOAT or any(node.input[0] != before.output[0] for before, node in zip(chain, chain[1:], strict=False)):
+        return None
+    divisor, mean, std = (_constant(model, node.input[1]) for node in chain[1:])
+    if divisor is None or mean is None or std is None or divisor.size != 1 or mean.size != std.size or mean.size not in (1, 3):
+        return None
+    levels = mean.astype(np.float64).ravel() * float(divisor.ravel()[0])
+    zero_point = np.round(levels)
+    if np.abs(levels - zero_point).max() > 1e-3 or zero_point.min() < 0 or zero_point.max() > 255:
+        return None
+    spread = std.astype(np.float64).ravel() * float(divisor.ravel()[0])  # std in pixel levels: 128 for EfficientNet-Lite
+    spread = np.where(np.abs(spread - np.round(spread)) < 1e-3, np.round(spread), spread)  # 128.0000076 (float32's 0.50196) is 128
+    scale = (1.0 / spread).astype(np.float32)
+    zero_point = zero_point.astype(np.uint8)
+    per_tensor = bool(np.all(scale == scale[0]) and np.all(zero_point == zero_point[0]))
+    if not per_tensor and (mean.ndim != 4 or mean.shape[1] != 3):
+        return None  # a per-channel fold needs to know which axis the channels are on
+    prefix = "graft_input_normalisation"
+    graph.initializer.extend([
+        numpy_helper.from_array(scale[:1].reshape(()) if per_tensor else scale, f"{prefix}_scale"),
+        numpy_helper.from_array(zero_point[:1].reshape(()) if per_tensor else zero_point, f"{prefix}_zero_point"),
+    ])
+    fold = helper.make_node("DequantizeLinear", [cast.input[0], f"{prefix}_scale", f"{prefix}_zero_point"], [by_std.output[0]],
+                            name=f"/{prefix}", **({} if per_tensor else {"axis": 1}))
+    position = list(graph.node).index(cast)
+    for node in chain:
+        graph.node.remove(node)
+    graph.node.insert(position, fold)
+    levels_text = f"{int(zero_point[0])}" if per_tensor else ", ".join(str(int(z)) for z in zero_point)
+    scale_text = f"{float(scale[0]):g}" if per_tensor else ", ".join(f"{float(s):g}" for s in scale)
+    return f"DequantizeLinear(image, scale {scale_text}, zero point {levels_text})"
+
+
 def to_int8(source: Path, target: Path, calibration_images: np.ndarray, bits_setting: int | str | None = None) -> dict[str, str]:
     """Static INT8 quantisation of `source` into `target` (see the module docstring for the recipe).
 
@@ -336,6 +417,10 @@ def quantise(source: Path, target: Path, calibration_images: np.ndarray, bits: i
                 nodes_to_exclude=kept_float,
                 extra_options={"TensorQuantOverrides": overrides},
             )
+    quantised = onnx.load(str(target))
+    folded = fold_input_normalisation(quantised)
+    if folded:
+        onnx.save(quantised, str(target))
     return {
         "graft.calibration_images": str(len(calibration_images)),
         "graft.int8_scheme": f"QDQ, uint8 activations, per-channel {bits}-bit int8 weights, bias-corrected, MinMax ranges",
@@ -343,4 +428,5 @@ def quantise(source: Path, target: Path, calibration_images: np.ndarray, bits: i
         "graft.int8_float_nodes": ",".join(kept_float),
         "graft.int8_built_on": cpu.describe(),
         "graft.int8_exact_on": "CPUs with VNNI (avx512_vnni, avx_vnni or amx_int8)" if bits == 8 else "any x86-64 CPU",
+        "graft.int8_input": folded or "the export's float normalisation (Cast, Div, Sub, Div)",
     }

@@ -171,6 +171,60 @@ def test_int8_records_how_it_was_built_and_the_cpu_it_was_built_on(built):
     assert len(meta["graft.int8_float_nodes"].split(",")) == 4  # the stem, the first block's two convolutions, the head
 
 
+def test_int8_reads_the_image_through_one_dequantize_where_its_normalisation_is_exact(built):
+    """EfficientNet-Lite's (x - 127) / 128: the INT8 file reads the uint8 image as a quantised tensor, one
+    DequantizeLinear instead of Cast, Div, Sub and Div, and computes what the float chain computes."""
+    from onnx import numpy_helper
+
+    from components.deploy.int8 import fold_input_normalisation
+
+    fp32, images, _, report = built
+    proto = onnx.load(str(report.get("int8").path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["graft.int8_input"] == "DequantizeLinear(image, scale 0.0078125, zero point 127)"
+    first = [node.op_type for node in proto.graph.node if proto.graph.input[0].name in node.input or node.name == "/graft_input_normalisation"]
+    assert first == ["Transpose", "DequantizeLinear"] and not {"Cast", "Sub"} & {node.op_type for node in proto.graph.node}
+    constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    assert constants["graft_input_normalisation_zero_point"] == 127 and constants["graft_input_normalisation_scale"] == 1 / 128
+
+    folded = onnx.load(str(fp32))  # the same fold on the float graph: only float rounding apart
+    assert fold_input_normalisation(folded) is not None
+    onnx.save(folded, str(fp32.parent / "folded.onnx"))
+    reference = OnnxClassifier(fp32).predict_proba(images)
+    assert np.abs(OnnxClassifier(fp32.parent / "folded.onnx").predict_proba(images) - reference).max() < 1e-5
+
+
+def test_a_normalisation_that_is_no_whole_number_of_pixel_levels_is_left_as_it_is():
+    """ImageNet's mean (123.675, 116.28, 103.53 pixel levels) has no uint8 zero point: the float chain stays."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from components.deploy.int8 import fold_input_normalisation
+
+    def model(mean: list[float]):  # noqa: ANN202 - onnx.ModelProto
+        constants = [numpy_helper.from_array(np.array(v, dtype=np.float32).reshape(shape), name) for name, v, shape in (
+            ("by", 255.0, ()), ("mean", mean, (1, 3, 1, 1)), ("std", [0.229, 0.224, 0.225], (1, 3, 1, 1)))]
+        graph = helper.make_graph([
+            helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
+            helper.make_node("Cast", ["t"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("Div", ["f", "by"], ["a"]), helper.make_node("Sub", ["a", "mean"], ["b"]),
+            helper.make_node("Div", ["b", "std"], ["x"]),
+        ], "normalise", [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", 4, 4, 3])],
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)], constants)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+
+    imagenet = model([0.485, 0.456, 0.406])
+    before = imagenet.SerializeToString()
+    assert fold_input_normalisation(imagenet) is None and imagenet.SerializeToString() == before
+    whole = model([124 / 255, 116 / 255, 104 / 255])  # whole pixel levels per channel: a per-channel fold on axis 1
+    assert fold_input_normalisation(whole) == "DequantizeLinear(image, scale 0.0171248, 0.017507, 0.0174292, zero point 124, 116, 104)"
+    import onnxruntime as ort
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 4, 4, 3), dtype=np.uint8)
+    expected = (pixels.transpose(0, 3, 1, 2) / 255.0 - np.array([124, 116, 104]).reshape(1, 3, 1, 1) / 255) / np.array([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+    session = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert np.abs(session.run(None, {"images": pixels})[0] - expected).max() < 1e-5
+
+
 def test_bias_correction_removes_the_mean_shift_of_rounded_weights(tiny_model, tmp_path):  # noqa: F811
     """On the calibration images, each corrected convolution's mean output with rounded weights equals the
     fp32 mean output (to float precision); uncorrected, rounding shifts it."""
