@@ -103,9 +103,12 @@ PAIRS = 7
 
 
 def _session_call(path: Path, threads: int):  # noqa: ANN202 - a callable on a uint8 batch
-    from components.runtime.providers import open_session
+    """A CPU session on `path` (on a GPU machine too: the pairs compare the CPU variants) with `threads` (0: onnxruntime's default)."""
+    import onnxruntime as ort
 
-    session = open_session(path, threads)
+    from components.runtime.providers import session_options
+
+    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})
 
@@ -296,7 +299,7 @@ def main() -> int:
         timings = time_engines(engines, one, many, args.runs, args.rounds, verdict)
     others = timings.pop("_others_cores")
     int8 = report.get("int8")
-    paired = paired_ratios(exported.onnx_path, int8.path, one, many, args.runs // 2, verdict) if int8 and int8.path else None
+    paired = paired_ratios(exported.onnx_path, int8.path, one, many, args.runs // 2, verdict) if int8 and int8.path and int8.path.is_file() else None
 
     rows = []
     for engine, timing in timings.items():
