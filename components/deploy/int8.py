@@ -31,7 +31,7 @@ the convolutions), QDQ format, per-channel symmetric int8 weights, MinMax activa
   too: 10 x 1280 weights, nothing to win, and the logits keep their resolution.
 
 The image's normalisation is then read as one DequantizeLinear where it is exact (`fold_input_normalisation`:
-EfficientNet-Lite's (x - 127) / 128 on the uint8 pixels), 5-8% off INT8's time at batch 1.
+EfficientNet-Lite's (x - 127) / 128 on the uint8 pixels), 3-7% off INT8's time at batch 1 on two threads.
 
 Weights use all 8 bits where the building CPU has VNNI (AVX-512 VNNI, AVX-VNNI or AMX) and 7
 (-63..63, with `reduce_range`) where it does not, because there onnxruntime's kernels add pairs of
@@ -307,8 +307,8 @@ def fold_input_normalisation(model) -> str | None:  # noqa: ANN001 - onnx.ModelP
     or a mean that is no whole number of pixel levels: nothing changes).
 
     The result differs from the float chain by float rounding only (about 1e-7 of the input's range). Measured on the
-    demo model (Lite0 at 112 px, AMD EPYC with VNNI, 2026-12-07): INT8 at batch 1 on two threads 5-8% sooner, pairs
-    of runs taken in turn; the same fold on the fp32 file gained 0-3%, within the host's noise, so the fp32 export
+    demo model (Lite0 at 112 px, AMD EPYC with VNNI, 2026-12-07): INT8 at batch 1 on two threads 3-7% sooner, pairs
+    of runs taken in turn; the same fold on the fp32 file gained 0.5-3%, within the host's noise, so the fp32 export
     keeps the float chain (a lone DequantizeLinear on its input would read as a quantised network to TensorRT)."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -333,7 +333,7 @@ def fold_input_normalisation(model) -> str | None:  # noqa: ANN001 - onnx.ModelP
         chain.append(only_consumer(chain[-1].output[0]) if chain[-1] is not None else None)
     if [getattr(node, "op_type", None) for node in chain] != ["Cast", "Div", "Sub", "Div"]:
         return None
-    cast, by_255, minus_mean, by_std = chain
+    cast, by_std = chain[0], chain[-1]
     if _attribute(cast, "to", None) != TensorProto.FLOAT or any(node.input[0] != before.output[0] for before, node in zip(chain, chain[1:], strict=False)):
         return None
     divisor, mean, std = (_constant(model, node.input[1]) for node in chain[1:])
@@ -348,8 +348,8 @@ def fold_input_normalisation(model) -> str | None:  # noqa: ANN001 - onnx.ModelP
     scale = (1.0 / spread).astype(np.float32)
     zero_point = zero_point.astype(np.uint8)
     per_tensor = bool(np.all(scale == scale[0]) and np.all(zero_point == zero_point[0]))
-    if not per_tensor and (mean.ndim != 4 or mean.shape[1] != 3):
-        return None  # a per-channel fold needs to know which axis the channels are on
+    if not per_tensor and (mean.shape != std.shape or mean.ndim != 4 or mean.shape[1] != 3):
+        return None  # a per-channel fold needs both constants on the channel axis of N x C x H x W
     prefix = "graft_input_normalisation"
     graph.initializer.extend([
         numpy_helper.from_array(scale[:1].reshape(()) if per_tensor else scale, f"{prefix}_scale"),

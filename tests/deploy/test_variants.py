@@ -200,9 +200,9 @@ def test_a_normalisation_that_is_no_whole_number_of_pixel_levels_is_left_as_it_i
 
     from components.deploy.int8 import fold_input_normalisation
 
-    def model(mean: list[float]):  # noqa: ANN202 - onnx.ModelProto
+    def model(mean: list[float], std_shape: tuple[int, ...] = (1, 3, 1, 1)):  # noqa: ANN202 - onnx.ModelProto
         constants = [numpy_helper.from_array(np.array(v, dtype=np.float32).reshape(shape), name) for name, v, shape in (
-            ("by", 255.0, ()), ("mean", mean, (1, 3, 1, 1)), ("std", [0.229, 0.224, 0.225], (1, 3, 1, 1)))]
+            ("by", 255.0, ()), ("mean", mean, (1, 3, 1, 1)), ("std", [0.229, 0.224, 0.225], std_shape))]
         graph = helper.make_graph([
             helper.make_node("Transpose", ["images"], ["t"], perm=[0, 3, 1, 2]),
             helper.make_node("Cast", ["t"], ["f"], to=TensorProto.FLOAT),
@@ -215,6 +215,8 @@ def test_a_normalisation_that_is_no_whole_number_of_pixel_levels_is_left_as_it_i
     imagenet = model([0.485, 0.456, 0.406])
     before = imagenet.SerializeToString()
     assert fold_input_normalisation(imagenet) is None and imagenet.SerializeToString() == before
+    along_width = model([124 / 255, 116 / 255, 104 / 255], std_shape=(3,))  # std broadcast along W, not the channels
+    assert fold_input_normalisation(along_width) is None
     whole = model([124 / 255, 116 / 255, 104 / 255])  # whole pixel levels per channel: a per-channel fold on axis 1
     assert fold_input_normalisation(whole) == "DequantizeLinear(image, scale 0.0171248, 0.017507, 0.0174292, zero point 124, 116, 104)"
     import onnxruntime as ort
