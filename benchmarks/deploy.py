@@ -426,7 +426,7 @@ def markdown(result: dict) -> str:
     ratios = result["ratios"]
     lines += [
         "",
-        f"Ratios within this run: onnxruntime fp32 {_cell(ratios.get('ort_fp32_vs_eager_batch1'), 'x')} eager at batch 1; "
+        f"Ratios of the rounds' medians (they swing with the shared host; the pairs below hold better): onnxruntime fp32 {_cell(ratios.get('ort_fp32_vs_eager_batch1'), 'x')} eager at batch 1; "
         f"INT8 {_cell(ratios.get('int8_vs_fp32_batch1'), 'x')} fp32 at batch 1 and {_cell(ratios.get('int8_vs_fp32_batch32'), 'x')} at batch 32 "
         f"(goal 2x, judged on the pairs below: {'busy' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] is None else ('met' if result['goals']['int8_2x_fp32_at_batch_1_and_32'] else 'NOT met')}); "
         f"INT8 within 1 point: {'met' if result['goals']['int8_within_1_point'] else 'NOT met'}. "
