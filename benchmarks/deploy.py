@@ -104,11 +104,9 @@ PAIRS = 7
 
 def _session_call(path: Path, threads: int):  # noqa: ANN202 - a callable on a uint8 batch
     """A CPU session on `path` (on a GPU machine too: the pairs compare the CPU variants) with `threads` (0: onnxruntime's default)."""
-    import onnxruntime as ort
+    from components.runtime.providers import open_session
 
-    from components.runtime.providers import session_options
-
-    session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    session = open_session(path, threads, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     return lambda batch: session.run(None, {name: batch})
 

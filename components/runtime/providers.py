@@ -118,8 +118,8 @@ def session_providers(names: Sequence[str], model: Path, sha256: str | None = No
     return chosen
 
 
-def open_session(path: Path, threads: int = 0, spin: bool | None = None):  # noqa: ANN201 - onnxruntime.InferenceSession
-    """An onnxruntime session on the providers this machine really has (as `graft predict` uses)."""
+def open_session(path: Path, threads: int = 0, spin: bool | None = None, providers: Sequence[str] | None = None):  # noqa: ANN201 - onnxruntime.InferenceSession
+    """An onnxruntime session on `providers`, by default those this machine really has (as `graft predict` uses)."""
     import onnxruntime as ort
 
-    return ort.InferenceSession(str(path), session_options(threads, spin), providers=session_providers(choose_providers(), path))
+    return ort.InferenceSession(str(path), session_options(threads, spin), providers=session_providers(providers or choose_providers(), path))
