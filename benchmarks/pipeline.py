@@ -57,6 +57,8 @@ RESULTS = REPO / "benchmarks" / "results" / "pipeline.json"
 TIMELINE_PLOT = RESULTS.with_name("pipeline_timeline.png")
 BUDGETS_S = {"flow": 300, "make_run_fresh": 900, "make_test_warm": 900}
 GOALS = {"feature_extraction_cold_s": 20.0, "fine_tune_over_feature_extraction": 1.7}
+OPTIONAL = ("flow_warm_cache", "flow_cold_cache", "make_run_fresh_s", "make_test_warm_s")
+"""Sections only `--budgets` and `--fresh-clone` measure: a run without them keeps the file's, under `earlier`."""
 PER_CLASS = 60
 ROUNDS = 3
 """Rounds of the whole sequence of runs; each figure is the median round's."""
@@ -305,6 +307,20 @@ def plot_timeline(results: dict, path: Path = TIMELINE_PLOT) -> Path:
     return save_figure(fig, path)
 
 
+def merged(previous: dict, measured: dict) -> dict:
+    """This run's results, with the optional sections it did not measure kept from the file, under `earlier`.
+
+    Each kept section says when it was measured: the top level is this run's only, so that no figure
+    of an older run (older code, another hour of the host) reads as part of this one."""
+    earlier = dict(previous.get("earlier", {}))
+    when = previous.get("measured_at") or previous.get("machine", {}).get("at", "unknown")
+    for key in OPTIONAL:
+        if key in previous:
+            earlier[key] = {"value": previous[key], "measured_at": when}
+    kept = {key: entry for key, entry in earlier.items() if key not in measured}
+    return {**measured, **({"earlier": kept} if kept else {})}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", action="store_true", help="also time the flow on the demo data, warm and cold cache")
@@ -343,7 +359,7 @@ def main() -> None:
     print(json.dumps(measured, indent=2))
     if not (verdict.quiet or args.force):
         sys.exit(f"not written: {verdict.reason()} (rerun on a quiet machine, or --force to write it marked as busy)")
-    results.update(measured, forced=args.force)
+    results = merged(results, {**measured, "forced": args.force})
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"wrote {RESULTS} and {plot_timeline(results)}")

@@ -7,6 +7,7 @@ start: a syntax error or a renamed component they import.
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,23 @@ def test_the_pipeline_benchmark_reports_the_median_round_with_its_own_timeline()
     even = pipeline.median_run(rounds[:2])
     assert even["wall_s"] == 28.0 and even["choose"] == "median round"  # the lower middle's timeline
     assert pipeline.ROUNDS >= 3
+
+
+def test_the_pipeline_benchmark_keeps_an_older_runs_optional_figures_apart_with_their_date():
+    """A run without --budgets does not leave the file's older flow timings at the top level, beside this
+    run's machine and date, where they would read as this run's; they are kept under `earlier`, dated."""
+    pipeline = _load("pipeline")
+    old = {"machine": {"at": "2026-11-23 13:12 UTC"}, "strategies": {"old": 1}, "flow_warm_cache": {"seconds": 77.3}}
+    now = {"machine": {"at": "2026-12-07 10:00 UTC"}, "strategies": {"new": 1}}
+    second = pipeline.merged(old, now)
+    assert "flow_warm_cache" not in second and second["strategies"] == {"new": 1}
+    assert second["earlier"]["flow_warm_cache"] == {"value": {"seconds": 77.3}, "measured_at": "2026-11-23 13:12 UTC"}
+    third = pipeline.merged(second, {"machine": {"at": "2026-12-08 09:00 UTC"}})
+    assert third["earlier"]["flow_warm_cache"]["measured_at"] == "2026-11-23 13:12 UTC"  # the date stays that of the run that measured it
+    measured_again = pipeline.merged(third, {"machine": {"at": "2026-12-09 09:00 UTC"}, "flow_warm_cache": {"seconds": 20.1}})
+    assert measured_again["flow_warm_cache"] == {"seconds": 20.1} and "earlier" not in measured_again
+    committed = json.loads(pipeline.RESULTS.read_text())
+    assert "measured_at" not in committed and set(committed.get("earlier", {})).isdisjoint(committed)  # so does the committed file
 
 
 def test_the_pipeline_timeline_figure_is_drawn_from_the_results_file(tmp_path):
