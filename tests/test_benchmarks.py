@@ -148,8 +148,6 @@ def test_the_pipeline_benchmark_keeps_an_older_runs_optional_figures_apart_with_
 
 def test_the_pipeline_timeline_figure_is_drawn_from_the_results_file(tmp_path):
     """The whole-run figure in the README comes from the committed results, and `--plot` draws it again."""
-    import json
-
     from PIL import Image
 
     pipeline = _load("pipeline")
