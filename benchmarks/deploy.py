@@ -18,7 +18,13 @@ and with every convolution quantised. Accuracy figures do not depend on the load
 written; timings are written only when the machine was quiet before and during the run
 (`benchmarks/machine.py`), unless --force (then they are marked as taken on a busy machine).
 GPU rows (CUDA and TensorRT, fp32 and fp16) are measured where an NVIDIA GPU is present, and
-listed as not measured otherwise. Writes benchmarks/results/deploy.{json,md}.
+listed as not measured otherwise. Writes benchmarks/results/deploy.{json,md}; with --image-size other than
+params.yaml's, deploy_<size>px.{json,md}.
+
+    .venv/bin/python benchmarks/deploy.py --thread-gains [--force]
+
+times only what onnxruntime's second thread gives an INT8 GEMM and an fp32 GEMM of the model's pointwise
+convolutions' shapes, by map size (`thread_gains`), and writes benchmarks/results/deploy_threads.{json,md}.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -236,6 +243,135 @@ def diagnose_int8(fp32_path: Path, calibration: np.ndarray, images: np.ndarray, 
     return rows
 
 
+GAIN_PIXELS = {"4 x 4": 16, "7 x 7": 49, "14 x 14": 196, "28 x 28": 784}
+"""Output pixels at batch 1 of the maps EfficientNet-Lite0 writes at 112 px: the rows of each pointwise convolution's GEMM."""
+
+GAIN_CHANNELS = (192, 1152, 192)
+"""The 4 x 4 blocks' pointwise convolutions (expand 192 -> 1152, project back), the same at every map size so only the rows change."""
+
+GAIN_CHAIN = 5
+"""Expand-project pairs per probe model: ten GEMMs per call."""
+
+
+def gemm_chain(rows: int, int8: bool, channels: Sequence[int] = GAIN_CHANNELS, repeats: int = GAIN_CHAIN, seed: int = 0) -> bytes:
+    """An ONNX model of `repeats` x (len(channels) - 1) GEMMs on a `rows` x channels[0] input: QLinearMatMul (uint8
+    activations, int8 weights, onnxruntime's INT8 kernels) or MatMul (fp32), with random weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    nodes, initializers, x = [], [], "x"
+    for repeat in range(repeats):
+        for step, (k, n) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
+            p = f"gemm{repeat}_{step}_"
+            if int8:
+                initializers += [
+                    numpy_helper.from_array(rng.integers(-127, 128, (k, n)).astype(np.int8), p + "w"),
+                    numpy_helper.from_array(np.array(0.05, np.float32), p + "scale"), numpy_helper.from_array(np.array(128, np.uint8), p + "zero"),
+                    numpy_helper.from_array(np.array(0.01, np.float32), p + "w_scale"), numpy_helper.from_array(np.array(0, np.int8), p + "w_zero"),
+                ]
+                nodes.append(helper.make_node("QLinearMatMul", [x, p + "scale", p + "zero", p + "w", p + "w_scale", p + "w_zero", p + "scale", p + "zero"], [p + "y"]))
+            else:
+                initializers.append(numpy_helper.from_array((rng.standard_normal((k, n)) * 0.05).astype(np.float32), p + "w"))
+                nodes.append(helper.make_node("MatMul", [x, p + "w"], [p + "y"]))
+            x = p + "y"
+    kind = TensorProto.UINT8 if int8 else TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "gemm_chain", [helper.make_tensor_value_info("x", kind, [rows, channels[0]])],
+                              [helper.make_tensor_value_info(x, kind, [rows, channels[-1]])], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9).SerializeToString()
+
+
+def _gemm_call(model: bytes, threads: int):  # noqa: ANN202 - a callable on the chain's input
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = threads, 3
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return lambda batch: session.run(None, {"x": batch})
+
+
+def thread_gains(verdict: Verdict, pixels: dict[str, int] = GAIN_PIXELS, calls: int = 300, rounds: int = 3) -> list[dict]:
+    """What onnxruntime's second thread gives one INT8 GEMM and one fp32 GEMM of the shapes of the demo model's pointwise
+    convolutions, by map size: microseconds per GEMM on one thread and on two, and the gain. Each round times one
+    thread, then two, one session alive at a time; the figures are the medians of the rounds.
+
+    The INT8 convolutions of the 4 x 4 and 7 x 7 maps gain little from a second thread (README, Speed). These GEMMs split
+    along the output channels too (MLAS's QGEMM partitions both ways), so they show whether splitting the work another way
+    would help, or whether small INT8 GEMMs simply finish too soon for a second thread to pay."""
+    rng = np.random.default_rng(0)
+    out = []
+    with Watch() as watch:
+        for name, rows in pixels.items():
+            row: dict[str, object] = {"map": name, "gemm": f"{rows} x {GAIN_CHANNELS[0]} @ {GAIN_CHANNELS[0]} x {GAIN_CHANNELS[1]}, then back"}
+            for int8 in (True, False):
+                model = gemm_chain(rows, int8)
+                x = rng.integers(0, 256, (rows, GAIN_CHANNELS[0]), dtype=np.uint8) if int8 else rng.standard_normal((rows, GAIN_CHANNELS[0])).astype(np.float32)
+                per_op = {1: [], 2: []}
+                for _ in range(rounds):
+                    for threads in (1, 2):
+                        call = _gemm_call(model, threads)
+                        per_op[threads].append(statistics.median(time_calls(call, x, calls, warmup=20)) / (GAIN_CHAIN * (len(GAIN_CHANNELS) - 1)))
+                        del call  # one session alive at a time
+                kind = "int8" if int8 else "fp32"
+                one, two = statistics.median(per_op[1]), statistics.median(per_op[2])
+                row[f"{kind}_us_1_thread"], row[f"{kind}_us_2_threads"] = round(one * 1e6, 1), round(two * 1e6, 1)
+                row[f"{kind}_gain"] = round(one / two, 2)
+                row[f"{kind}_gain_by_round"] = [round(a / b, 2) for a, b in zip(per_op[1], per_op[2], strict=True)]
+            row["int8_vs_fp32_1_thread"] = round(row["fp32_us_1_thread"] / row["int8_us_1_thread"], 2)
+            row["int8_vs_fp32_2_threads"] = round(row["fp32_us_2_threads"] / row["int8_us_2_threads"], 2)
+            out.append(row)
+    verdict.saw("thread gains", watch)
+    return out
+
+
+def thread_gains_markdown(result: dict) -> str:
+    machine, cpu, verdict = result["machine"], result["machine"]["cpu"], result["verdict"]
+    lines = [
+        "# What a second thread gives INT8 and fp32 GEMMs of the demo model's shapes (onnxruntime, CPU)",
+        "",
+        f"Run {machine['at']} on {cpu['model']}, {cpu['cores']} cores ({' '.join(cpu['flags'])}); onnxruntime {machine['versions'].get('onnxruntime')}. "
+        f"Load average (1, 5, 15 min) {machine['load_average_1_5_15']} at the end. Timings: "
+        + ("written (the machine was quiet)." if verdict["quiet"] else f"NOT written: {verdict['reason']}" + (" (--force: written anyway, do not quote)" if result["run"]["forced"] else "") + "."),
+        f"Each row: a chain of {GAIN_CHAIN * (len(GAIN_CHANNELS) - 1)} GEMMs (the 4 x 4 blocks' pointwise convolutions, "
+        f"{GAIN_CHANNELS[0]} -> {GAIN_CHANNELS[1]} -> {GAIN_CHANNELS[0]} channels) with as many rows as the map has pixels at batch 1; "
+        "INT8 is QLinearMatMul (uint8 x int8), fp32 MatMul. Microseconds per GEMM, medians of "
+        f"{result['run']['rounds']} rounds of {result['run']['calls']} calls; each gain is the ratio of the medians, with the rounds' own ratios in brackets.",
+        "",
+        "| map (rows) | INT8 1 thread → 2 | gain (rounds) | fp32 1 thread → 2 | gain (rounds) | INT8 x fp32, 1 thread | 2 threads |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in result["rows"]:
+        rows = GAIN_PIXELS.get(row["map"], "?")
+        if row.get("int8_us_1_thread") is None:
+            lines.append(f"| {row['map']} ({rows}) | busy | | | | | |")
+            continue
+        spread = {kind: f"{min(row[f'{kind}_gain_by_round'])}-{max(row[f'{kind}_gain_by_round'])}" for kind in ("int8", "fp32")}
+        lines.append(f"| {row['map']} ({rows}) | {row['int8_us_1_thread']} → {row['int8_us_2_threads']} µs | {row['int8_gain']}x ({spread['int8']}) | "
+                     f"{row['fp32_us_1_thread']} → {row['fp32_us_2_threads']} µs | {row['fp32_gain']}x ({spread['fp32']}) | "
+                     f"{row['int8_vs_fp32_1_thread']}x | {row['int8_vs_fp32_2_threads']}x |")
+    return "\n".join(lines)
+
+
+def run_thread_gains(force: bool, calls: int = 300, rounds: int = 3) -> int:
+    """`--thread-gains`: only `thread_gains`, written to benchmarks/results/deploy_threads.{json,md}."""
+    verdict = Verdict()
+    if verdict.before:
+        print(f"machine busy before starting: {verdict.before}; timings only with --force", flush=True)
+    rows = thread_gains(verdict, calls=calls, rounds=rounds)
+    result = {"machine": state(), "verdict": verdict.to_dict(), "rows": rows, "run": {"calls": calls, "rounds": rounds, "forced": force}}
+    if not verdict.quiet and not force:
+        result["rows"] = [{"map": row["map"], "gemm": row["gemm"]} for row in rows]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "deploy_threads.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "deploy_threads.md").write_text(thread_gains_markdown(result) + "\n")
+    print(thread_gains_markdown(result))
+    return 0 if verdict.quiet or force else 3
+
+
+def results_stem(image_size: int | None, default_size: int | None, size: int) -> str:
+    """The results files' name: `deploy` at params.yaml's data.image_size, `deploy_<size>px` at another (`--image-size`)."""
+    return "deploy" if image_size == default_size else f"deploy_{size}px"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="efficientnet_lite0")
@@ -243,7 +379,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all engines (medians are reported)")
     parser.add_argument("--force", action="store_true", help="write timings even from a busy machine (marked as such)")
     parser.add_argument("--no-diagnosis", action="store_true", help="skip the INT8 breakdown")
+    parser.add_argument("--image-size", type=int, default=None, help="pixels (default: params.yaml's data.image_size); another size "
+                        "writes benchmarks/results/deploy_<size>px.{json,md} beside the default's")
+    parser.add_argument("--thread-gains", action="store_true", help="only time what a second thread gives INT8 and fp32 GEMMs "
+                        "of the model's shapes (benchmarks/results/deploy_threads.{json,md}; about a minute)")
     args = parser.parse_args()
+    if args.thread_gains:
+        return run_thread_gains(args.force, rounds=args.rounds)
     verdict = Verdict()
     if verdict.before:
         print(f"machine busy before starting: {verdict.before}; accuracy will be written, timings only with --force", flush=True)
@@ -263,8 +405,11 @@ def main() -> int:
     from components.runtime.providers import has_nvidia_gpu
     from components.train.stage import fine_tune, load_classifier
 
-    params = load_params(ROOT / "params.yaml", ["train.strategy=feature_extraction"])
+    overrides = ["train.strategy=feature_extraction"] + ([f"data.image_size={args.image_size}"] if args.image_size else [])
+    default_size = load_params(ROOT / "params.yaml", []).data.image_size
+    params = load_params(ROOT / "params.yaml", overrides)
     size = params.data.image_size or get_spec(args.backbone).input_size
+    stem = results_stem(params.data.image_size, default_size, size)
     split = scan(params.data.dir, SplitSettings.from_config(params.data))
     work = Path(tempfile.mkdtemp(prefix="graft-bench-"))
     atexit.register(shutil.rmtree, work, ignore_errors=True)  # about 130 MB of models: gone when the benchmark ends
@@ -348,8 +493,8 @@ def main() -> int:
         for row in diagnosis or []:
             row.pop("speedup_batch1", None), row.pop("speedup_batch32", None)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "deploy.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (RESULTS / "deploy.md").write_text(markdown(result) + "\n")
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result) + "\n")
     print(markdown(result))
     return 0 if verdict.quiet or args.force else 3
 

@@ -77,6 +77,61 @@ def test_the_deploy_benchmark_counts_multiply_adds_from_the_graph(tmp_path):
     assert _load("deploy").macs_per_image(path) == 4 * 8 * 8 * 3 * 3 * 3
 
 
+def test_the_deploy_benchmark_writes_another_image_size_beside_the_default():
+    deploy = _load("deploy")
+    assert deploy.results_stem(112, 112, 112) == "deploy"
+    assert deploy.results_stem(224, 112, 224) == "deploy_224px"
+    assert deploy.results_stem(None, None, 224) == "deploy"  # params.yaml's null: each backbone's own size
+
+
+def test_the_deploy_benchmarks_gemm_chains_compute_what_they_say():
+    """The thread-gain probe times the GEMMs it names: the fp32 chain is the product of its weights, the INT8 chain
+    is QLinearMatMul nodes of the same shapes that onnxruntime runs on uint8 input."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    deploy = _load("deploy")
+    rows, steps = 16, deploy.GAIN_CHAIN * (len(deploy.GAIN_CHANNELS) - 1)
+    fp32, int8 = onnx.load_from_string(deploy.gemm_chain(rows, False)), onnx.load_from_string(deploy.gemm_chain(rows, True))
+    assert [node.op_type for node in fp32.graph.node] == ["MatMul"] * steps
+    assert [node.op_type for node in int8.graph.node] == ["QLinearMatMul"] * steps
+    x = np.random.default_rng(1).standard_normal((rows, deploy.GAIN_CHANNELS[0])).astype(np.float32)
+    expected = x.astype(np.float64)
+    for node in fp32.graph.node:
+        expected = expected @ numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == node.input[1])).astype(np.float64)
+    got = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == (rows, deploy.GAIN_CHANNELS[-1]) and np.allclose(got, expected, rtol=1e-3, atol=1e-4)
+    image = np.random.default_rng(2).integers(0, 256, (rows, deploy.GAIN_CHANNELS[0]), dtype=np.uint8)
+    out = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": image})[0]
+    assert out.dtype == np.uint8 and out.shape == (rows, deploy.GAIN_CHANNELS[-1])
+
+
+def test_the_deploy_benchmark_reports_what_a_second_thread_gives_int8_and_fp32(tmp_path, monkeypatch):
+    deploy = _load("deploy")
+    verdict = _load("machine").Verdict()
+    rows = deploy.thread_gains(verdict, pixels={"4 x 4": 16}, calls=5, rounds=2)
+    assert len(rows) == 1 and rows[0]["map"] == "4 x 4"
+    row = rows[0]
+    for kind in ("int8", "fp32"):
+        one, two = row[f"{kind}_us_1_thread"], row[f"{kind}_us_2_threads"]
+        assert one > 0 and two > 0 and abs(row[f"{kind}_gain"] - one / two) < 0.02 * one / two + 0.01
+        assert len(row[f"{kind}_gain_by_round"]) == 2
+    assert abs(row["int8_vs_fp32_1_thread"] - row["fp32_us_1_thread"] / row["int8_us_1_thread"]) < 0.02 * row["int8_vs_fp32_1_thread"] + 0.01
+    result = {"machine": _load("machine").state(), "verdict": verdict.to_dict(), "rows": rows, "run": {"calls": 5, "rounds": 2, "forced": False}}
+    text = deploy.thread_gains_markdown(result)
+    assert f"| 4 x 4 (16) | {row['int8_us_1_thread']} → {row['int8_us_2_threads']} µs | {row['int8_gain']}x" in text
+    busy = dict(result, rows=[{"map": "4 x 4", "gemm": row["gemm"]}])
+    assert "| 4 x 4 (16) | busy |" in deploy.thread_gains_markdown(busy)
+    monkeypatch.setattr(deploy, "RESULTS", tmp_path)
+    monkeypatch.setattr(deploy, "thread_gains", lambda verdict, calls, rounds: rows)
+    deploy.run_thread_gains(force=False, calls=5, rounds=2)
+    written = json.loads((tmp_path / "deploy_threads.json").read_text())
+    assert written["run"] == {"calls": 5, "rounds": 2, "forced": False} and (tmp_path / "deploy_threads.md").is_file()
+    assert written["rows"] == rows if written["verdict"]["quiet"] else all(set(r) == {"map", "gemm"} for r in written["rows"])
+
+
 def test_the_deploy_benchmark_times_int8_against_fp32_in_pairs_on_both_thread_counts(tmp_path):
     import numpy as np
     import onnx
