@@ -38,7 +38,6 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -253,14 +252,19 @@ GAIN_CHAIN = 5
 """Expand-project pairs per probe model: ten GEMMs per call."""
 
 
-def gemm_chain(rows: int, int8: bool, channels: Sequence[int] = GAIN_CHANNELS, repeats: int = GAIN_CHAIN, seed: int = 0) -> bytes:
-    """An ONNX model of `repeats` x (len(channels) - 1) GEMMs on a `rows` x channels[0] input: QLinearMatMul (uint8
+GAIN_GEMMS = GAIN_CHAIN * (len(GAIN_CHANNELS) - 1)
+"""GEMMs per probe call: the per-GEMM times are a call's time over this."""
+
+
+def gemm_chain(rows: int, int8: bool) -> bytes:
+    """An ONNX model of `GAIN_GEMMS` GEMMs through `GAIN_CHANNELS` on a `rows`-row input: QLinearMatMul (uint8
     activations, int8 weights, onnxruntime's INT8 kernels) or MatMul (fp32), with random weights."""
     from onnx import TensorProto, helper, numpy_helper
 
-    rng = np.random.default_rng(seed)
+    channels = GAIN_CHANNELS
+    rng = np.random.default_rng(0)
     nodes, initializers, x = [], [], "x"
-    for repeat in range(repeats):
+    for repeat in range(GAIN_CHAIN):
         for step, (k, n) in enumerate(zip(channels[:-1], channels[1:], strict=True)):
             p = f"gemm{repeat}_{step}_"
             if int8:
@@ -283,9 +287,9 @@ def gemm_chain(rows: int, int8: bool, channels: Sequence[int] = GAIN_CHANNELS, r
 def _gemm_call(model: bytes, threads: int):  # noqa: ANN202 - a callable on the chain's input
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.log_severity_level = threads, 3
-    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    from components.runtime.providers import session_options
+
+    session = ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
     return lambda batch: session.run(None, {"x": batch})
 
 
@@ -309,7 +313,7 @@ def thread_gains(verdict: Verdict, pixels: dict[str, int] = GAIN_PIXELS, calls: 
                 for _ in range(rounds):
                     for threads in (1, 2):
                         call = _gemm_call(model, threads)
-                        per_op[threads].append(statistics.median(time_calls(call, x, calls, warmup=20)) / (GAIN_CHAIN * (len(GAIN_CHANNELS) - 1)))
+                        per_op[threads].append(statistics.median(time_calls(call, x, calls, warmup=20)) / GAIN_GEMMS)
                         del call  # one session alive at a time
                 kind = "int8" if int8 else "fp32"
                 one, two = statistics.median(per_op[1]), statistics.median(per_op[2])
@@ -331,7 +335,7 @@ def thread_gains_markdown(result: dict) -> str:
         f"Run {machine['at']} on {cpu['model']}, {cpu['cores']} cores ({' '.join(cpu['flags'])}); onnxruntime {machine['versions'].get('onnxruntime')}. "
         f"Load average (1, 5, 15 min) {machine['load_average_1_5_15']} at the end. Timings: "
         + ("written (the machine was quiet)." if verdict["quiet"] else f"NOT written: {verdict['reason']}" + (" (--force: written anyway, do not quote)" if result["run"]["forced"] else "") + "."),
-        f"Each row: a chain of {GAIN_CHAIN * (len(GAIN_CHANNELS) - 1)} GEMMs (the 4 x 4 blocks' pointwise convolutions, "
+        f"Each row: a chain of {GAIN_GEMMS} GEMMs (the 4 x 4 blocks' pointwise convolutions, "
         f"{GAIN_CHANNELS[0]} -> {GAIN_CHANNELS[1]} -> {GAIN_CHANNELS[0]} channels) with as many rows as the map has pixels at batch 1; "
         "INT8 is QLinearMatMul (uint8 x int8), fp32 MatMul. Microseconds per GEMM, medians of "
         f"{result['run']['rounds']} rounds of {result['run']['calls']} calls; each gain is the ratio of the medians, with the rounds' own ratios in brackets.",

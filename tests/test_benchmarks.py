@@ -93,7 +93,7 @@ def test_the_deploy_benchmarks_gemm_chains_compute_what_they_say():
     from onnx import numpy_helper
 
     deploy = _load("deploy")
-    rows, steps = 16, deploy.GAIN_CHAIN * (len(deploy.GAIN_CHANNELS) - 1)
+    rows, steps = 16, deploy.GAIN_GEMMS
     fp32, int8 = onnx.load_from_string(deploy.gemm_chain(rows, False)), onnx.load_from_string(deploy.gemm_chain(rows, True))
     assert [node.op_type for node in fp32.graph.node] == ["MatMul"] * steps
     assert [node.op_type for node in int8.graph.node] == ["QLinearMatMul"] * steps
