@@ -298,7 +298,7 @@ def thread_gains(verdict: Verdict, pixels: dict[str, int] = GAIN_PIXELS, calls: 
     convolutions, by map size: microseconds per GEMM on one thread and on two, and the gain. Each round times one
     thread, then two, one session alive at a time; the figures are the medians of the rounds.
 
-    The INT8 convolutions of the 4 x 4 and 7 x 7 maps gain little from a second thread (README, Speed). These GEMMs split
+    The INT8 convolutions of the 4 x 4 and 7 x 7 maps gain little from a second thread (benchmarks/README.md, INT8 at batch 1). These GEMMs split
     along the output channels too (MLAS's QGEMM partitions both ways), so they show whether splitting the work another way
     would help, or whether small INT8 GEMMs simply finish too soon for a second thread to pay."""
     rng = np.random.default_rng(0)
