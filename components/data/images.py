@@ -25,6 +25,20 @@ MAX_PIXELS = 64_000_000
 """Images claiming more pixels than this are refused before decoding (decompression bombs)."""
 
 
+MODEL_INPUT = "uint8 RGB 0-255, N x H x W x 3 (channels last), H = W = image_size; the graph normalises it (mean, std) itself"
+"""What a Graft model takes, in words: the ONNX file's `input` metadata."""
+
+
+PREPROCESSING = (
+    "decode; apply the EXIF orientation; composite any transparency onto white; convert to 8-bit RGB; resize the whole "
+    "image to image_size x image_size with Pillow's bilinear filter (Image.resize(..., Image.Resampling.BILINEAR): no crop, "
+    "the aspect ratio is not kept); feed the uint8 pixels as they are"
+)
+"""How an image becomes the model's input (`load_image`), in words a consumer without Graft can follow: the ONNX file's
+`preprocessing` metadata. Another resampling filter changes what the model sees: on the demo digits, Pillow's bicubic
+default scored 90% of 300 of them where bilinear scores 98%, and Lanczos 69% (2026-12-07)."""
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any mode (L, P, RGBA, CMYK, I;16, ...) to 8-bit RGB, honouring EXIF rotation."""
     image = ImageOps.exif_transpose(image) or image

@@ -361,6 +361,13 @@ def fold_input_normalisation(model) -> str | None:  # noqa: ANN001 - onnx.ModelP
     for node in chain:
         graph.node.remove(node)
     graph.node.insert(position, fold)
+    # the chain's constants (255, mean, std) now feed nothing: onnxruntime would warn of each at every load
+    constants = {name for node in chain for name in node.input[1:]}
+    used = {name for node in graph.node for name in node.input} | {value.name for value in graph.output}
+    for initializer in [i for i in graph.initializer if i.name in constants and i.name not in used]:
+        graph.initializer.remove(initializer)
+    for node in [n for n in graph.node if n.op_type == "Constant" and set(n.output) <= constants - used]:
+        graph.node.remove(node)
     levels_text = f"{int(zero_point[0])}" if per_tensor else ", ".join(str(int(z)) for z in zero_point)
     scale_text = f"{float(scale[0]):g}" if per_tensor else ", ".join(f"{float(s):g}" for s in scale)
     return f"DequantizeLinear(image, scale {scale_text}, zero point {levels_text})"

@@ -72,6 +72,11 @@ MODEL_VERSIONS_TAG = "mlflow.modelVersions"
 """MLflow's LoggedModel tag listing the registered versions made from it (how the UI links the two)."""
 
 
+MLFLOW_METADATA = ("classes", "image_size", "input", "preprocessing", "backbone", "data_md5")
+"""The ONNX file's metadata copied into the MLflow model's (`get_model_info(...).metadata`): what a caller of
+`mlflow.pyfunc` needs to label the output and prepare the input."""
+
+
 def record_manual_promotion(client, name: str) -> None:  # noqa: ANN001
     """Record in the alias history when `champion` was moved by hand since Graft last moved it."""
     record_manual_move(client, name)
@@ -219,7 +224,7 @@ def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int,
     key = signing_key()
     example = np.zeros((1, image_size, image_size, 3), dtype=np.uint8)
     model = onnx.load(str(onnx_path))
-    metadata = {p.key: p.value for p in model.metadata_props if p.key in ("classes", "image_size", "backbone", "data_md5")}
+    metadata = {p.key: p.value for p in model.metadata_props if p.key in MLFLOW_METADATA}
     experiment_id = run.experiment_id()
     logged = _create_logged_model(run, experiment_id, name, tags or {})
     client = run.client

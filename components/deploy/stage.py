@@ -21,7 +21,7 @@ from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
 from components.core.lineage import CHALLENGER, CHAMPION
-from components.data.images import load_batch
+from components.data.images import MODEL_INPUT, PREPROCESSING, load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
 from components.deploy.facts import DeployFacts
@@ -99,8 +99,10 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
         "backbone": trained.backbone,
         "data_md5": ctx.data_md5,
         "temperature": evaluation.temperature,
-        "input": "uint8 RGB, N x H x W x 3",
+        "input": MODEL_INPUT,
+        "preprocessing": PREPROCESSING,
         "output": "class probabilities",
+        "graft.variant": "fp32",
     }
     parity_paths = [s.path for s in ctx.split.val[: cfg.parity_images]]
     # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head

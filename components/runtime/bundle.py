@@ -23,11 +23,19 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from components.core.errors import BundleError
+from components.core.errors import BundleError, SignatureError
 from components.core.files import sha256
 from components.registry.mlflow_calls import first_line as mlflow_first_line
 from components.registry.versions import parse_registry_uri, registry_version
-from components.runtime.signing import SIGNATURE_FILE, sign_folder, signing_key, verify_folder, verify_keys
+from components.runtime.signing import (
+    SIGNATURE_FILE,
+    SIGNING_KEY_ENV,
+    VERIFY_KEY_ENV,
+    sign_folder,
+    signing_key,
+    verify_folder,
+    verify_keys,
+)
 from components.runtime.trust import fetch_registered
 from components.runtime.variant_files import (
     FP32_FILE,
@@ -101,11 +109,18 @@ def write_bundle(
 
     Raises:
         BundleError: `out_dir` is not empty, or a variant file is missing.
-        SignatureError: GRAFT_SIGNING_KEY is set but unusable.
+        SignatureError: GRAFT_SIGNING_KEY is set but unusable, or unset while GRAFT_VERIFY_KEY is set (the bundle's
+            own loads would refuse it unsigned).
     """
     import onnx
 
     key = signing_key()
+    if key is None and verify_keys():
+        raise SignatureError(
+            f"bundle {out_dir} would be unsigned, and with {VERIFY_KEY_ENV} set its loads refuse unsigned bundles: set "
+            f"{SIGNING_KEY_ENV} to the private key that signs bundles, or unset {VERIFY_KEY_ENV} to write an unsigned one "
+            f"(its {CHECKSUMS} still lists every file's sha256); nothing was written"
+        )
     variants = {k: v for k, v in (variants or {}).items() if k != "fp32"}
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise BundleError(f"bundle folder '{out_dir}' exists and is not empty; pass a new folder with --out or delete it")

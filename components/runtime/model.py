@@ -32,6 +32,7 @@ from components.runtime.safety import check_external_data
 from components.runtime.trust import champion_warning, check_local_file, fetch_registered
 from components.runtime.variant_files import (
     VARIANT_SUFFIXES,
+    named_variant,
     pick_variant,
     published_variants,
     variant_filename,
@@ -154,8 +155,9 @@ class OnnxClassifier:
             return cls(file, providers, source)
         if not path.is_file():
             raise GraftError(f"model file '{path}' not found: pass an .onnx file, a bundle folder or models:/NAME@champion")
-        available = [name for name in VARIANT_SUFFIXES if variant_path(path, name).is_file()]
-        return cls._from_file(path, providers, pick_variant(variant, available, providers, skip), text)
+        fp32_path, named = named_variant(path)  # `model.int8.onnx` named: that file, labelled int8, unless another variant is asked for
+        available = [name for name in VARIANT_SUFFIXES if variant_path(fp32_path, name).is_file()]
+        return cls._from_file(fp32_path, providers, pick_variant(named if variant == "fp32" else variant, available, providers, skip), text)
 
     @classmethod
     def _from_file(cls, fp32_path: Path, providers: list[str], variant: str, uri: str) -> OnnxClassifier:

@@ -41,6 +41,12 @@ SIGNATURE_FILE = "model.sig"
 """The signature inside a signed folder (model-signing's default name)."""
 
 
+MLFLOW_DOWNLOAD_FILE = "registered_model_meta"
+"""What MLflow adds to every download of `models:/NAME/V` (the name and version, which nothing loads). The signature
+leaves it out, and records that it does, so a version downloaded the standard way (`mlflow artifacts download -u
+models:/...`) verifies with Graft and with model-signing's own command."""
+
+
 def signing_key() -> Path | None:
     """The private key file `GRAFT_SIGNING_KEY` names, or None when signing is off.
 
@@ -96,7 +102,7 @@ def signer_fingerprint(signature: Path) -> str | None:
 def _hashing_config():  # noqa: ANN202 - model_signing.hashing.Config
     from model_signing import hashing
 
-    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=True)
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE, MLFLOW_DOWNLOAD_FILE], ignore_git_paths=True)
 
 
 def sign_folder(folder: Path, private_key: Path) -> str:

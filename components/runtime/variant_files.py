@@ -35,6 +35,15 @@ def variant_path(fp32_path: Path, variant: str) -> Path:
     return fp32_path.with_name(f"{fp32_path.stem}{VARIANT_SUFFIXES[variant]}{fp32_path.suffix}")
 
 
+def named_variant(path: Path) -> tuple[Path, str]:
+    """The fp32 file a file belongs beside, and the variant its name says it is (`model.int8.onnx`: `model.onnx`, int8)."""
+    for name, suffix in VARIANT_SUFFIXES.items():
+        ending = f"{suffix}{path.suffix}"
+        if suffix and path.name.endswith(ending) and len(path.name) > len(ending):
+            return path.with_name(path.name[: -len(ending)] + path.suffix), name
+    return path, "fp32"
+
+
 def variant_filename(variant: str) -> str:
     """The file name of `variant` in a registered version's folder or a bundle (`model.int8.onnx`)."""
     return variant_path(Path(FP32_FILE), variant).name

@@ -4,6 +4,7 @@
     GET  /v2/health/live, /v2/health/ready      liveness; readiness (a model that passed every trust check is loaded)
     GET  /v2/models/{name}[/versions/{v}]       model metadata: the input (UINT8, N x S x S x 3) and output (FP32, N x C)
     GET  /v2/models/{name}[/versions/{v}]/ready
+    GET  /v2/models/{name}[/versions/{v}]/config Triton's model configuration extension, as Triton answers it (JSON)
     POST /v2/models/{name}[/versions/{v}]/infer tensors in JSON, or with the binary tensor data extension
 
 A caller written for Triton or KServe (`tritonclient.http`, KServe's V2 clients) works unchanged: the same
@@ -201,4 +202,19 @@ def model_metadata(name: str, version: str, input_name: str, output_name: str, i
         "platform": "onnxruntime_onnx",
         "inputs": [{"name": input_name, "datatype": "UINT8", "shape": [-1, image_size, image_size, 3]}],
         "outputs": [{"name": output_name, "datatype": "FP32", "shape": [-1, classes]}],
+    }
+
+
+def model_config(name: str, version: str, input_name: str, output_name: str, image_size: int, classes: int, max_batch: int) -> dict:
+    """`GET /v2/models/{name}/config`: Triton's model configuration for what is served, in the JSON form Triton answers
+    (`tritonclient`'s `get_model_config`), with the same tensors as the `config.pbtxt` of `graft bundle --format triton`.
+    `max_batch_size` is `deploy.serve_max_batch`; `graft serve` batches no requests together, so there is no batcher."""
+    return {
+        "name": name,
+        "platform": "onnxruntime_onnx",
+        "backend": "onnxruntime",
+        "version_policy": {"specific": {"versions": [int(version)] if version.isdigit() else []}},
+        "max_batch_size": max_batch,
+        "input": [{"name": input_name, "data_type": "TYPE_UINT8", "format": "FORMAT_NONE", "dims": [image_size, image_size, 3]}],
+        "output": [{"name": output_name, "data_type": "TYPE_FP32", "dims": [classes], "label_filename": "labels.txt"}],
     }

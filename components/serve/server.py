@@ -34,7 +34,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -76,6 +76,15 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+REFUSED_RECHECK_SECONDS = 300.0
+"""How long a version refused by the trust checks is left alone while the alias keeps naming it and its tags do not
+change: each check downloads its files again (with signatures on, the whole folder), every poll, on every replica."""
+
+
+def _tag_items(found) -> tuple:  # noqa: ANN001 - mlflow ModelVersion
+    return tuple(sorted((found.tags or {}).items()))
+
+
 class LiveModel:
     """The model being served; swapped in one step when the registry alias points elsewhere.
 
@@ -94,6 +103,9 @@ class LiveModel:
         self.last_error: str | None = None
         self.refused_version: str | None = None
         """The version the alias names that failed its integrity checks and is not served."""
+        self._refused: tuple[str, tuple] | None = None
+        """That version and its tags when it was refused; `_refused_at` when (monotonic seconds)."""
+        self._refused_at = 0.0
         self.reloads = 0
 
     @property
@@ -108,29 +120,34 @@ class LiveModel:
         name, alias, _ = self._registry
         self.last_check = _now()
         version = None
+        found = None
         try:
-            version = str(registry_version(name, alias, None).version)
+            found = registry_version(name, alias, None)
+            version = str(found.version)
             if version == self.model.source.version:
                 self.last_error = self.refused_version = None  # the alias is back on what is served
                 return False
+            if self._refused == (version, _tag_items(found)) and time.monotonic() - self._refused_at < REFUSED_RECHECK_SECONDS:
+                return False  # refused already, and neither its tags nor enough time have changed that: not fetched again
             fresh = OnnxClassifier.load(self.uri, variant=self.variant)
         except GraftError as exc:
-            self._keep_serving(version, exc)
+            self._keep_serving(version, exc, found)
             return False
         with self._lock:
             previous, self._model = self._model, fresh
-            self.loaded_at, self.last_error, self.refused_version = _now(), None, None
+            self.loaded_at, self.last_error, self.refused_version, self._refused = _now(), None, None, None
             self.reloads += 1
         log.info("%s moved: now serving %s (was v%s)", self.uri, fresh.source.describe(), previous.source.version)
         return True
 
-    def _keep_serving(self, version: str | None, exc: GraftError) -> None:
-        """Record why `version` is not served; log it once per distinct problem (polling retries it quietly)."""
+    def _keep_serving(self, version: str | None, exc: GraftError, found=None) -> None:  # noqa: ANN001 - mlflow ModelVersion
+        """Record why `version` (`found`) is not served; log it once per distinct problem (polling retries it quietly)."""
         repeated = self.last_error == str(exc)
         self.last_error = str(exc)
         served = self.model.source.version
         if isinstance(exc, IntegrityError):
             self.refused_version = version
+            self._refused, self._refused_at = (version, _tag_items(found) if found is not None else ()), time.monotonic()
             if not repeated:
                 log.error("refused %s v%s, still serving the last good model, v%s: %s", self.uri, version, served, exc)
         elif not repeated:
@@ -205,6 +222,9 @@ async def _uploads(request: Request, settings: ServeSettings) -> list[tuple[str,
         try:
             form = await Request(request.scope, replay).form(max_files=settings.max_batch, max_fields=settings.max_batch)
         except Exception as exc:  # noqa: BLE001 - starlette/multipart raise several types for a bad form
+            if "Too many files" in str(exc) or "Too many fields" in str(exc):  # starlette stops counting at the limit
+                raise RequestProblem(413, f"more than {settings.max_batch} images in one request is over the limit of {settings.max_batch} "
+                                          "(deploy.serve_max_batch); split the batch") from exc
             raise RequestProblem(400, f"cannot read the multipart form ({exc}); send files as -F file=@image.png") from exc
         files = [(value.filename or key, await value.read()) for key, value in form.multi_items() if isinstance(value, UploadFile)]
     elif kind == "application/json":
@@ -326,7 +346,7 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
             "model": _model_facts(model),
             "classes": list(model.classes),
             "image_size": model.image_size,
-            **{key: _loads(meta[key]) for key in ("mean", "std", "backbone", "data_md5", "temperature") if key in meta},
+            **{key: _loads(meta[key]) for key in ("preprocessing", "mean", "std", "backbone", "data_md5", "temperature") if key in meta},
             "input": "POST /predict: multipart files, an image/* body, or JSON {\"images\": [base64, ...]}",
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_batch": settings.max_batch, "timeout_seconds": settings.timeout_seconds},
         }
@@ -358,7 +378,7 @@ def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> Non
         if name != served:
             raise RequestProblem(400, f"model '{name[:100]}' is not served here; this server serves '{served}' (GET /v2/models/{served})")
         if version is not None and version != current:
-            refused = " (it was refused: its files failed the integrity checks)" if version == live.refused_version else ""
+            refused = f" (it was refused: {live.last_error})" if version == live.refused_version and live.last_error else ""
             raise RequestProblem(400, f"version '{version[:40]}' of '{served}' is not served{refused}; version {current} is")
         return model
 
@@ -386,6 +406,11 @@ def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> Non
         return open_inference.model_metadata(served_name(model), served_version(model), model.input_name, model.output_name,
                                              model.image_size, len(model.classes))
 
+    async def config_v2(name: str, version: str | None = None) -> dict:
+        model = model_for(name, version)
+        return open_inference.model_config(served_name(model), served_version(model), model.input_name, model.output_name,
+                                           model.image_size, len(model.classes), settings.max_batch)
+
     async def ready_v2(name: str, version: str | None = None) -> dict:
         model = model_for(name, version)
         return {"name": served_name(model), "ready": True}
@@ -405,6 +430,7 @@ def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> Non
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(prefix, metadata_v2, methods=["GET"])
         app.add_api_route(f"{prefix}/ready", ready_v2, methods=["GET"])
+        app.add_api_route(f"{prefix}/config", config_v2, methods=["GET"])
         app.add_api_route(f"{prefix}/infer", infer_v2, methods=["POST"])
 
 
@@ -441,13 +467,16 @@ def running_server(live: LiveModel, settings: ServeSettings, host: str = "127.0.
         thread.join(timeout=10)
 
 
-def serve(uri: str, host: str, port: int, settings: ServeSettings) -> None:
-    """Run the service in the foreground until interrupted."""
+def serve(uri: str, host: str, port: int, settings: ServeSettings, loaded: Callable[[OnnxClassifier], None] | None = None) -> None:
+    """Run the service in the foreground until interrupted; `loaded` is called once the model passed its checks and
+    loaded, before the server listens (a model refused at start-up raises instead)."""
     import uvicorn
 
     use_spin_waiting(False)  # the model's threads share the cores with the HTTP workers
     live = LiveModel(uri, settings.variant)
     log.info("serving %s on %s at http://%s:%d", live.model.source.describe(), live.model.provider, host, port)
+    if loaded is not None:
+        loaded(live.model)
     config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5)
     with live.polling(settings.poll_seconds):
         uvicorn.Server(config).run()

@@ -20,8 +20,8 @@ from components.runtime.bundle import open_bundle, write_bundle
 from components.runtime.model import OnnxClassifier
 from components.runtime.providers import choose_providers
 from components.runtime.variant_files import pick_variant
-from tests.conftest import REPO
-from tests.deploy.fixtures import NAME, active_registry, params_file, registry, tiny_model  # noqa: F401
+from tests.conftest import REPO, seeded_store
+from tests.deploy.fixtures import NAME, active_registry, deploy_tiny, params_file, registry, tiny_model  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,30 @@ def test_metadata_says_what_the_model_is(exported):
     assert {"classes", "image_size", "mean", "std", "backbone", "data_md5"} <= set(meta)
     assert json.loads(meta["classes"]) == ["0", "1", "7"] and len(json.loads(meta["std"])) == 3
     assert onnx.load(str(result.onnx_path)).opset_import[0].version == result.opset >= 18
+
+
+def test_a_consumer_without_graft_prepares_images_from_the_deployed_files_own_metadata(tiny_model, tmp_path):  # noqa: F811
+    """The deployed file says what it takes and how an image becomes that (`input`, `preprocessing`), in its own metadata
+    and in the MLflow model's: following those words with Pillow and onnxruntime alone gives Graft's own answer."""
+    import mlflow
+    import onnxruntime as ort
+    from PIL import ImageOps
+
+    uri = f"sqlite:///{seeded_store(tmp_path / 'mlflow') / 'mlflow.db'}"
+    result = deploy_tiny(tiny_model, uri, NAME, tmp_path / "work")
+    session = ort.InferenceSession(str(result.export.onnx_path), providers=["CPUExecutionProvider"])
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["graft.variant"] == "fp32"
+    assert all(words in meta["input"] for words in ("uint8 RGB 0-255", "channels last", "normalises it (mean, std) itself"))
+    assert all(words in meta["preprocessing"] for words in ("EXIF orientation", "bilinear", "no crop", "aspect ratio is not kept"))
+    size = int(meta["image_size"])
+    paths = [s.path for s in tiny_model.split.test[:6]]
+    by_the_words = np.stack([np.asarray(ImageOps.exif_transpose(Image.open(p)).convert("RGB").resize((size, size), Image.Resampling.BILINEAR),
+                                        dtype=np.uint8) for p in paths])
+    plain = session.run(None, {session.get_inputs()[0].name: by_the_words})[0]
+    np.testing.assert_allclose(plain, OnnxClassifier(result.export.onnx_path).predict_proba(load_batch(paths, size)), atol=1e-6)
+    info = mlflow.models.get_model_info(f"models:/{NAME}/{result.version}")
+    assert (info.metadata["preprocessing"], info.metadata["input"]) == (meta["preprocessing"], meta["input"])
 
 
 def test_paths_pil_images_arrays_and_batches_give_the_same_answer(exported):

@@ -186,6 +186,8 @@ def test_int8_reads_the_image_through_one_dequantize_where_its_normalisation_is_
     assert first == ["Transpose", "DequantizeLinear"] and not {"Cast", "Sub"} & {node.op_type for node in proto.graph.node}
     constants = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     assert constants["graft_input_normalisation_zero_point"] == 127 and constants["graft_input_normalisation_scale"] == 1 / 128
+    used = {name for node in proto.graph.node for name in node.input}
+    assert set(constants) <= used  # the float chain's 255, mean and std went with it: no "Removing initializer" at each load
 
     folded = onnx.load(str(fp32))  # the same fold on the float graph: only float rounding apart
     assert fold_input_normalisation(folded) is not None

@@ -66,6 +66,33 @@ def test_a_version_re_signed_with_another_key_or_altered_after_signing_is_refuse
         OnnxClassifier.load(f"models:/{NAME}/{version}")
 
 
+def test_a_version_downloaded_the_standard_way_verifies_with_graft_and_with_model_signings_own_command(store, keys, monkeypatch):  # noqa: F811
+    """`mlflow artifacts download -u models:/NAME/V` adds MLflow's `registered_model_meta` to the folder; the signature
+    leaves that file out, and says so, so the README's `model_signing verify` passes on the download, and so does a load."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import mlflow
+
+    (private, public), _ = keys
+    monkeypatch.setenv(SIGNING_KEY_ENV, str(private))
+    version = store.register("v1")
+    downloaded = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{NAME}/{version}", dst_path=str(store.work / "dl"),
+                                                          tracking_uri=store.uri))
+    assert (downloaded / "registered_model_meta").is_file() and (downloaded / SIGNATURE_FILE).is_file()
+
+    monkeypatch.setenv(VERIFY_KEY_ENV, str(public))
+    assert OnnxClassifier.load(downloaded / "model.onnx", variant="int8").source.signed_by == key_fingerprint(public)
+    command = [str(Path(sys.executable).parent / "model_signing"), "verify", "key", str(downloaded),
+               "--signature", str(downloaded / SIGNATURE_FILE), "--public_key", str(public)]
+    checked = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert checked.returncode == 0 and "Verification succeeded" in checked.stdout + checked.stderr, checked.stdout + checked.stderr
+    (downloaded / "extra.onnx").write_bytes(b"x")  # any other file still fails it
+    with pytest.raises(SignatureError, match=r"not in the signature: extra.onnx"):
+        OnnxClassifier.load(downloaded / "model.onnx")
+
+
 def test_key_rotation_trusts_every_listed_key(store, keys, monkeypatch):  # noqa: F811
     (old_private, old_public), (new_private, new_public) = keys
     monkeypatch.setenv(SIGNING_KEY_ENV, str(old_private))
@@ -101,6 +128,10 @@ def test_bundles_are_signed_by_their_writer_and_plain_files_need_a_signed_folder
     with pytest.raises(SignatureError, match="is not signed"):
         OnnxClassifier.load(store.work / "v1" / "model.onnx")  # the run folder's plain file: no signature beside it
     assert OnnxClassifier.load(bundle.dir / "model.onnx").source.signed_by == key_fingerprint(public)  # a file in a signed folder
+
+    with pytest.raises(SignatureError, match=r"would be unsigned, and with GRAFT_VERIFY_KEY set .*set GRAFT_SIGNING_KEY .*nothing was written"):
+        bundle_from_registry(f"models:/{NAME}/{version}", store.work / "consumer")  # a consumer holding the public key only
+    assert not (store.work / "consumer").exists()
 
 
 def test_unusable_keys_are_named_with_the_fix(store, keys, monkeypatch, tmp_path):  # noqa: F811

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from components.core.errors import IntegrityError, UntrustedSourceError
+from components.core.errors import GraftError, IntegrityError, UntrustedSourceError
 from components.core.files import sha256
 from components.registry.versions import uri_inside
 from components.runtime.model import OnnxClassifier
@@ -102,6 +102,17 @@ def test_a_plain_file_is_checked_against_its_sidecar_and_loads_with_a_warning_wi
     sidecar_path(fp32).write_text("not a digest\n")
     with pytest.raises(IntegrityError, match="is not '<sha256>  model.onnx'"):
         OnnxClassifier.load(fp32)
+
+
+def test_a_variant_file_named_directly_is_that_variant_and_another_is_found_beside_it(store):  # noqa: F811
+    fp32 = store.model_files("plain")
+    int8 = fp32.with_name("model.int8.onnx")
+    for variant in ("fp32", "int8", "auto"):  # the default (fp32) means the file named; auto on this CPU: int8
+        loaded = OnnxClassifier.load(int8, variant=variant)
+        assert (loaded.path, loaded.source.variant) == (int8, "int8")
+    assert OnnxClassifier.load(fp32).source.variant == "fp32"
+    with pytest.raises(GraftError, match=r"variant 'fp16' was not published for this model \(available: fp32, int8\)"):
+        OnnxClassifier.load(int8, variant="fp16")
 
 
 def test_a_tampered_bundle_file_is_refused(store):  # noqa: F811

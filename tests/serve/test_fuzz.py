@@ -98,10 +98,12 @@ _V2_REFUSALS = {key: _REFUSALS[key] for key in ("400", "413", "504")}
 
 
 def _v2_model_routes(parameters: list[dict]) -> dict:
-    """The per-model Open Inference Protocol routes (metadata, ready, infer) with `parameters` in their path."""
+    """The per-model Open Inference Protocol routes (metadata, ready, config, infer) with `parameters` in their path."""
     return {
         "": {"get": {"parameters": parameters, "responses": {"200": _json({"type": "object", "required": ["name", "versions", "inputs", "outputs"]}, "model metadata"), **_V2_REFUSALS}}},
         "/ready": {"get": {"parameters": parameters, "responses": {"200": _json({"type": "object", "required": ["name", "ready"]}, "ready"), **_V2_REFUSALS}}},
+        "/config": {"get": {"parameters": parameters, "responses": {"200": _json(
+            {"type": "object", "required": ["name", "platform", "max_batch_size", "input", "output"]}, "Triton's model configuration"), **_V2_REFUSALS}}},
         "/infer": {"post": {
             "parameters": parameters,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _INFER}}},

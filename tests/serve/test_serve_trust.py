@@ -56,6 +56,30 @@ def test_a_tampered_new_champion_is_refused_and_the_last_good_model_keeps_servin
         assert _predict(http, image)["model"]["version"] == good  # still answering, with the old model
 
 
+def test_a_refused_version_is_fetched_again_only_when_its_tags_change_or_minutes_pass(store, monkeypatch):  # noqa: F811
+    """Each check of a version downloads its files (with signatures on, the whole folder): a refused one the alias keeps
+    naming is left alone, not fetched at every poll on every replica, until its tags change or `REFUSED_RECHECK_SECONDS` pass."""
+    import components.serve.server as server
+
+    good = store.register("v1")
+    store.client.set_registered_model_alias(NAME, "champion", good)
+    live = LiveModel(f"models:/{NAME}@champion")
+    bad = store.register("bad")
+    shutil.copyfile(store.folder(bad) / "model.int8.onnx", store.folder(bad) / "model.onnx")
+    store.client.set_registered_model_alias(NAME, "champion", bad)
+    fetched = []
+    load = server.OnnxClassifier.load.__func__
+    monkeypatch.setattr(server.OnnxClassifier, "load", classmethod(lambda cls, *args, **kwargs: (fetched.append(args[0]), load(cls, *args, **kwargs))[1]))
+
+    assert not any(live.refresh() for _ in range(3))
+    assert live.refused_version == bad and len(fetched) == 1 and live.last_check is not None  # polled three times, fetched once
+    store.client.set_model_version_tag(NAME, bad, "note", "files restored")  # someone did something to that version
+    assert not live.refresh() and len(fetched) == 2
+    assert not live.refresh() and len(fetched) == 2
+    monkeypatch.setattr(server, "REFUSED_RECHECK_SECONDS", 0.0)
+    assert not live.refresh() and len(fetched) == 3 and live.model.source.version == good
+
+
 def test_a_signed_server_refuses_an_unsigned_new_version(store, tmp_path, monkeypatch):  # noqa: F811
     private, public = key_pair(tmp_path / "keys", "team")
     monkeypatch.setenv(SIGNING_KEY_ENV, str(private))

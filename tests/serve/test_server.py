@@ -65,6 +65,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, tiny_mo
         "empty": (server.post("/predict", files={"file": ("empty.png", b"", "image/png")}), 400, "empty upload"),
         "oversized": (server.post("/predict", files={"file": ("big.png", noisy.getvalue(), "image/png")}), 413, "byte limit"),
         "too many": (server.post("/predict", json={"images": [base64.b64encode(_png(paths[0])).decode()] * 5}), 413, "deploy.serve_max_batch"),
+        "too many files": (server.post("/predict", files=[("file", ("a.png", _png(paths[0]), "image/png"))] * 5), 413, "deploy.serve_max_batch"),
         "bad base64": (server.post("/predict", json={"images": ["***"]}), 400, "not valid base64"),
         "bad json": (server.post("/predict", content=b"{", headers={"content-type": "application/json"}), 400, "not valid JSON"),
         "no files": (server.post("/predict", files={"note": (None, "just text")}), 400, "no image"),
@@ -99,6 +100,20 @@ def test_a_request_over_the_time_limit_gets_504(active_registry, tiny_model):  #
         response = httpx.post(f"{url}/predict", files={"file": ("a.png", _png(paths[0]), "image/png")}, timeout=10)
         assert response.status_code == 504 and "deploy.serve_timeout_seconds" in response.json()["error"]
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_graft_serve_against_a_registry_that_is_gone_stops_with_one_line_in_seconds(tmp_path):
+    """Under Graft's own four tries, MLflow's HTTP retries (seven, backing off to minutes) would keep `graft serve`
+    starting, and a running one reporting a healthy registry, for many minutes: every command turns them off."""
+    from tests import services
+
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{services.free_port()}"}
+    env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--model", "models:/gone@champion", "--port", str(services.free_port())],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=150, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("error: reading alias 'champion' of 'gone' failed 4 times")
+    assert "Ctrl-C stops it" not in done.stdout  # nothing claims to serve a model that never loaded
 
 
 def test_graft_serve_imports_no_torch():
