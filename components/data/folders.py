@@ -1,7 +1,8 @@
 """Image folders: discovery and validation, then the split (`components.data.split`).
 
 A folder is either `<class>/<image>` (split here by each image's content hash)
-or `train/<class>/<image>` plus `val/<class>/<image>` and/or `test/<class>/<image>`. Every problem is reported
+or `train/<class>/<image>` plus `val/<class>/<image>` and/or `test/<class>/<image>`; a class folder's
+subfolders count as that class (hidden ones do not). Every problem is reported
 with the path at fault and what to do about it, before any training starts.
 """
 
@@ -49,6 +50,12 @@ def _verify(path: Path) -> None:
         raise DataError(f"{path}: not a readable image ({exc}); replace or remove the file") from exc
 
 
+def _images_in(folder: Path) -> list[Path]:
+    """Every image in a class folder, in its subfolders too (a new batch added as `cats/2026-12/`, as torchvision's
+    ImageFolder reads them), sorted; hidden files and folders (`.ipynb_checkpoints`, `.thumbnails`) are left out."""
+    return sorted(p for p in folder.rglob("*") if _is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
 def _class_folders(root: Path) -> dict[str, list[Path]]:
     """Map class name -> sorted image files, checking each class folder is usable."""
     if not root.is_dir():
@@ -62,7 +69,7 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
     classes: dict[str, list[Path]] = {}
     for folder in folders:
         _check_inside(folder, root)
-        files = sorted(p for p in folder.iterdir() if _is_image_file(p))
+        files = _images_in(folder)
         if not files:
             raise DataError(
                 f"class folder '{folder}' has no images (extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}); "
@@ -85,6 +92,11 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
     """
     root = Path(root)
     present = [part for part in PARTS if (root / part).is_dir()]
+    if present == ["train"] and any(folder.is_dir() and _images_in(folder) for folder in (root / "train").iterdir()):
+        raise DataError(
+            f"'{root}' has train/ with class folders but no val/ or test/ beside it: add {root}/val/<class>/ (and test/, "
+            f"or let Graft carve it from val/), or put the class folders directly in {root} to have Graft split them"
+        )
     if "train" in present and len(present) > 1:
         split = _presplit(root, present, settings)
     else:

@@ -75,6 +75,32 @@ def test_bad_folders_get_one_clear_error_naming_the_path(digits_dir, tmp_path, b
     assert str(culprit.name) in str(err.value) or breakage == "one_class"
 
 
+def test_a_class_folders_subfolders_count_as_that_class_and_hidden_ones_do_not(digits_dir, tmp_path):
+    """A new batch added as `<class>/<batch>/` is trained on, not silently skipped; `.ipynb_checkpoints` and the like are."""
+    root = _copy(digits_dir, tmp_path)
+    before = scan(root)
+    batch, hidden = root / "7" / "2026-12", root / "7" / ".ipynb_checkpoints"
+    batch.mkdir()
+    hidden.mkdir()
+    for index, path in enumerate(sorted((digits_dir / "1").iterdir())[:4]):  # new images, unlike any 7 already there
+        image = Image.open(path).convert("RGB").rotate(90 + index)
+        image.save(batch / f"new-{index}.png")
+        image.save(hidden / f"copy-{index}.png")
+    after = scan(root)
+    sevens = after.classes.index("7")
+    found = {s.path for part in ("train", "val", "test") for s in getattr(after, part) if s.label == sevens}
+    assert {batch / f"new-{i}.png" for i in range(4)} <= found and not any(".ipynb_checkpoints" in str(p) for p in found)
+    assert after.classes == before.classes  # the batch folder is no class of its own
+    assert sum(len(getattr(after, part)) for part in ("train", "val", "test")) == sum(len(getattr(before, part)) for part in ("train", "val", "test")) + 4
+
+
+def test_a_train_folder_without_val_or_test_is_named_as_such_not_taken_for_a_class(digits_dir, tmp_path):
+    root = tmp_path / "only-train"
+    shutil.copytree(digits_dir, root / "train")
+    with pytest.raises(DataError, match=r"has train/ with class folders but no val/ or test/ beside it: add .*/val/<class>/"):
+        scan(root)
+
+
 def test_validation_class_unknown_to_training_is_refused(digits_dir, tmp_path):
     root = tmp_path / "presplit"
     for part, classes in (("train", ("0", "1")), ("val", ("0", "1", "7"))):
