@@ -28,7 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
-from components.core.config import Params, find_params_file, load_params
+from components.core.config import REPO_ROOT, Params, find_params_file, load_params
 from components.core.errors import ConfigError, GraftError
 
 
@@ -68,9 +68,6 @@ def _prefect_environment(params_file: Path | None) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "components")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_UI_ENABLED", "false")
-    # Graft retries each MLflow call itself (components.registry.mlflow_calls), a few seconds in all; MLflow's own
-    # HTTP retries on top of that would keep a run waiting for minutes on a server that is gone
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
 RUN_MODULES = ("flows.training", "flows.runners", "mlflow", "onnxruntime", "torch._dynamo", "mlflow.store.tracking.sqlalchemy_store", "matplotlib.pyplot")
@@ -90,12 +87,33 @@ def _run(args: argparse.Namespace) -> int:
         summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask: where tasks run
         if args.summary:
             summary.write(Path(args.summary))
-        print(summary.text())
+        print(summary.text(*_next_commands(params, _params_file(args))))
         if args.summary:
             print(f"summary JSON      {Path(args.summary).resolve()}")
         return 0
 
     return stoppable(run, warm_up=RUN_MODULES)
+
+
+def _next_commands(params: Params, params_file: Path | None) -> tuple[str, str]:
+    """The `graft` command and the MLflow UI command a run's "next:" lines give, as they work from this folder: the
+    project's own `.venv/bin/graft` and `make mlflow-ui` in the project folder; elsewhere, paths that reach this
+    installation, with the run's store named where a consumer here would not find it by itself."""
+    from components.registry.tracking import TRACKING_URI_ENV, project_params_file, tracking_uri
+
+    cwd = Path.cwd().resolve()
+    graft = Path(sys.executable).parent / "graft"
+    command = str(graft.relative_to(cwd)) if graft.is_relative_to(cwd) else str(graft)
+    store = tracking_uri(params)  # MLFLOW_TRACKING_URI when the user set it: a consumer here reads it too
+    here = project_params_file(cwd)
+    if store.startswith("sqlite:") and (here is None or tracking_uri(load_params(here)) != store):
+        command = f"{TRACKING_URI_ENV}={store} {command}"
+    if store.startswith("sqlite:") and params_file is not None and params_file.resolve() == (REPO_ROOT / "params.yaml").resolve() \
+            and store == tracking_uri(load_params(REPO_ROOT / "params.yaml")):
+        ui = "make mlflow-ui" if cwd == REPO_ROOT.resolve() else f"make -C {REPO_ROOT} mlflow-ui"
+    else:
+        ui = f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {store}"
+    return command, ui
 
 
 def _hold(args: argparse.Namespace) -> str | None:
@@ -133,9 +151,11 @@ def _serve(args: argparse.Namespace) -> int:
     from components.serve.server import ServeSettings, serve
 
     params = _params(args) if Path(args.model).exists() else _registry_params(args)  # a file or bundle needs no registry
-    print(f"serving {args.model} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata, "
-          "Open Inference Protocol under /v2); Ctrl-C stops it", flush=True)
-    serve(args.model, args.host, args.port, ServeSettings.from_params(params, args.variant))
+    def loaded(model) -> None:  # noqa: ANN001 - OnnxClassifier
+        print(f"serving {model.source.describe()} at http://{args.host}:{args.port} (POST /predict, GET /health, GET /metadata, "
+              "Open Inference Protocol under /v2); Ctrl-C stops it", flush=True)
+
+    serve(args.model, args.host, args.port, ServeSettings.from_params(params, args.variant), loaded)
     return 0
 
 
@@ -247,7 +267,7 @@ def _retrain(args: argparse.Namespace) -> int:
         result = retrain_flow(str(params_file) if params_file else None, overrides, force=args.force)
         print(f"{result['action']}: {result['reason']}")
         if result["summary"]:
-            print(result["summary"].text())
+            print(result["summary"].text(*_next_commands(_params(args), params_file)))
         return 0
 
     return stoppable(retrain, warm_up=("flows.schedule", *RUN_MODULES))
@@ -275,14 +295,21 @@ def _schedule(args: argparse.Namespace) -> int:
         print(f"next:\n  prefect worker start --pool {args.pool} --type process\n"
               f"  prefect deployment run graft-retrain/{args.name} --watch    # one run now")
         return 0
-    if not PREFECT_API_URL.value():
-        logging.getLogger(__name__).warning(
-            "PREFECT_API_URL is not set: the schedule lives only as long as this process's embedded API; "
-            "for a lasting one run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
-        )
-    print(f"serving graft-retrain/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a time, "
-          f"collisions {args.collision}; Ctrl-C stops it")
-    serve(deployment)
+    announce = (f"serving graft-retrain/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a time, "
+                f"collisions {args.collision}; Ctrl-C stops it")
+    if PREFECT_API_URL.value():
+        print(announce, flush=True)
+        serve(deployment)
+        return 0
+    from flows.interrupts import scheduling_api
+
+    logging.getLogger(__name__).warning(
+        "PREFECT_API_URL is not set: the schedule lives only as long as this process, on its own Prefect API; "
+        "for a lasting one run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+    )
+    with scheduling_api():  # with Prefect's scheduler: an ephemeral API would never create the schedule's runs
+        print(announce, flush=True)
+        serve(deployment)
     return 0
 
 
@@ -381,6 +408,10 @@ class _UserErrorsInOneLine(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Graft retries each MLflow call itself (components.registry.mlflow_calls), a few seconds in all; MLflow's own HTTP
+    # retries on top of that would keep a run waiting for minutes on a server that is gone, and keep `graft serve`
+    # reporting a healthy registry for as long
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -80,12 +80,17 @@ class _DetachedPrefectAPI:
     home also creates the database, several seconds).
     """
 
+    services: bool = False
+    """Run Prefect's services (its scheduler among them), as `prefect server start` does: an ephemeral API runs none, so
+    the runs a deployment's schedule comes due for are never created. For `graft schedule` without PREFECT_API_URL."""
+
     STARTUP_FAILED = 3
     """uvicorn's exit code when it could not start: the port was taken between choosing it and binding it
     (start again on another), or the app's own start-up failed (its database, its home folder: say so)."""
     RELAUNCHES = 5
 
-    def __init__(self) -> None:
+    def __init__(self, services: bool = False) -> None:
+        self.services = services
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
         self.relaunches = 0
@@ -122,7 +127,8 @@ class _DetachedPrefectAPI:
             [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1",
+                 **({} if self.services else {"PREFECT__SERVER_EPHEMERAL": "1"}),
                  **get_current_settings().to_environment_variables(exclude_unset=True)},
             start_new_session=True,
         )
@@ -301,6 +307,23 @@ def _lost_api(exc: BaseException, url: str) -> bool:
 
 
 @contextmanager
+def scheduling_api() -> Iterator[str]:
+    """For `graft schedule` without PREFECT_API_URL: the embedded API with Prefect's services running (its scheduler
+    creates the runs the schedule comes due for), as long as the block runs; yields its URL, which the block's
+    Prefect calls, and the runs they start, use."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    api = _DetachedPrefectAPI(services=True)
+    try:
+        api.launch()
+        url = api.wait()
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        api.stop()
+
+
+@contextmanager
 def _prefect_api(stop: Stop, warm_up: Sequence[str] = ()) -> Iterator[None]:
     """The Prefect API the run reports to: PREFECT_API_URL when set, else an embedded one in its own session.
 
@@ -430,12 +453,20 @@ def stoppable(command, warm_up: Sequence[str] = ()) -> int:
     """
     stop = Stop()
     progress.reset()
+    finished: list[int] = []
     try:
         with _signals(stop), _quiet_swallowed_interrupts(), _prefect_api(stop, warm_up):
-            return command()
+            finished.append(command())
+        return finished[0]
     except BaseException as exc:
         if not _interruption(exc):
             raise
+        if finished and stop.lost is None:
+            # the stop came while the embedded API shut down, after the command had finished (its summary printed,
+            # its model registered and promoted): the run is complete, and "run it again" would register it twice
+            logging.disable(logging.CRITICAL)
+            print(f"{stop.signal or 'a stop'} came after the run had finished; nothing was lost", file=sys.stderr, flush=True)
+            _quiet_exit(finished[0], api_up=_external_api_up(stop))
         if stop.signal is None and stop.lost is None:  # Prefect turned our SIGTERM into its own exception
             stop.signal = "SIGTERM" if not isinstance(exc, KeyboardInterrupt) else "SIGINT"
             stop.where = progress.where()

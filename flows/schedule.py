@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
@@ -65,6 +65,8 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
     decision = check_task(params)
     record_task(params, decision)
     create_markdown_artifact(key="graft-retrain-check", markdown=decision_markdown(decision), description=decision.action)
+    # in the run's Prefect log too (the worker's output, the UI's log tab), not only in the artifact
+    get_run_logger().info("%s: %s", "retrain (forced)" if force else decision.action, decision.reason)
     result = {
         "action": decision.action if not force else "retrain (forced)",
         "reason": decision.reason,

@@ -13,7 +13,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from components.choose.candidates import CandidateScore, score_candidate
+from components.choose.candidates import CandidateScore, check_candidates, score_candidate
 from components.choose.finalists import train_finalist
 from components.choose.ranking import ChooseResult
 from components.choose.report import log_choice
@@ -88,6 +88,7 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
     the DVC train stage's outputs there (metrics, plots, the ONNX model); with `hold`, register the model
     as challenger only, whatever the gate says (`hold` says why)."""
     check_settings(params)  # deploy settings this machine cannot carry out: refused before any training
+    check_candidates(params)  # and backbone names that are not there: before the MLflow run and the run folder
     clock = Stopwatch()
     with capture_run_log() as run_log:
         with clock("data"):

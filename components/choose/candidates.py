@@ -122,6 +122,17 @@ def candidate_names(params: Params) -> list[str]:
     return names
 
 
+def check_candidates(params: Params) -> None:
+    """Refuse an unknown `choose.candidates` name (or a bad `choose.weights` / `choose.custom`) before a run starts
+    anything: no MLflow run, no run folder, no data scanned.
+
+    Raises:
+        ConfigError: listing the valid names and the closest one.
+    """
+    register_backbones(params.choose)
+    candidate_names(params)
+
+
 def plan_candidates(params: Params, split: Split) -> tuple[str, ...]:
     """Check the names and the sample before any work starts; return the names to score.
 

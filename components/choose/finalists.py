@@ -1,7 +1,7 @@
 """The choose stage's second round: the best few candidates trained the way the fine-tune stage trains.
 
 The first round scores every candidate on a sample (LogME, a probe). It is cheap, and on some data
-it orders the candidates backwards (the README's choose benchmark). The `choose.finalists` best
+it orders the candidates backwards (the choose benchmark, benchmarks/README.md). The `choose.finalists` best
 eligible candidates by that score then go on: each extracts features of the whole training and
 validation split through the feature cache the fine-tune stage reads (the sample's rows are reused,
 and the winner's are not computed again when it trains), a head is trained on them with `train.*`'s

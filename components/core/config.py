@@ -87,7 +87,7 @@ class ChooseConfig(_Section):
     """The best eligible candidates by `score` that go on to a second round: each one's head is trained on
     the whole training split's cached features with the fine-tune stage's own feature_extraction recipe,
     and the best validation accuracy wins. 1 picks by `score` alone (no training: faster, but 1-2 points
-    worse on two of the three sets of the README's choose benchmark)."""
+    worse on two of the three sets of the choose benchmark, benchmarks/README.md)."""
     allow_baseline: bool = False
     """Let a randomly initialised baseline be chosen; by default it is ranked as a reference only."""
     max_params_m: float | None = Field(None, gt=0)

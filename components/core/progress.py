@@ -65,6 +65,28 @@ def where() -> str:
         return f"{_stage} at {_step}" if _step else _stage
 
 
+def when() -> str:
+    """`where()` as words that follow "stopped": 'during fine-tune at epoch 7 of 200', 'after deploy'."""
+    place = where()
+    return place if place.startswith("after ") else f"during {place}"
+
+
+def stop_reason() -> str | None:
+    """Why a stop was asked for ('SIGINT', 'SIGTERM', a lost service), or None."""
+    with _lock:
+        return _stop
+
+
+def stopped_by(exc: BaseException) -> str:
+    """What stopped a run that ended with `exc`: the signal the stop was asked for with, else what `exc` says (Prefect
+    raises its own TerminationSignal for a SIGTERM before Graft's handler sees it)."""
+    if stop_reason():
+        return stop_reason()
+    if type(exc).__name__ == "TerminationSignal":
+        return "SIGTERM"
+    return "SIGINT" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+
+
 def reset() -> None:
     """Forget where the last run was, and any stop it was asked for (a new run in the same process starts here)."""
     global _stage, _step, _stop

@@ -15,8 +15,18 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from components.core.config import Params
-from components.core.lineage import CHALLENGER, CHAMPION, DATA_MD5_TAG, PARAMS_SHA_TAG, params_fingerprint
-from components.data.versions import current_data_md5
+from components.core.errors import DataError
+from components.core.lineage import (
+    CHALLENGER,
+    CHAMPION,
+    DATA_MD5_TAG,
+    MANIFEST_SHA_TAG,
+    PARAMS_SHA_TAG,
+    params_fingerprint,
+)
+from components.data.folders import scan
+from components.data.split import SplitSettings
+from components.data.versions import current_data_md5, dir_md5, dvc_file_for
 from components.registry.tracking import open_tracking_store
 from components.registry.versions import version_by_alias
 
@@ -91,8 +101,32 @@ def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - Ml
             f"and the gate kept champion v{champion.version}; the same inputs would give the same verdict"
         )
         return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(challenger.version), **facts)
+    same = _same_images(params, data_md5, params_sha, (champion, challenger))
+    if same is not None:
+        reason = (
+            f"the data folder's md5 changed ({data_md5} now, {same.tags.get(DATA_MD5_TAG)} for v{same.version}) but not its images: "
+            f"v{same.version} was trained on this very split (split manifest {same.tags[MANIFEST_SHA_TAG][:12]}...) with params "
+            f"{params_sha}; only files that are not images were added, removed or changed"
+        )
+        return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(same.version), **facts)
     reason = "; ".join(_differences(champion, data_md5, params_sha))
     return RetrainDecision(True, reason, champion_version=champion_version, matched_version=None, **facts)
+
+
+def _same_images(params: Params, data_md5: str, params_sha: str, versions):  # noqa: ANN001, ANN202 - MLflow ModelVersions
+    """The version (champion, else challenger) trained with these parameters on exactly the images the data folder holds
+    now, though the folder's md5 moved: a notes file, a `.DS_Store` or a thumbnail cache changes the md5 and not one
+    training image. Only for a folder that is here and current (a DVC-tracked one as its `.dvc` file records it);
+    None otherwise, or when the folder cannot be read (the run itself says what is wrong)."""
+    candidates = [v for v in versions if v is not None and (v.tags or {}).get(PARAMS_SHA_TAG) == params_sha and MANIFEST_SHA_TAG in v.tags]
+    folder = params.data.dir
+    if not candidates or not folder.is_dir() or (dvc_file_for(folder).is_file() and dir_md5(folder) != data_md5):
+        return None
+    try:
+        manifest = scan(folder, SplitSettings.from_config(params.data)).manifest().sha256()
+    except DataError:
+        return None
+    return next((v for v in candidates if v.tags[MANIFEST_SHA_TAG] == manifest), None)
 
 
 def record_decision(client, decision: RetrainDecision) -> None:  # noqa: ANN001

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from components.core import progress
 from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
 from components.core.errors import GraftError, TrackingStoreError
 from components.registry import mlflow_calls
@@ -447,6 +448,16 @@ def source_tags(commit: str) -> dict[str, str]:
     return tags
 
 
+def ended_note(exc: BaseException) -> str:
+    """The description of a run that ended early: where, and the error (or the stop) in the words the terminal showed."""
+    when = progress.when()
+    if isinstance(exc, Exception):
+        reason = str(exc) if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"
+        return f"**Failed** {when}: {reason}"
+    return (f"**Stopped** ({progress.stopped_by(exc)}) {when}: nothing was registered or promoted "
+            "after it. Running the same command again resumes it.")
+
+
 @contextmanager
 def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Run]:
     """Open the pipeline's parent run (named after its data folder until the run renames it); it ends FAILED if the body raises, KILLED if it is interrupted."""
@@ -469,7 +480,8 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     except BaseException as exc:
         # an error ends the run FAILED; an interrupt (Ctrl-C, SIGTERM: not an Exception) ends it KILLED
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
-        try:
+        try:  # the description says what happened, not "Running: ..." for ever
+            run.set_tags({NOTE_TAG: ended_note(exc)})
             run.finish(status)
         except GraftError as error:  # the body's error is the one to report
             log.warning("could not mark run %s %s (%s); it stays RUNNING in the MLflow UI", run.run_id, status, error)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from components.core import progress
 from components.core.errors import GraftError
 
 if TYPE_CHECKING:
@@ -66,10 +67,19 @@ class RunLogFile(logging.Handler):
             log.warning("cannot write the run's log to %s (%s); it goes to the terminal only", run_dir / RUN_LOG, exc.strerror or exc)
         try:
             yield
-        except Exception:
+        except Exception as exc:
+            self._last_line(logging.ERROR, f"the run failed: {exc if isinstance(exc, GraftError) else f'{type(exc).__name__}: {exc}'}")
             self._upload(run)
             raise
+        except BaseException as exc:
+            self._last_line(logging.WARNING, f"the run was stopped ({progress.stopped_by(exc)}) {progress.when()}; "
+                                             "nothing is registered or promoted after a stop")
+            raise
         self._upload(run)
+
+    def _last_line(self, level: int, message: str) -> None:
+        """Why the run ended, in this file only: the terminal shows it once, as the command's own last line."""
+        self.handle(logging.LogRecord(__name__, level, __file__, 0, message, None, None))
 
     def _upload(self, run: Run) -> None:
         if self.path is None:

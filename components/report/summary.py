@@ -140,8 +140,9 @@ class RunSummary:
         """Write `to_dict()` as JSON, atomically."""
         return write_json(path, self.to_dict())
 
-    def text(self) -> str:
-        """The human-readable end of `graft run`: what was chosen, how good, where it went, what next."""
+    def text(self, graft: str = ".venv/bin/graft", mlflow_ui: str = "make mlflow-ui") -> str:
+        """The human-readable end of `graft run`: what was chosen, how good, where it went, what next (`graft` and
+        `mlflow_ui`: the commands that work from the folder the run started in)."""
         deployed, val, test = self.deployed, self.evaluation.val, self.evaluation.test
         champion = CHAMPION in deployed.aliases
         timings = ", ".join(f"{k} {round(v, 2)}" for k, v in self.timings.items())
@@ -163,8 +164,8 @@ class RunSummary:
             f"timings (s)       {timings}",
             "",
             "next:",
-            f"  .venv/bin/graft predict --model models:/{deployed.model_name}@{CHAMPION if champion else CHALLENGER} IMAGE...",
-            "  make mlflow-ui     # compare runs, move the champion alias",
+            f"  {graft} predict --model models:/{deployed.model_name}@{CHAMPION if champion else CHALLENGER} IMAGE...",
+            f"  {mlflow_ui}     # compare runs, move the champion alias",
         ]
         return "\n".join(lines)
 

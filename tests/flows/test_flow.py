@@ -11,6 +11,7 @@ from components.core.config import load_params
 from components.deploy.export import HEAD_NODES
 from flows.cli import main
 from mlflow import MlflowClient
+from tests import services
 from tests.conftest import REPO, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -94,6 +95,17 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["label"] for r in rows] == ["7", "7", "7", "0", "0", "0"]
 
+    # the "next:" line works as printed from the folder the run started in (outside the project, its own store)
+    import shlex
+    import subprocess
+
+    hint = next(line.strip() for line in printed.splitlines() if " predict --model models:/graft-test@champion IMAGE..." in line)
+    assert hint.startswith(f"MLFLOW_TRACKING_URI=sqlite:///{run_cli.params.tracking.store_dir / 'mlflow.db'} /")
+    variable, *command = shlex.split(hint.replace("IMAGE...", str(images[0])))
+    env = {**services.clean_env(), variable.split("=", 1)[0]: variable.split("=", 1)[1]}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0 and json.loads(done.stdout)["label"] == "7", done.stderr[-2000:]
+
 
 def test_report_writes_the_dvc_stage_outputs(run_cli, tmp_path):
     code, summary = run_cli("choose.candidates=[efficientnet_lite0]", "choose.baseline=false")
@@ -147,6 +159,35 @@ def test_bad_input_registers_nothing(run_cli, tmp_path, capsys):
     db = run_cli.params.tracking.store_dir / "mlflow.db"
     if db.exists():
         assert _client(run_cli.params).search_registered_models() == []
+
+
+def test_a_failed_run_says_why_in_its_log_file_and_in_its_mlflow_description(run_cli, capsys):
+    """A person opening the failed run in MLflow, or its run.log, reads the error the terminal showed."""
+    code, summary = run_cli("choose.max_latency_ms=0.001", "choose.candidates=[efficientnet_lite0]")
+    assert code == 2 and summary is None
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: ") and "choose.max_latency_ms=0.001" in error
+    client = _client(run_cli.params)
+    (run,) = client.search_runs([client.get_experiment_by_name("graft").experiment_id], "tags.`mlflow.parentRunId` IS NULL")
+    assert run.info.status == "FAILED"
+    note = run.data.tags["mlflow.note.content"]
+    assert note.startswith("**Failed** during choose") and error.removeprefix("error: ") in note
+    log_file = run_cli.params.deploy.output_dir / "runs" / run.info.run_id / "run.log"
+    failed = [line for line in log_file.read_text().splitlines() if "the run failed: " in line]
+    assert len(failed) == 1 and error.removeprefix("error: ") in failed[0]
+    uploaded = Path(client.download_artifacts(run.info.run_id, "run.log", str(run_cli.params.deploy.output_dir / "download")))
+    assert "the run failed: " in uploaded.read_text()  # the copy on the MLflow run says it too
+
+
+def test_an_unknown_backbone_stops_the_run_before_it_starts_anything(run_cli, capsys):
+    code, summary = run_cli("choose.candidates=[efficientnet_lite0, resnet_typo]")
+    assert code == 2 and summary is None
+    err = capsys.readouterr().err
+    assert "unknown backbone 'resnet_typo' in choose.candidates" in err and "Traceback" not in err
+    assert not (run_cli.params.deploy.output_dir / "runs").exists()  # no run folder
+    client = _client(run_cli.params)
+    experiment = client.get_experiment_by_name("graft")
+    assert experiment is None or client.search_runs([experiment.experiment_id]) == []  # and no FAILED run in MLflow
 
 
 def test_int8_weight_bits_this_cpu_cannot_build_stops_the_run_before_it_trains(run_cli, tmp_path, capsys, monkeypatch):

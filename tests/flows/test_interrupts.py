@@ -151,6 +151,12 @@ def test_an_interrupt_stops_every_stage_within_seconds_registers_nothing_and_the
         assert "choose, round 1: scoring" in log_file.read_text()
     logs = [(tmp_path / "outputs" / "runs" / r.info.run_id / "run.log").read_text() for r in parents if r.info.status == "KILLED"]
     assert any(re.search(r": epoch \d+ of 25, train loss", text) for text in logs)  # stopped in or after fine-tune
+    # and says so, last: in the file, and in the MLflow run's description (not "Running: ..." for ever)
+    assert sorted(re.search(r"the run was stopped \((SIG\w+)\) (during|after) ", text.splitlines()[-1])[1] for text in logs) == [
+        "SIGINT", "SIGINT", "SIGTERM"]
+    notes = sorted(r.data.tags["mlflow.note.content"] for r in parents if r.info.status == "KILLED")
+    assert [re.match(r"\*\*Stopped\*\* \((SIG\w+)\) (during|after) ", note)[1] for note in notes] == ["SIGINT", "SIGINT", "SIGTERM"], notes
+    assert all("nothing was registered or promoted after it" in note for note in notes)
     with sqlite3.connect(tmp_path / "homes" / "prefect" / "prefect.db") as db:
         states = sorted(state for (state,) in db.execute("select state_type from flow_run"))
     assert states == ["COMPLETED", "CRASHED", "CRASHED", "CRASHED"]
@@ -213,6 +219,44 @@ def test_a_lost_embedded_api_ends_a_run_whose_main_thread_waits_on_a_lock_or_ign
     assert seconds < (LIMIT_S if main_thread == "waiting" else LIMIT_S + LOST_API_GRACE_S), seconds
     assert last.startswith("error: the embedded Prefect API (http://127.0.0.1:") and "exited with code -9" in last
     assert "Traceback" not in output, output[-3000:]
+
+
+_FINISHED_RUN = """
+import sys, time
+import flows.interrupts as interrupts
+
+def draining():  # the embedded API's last logs and events on their way: a Ctrl-C may come now
+    print("draining", flush=True)
+    time.sleep(10)
+
+interrupts._drain_prefect_services = draining
+
+def command():
+    print("registered graft-demo v1  aliases: champion", flush=True)
+    return 0
+
+sys.exit(interrupts.stoppable(command))
+"""
+
+
+def test_a_stop_after_the_run_finished_says_so_and_keeps_its_exit_code(tmp_path):
+    """A Ctrl-C (or a scheduler's SIGTERM) while the embedded API shuts down, after the run registered and promoted its
+    model, is not an interrupted run: no "nothing was registered ... run it again" (which would register it twice), no 130."""
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+    process = subprocess.Popen([sys.executable, "-c", _FINISHED_RUN], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        seen = []
+        while not seen or seen[-1] not in ("draining\n", ""):
+            seen.append(process.stdout.readline())
+        os.killpg(process.pid, signal.SIGINT)
+        rest, _ = process.communicate(timeout=60)
+    finally:
+        _reap(process)
+    output = "".join(seen) + rest
+    assert process.returncode == 0, output[-3000:]
+    assert output.rstrip().splitlines()[-1] == "SIGINT came after the run had finished; nothing was lost", output[-3000:]
+    assert "interrupted" not in output and "Traceback" not in output, output[-3000:]
 
 
 def test_an_unusable_prefect_home_or_database_ends_the_run_at_once_with_one_line(work):

@@ -202,6 +202,49 @@ def test_graft_schedule_serves_the_deployment_with_its_cron_and_collision_strate
         stop(served, signal.SIGINT)
 
 
+@pytest.mark.slow
+def test_graft_schedule_without_a_server_starts_the_runs_its_cron_comes_due_for(tmp_path, digits_dir, feature_cache_dir):
+    """Without PREFECT_API_URL, `graft schedule` runs a Prefect API of its own with Prefect's scheduler (an ephemeral API
+    runs none, and on SQLAlchemy 2.1 the scheduler could not insert the runs): an every-minute cron trains and registers
+    within about two minutes, and Ctrl-C stops the schedule and that API."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    command = [str(Path(sys.executable).parent / "graft"), "schedule", "--cron", "* * * * *", "--name", "every-minute",
+               "--params", str(REPO / "params.yaml")]
+    for item in tiny_overrides(digits_dir, tmp_path, feature_cache_dir) + ["choose.candidates=[efficientnet_lite0]"]:
+        command += ["--set", item]
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_API", "MLFLOW_"))}, "PREFECT_HOME": str(tmp_path / "prefect")}
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    with open(tmp_path / "schedule.log", "w") as log:
+        served = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline, champion = time.monotonic() + 240, None
+            while champion is None and time.monotonic() < deadline and served.poll() is None:
+                time.sleep(3)
+                try:
+                    champion = MlflowClient(uri, uri).get_model_version_by_alias("graft-test", "champion")
+                except MlflowException:
+                    pass
+            text = (tmp_path / "schedule.log").read_text()
+            assert champion is not None, text[-4000:]
+            assert "Beginning flow run" in text and "for flow 'graft-retrain'" in text and "Beginning subflow run" in text
+            api = re.search(r"http://127\.0\.0\.1:(\d+)/deployments", text)
+            assert api, text[-2000:]
+        finally:
+            stop(served, signal.SIGINT)
+    with pytest.raises(httpx.TransportError):  # the schedule's own API went with it
+        httpx.get(f"http://127.0.0.1:{api[1]}/api/health", timeout=5)
+
+
 # ---------------------------------------------------------------- the schedule's two paths
 
 
@@ -221,6 +264,14 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
     second = retrain_flow(params_file, overrides)
     assert second["action"] == "nothing to do" and second["summary"] is None
     assert "champion v1" in second["reason"]
+
+    # files that are not images move the folder's md5, not one training image: nothing to retrain either
+    (data / "notes.txt").write_text("where these came from\n")
+    (data / "0" / ".DS_Store").write_bytes(b"\0\1")
+    before = second["data_md5"]
+    still = retrain_flow(params_file, overrides)
+    assert still["action"] == "nothing to do" and still["data_md5"] != before, still["reason"]
+    assert "but not its images: v1 was trained on this very split" in still["reason"]
 
     removed = sorted((data / "7").iterdir())[0]
     removed.unlink()
