@@ -258,5 +258,5 @@ def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
     probe = probe_accuracy(features, labels, params.data.seed)
     score = evidence if params.choose.score == "logme" else probe
     seconds = time.perf_counter() - started
-    log.info("%s: LogME %.4f, probe accuracy %s (%.1fs)", name, evidence, probe, seconds)
+    log.info("%s: LogME %.4f, probe accuracy %s (%.1fs)", name, evidence, "-" if probe is None else f"{probe:.3f}", seconds)
     return CandidateScore(**base, status="ok", score=score, logme=evidence, probe_accuracy=probe, seconds=round(seconds, 2))

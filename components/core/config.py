@@ -432,7 +432,10 @@ def _name_after_other_data(raw: dict[str, Any], root: Path, data_dir: object, ke
 
 def _describe(error: dict[str, Any]) -> str:
     key = ".".join(str(part) for part in error["loc"])
-    return f"{key}: {error['msg']} (got {error.get('input')!r})"
+    hint = ""
+    if error.get("type") in ("tuple_type", "list_type") and isinstance(error.get("input"), str):
+        hint = f"; a list is written in brackets: --set {key}=[{error['input']}]"  # --set's YAML: [a, b]
+    return f"{key}: {error['msg']} (got {error.get('input')!r}){hint}"
 
 
 def find_params_file(path: str | Path | None = None) -> Path | None:

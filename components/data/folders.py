@@ -21,6 +21,9 @@ from components.data.split import PARTS, Sample, Split, SplitSettings, carve, ch
 
 log = logging.getLogger(__name__)
 
+MAX_LISTED = 20
+"""Unreadable files named in one error; the rest are counted."""
+
 
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
@@ -58,6 +61,8 @@ def _images_in(folder: Path) -> list[Path]:
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:
     """Map class name -> sorted image files, checking each class folder is usable."""
+    if root.is_file():
+        raise DataError(f"data folder '{root}' is a file, not a folder: pass --data DIR with <class>/<image> folders")
     if not root.is_dir():
         raise DataError(f"data folder '{root}' does not exist: pass --data DIR with <class>/<image> folders")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -67,6 +72,7 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
             f"(or {root}/train/<class>/, {root}/val/<class>/ and {root}/test/<class>/)"
         )
     classes: dict[str, list[Path]] = {}
+    unreadable: list[str] = []
     for folder in folders:
         _check_inside(folder, root)
         files = _images_in(folder)
@@ -77,8 +83,17 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
             )
         for path in files:
             _check_inside(path, root)
-            _verify(path)
+            try:
+                _verify(path)
+            except DataError as exc:  # every bad file at once: a fix-and-rerun per file costs a start-up each
+                unreadable.append(str(exc))
         classes[folder.name] = files
+    if len(unreadable) == 1:
+        raise DataError(unreadable[0])
+    if unreadable:
+        shown = "\n  ".join(unreadable[:MAX_LISTED])
+        more = f"\n  ... and {len(unreadable) - MAX_LISTED} more" if len(unreadable) > MAX_LISTED else ""
+        raise DataError(f"{len(unreadable)} files in '{root}' cannot be used; replace or remove them:\n  {shown}{more}")
     return classes
 
 
@@ -110,6 +125,7 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
         )
     check_parts(split)
     _warn_about_balance(split)
+    _warn_about_conflicting_labels(split)
     counts = ", ".join(f"{len(getattr(split, part))} {part}" for part in PARTS)
     log.info("data %s: %d classes, %s images (%s; %s)%s", root, len(split.classes), counts, split.source, settings.describe(),
              "; no test split: test metrics are validation metrics (data.test_fraction=0)" if split.test_is_val else "")
@@ -166,6 +182,21 @@ def _count_duplicates(split: Split) -> int:
             "remove the duplicates from one side", count,
         )
     return count
+
+
+def _warn_about_conflicting_labels(split: Split) -> None:
+    """The same image (byte for byte) under two classes: the model is taught both answers, and the gate scores one
+    of them wrong whatever it learns."""
+    labels: dict[str, dict[int, Path]] = {}
+    for sample in split.train + split.val + split.test:
+        labels.setdefault(sample.digest, {}).setdefault(sample.label, sample.path)
+    conflicts = [paths for paths in labels.values() if len(paths) > 1]
+    if conflicts:
+        shown = "; ".join(" = ".join(str(path) for path in paths.values()) for paths in conflicts[:5])
+        log.warning(
+            "%d image(s) appear under more than one class, byte for byte (%s%s): keep each in its right class only",
+            len(conflicts), shown, "; ..." if len(conflicts) > 5 else "",
+        )
 
 
 def _warn_about_balance(split: Split) -> None:

@@ -50,6 +50,11 @@ def test_bad_values_name_the_key(override, key):
         load_params(REPO / "params.yaml", [override])
 
 
+def test_a_list_given_without_brackets_is_answered_with_the_bracket_form():
+    with pytest.raises(ConfigError, match=r"a list is written in brackets: --set choose\.candidates=\[efficientnet_lite0\]"):
+        load_params(REPO / "params.yaml", ["choose.candidates=efficientnet_lite0"])
+
+
 def test_malformed_set_says_the_expected_form():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_params(None, ["train.lr"])

@@ -51,6 +51,28 @@ def test_bad_files_in_training_data_are_refused_with_their_path(digits_dir, tmp_
     assert name in str(err.value)
 
 
+def test_every_unreadable_file_is_named_in_one_error(digits_dir, tmp_path):
+    """A folder with several bad files is one fix, not one rerun per file."""
+    root = _copy(digits_dir, tmp_path)
+    bad = [root / "0" / "notes.png", root / "1" / "empty.jpg", root / "7" / "cut.png"]
+    bad[0].write_text("hello, I am text")
+    bad[1].write_bytes(b"")
+    good = next((root / "7").iterdir()).read_bytes()
+    bad[2].write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"^3 files in .* cannot be used; replace or remove them:") as err:
+        scan(root)
+    assert all(str(path) in str(err.value) for path in bad)
+
+
+def test_the_same_image_under_two_classes_is_warned_about(digits_dir, tmp_path, caplog):
+    root = _copy(digits_dir, tmp_path)
+    twin = sorted((root / "0").iterdir())[0]
+    shutil.copy(twin, root / "7" / "looks-like-a-seven.png")
+    with caplog.at_level(logging.WARNING, logger="components.data.folders"):
+        scan(root)
+    assert "1 image(s) appear under more than one class" in caplog.text and "looks-like-a-seven.png" in caplog.text
+
+
 def test_truncated_jpeg_is_caught_at_scan_time(digits_dir, tmp_path):
     root = _copy(digits_dir, tmp_path)
     buffer = io.BytesIO()

@@ -37,6 +37,7 @@ def test_presplit_folder_is_used_as_is(digits_dir, tmp_path):
     ("breakage", "message"),
     [
         ("missing", "does not exist"),
+        ("a_file", "is a file, not a folder"),
         ("empty", "no class folders"),
         ("empty_class", "has no images"),
         ("corrupt", "not a readable image"),
@@ -50,6 +51,9 @@ def test_bad_folders_get_one_clear_error_naming_the_path(digits_dir, tmp_path, b
     culprit = root
     if breakage == "missing":
         culprit = tmp_path / "nowhere"
+        root = culprit
+    elif breakage == "a_file":
+        culprit = root / "0" / "0000.png"
         root = culprit
     elif breakage == "empty":
         shutil.rmtree(root)
