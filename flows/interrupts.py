@@ -418,16 +418,23 @@ def _quiet_swallowed_interrupts() -> Iterator[None]:
 def _signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored)."""
 
+    pool = logging.getLogger("sqlalchemy.pool")
+    level = pool.level
+
     def interrupt(number: int, frame) -> None:
         if stop.signal is None:
             stop.signal, stop.where = signal.Signals(number).name, progress.where()
         progress.request_stop(stop.lost or stop.signal)  # should this KeyboardInterrupt be swallowed, the next step raises it
+        # an interrupt inside a query of MLflow's SQLite store makes SQLAlchemy drop the connection, then log "Error closing
+        # cursor" with a traceback when the query unwinds: noise after a stop, never news
+        pool.setLevel(logging.CRITICAL)
         raise KeyboardInterrupt
 
     previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        pool.setLevel(level)
         for number, handler in previous.items():
             signal.signal(number, handler)
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from components.backbones.classifier import Preprocess
 from components.backbones.spec import BackboneSpec
 from components.core.files import file_md5
+from components.core.progress_lines import ProgressLines
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session
 
@@ -75,16 +75,15 @@ def compute_features(
         raise ValueError("compute_features(decoded=...) needs one key (the file's md5) per path in keys")
     extract = extractor if extractor is not None else torch_extractor(backbone, spec)
     chunks = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
-    for start in range(0, len(paths), batch_size):
-        part = list(paths[start : start + batch_size])
-        if decoded is not None:
-            batch = decoded.batch(part, list(keys[start : start + batch_size]), image_size)
-        else:
-            batch = load_batch(part, image_size)
-        chunks.append(np.asarray(extract(batch), dtype=np.float32))
-        bar.update(len(batch))
-    bar.close()
+    with ProgressLines(log, desc, len(paths)) as bar:
+        for start in range(0, len(paths), batch_size):
+            part = list(paths[start : start + batch_size])
+            if decoded is not None:
+                batch = decoded.batch(part, list(keys[start : start + batch_size]), image_size)
+            else:
+                batch = load_batch(part, image_size)
+            chunks.append(np.asarray(extract(batch), dtype=np.float32))
+            bar.update(len(batch))
     return np.concatenate(chunks) if chunks else np.zeros((0, 0), dtype=np.float32)
 
 

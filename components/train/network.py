@@ -36,6 +36,7 @@ from components.backbones.trunk import TrunkSplit
 from components.backbones.unfreeze import Trainable, set_train_mode
 from components.core.config import Params, TrainConfig
 from components.core.errors import TrainingError
+from components.core.progress_lines import ProgressLines
 from components.data.images import load_batch
 from components.data.split import Sample, Split
 from components.runtime.cpu import cpu_facts
@@ -132,12 +133,11 @@ class TrainingData:
 
 def _decode(samples: tuple[Sample, ...], size: int, desc: str, chunk: int = 256) -> torch.Tensor:
     out = torch.empty((len(samples), size, size, 3), dtype=torch.uint8)
-    bar = tqdm(total=len(samples), desc=desc, unit="img", leave=False, disable=None)
-    for start in range(0, len(samples), chunk):
-        part = samples[start : start + chunk]
-        out[start : start + len(part)] = torch.from_numpy(load_batch([s.path for s in part], size))
-        bar.update(len(part))
-    bar.close()
+    with ProgressLines(log, desc, len(samples)) as bar:
+        for start in range(0, len(samples), chunk):
+            part = samples[start : start + chunk]
+            out[start : start + len(part)] = torch.from_numpy(load_batch([s.path for s in part], size))
+            bar.update(len(part))
     return out
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from components.backbones.classifier import GraftClassifier
 from components.backbones.export import cached_backbone_onnx
@@ -38,6 +37,7 @@ from components.backbones.unfreeze import Trainable
 from components.core.config import Params
 from components.core.errors import ModelError
 from components.core.files import file_md5
+from components.core.progress_lines import ProgressLines
 from components.data.images import load_batch
 from components.data.split import Split
 from components.train.network import TrainingData, labels_of, load_images
@@ -175,12 +175,11 @@ def _in_pytorch(trunk: TrunkSplit, preprocess: torch.nn.Module) -> Callable[[np.
 def _run_batches(run: Callable[[np.ndarray], np.ndarray], paths: list[Path], size: int, batch_size: int, desc: str) -> np.ndarray:
     """`run` over the decoded images of `paths`, `batch_size` at a time, with a progress bar: float32 rows."""
     chunks = []
-    bar = tqdm(total=len(paths), desc=desc, unit="img", leave=False, disable=None)
-    for start in range(0, len(paths), batch_size):
-        images = load_batch(paths[start : start + batch_size], size)
-        chunks.append(np.asarray(run(images), dtype=np.float32))
-        bar.update(len(images))
-    bar.close()
+    with ProgressLines(log, desc, len(paths)) as bar:
+        for start in range(0, len(paths), batch_size):
+            images = load_batch(paths[start : start + batch_size], size)
+            chunks.append(np.asarray(run(images), dtype=np.float32))
+            bar.update(len(images))
     return np.concatenate(chunks)
 
 
