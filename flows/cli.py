@@ -101,15 +101,20 @@ def _next_commands(params: Params, params_file: Path | None) -> tuple[str, str]:
     installation, with the run's store named where a consumer here would not find it by itself."""
     from components.registry.tracking import TRACKING_URI_ENV, project_params_file, tracking_uri
 
+    def store_of(path: Path | None) -> str | None:
+        try:
+            return tracking_uri(load_params(path)) if path is not None else None
+        except GraftError:  # a params file that does not load here: a consumer would not find the store through it
+            return None
+
     cwd = Path.cwd().resolve()
     graft = Path(sys.executable).parent / "graft"
     command = str(graft.relative_to(cwd)) if graft.is_relative_to(cwd) else str(graft)
     store = tracking_uri(params)  # MLFLOW_TRACKING_URI when the user set it: a consumer here reads it too
-    here = project_params_file(cwd)
-    if store.startswith("sqlite:") and (here is None or tracking_uri(load_params(here)) != store):
+    if store.startswith("sqlite:") and store_of(project_params_file(cwd)) != store:
         command = f"{TRACKING_URI_ENV}={store} {command}"
-    if store.startswith("sqlite:") and params_file is not None and params_file.resolve() == (REPO_ROOT / "params.yaml").resolve() \
-            and store == tracking_uri(load_params(REPO_ROOT / "params.yaml")):
+    project = REPO_ROOT / "params.yaml"
+    if store.startswith("sqlite:") and params_file is not None and params_file.resolve() == project.resolve() and store == store_of(project):
         ui = "make mlflow-ui" if cwd == REPO_ROOT.resolve() else f"make -C {REPO_ROOT} mlflow-ui"
     else:
         ui = f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {store}"
