@@ -60,8 +60,10 @@ class Stop:
                 f"error: {self.lost} {when}; the run stopped there. Run the same command again: "
                 "finished stages are cached and training resumes from its last epoch checkpoint"
             )
-        if self.where.startswith("fine-tune"):
+        if self.where.startswith("fine-tune") and progress.has_checkpoint():
             again = "to resume from its last epoch checkpoint"
+        elif self.where.startswith("fine-tune"):
+            again = "to start training again (no epoch had finished, so there is no checkpoint to resume from; finished stages are cached)"
         elif self.where.startswith(("evaluate", "deploy", "after fine-tune", "after evaluate")):
             again = "to finish it (the trained model is kept: training does not run again)"
         else:

@@ -13,6 +13,7 @@ _lock = threading.Lock()
 _stage: str | None = None
 _step: str | None = None
 _stop: str | None = None
+_checkpoint = False
 
 
 def request_stop(why: str) -> None:
@@ -65,6 +66,18 @@ def where() -> str:
         return f"{_stage} at {_step}" if _step else _stage
 
 
+def checkpoint_kept() -> None:
+    """An epoch checkpoint of this run exists (written, or resumed from): a stop now can be resumed from it."""
+    global _checkpoint
+    with _lock:
+        _checkpoint = True
+
+
+def has_checkpoint() -> bool:
+    with _lock:
+        return _checkpoint
+
+
 def when() -> str:
     """`where()` as words that follow "stopped": 'during fine-tune at epoch 7 of 200', 'after deploy'."""
     place = where()
@@ -89,6 +102,7 @@ def stopped_by(exc: BaseException) -> str:
 
 def reset() -> None:
     """Forget where the last run was, and any stop it was asked for (a new run in the same process starts here)."""
-    global _stage, _step, _stop
+    global _stage, _step, _stop, _checkpoint
     with _lock:
         _stage = _step = _stop = None
+        _checkpoint = False

@@ -115,12 +115,16 @@ class ResumeStore:
         if state.get("key") != self.key:
             log.warning("checkpoint %s belongs to other inputs; training from the start", path)
             return None
+        progress.checkpoint_kept()
         return state
 
     def save(self, phase: str, content: dict) -> Path:
         if not self.writer:
             return self.path(phase)
-        return save_checkpoint(self.path(phase), key=self.key, config=self.config, **content)
+        saved = save_checkpoint(self.path(phase), key=self.key, config=self.config, **content)
+        if self.enabled:  # a later run resumes from it (the interrupt's line says so)
+            progress.checkpoint_kept()
+        return saved
 
     def clear(self) -> None:
         """Remove this run's checkpoints (after success, or when it diverged)."""

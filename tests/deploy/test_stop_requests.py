@@ -32,6 +32,21 @@ def test_after_a_stop_request_every_stage_and_step_raises_until_the_next_run():
     progress.enter_stage("choose")
 
 
+def test_a_stop_in_the_first_epoch_promises_no_checkpoint_and_one_after_a_kept_epoch_does(tmp_path):
+    """The interrupt's line says "resume from its last epoch checkpoint" only once an epoch checkpoint exists."""
+    from components.train.loop import ResumeStore
+    from flows.interrupts import Stop
+
+    progress.enter_stage("fine-tune")
+    progress.note("epoch 1 of 5")
+    assert "no epoch had finished, so there is no checkpoint to resume from" in Stop("SIGINT", where=progress.where()).line()
+    ResumeStore(tmp_path, "inputs", enabled=False).save("head", {"epoch": 1})  # train.resume: false, nothing to resume from
+    assert "no checkpoint to resume from" in Stop("SIGINT", where=progress.where()).line()
+    ResumeStore(tmp_path, "inputs").save("head", {"epoch": 1})  # what the epoch loop writes after each epoch
+    progress.note("epoch 2 of 5")
+    assert Stop("SIGINT", where=progress.where()).line().endswith("Run the same command to resume from its last epoch checkpoint")
+
+
 def test_a_stop_swallowed_during_export_ends_the_deploy_at_the_gate_and_registers_nothing(tiny_model, tmp_path, monkeypatch):  # noqa: F811
     import components.deploy.stage as stage
 
