@@ -148,8 +148,15 @@ def _opened(uri: str) -> str:
     report their own failures (`components.registry.mlflow_calls`)."""
     if _sqlite_path(uri) is None or uri in _opened_stores:
         return uri
+    import importlib.util
+
     from mlflow import MlflowClient
 
+    if importlib.util.find_spec("sqlalchemy") is None:  # mlflow-skinny (the serving image's): no database stores at all
+        raise TrackingStoreError(
+            f"this environment's MLflow cannot open a database store such as {uri}: it has no SQLAlchemy (mlflow-skinny, as "
+            f"in the serving image); set {TRACKING_URI_ENV} to your MLflow server (http://...), or install mlflow"
+        )
     try:
         MlflowClient(uri, uri).search_registered_models(max_results=1)
     except Exception as exc:  # noqa: BLE001 - MLflow and SQLAlchemy raise many types for a store that will not open

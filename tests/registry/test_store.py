@@ -104,6 +104,26 @@ def test_a_store_that_will_not_open_is_one_line_not_a_traceback(tmp_path):
     assert len(cli.stderr.strip().splitlines()) == 1 and cli.stderr.startswith("error: "), cli.stderr
 
 
+_WITHOUT_SQLALCHEMY = """
+import sys
+sys.modules["sqlalchemy"] = None  # as mlflow-skinny (the serving image's MLflow) has it: no SQLAlchemy at all
+from flows.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_an_mlflow_without_database_stores_is_told_to_use_the_server_not_to_migrate(champion, tmp_path):
+    """The serving image's mlflow-skinny has no SQLAlchemy: a `sqlite:` URI there is named for what it is."""
+    store, _ = champion
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_SQLALCHEMY, "predict", "--model", f"models:/{NAME}@champion", "x.png"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**services.clean_env(), "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": store.uri})
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: this environment's MLflow cannot open a database store") and "mlflow-skinny" in last
+    assert "MLFLOW_TRACKING_URI to your MLflow server" in last and "mlflow db upgrade" not in last
+
+
 _REGISTER_AT_ONCE = r"""
 import sys, time
 from pathlib import Path
