@@ -55,7 +55,7 @@ class Stop:
     def line(self) -> str:
         """The one line the user sees."""
         if self.lost:
-            when = self.where if self.where.startswith("after ") else f"during {self.where}"
+            when = progress.as_when(self.where)
             return (
                 f"error: {self.lost} {when}; the run stopped there. Run the same command again: "
                 "finished stages are cached and training resumes from its last epoch checkpoint"
@@ -68,7 +68,7 @@ class Stop:
             again = "to finish it (the trained model is kept: training does not run again)"
         else:
             again = "to start again (finished work is cached)"
-        when = self.where if self.where.startswith("after ") else f"during {self.where}"
+        when = progress.as_when(self.where)
         return f"interrupted ({self.signal}) {when}; nothing was registered or promoted after it. Run the same command {again}"
 
 

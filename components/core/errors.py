@@ -95,3 +95,9 @@ class RequestProblem(Exception):
 
 class OrchestrationError(GraftError):
     """Prefect's API could not be started or reached (its home folder, its database, its address)."""
+
+
+def error_text(exc: BaseException) -> str:
+    """An error in the words a user reads: a GraftError's own message (it names the value and the fix), else its type
+    and message."""
+    return str(exc) if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"

@@ -78,10 +78,14 @@ def has_checkpoint() -> bool:
         return _checkpoint
 
 
-def when() -> str:
-    """`where()` as words that follow "stopped": 'during fine-tune at epoch 7 of 200', 'after deploy'."""
-    place = where()
+def as_when(place: str) -> str:
+    """A `where()` as words that follow "stopped": 'during fine-tune at epoch 7 of 200', 'after deploy'."""
     return place if place.startswith("after ") else f"during {place}"
+
+
+def when() -> str:
+    """`as_when(where())`."""
+    return as_when(where())
 
 
 def stop_reason() -> str | None:
@@ -93,8 +97,9 @@ def stop_reason() -> str | None:
 def stopped_by(exc: BaseException) -> str:
     """What stopped a run that ended with `exc`: the signal the stop was asked for with, else what `exc` says (Prefect
     raises its own TerminationSignal for a SIGTERM before Graft's handler sees it)."""
-    if stop_reason():
-        return stop_reason()
+    reason = stop_reason()
+    if reason:
+        return reason
     if type(exc).__name__ == "TerminationSignal":
         return "SIGTERM"
     return "SIGINT" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__

@@ -31,7 +31,7 @@ from typing import TypeVar
 
 from components.core import progress
 from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
-from components.core.errors import GraftError, TrackingStoreError
+from components.core.errors import GraftError, TrackingStoreError, error_text
 from components.registry import mlflow_calls
 
 log = logging.getLogger(__name__)
@@ -459,8 +459,7 @@ def ended_note(exc: BaseException) -> str:
     """The description of a run that ended early: where, and the error (or the stop) in the words the terminal showed."""
     when = progress.when()
     if isinstance(exc, Exception):
-        reason = str(exc) if isinstance(exc, GraftError) else f"{type(exc).__name__}: {exc}"
-        return f"**Failed** {when}: {reason}"
+        return f"**Failed** {when}: {error_text(exc)}"
     return (f"**Stopped** ({progress.stopped_by(exc)}) {when}: nothing was registered or promoted "
             "after it. Running the same command again resumes it.")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
 from components.core import progress
-from components.core.errors import GraftError
+from components.core.errors import GraftError, error_text
 
 if TYPE_CHECKING:
     from components.registry.tracking import Run
@@ -68,7 +68,7 @@ class RunLogFile(logging.Handler):
         try:
             yield
         except Exception as exc:
-            self._last_line(logging.ERROR, f"the run failed: {exc if isinstance(exc, GraftError) else f'{type(exc).__name__}: {exc}'}")
+            self._last_line(logging.ERROR, f"the run failed: {error_text(exc)}")
             self._upload(run)
             raise
         except BaseException as exc:

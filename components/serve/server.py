@@ -103,8 +103,8 @@ class LiveModel:
         self.last_error: str | None = None
         self.refused_version: str | None = None
         """The version the alias names that failed its integrity checks and is not served."""
-        self._refused: tuple[str, tuple] | None = None
-        """That version and its tags when it was refused; `_refused_at` when (monotonic seconds)."""
+        self._refused: tuple[str, tuple, str] | None = None
+        """That version, its tags and why, when it was refused; `_refused_at` when (monotonic seconds)."""
         self._refused_at = 0.0
         self.reloads = 0
 
@@ -127,8 +127,11 @@ class LiveModel:
             if version == self.model.source.version:
                 self.last_error = self.refused_version = None  # the alias is back on what is served
                 return False
-            if self._refused == (version, _tag_items(found)) and time.monotonic() - self._refused_at < REFUSED_RECHECK_SECONDS:
-                return False  # refused already, and neither its tags nor enough time have changed that: not fetched again
+            if self._refused is not None and self._refused[:2] == (version, _tag_items(found)) \
+                    and time.monotonic() - self._refused_at < REFUSED_RECHECK_SECONDS:
+                # refused already, and neither its tags nor enough time have changed that: not fetched again, still refused
+                self.refused_version, self.last_error = version, self._refused[2]
+                return False
             fresh = OnnxClassifier.load(self.uri, variant=self.variant)
         except GraftError as exc:
             self._keep_serving(version, exc, found)
@@ -147,7 +150,7 @@ class LiveModel:
         served = self.model.source.version
         if isinstance(exc, IntegrityError):
             self.refused_version = version
-            self._refused, self._refused_at = (version, _tag_items(found) if found is not None else ()), time.monotonic()
+            self._refused, self._refused_at = (version, _tag_items(found) if found is not None else (), str(exc)), time.monotonic()
             if not repeated:
                 log.error("refused %s v%s, still serving the last good model, v%s: %s", self.uri, version, served, exc)
         elif not repeated:

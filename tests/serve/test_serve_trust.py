@@ -76,6 +76,11 @@ def test_a_refused_version_is_fetched_again_only_when_its_tags_change_or_minutes
     store.client.set_model_version_tag(NAME, bad, "note", "files restored")  # someone did something to that version
     assert not live.refresh() and len(fetched) == 2
     assert not live.refresh() and len(fetched) == 2
+    refusal = live.last_error
+    store.client.set_registered_model_alias(NAME, "champion", good)  # back on what is served: nothing is refused
+    assert not live.refresh() and live.refused_version is None and live.last_error is None
+    store.client.set_registered_model_alias(NAME, "champion", bad)  # and onto the refused one again: still refused, not fetched
+    assert not live.refresh() and len(fetched) == 2 and (live.refused_version, live.last_error) == (bad, refusal)
     monkeypatch.setattr(server, "REFUSED_RECHECK_SECONDS", 0.0)
     assert not live.refresh() and len(fetched) == 3 and live.model.source.version == good
 
