@@ -283,7 +283,7 @@ class DeployConfig(_Section):
     serve_max_batch: int = Field(32, ge=1)
     """`graft serve`: most images in one JSON batch request."""
     serve_timeout_seconds: float = Field(10.0, gt=0)
-    """`graft serve`: a request still running after this gets 504."""
+    """`graft serve`: a request still running after this gets 504, and its work stops (decoding or onnxruntime's run)."""
 
     @property
     def template_dir(self) -> Path:

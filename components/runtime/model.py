@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -63,6 +64,33 @@ class ModelSource:
     def describe(self) -> str:
         where = f"{self.name} v{self.version}" if self.version else self.uri
         return f"{where} ({self.variant})"
+
+
+class Stopped(Exception):
+    """Raised in the worker whose caller stopped waiting for it (`Stop.stop`)."""
+
+
+class Stop:
+    """Ends work whose caller stopped waiting (a request past its time limit): checked between images and batches,
+    and it ends a run onnxruntime has in flight (`RunOptions.terminate`), so the worker thread is free again."""
+
+    def __init__(self) -> None:
+        import onnxruntime as ort
+
+        self._event = threading.Event()
+        self.run_options = ort.RunOptions()
+
+    def stop(self) -> None:
+        self._event.set()
+        self.run_options.terminate = True
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise Stopped
 
 
 class OnnxClassifier:
@@ -189,25 +217,30 @@ class OnnxClassifier:
         """The execution provider onnxruntime really uses (not just the one asked for)."""
         return self.session.get_providers()[0]
 
-    def _run(self, batch: np.ndarray) -> np.ndarray:
+    def _run(self, batch: np.ndarray, stop: Stop | None = None) -> np.ndarray:
+        options = stop.run_options if stop else None
         if not self.io_binding:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self.session.run([self.output_name], {self.input_name: batch}, options)[0]
         # I/O binding: the uint8 batch is copied to the device once and the output is
         # allocated there, instead of onnxruntime staging both through extra host copies
         binding = self.session.io_binding()
         binding.bind_cpu_input(self.input_name, np.ascontiguousarray(batch))
         binding.bind_output(self.output_name, self._device)
-        self.session.run_with_iobinding(binding)
+        self.session.run_with_iobinding(binding, options)
         return binding.copy_outputs_to_cpu()[0]
 
-    def predict_proba(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-        """Class probabilities for a uint8 N x S x S x 3 batch."""
+    def predict_proba(self, images: np.ndarray, batch_size: int = 64, stop: Stop | None = None) -> np.ndarray:
+        """Class probabilities for a uint8 N x S x S x 3 batch; `stop` ends the work early (`Stopped`)."""
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.image_size, self.image_size, 3):
             raise GraftError(
                 f"expected uint8 images of shape N x {self.image_size} x {self.image_size} x 3, "
                 f"got {images.dtype} {images.shape}; use components.data.images.load_batch"
             )
-        outputs = [self._run(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            if stop:
+                stop.check()
+            outputs.append(self._run(images[start : start + batch_size], stop))
         return np.concatenate(outputs) if outputs else np.zeros((0, len(self.classes)), dtype=np.float32)
 
     def to_input(self, sources: Sequence[object] | np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@
 Every request is bounded: bodies over `deploy.serve_max_upload_mb` get 413,
 batches over `deploy.serve_max_batch` get 413, anything that is not an image
 gets 415, and a request still running after `deploy.serve_timeout_seconds`
-gets 504. Error bodies are `{"error": "..."}` in plain words; stack traces go
+gets 504 and its work stops there (`components.runtime.model.Stop`). Error bodies are `{"error": "..."}` in plain words; stack traces go
 to the server log only. Imports no torch.
 
 A new version is swapped in only once it passes every check a load makes
@@ -46,7 +46,7 @@ from PIL import Image, UnidentifiedImageError
 from components.core.errors import GraftError, IntegrityError, RequestProblem
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
-from components.runtime.model import OnnxClassifier
+from components.runtime.model import OnnxClassifier, Stop, Stopped
 from components.runtime.providers import use_spin_waiting
 from components.serve import open_inference
 
@@ -264,9 +264,42 @@ def _json_images(body: bytes) -> list[tuple[str, bytes]]:
     return decoded
 
 
-def _classify(model: OnnxClassifier, files: list[tuple[str, bytes]]) -> list[dict]:
-    batch = np.stack([decode_image(data, name, model.image_size) for name, data in files])
-    probs = model.predict_proba(batch)
+async def _in_time(settings: ServeSettings, what: str, work: Callable, model: OnnxClassifier, inputs: object) -> object:
+    """`work(model, inputs, stop)` in a worker thread, or 504 once it runs past `deploy.serve_timeout_seconds`; the
+    work is then stopped where it is (between images, or inside onnxruntime's run), so its thread is free again."""
+    from starlette.concurrency import run_in_threadpool
+
+    stop = Stop()
+    try:
+        return await asyncio.wait_for(run_in_threadpool(_until_stopped, work, model, inputs, stop), settings.timeout_seconds)
+    except asyncio.TimeoutError as exc:
+        stop.stop()
+        raise RequestProblem(504, f"{what} took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
+
+
+def _until_stopped(work: Callable, model: OnnxClassifier, inputs: object, stop: Stop) -> object:
+    started = time.perf_counter()
+    try:
+        return work(model, inputs, stop)
+    except Exception as exc:
+        if not stop.stopped:
+            raise
+        # the request already got its 504; onnxruntime's terminated run raises its own error, which is expected here
+        log.info("stopped a request's work %.2f s after it started, past the time limit (%s)", time.perf_counter() - started,
+                 "between images" if isinstance(exc, Stopped) else "inside onnxruntime's run")
+        return None
+
+
+def _infer(model: OnnxClassifier, images: np.ndarray, stop: Stop) -> np.ndarray:
+    return model.predict_proba(images, stop=stop)
+
+
+def _classify(model: OnnxClassifier, files: list[tuple[str, bytes]], stop: Stop) -> list[dict]:
+    decoded = []
+    for name, data in files:
+        stop.check()
+        decoded.append(decode_image(data, name, model.image_size))
+    probs = model.predict_proba(np.stack(decoded), stop=stop)
     rows = []
     for (name, _), row in zip(files, probs, strict=True):
         order = np.argsort(-row)[: min(TOP_K, len(row))]
@@ -304,7 +337,6 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
     from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
 
     app = FastAPI(title="Graft model server", version="1", docs_url=None, redoc_url=None, openapi_url=None)
@@ -359,10 +391,7 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
         started = time.perf_counter()
         model = live.model  # one model for the whole request, even if a reload happens meanwhile
         files = await _uploads(request, settings)
-        try:
-            rows = await asyncio.wait_for(run_in_threadpool(_classify, model, files), settings.timeout_seconds)
-        except asyncio.TimeoutError as exc:
-            raise RequestProblem(504, f"prediction took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
+        rows = await _in_time(settings, "prediction", _classify, model, files)
         return {"model": _model_facts(model), "predictions": rows, "seconds": round(time.perf_counter() - started, 4)}
 
     _open_inference_routes(app, live, settings)
@@ -372,7 +401,6 @@ def create_app(live: LiveModel, settings: ServeSettings):  # noqa: ANN201 - fast
 def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> None:  # noqa: ANN001 - fastapi.FastAPI
     """The Open Inference Protocol (KServe V2) routes on `app`, serving the same model as `/predict`."""
     from fastapi.responses import Response
-    from starlette.concurrency import run_in_threadpool
 
     def model_for(name: str, version: str | None = None) -> OnnxClassifier:
         """The model served under `name` (and `version`), or a 400 saying what is served (Triton answers 400 too)."""
@@ -423,10 +451,7 @@ def _open_inference_routes(app, live: LiveModel, settings: ServeSettings) -> Non
         body = await _read_body(request, settings.max_upload_bytes)
         parsed = open_inference.parse_infer(body, request.headers.get(open_inference.HEADER_LENGTH), model.input_name,
                                             model.output_name, model.image_size, settings.max_batch)
-        try:
-            probabilities = await asyncio.wait_for(run_in_threadpool(model.predict_proba, parsed.images), settings.timeout_seconds)
-        except asyncio.TimeoutError as exc:
-            raise RequestProblem(504, f"inference took longer than {settings.timeout_seconds:g} s (deploy.serve_timeout_seconds); send fewer images") from exc
+        probabilities = await _in_time(settings, "inference", _infer, model, parsed.images)
         content, headers = open_inference.encode_infer(parsed, probabilities, model.classes, served_name(model), served_version(model))
         return Response(content, headers=headers, media_type=headers["content-type"])
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -100,6 +101,44 @@ def test_a_request_over_the_time_limit_gets_504(active_registry, tiny_model):  #
         response = httpx.post(f"{url}/predict", files={"file": ("a.png", _png(paths[0]), "image/png")}, timeout=10)
         assert response.status_code == 504 and "deploy.serve_timeout_seconds" in response.json()["error"]
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def _big_jpeg() -> bytes:
+    """A 1,500 x 1,500 JPEG: small on the wire, tens of milliseconds to decode and resize."""
+    out = io.BytesIO()
+    Image.linear_gradient("L").resize((1500, 1500)).convert("RGB").save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def test_a_request_past_its_time_limit_stops_its_work_and_frees_the_worker(tiny_model, caplog):  # noqa: F811
+    """The 504 comes at the time limit; the decoding behind it stops there too, not after the last image."""
+    count, data = 200, _big_jpeg()
+    settings = ServeSettings(poll_seconds=60, max_upload_bytes=2 * count * len(data), max_batch=count, timeout_seconds=0.3)
+    caplog.set_level("INFO", logger="components.serve.server")
+    with running_server(LiveModel(str(tiny_model.onnx_path)), settings) as url:
+        response = httpx.post(f"{url}/predict", json={"images": [base64.b64encode(data).decode()] * count}, timeout=60)
+        assert response.status_code == 504, response.text
+        answered = time.monotonic()
+        while not any("stopped a request's work" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() - answered < 10, "the worker went on decoding after the 504"
+            time.sleep(0.05)
+        assert "between images" in next(r.getMessage() for r in caplog.records if "stopped a request's work" in r.getMessage())
+        assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+
+def test_a_stop_ends_a_run_onnxruntime_has_in_flight(tiny_model):  # noqa: F811
+    """`Stop` (what a request past its time limit sets) ends onnxruntime's run itself, not only the loop around it."""
+    import threading
+
+    from components.runtime.model import OnnxClassifier, Stop
+
+    model = OnnxClassifier(tiny_model.onnx_path)
+    images = np.zeros((2048, model.image_size, model.image_size, 3), np.uint8)  # one run of a second or more
+    stop = Stop()
+    threading.Timer(0.05, stop.stop).start()
+    with pytest.raises(Exception, match="terminate flag"):
+        model.predict_proba(images, batch_size=len(images), stop=stop)
+    assert model.predict_proba(images[:2]).shape == (2, 3)  # the session serves the next request as before
 
 
 def test_graft_serve_against_a_registry_that_is_gone_stops_with_one_line_in_seconds(tmp_path):
