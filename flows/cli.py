@@ -7,8 +7,8 @@
     graft rollback --name NAME [--reason TEXT]             # champion back to the one before
     graft history --name NAME                              # who moved champion, when, why; ! marks failed versions
     graft bundle --model models:/NAME@champion --out DIR [--format triton]   # ONNX files, labels, card, SHA256SUMS; or a Triton repository
-    graft prepare [--split PATH]                  # dvc stage: pull, check and split the data
-    graft evaluate [--summary PATH] [--split PATH] [--out DIR]   # dvc stage: the ONNX model on the held-out split
+    graft prepare [--data DIR] [--split PATH]     # dvc stage: pull, check and split the data
+    graft evaluate [--summary PATH] [--data DIR] [--split PATH] [--out DIR]   # dvc stage: the ONNX model on the held-out split
     graft retrain [--force]                       # train only if data.dvc or the parameters changed
     graft schedule --cron "0 3 * * 1" [--collision enqueue|cancel_new]
 
@@ -174,7 +174,8 @@ def _promote(args: argparse.Namespace) -> int:
         return 0
     for check in result.checks:
         print(f"  ok  {check.name}: {check.reason}")
-    print(f"champion of {args.name}: v{result.previous} -> v{result.version}")
+    print(f"champion of {args.name}: {_from_to(result)}")
+    _say_what_the_record_says(args.name, result)
     print(f"next:\n  .venv/bin/graft serve --model models:/{args.name}@champion   # or: graft rollback --name {args.name}")
     return 0
 
@@ -184,9 +185,29 @@ def _rollback(args: argparse.Namespace) -> int:
 
     _registry_params(args)
     result = rollback(_client(), args.name, args.reason or "")
-    print(f"champion of {args.name}: v{result.previous} -> v{result.version} (rolled back)")
+    print(f"champion of {args.name}: {_from_to(result)} (rolled back)")
+    _say_what_the_record_says(args.name, result)
     print(f"next:\n  .venv/bin/graft history --name {args.name}")
     return 0
+
+
+def _from_to(result) -> str:  # noqa: ANN001 - components.deploy.promotion.PromotionResult
+    return f"{f'v{result.previous}' if result.previous else '(none)'} -> v{result.version}"
+
+
+def _say_what_the_record_says(name: str, result) -> None:  # noqa: ANN001 - PromotionResult
+    """After a move by hand: what the new champion's own record says against it (the gate kept it out), and the test
+    accuracy each version was registered with, so a move onto a weaker version is not made blind."""
+    from components.registry.versions import recorded_concerns
+
+    client = _client()
+    new = client.get_model_version(name, result.version)
+    for concern in recorded_concerns(new.tags):
+        print(f"  !   v{result.version}: {concern}")
+    if result.previous:
+        old = client.get_model_version(name, result.previous)
+        print(f"  test accuracy as registered: v{result.version} {new.tags.get('test.accuracy', '-')}, v{result.previous} "
+              f"{old.tags.get('test.accuracy', '-')} (each on its own run's test images)")
 
 
 def _history(args: argparse.Namespace) -> int:
@@ -199,14 +220,16 @@ def _history(args: argparse.Namespace) -> int:
     moves = read_history(client, args.name)
     concerns = functools.cache(lambda version: version_concerns(client, args.name, version))
     for move in moves:
-        print(f"{move.when}  {move.alias} v{move.previous or '-'} -> v{move.version}  {move.action} by {move.who}: {move.why}")
-        for concern in concerns(move.version) if move.alias == CHAMPION else ():
+        print(f"{move.when}  {move.alias} v{move.previous or '-'} -> {move.to_words}  {move.action} by {move.who}: {move.why}")
+        for concern in concerns(move.version) if move.alias == CHAMPION and not move.removed else ():
             print(f"    ! v{move.version}: {concern}")
     moved = unrecorded_champion(client, args.name, moves)
-    if moved is not None:
+    if moved:
         print(f"now                        {CHAMPION} -> v{moved}  moved outside Graft (MLflow UI or API), not yet in the history")
         for concern in concerns(moved):
             print(f"    ! v{moved}: {concern}")
+    elif moved == "":
+        print(f"now                        {CHAMPION} removed outside Graft (MLflow UI or API), not yet in the history")
     if not moves and moved is None:
         print(f"no recorded alias moves for {args.name}")
     return 0
@@ -231,12 +254,65 @@ def _bundle(args: argparse.Namespace) -> int:
 def _prepare(args: argparse.Namespace) -> int:
     from components.data.stage import prepare
 
-    result = prepare(_params(args), Path(args.split))
+    own_data = _data_overridden(args)
+    if own_data and args.split is None:
+        raise ConfigError(f"{PIPELINE_SPLIT} is the DVC pipeline's split of data.dir as params.yaml sets it; to split other images, "
+                          f"name the file: graft prepare {_repeated_options(args)} --split my-split.json")
+    result = prepare(_params(args), Path(args.split or PIPELINE_SPLIT))
     print(f"split             {result.train_images} train / {result.val_images} val / {result.test_images} test images, {len(result.classes)} classes, "
           f"data md5 {result.data_md5}")
     print(f"written           {result.split_path.resolve()}")
-    print("next:\n  .venv/bin/graft run --summary outputs/summary.json    # or: dvc repro")
+    if own_data:  # `graft run` splits the same way from the same parameters: the options are what must be repeated
+        print(f"next:\n  .venv/bin/graft run {_repeated_options(args)} --summary my-run.json\n"
+              f"  .venv/bin/graft evaluate --summary my-run.json --out my-holdout")
+    else:
+        print("next:\n  .venv/bin/graft run --summary outputs/summary.json    # or: dvc repro")
     return 0
+
+
+PIPELINE_SPLIT = "outputs/split.json"
+"""The DVC pipeline's split (stage `prepare`'s output, tracked in git): written only for data.dir as params.yaml sets it."""
+
+
+def _data_overridden(args: argparse.Namespace) -> bool:
+    """Whether the images come from the command line (`--data`, `--set data.dir=...`) rather than the params file."""
+    return bool(getattr(args, "data", None)) or any(item.split("=", 1)[0].strip() == "data.dir" for item in getattr(args, "set", None) or [])
+
+
+def _repeated_options(args: argparse.Namespace) -> str:
+    """The command's own --params, --set and --data, to repeat in the next command it suggests."""
+    import shlex
+
+    words = [*(["--params", args.params] if getattr(args, "params", None) else [])]
+    words += [word for item in getattr(args, "set", None) or [] for word in ("--set", item)]
+    words += ["--data", str(Path(args.data).resolve())] if getattr(args, "data", None) else []
+    return shlex.join(words)
+
+
+def _evaluation_split(args: argparse.Namespace, params: Params) -> tuple[Path, Path]:
+    """(the split file, the image folder) `graft evaluate` scores: `--split`, else the split the run itself wrote into its
+    folder (the summary names it), else the pipeline's; the images of `--data`/`--set data.dir`, else those the run used."""
+    import json
+
+    try:
+        summary = json.loads(Path(args.summary).read_text())
+    except (OSError, ValueError):
+        summary = {}  # evaluate_holdout says what is wrong with it
+    recorded = summary.get("data_dir") if isinstance(summary, dict) else None
+    data_dir = params.data.dir if _data_overridden(args) or not recorded else _in_project(recorded)
+    if args.split:
+        return Path(args.split), data_dir
+    own = ((summary.get("files") or {}).get("split") if isinstance(summary, dict) else None)
+    if own and _in_project(own).is_file():
+        return _in_project(own), data_dir
+    return Path(PIPELINE_SPLIT), data_dir
+
+
+def _in_project(path: str) -> Path:
+    """A path a summary records: relative ones are inside the project."""
+    from components.core.config import REPO_ROOT
+
+    return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -244,7 +320,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from components.evaluate.holdout import evaluate_holdout
 
     params = _params(args)
-    split = read_split(Path(args.split), params.data.dir)
+    split_path, data_dir = _evaluation_split(args, params)
+    split = read_split(split_path, data_dir)
     result = evaluate_holdout(params, split, Path(args.summary), Path(args.out), Path(args.model) if args.model else None)
     print(f"ONNX model        {result.onnx_path}")
     print(f"test              accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
@@ -374,13 +451,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="graft: ONNX files, labels, card, SHA256SUMS (default); triton: a Triton model repository (config.pbtxt, dynamic batching)")
     bundle.add_argument("--variant", default="fp32", help="--format triton: the variant to serve (fp32, optimized, fp16, int8)")
 
-    prepare = command("prepare", _prepare, "pull and check the data, split it, write the split (dvc stage `prepare`)")
-    prepare.add_argument("--split", default="outputs/split.json", metavar="PATH", help="where to write the split (default: outputs/split.json)")
+    prepare = command("prepare", _prepare, "pull and check the data, split it, write the split (dvc stage `prepare`)", data)
+    prepare.add_argument("--split", metavar="PATH",
+                         help=f"where to write the split (default: {PIPELINE_SPLIT}, the DVC pipeline's, for data.dir as params.yaml sets it)")
 
-    evaluate = command("evaluate", _evaluate, "score a run's ONNX model with onnxruntime on the test split (dvc stage `evaluate`)")
+    evaluate = command("evaluate", _evaluate, "score a run's ONNX model with onnxruntime on the test split (dvc stage `evaluate`)", data)
     evaluate.add_argument("--model", metavar="ONNX", help="the model file (default: the one the summary names)")
     evaluate.add_argument("--summary", default="outputs/summary.json", metavar="PATH", help="the run's summary (default: outputs/summary.json)")
-    evaluate.add_argument("--split", default="outputs/split.json", metavar="PATH", help="the split `graft prepare` wrote")
+    evaluate.add_argument("--split", metavar="PATH",
+                          help=f"the split to score on (default: the one the run wrote into its folder, else {PIPELINE_SPLIT})")
     evaluate.add_argument("--out", default="outputs/holdout", metavar="DIR", help="where metrics.json and confusion.json go")
 
     retrain = command("retrain", _retrain, "train only if the data or the training parameters changed since the champion", data)

@@ -82,8 +82,8 @@ class Trainable:
     parameters: int
 
 
-def select_trainable(backbone: nn.Module, unfreeze: int | Literal["all"]) -> Trainable:
-    """Freeze the whole backbone, then unfreeze its last `unfreeze` blocks.
+def select_trainable(backbone: nn.Module, unfreeze: int | Literal["all"], name: str | None = None) -> Trainable:
+    """Freeze the whole backbone (`name`, for the error), then unfreeze its last `unfreeze` blocks.
 
     Raises:
         ConfigError: `unfreeze` asks for more blocks than the backbone has.
@@ -93,7 +93,7 @@ def select_trainable(backbone: nn.Module, unfreeze: int | Literal["all"]) -> Tra
     count = total if unfreeze == "all" else unfreeze
     if count > total:
         raise ConfigError(
-            f"train.unfreeze={unfreeze} but {type(backbone).__name__} has {total} blocks (stem included); "
+            f"train.unfreeze={unfreeze} but {name or 'the backbone'} has {total} blocks (stem included); "
             f"use a number up to {total} or --set train.unfreeze=all"
         )
     backbone.requires_grad_(False)

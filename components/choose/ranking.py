@@ -223,6 +223,6 @@ def sizes_line(rows: list[dict]) -> str:
     (each backbone's own input size when data.image_size is null)."""
     by_size: dict[int, list[str]] = {}
     for row in rows:
-        if row.get("image_size"):
+        if row.get("image_size") and not str(row.get("status", "")).startswith("skipped"):  # a skipped one was never scored
             by_size.setdefault(row["image_size"], []).append(row["name"])
     return "scored at " + "; ".join(f"{size}px: {', '.join(names)}" for size, names in by_size.items())

@@ -62,6 +62,8 @@ GATE_VERDICT_TAG = "gate.verdict"
 """Version tag written by `evaluate.gate.Verdict.tags`: `promote` or `keep champion`."""
 GATE_REASONS_TAG = "gate.reasons"
 """Version tag written by `evaluate.gate.Verdict.tags`: the verdict and every reason, in words."""
+GATE_CHAMPION_TAG = "gate.champion_version"
+"""Version tag written by `evaluate.gate.Verdict.tags`: the champion the gate compared with (absent: none)."""
 PARITY_AGREEMENT_TAG = "parity.top1_agreement"
 """Version tag: share of parity images where ONNX and PyTorch gave the same top-1 class."""
 

@@ -59,6 +59,17 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if _is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
+def _warn_about_other_files(root: Path, folders: list[Path]) -> None:
+    """One warning naming the files in the class folders that are not read: a `.heic` photo left out without a word
+    would be a class smaller than the user thinks (hidden files, `.DS_Store` and the like, are not counted)."""
+    others = sorted(p for folder in folders for p in folder.rglob("*")
+                    if p.is_file() and not _is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if others:
+        shown = ", ".join(str(p.relative_to(root)) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        log.warning("%d files in %s are not images Graft reads, so they are left out: %s (read: %s); convert any that are pictures",
+                    len(others), root, shown, ", ".join(sorted(IMAGE_EXTENSIONS)))
+
+
 def _class_folders(root: Path) -> dict[str, list[Path]]:
     """Map class name -> sorted image files, checking each class folder is usable."""
     if root.is_file():
@@ -82,12 +93,13 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
                 "add images or remove the folder"
             )
         for path in files:
-            _check_inside(path, root)
-            try:
+            try:  # every bad file at once: a fix-and-rerun per file costs a start-up each
+                _check_inside(path, root)
                 _verify(path)
-            except DataError as exc:  # every bad file at once: a fix-and-rerun per file costs a start-up each
+            except DataError as exc:
                 unreadable.append(str(exc))
         classes[folder.name] = files
+    _warn_about_other_files(root, folders)
     if len(unreadable) == 1:
         raise DataError(unreadable[0])
     if unreadable:
@@ -95,6 +107,31 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
         more = f"\n  ... and {len(unreadable) - MAX_LISTED} more" if len(unreadable) > MAX_LISTED else ""
         raise DataError(f"{len(unreadable)} files in '{root}' cannot be used; replace or remove them:\n  {shown}{more}")
     return classes
+
+
+PART_NAMES = {"train": ("train", "training"), "val": ("val", "valid", "validation"), "test": ("test", "testing")}
+"""The folder names each part of a pre-split folder goes by, in any case (`Train/`, `valid/`: Kaggle's and Roboflow's)."""
+
+
+def split_folders(root: Path) -> dict[str, Path]:
+    """The pre-split part folders directly under `root`, by part (train, val, test), in that order.
+
+    Raises:
+        DataError: two folders name the same part (`val/` and `valid/`).
+    """
+    if not root.is_dir():
+        return {}
+    by_name = {name: part for part, names in PART_NAMES.items() for name in names}
+    found: dict[str, list[Path]] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        part = by_name.get(folder.name.lower())
+        if part is not None:
+            found.setdefault(part, []).append(folder)
+    for part, folders in found.items():
+        if len(folders) > 1:
+            raise DataError(f"'{root}' has {len(folders)} folders for the {part} split ({', '.join(f.name + '/' for f in folders)}); "
+                            "merge them into one, or move one out")
+    return {part: found[part][0] for part in PARTS if part in found}
 
 
 def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
@@ -106,14 +143,16 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
             left without an image in one of the splits.
     """
     root = Path(root)
-    present = [part for part in PARTS if (root / part).is_dir()]
-    if present == ["train"] and any(folder.is_dir() and _images_in(folder) for folder in (root / "train").iterdir()):
+    parts = split_folders(root)
+    present = list(parts)
+    if present == ["train"] and any(folder.is_dir() and _images_in(folder) for folder in parts["train"].iterdir()):
+        train = parts["train"].name
         raise DataError(
-            f"'{root}' has train/ with class folders but no val/ or test/ beside it: add {root}/val/<class>/ (and test/, "
+            f"'{root}' has {train}/ with class folders but no val/ or test/ beside it: add {root}/val/<class>/ (and test/, "
             f"or let Graft carve it from val/), or put the class folders directly in {root} to have Graft split them"
         )
     if "train" in present and len(present) > 1:
-        split = _presplit(root, present, settings)
+        split = _presplit(root, parts, settings)
     else:
         files = _class_folders(root)
         parts = hash_split(files, settings)
@@ -132,26 +171,28 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
     return split
 
 
-def _presplit(root: Path, present: list[str], settings: SplitSettings) -> Split:
-    """A folder with `train/` and `val/` and/or `test/`: those parts, the missing one carved by content hash."""
-    found = {part: _class_folders(root / part) for part in present}
+def _presplit(root: Path, folders: dict[str, Path], settings: SplitSettings) -> Split:
+    """A folder with `train/` and `val/` and/or `test/` (`split_folders`): those parts, the missing one carved by content hash."""
+    present = list(folders)
+    found = {part: _class_folders(folders[part]) for part in present}
     classes = tuple(found["train"])
+    train = folders["train"]
     for part in present[1:]:
         unknown = sorted(set(found[part]) - set(classes))
         if unknown:
             raise DataError(
-                f"{root}/{part} has classes the training set lacks: {', '.join(unknown)}; "
-                f"add them to {root}/train or remove them from {root}/{part}"
+                f"{folders[part]} has classes the training set lacks: {', '.join(unknown)}; "
+                f"add them to {train} or remove them from {folders[part]}"
             )
         missing = sorted(set(classes) - set(found[part]))
         if missing:
             raise DataError(
-                f"{root}/{part} lacks classes the model will learn: {', '.join(missing)}; add images of them to {root}/{part}"
+                f"{folders[part]} lacks classes the model will learn: {', '.join(missing)}; add images of them to {folders[part]}"
             )
     parts = {
         part: [Sample(p, i, file_md5(p)) for i, c in enumerate(classes) for p in found[part][c]] for part in present
     }
-    source = f"folders {', '.join(f'{part}/' for part in present)}"
+    source = f"folders {', '.join(f'{folders[part].name}/' for part in present)}"
     if "val" not in parts:  # carved from train/
         held_out = settings.val_fraction / (1 - settings.test_fraction) if settings.test_fraction < 1 else settings.val_fraction
         parts["train"], parts["val"] = carve(parts["train"], held_out, settings)

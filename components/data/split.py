@@ -29,6 +29,9 @@ from components.core.errors import DataError
 from components.core.files import file_md5
 
 PARTS = ("train", "val", "test")
+
+RUN_SPLIT = "split.json"
+"""In each run's folder: the split the run trained and tested on (`split_document`), for `graft evaluate --summary`."""
 MANIFEST_FILE = "split_manifest.json"
 """The registered version's record of which images it trained and early-stopped on (beside `model.onnx`)."""
 

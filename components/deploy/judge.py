@@ -23,6 +23,7 @@ from components.core.lineage import CHAMPION, MANIFEST_SHA_TAG
 from components.data.images import load_batch
 from components.data.split import MANIFEST_FILE, Split, SplitManifest
 from components.evaluate.gate import Comparison, GateRules, Verdict, judge
+from components.registry.history import last_champion
 from components.registry.versions import download_artifact, version_by_alias
 from components.runtime.model import OnnxClassifier
 
@@ -118,9 +119,15 @@ def judge_challenger(
         challenger_probs = challenger.predict_proba(images.at(challenger.image_size))
     if len(challenger_probs) != len(images.labels):
         raise ValueError(f"{len(challenger_probs)} rows of challenger probabilities for {len(images.labels)} test images")
-    champion = version_by_alias(client, name, CHAMPION)
+    champion, note = version_by_alias(client, name, CHAMPION), None
     if champion is None:
-        return judge(challenger_probs, images.labels, rules, classes=classes)
+        last = last_champion(client, name)
+        if last is None:
+            return judge(challenger_probs, images.labels, rules, classes=classes)
+        # the alias was removed outside Graft: a removal is no evidence that a weaker model should go live, so the
+        # version that was champion last (what a running `graft serve` still serves) is the one to beat
+        champion = client.get_model_version(name, last)
+        note = f"no `champion` alias: it was removed outside Graft; compared with v{last}, the champion last"
     champion_probs, problem = champion_probabilities(name, champion, classes, images.at)
     comparison = None
     if problem is None:
@@ -128,4 +135,5 @@ def judge_challenger(
             comparison = comparison_set(split, champion_manifest(client, name, champion), str(champion.version))
         except DataError as exc:
             problem = f"{exc}; no fair comparison is possible"
-    return judge(challenger_probs, images.labels, rules, champion_probs, str(champion.version), problem, classes, comparison)
+    verdict = judge(challenger_probs, images.labels, rules, champion_probs, str(champion.version), problem, classes, comparison)
+    return verdict.with_note("champion", note) if note else verdict

@@ -20,7 +20,7 @@ from components.core.config import Params
 from components.core.errors import PromotionError, UntrustedSourceError
 from components.core.files import sha256
 from components.evaluate.gate import Check, GateRules
-from components.registry.history import AliasMove, champion_stack, move_alias, read_history, who_am_i
+from components.registry.history import AliasMove, champion_stack, last_champion, move_alias, read_history, who_am_i
 from components.registry.versions import alias_version, download_artifact, trusted_download_uri
 from components.runtime.trust import expected_sha256
 from components.runtime.variant_files import FP32_FILE
@@ -116,7 +116,8 @@ def promote(client, params: Params, name: str, version: str, why: str, who: str 
 
 
 def rollback(client, name: str, why: str, who: str | None = None) -> PromotionResult:  # noqa: ANN001
-    """Move `champion` back to the version that held it before the current one.
+    """Move `champion` back to the version that held it before the current one (with no `champion` alias, removed
+    outside Graft: onto the version that held it last).
 
     Raises:
         PromotionError: no earlier champion is recorded, or it has been deleted.
@@ -125,7 +126,12 @@ def rollback(client, name: str, why: str, who: str | None = None) -> PromotionRe
 
     current = alias_version(client, name)
     if current is None:
-        raise PromotionError(f"'{name}' has no champion to roll back; promote one with `graft promote --name {name} --version V`")
+        last = last_champion(client, name)
+        if last is None:
+            raise PromotionError(f"'{name}' has no champion to roll back; promote one with `graft promote --name {name} --version V`")
+        # the alias was removed outside Graft: back onto the version that held it last (what `graft serve` still serves)
+        move = move_alias(client, name, last, "rollback", who or who_am_i(), why or f"champion alias was removed; back to v{last}, the last champion")
+        return PromotionResult(name, last, None, True, (), move)
     stack = champion_stack(read_history(client, name))
     if not stack or stack[-1] != current:
         stack.append(current)  # moved by hand since the last recorded move

@@ -312,7 +312,8 @@ def register_version(run: Run, name: str, logged: LoggedModel, tags: dict[str, s
 def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> str:
     """The version's description (Markdown on its MLflow page): the decision in words, then links to the card and the record.
 
-    Its first paragraph says what the model classifies; the registered model's description repeats it.
+    Its first paragraph is the gate's verdict (the versions table shows the description's start); the second says what
+    the model classifies, which the registered model's description repeats.
     """
     trained, evaluation, exported, verdict = facts.trained, facts.evaluation, facts.exported, facts.verdict
     split = facts.split
@@ -324,10 +325,10 @@ def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> st
     card = f"{CARD_ARTIFACT_DIR}/{CARD_HTML_NAME}"
     test, val = evaluation.test, evaluation.val
     lines = [
+        f"**Gate: {'promote' if verdict.promote else 'keep champion'}{' (held)' if facts.hold else ''}.** {gate}",
+        "",
         f"Classifies RGB images into {len(trained.classes)} classes ({classes}), resized to {trained.image_size} px; "
         f"trained on `{split.root.name}` (DVC md5 `{facts.data_md5}`).",
-        "",
-        f"**Gate: {'promote' if verdict.promote else 'keep champion'}.** {gate}",
         "",
         f"- **{evaluation.test_label.capitalize()}** ({len(split.evaluation)} images): accuracy {test['accuracy']:.4f}, "
         f"macro-F1 {test['macro_f1']:.4f}; **validation** ({len(split.val)} images, chose the epoch): accuracy {val['accuracy']:.4f}",

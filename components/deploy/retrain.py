@@ -20,6 +20,9 @@ from components.core.lineage import (
     CHALLENGER,
     CHAMPION,
     DATA_MD5_TAG,
+    GATE_CHAMPION_TAG,
+    GATE_VERDICT_TAG,
+    HOLD_TAG,
     MANIFEST_SHA_TAG,
     PARAMS_SHA_TAG,
     params_fingerprint,
@@ -27,6 +30,7 @@ from components.core.lineage import (
 from components.data.folders import scan
 from components.data.split import SplitSettings
 from components.data.versions import current_data_md5, dir_md5, dvc_file_for
+from components.registry.history import last_champion
 from components.registry.tracking import open_tracking_store
 from components.registry.versions import version_by_alias
 
@@ -88,18 +92,22 @@ def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - Ml
     params_sha = params_fingerprint(params)
     champion = version_by_alias(client, name, CHAMPION)
     facts = {"model_name": name, "data_md5": data_md5, "params_sha": params_sha}
+    removed = champion is None and (last := last_champion(client, name)) is not None
+    if removed:  # the alias was removed outside Graft: the version that held it last is still the one to beat
+        champion = client.get_model_version(name, last)
     champion_version = str(champion.version) if champion is not None else None
     if champion is None:
         return RetrainDecision(True, f"no champion of '{name}' yet", champion_version=None, matched_version=None, **facts)
+    label = f"v{champion.version} (champion last; the alias was removed outside Graft)" if removed else f"champion v{champion.version}"
     if _same_inputs(champion, data_md5, params_sha):
-        reason = f"champion v{champion.version} was trained on data {data_md5} with params {params_sha}"
+        reason = f"{label} was trained on data {data_md5} with params {params_sha}"
         return RetrainDecision(False, reason, champion_version=champion_version, matched_version=champion_version, **facts)
     challenger = version_by_alias(client, name, CHALLENGER)
     if challenger is not None and _same_inputs(challenger, data_md5, params_sha):
-        reason = (
-            f"challenger v{challenger.version} was already trained on data {data_md5} with params {params_sha} "
-            f"and the gate kept champion v{champion.version}; the same inputs would give the same verdict"
-        )
+        now = (f"no version holds `champion` now (removed outside Graft; v{champion.version} held it last)" if removed
+               else f"champion is v{champion.version} now")
+        reason = f"challenger v{challenger.version} was already trained on data {data_md5} with params {params_sha}; " \
+                 + _challenger_verdict(challenger, str(champion.version), label, now)
         return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(challenger.version), **facts)
     same = _same_images(params, data_md5, params_sha, (champion, challenger))
     if same is not None:
@@ -111,6 +119,19 @@ def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - Ml
         return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(same.version), **facts)
     reason = "; ".join(_differences(champion, data_md5, params_sha))
     return RetrainDecision(True, reason, champion_version=champion_version, matched_version=None, **facts)
+
+
+def _challenger_verdict(challenger, champion: str, label: str, now: str) -> str:  # noqa: ANN001 - MLflow ModelVersion
+    """What the challenger's own gate said, and against which champion: it may have been judged against another one (the
+    champion moved by hand since), or promoted and then replaced by hand; the same inputs would train it again all the same."""
+    tags = challenger.tags or {}
+    judged, promoted = tags.get(GATE_CHAMPION_TAG), tags.get(GATE_VERDICT_TAG) == "promote"
+    if judged == champion and not promoted:
+        return f"the gate kept {label}; the same inputs would give the same verdict"
+    said = ("would have promoted it (held)" if tags.get(HOLD_TAG) else "promoted it") if promoted else "kept the champion"
+    against = f"against v{judged}" if judged else "with no champion to compare"
+    return (f"its gate {said} {against}, and {now}; training again would make the same model, so nothing to do "
+            f"(to serve v{challenger.version}: graft promote --name {challenger.name} --version {challenger.version})")
 
 
 def _same_images(params: Params, data_md5: str, params_sha: str, versions):  # noqa: ANN001, ANN202 - MLflow ModelVersions

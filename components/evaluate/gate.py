@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from fractions import Fraction
 
 import numpy as np
 
 from components.core.config import Params
+from components.core.lineage import GATE_CHAMPION_TAG
 from components.evaluate.metrics import class_recall, score
 
 # Metric values are ratios of image counts; this absorbs float rounding in `>=` without
@@ -122,6 +123,12 @@ class Verdict:
     def text(self) -> str:
         return ("PROMOTE: " if self.promote else "KEEP CHAMPION: ") + "; ".join(self.reasons)
 
+    def with_note(self, name: str, note: str) -> Verdict:
+        """The same verdict with `note` (a passed check, so the verdict is unchanged) before the passed checks."""
+        failed, passed = self.failures, tuple(c for c in self.checks if c.passed)
+        checks = (*failed, Check(name, True, note), *passed)
+        return replace(self, checks=checks, reasons=tuple(c.reason for c in checks))
+
     def tags(self) -> dict[str, str]:
         """Tags for the model version and the run, so the MLflow UI shows why."""
         tags = {
@@ -132,7 +139,7 @@ class Verdict:
             "gate.test": self.test,
         }
         if self.champion_version is not None:
-            tags["gate.champion_version"] = self.champion_version
+            tags[GATE_CHAMPION_TAG] = self.champion_version
         if self.compared_images is not None:
             tags["gate.compared_images"] = str(self.compared_images)
         if self.mcnemar_p is not None:

@@ -11,8 +11,10 @@ Older Graft kept the history in the registered model's tags, first as a JSON lis
 then one tag per move (`graft.alias_history.<time>.<version>`). Both are still read, as the oldest part of the
 history, and the next move copies them onto their versions and removes them from the model page.
 
-A move made in the MLflow UI is not seen when it happens; it is added to the history, as `manual`, at the next
-move Graft makes (or the next registration). The alias moves last: the record is written first and removed
+A move made in the MLflow UI is not seen when it happens; it is added to the history, as `manual`, when Graft
+next notices it: `graft serve` polling the alias (within `deploy.serve_poll_seconds`), the next move Graft makes,
+or the next registration. Removing the alias counts too (a `manual` entry with no version, kept on the version that
+lost it). Noticing rewrites the model page as well. The alias moves last: the record is written first and removed
 again if the move itself fails.
 
 What `challenger` means: the newest version registered after the champion and not made champion. After each
@@ -39,6 +41,7 @@ from components.core.lineage import (
     CHAMPION_VERSION_TAG,
     GATE_REASONS_TAG,
     GATE_VERDICT_TAG,
+    HOLD_TAG,
     MOVE_TAG_PREFIX,
     PROMOTED_BY_TAG,
 )
@@ -68,12 +71,23 @@ class AliasMove:
 
     alias: str
     version: str
+    """The version the alias moved to; "" when the alias was removed (outside Graft)."""
     previous: str | None
     action: str
     """gate (the flow's automatic promotion), promote, rollback, or manual (seen afterwards)."""
     who: str
     when: str
+    """When it moved; for a `manual` move, when Graft noticed it (its `why` says by what)."""
     why: str
+
+    @property
+    def removed(self) -> bool:
+        return not self.version
+
+    @property
+    def to_words(self) -> str:
+        """`v3`, or `(removed)`."""
+        return "(removed)" if self.removed else f"v{self.version}"
 
 
 def who_am_i() -> str:
@@ -153,21 +167,35 @@ def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
     unique: dict[AliasMove, int] = {}
     for t, move in entries:
         unique.setdefault(move, t)  # an entry being copied from the model's tags to its version is read once
-    return [move for move, _ in sorted(unique.items(), key=lambda item: item[1])]
+    history, last = [], {}
+    for move, _ in sorted(unique.items(), key=lambda item: item[1]):
+        if move.action == "manual" and last.get(move.alias) == move.version:
+            continue  # two processes noticed the same move outside Graft at once (two `graft serve` replicas): kept once
+        last[move.alias] = move.version
+        history.append(move)
+    return history
+
+
+def _recorded(moves: list[AliasMove], alias: str = CHAMPION) -> str | None:
+    """Where the history last put `alias`: a version, "" when it was removed, None when it was never moved."""
+    return next((m.version for m in reversed(moves) if m.alias == alias), None)
 
 
 def unrecorded_champion(client, name: str, moves: list[AliasMove]) -> str | None:  # noqa: ANN001
-    """The version `champion` points at, when it was moved outside Graft after the last recorded move; else None."""
-    current = alias_version(client, name, CHAMPION)
-    recorded = next((m.version for m in reversed(moves) if m.alias == CHAMPION), None)
-    return current if current is not None and current != recorded else None
+    """Where `champion` points when it was moved outside Graft after the last recorded move ("" when it was removed);
+    else None."""
+    current = alias_version(client, name, CHAMPION) or ""
+    recorded = _recorded(moves)
+    if recorded is None:
+        return current or None
+    return current if current != recorded else None
 
 
 def champion_stack(moves: list[AliasMove]) -> list[str]:
-    """The champions in order, as promotions push and rollbacks pop them."""
+    """The champions in order, as promotions push and rollbacks pop them (a removal of the alias pushes nothing)."""
     stack: list[str] = []
     for move in moves:
-        if move.alias != CHAMPION:
+        if move.alias != CHAMPION or move.removed:
             continue
         if move.action == "rollback" and stack:
             stack.pop()
@@ -202,22 +230,47 @@ def describe_move(move: AliasMove) -> str:
 
 def latest_move(tags: Mapping[str, str], alias: str = CHAMPION) -> str | None:
     """How a version last became `alias`, in words (`describe_move`), from its own tags (older Graft: `graft.promoted_by`)."""
-    moves = [move for _, move in version_moves("", tags) if move.alias == alias]
+    moves = [move for _, move in version_moves("", tags) if move.alias == alias and not move.removed]
     return describe_move(moves[-1]) if moves else tags.get(PROMOTED_BY_TAG)
 
 
-def record_manual_move(client, name: str, alias: str = CHAMPION) -> AliasMove | None:  # noqa: ANN001
-    """Record a move of `alias` made outside Graft (MLflow UI or API) since the last recorded one; None when there was none."""
-    current = alias_version(client, name, alias)
-    if current is None:  # no such alias, or no such model yet
-        return None
-    recorded = next((m.version for m in reversed(read_history(client, name)) if m.alias == alias), None)
-    if current == recorded:
-        return None
-    move = AliasMove(alias, current, recorded, "manual", "unknown (MLflow UI or API)", _now(), "moved outside Graft; noticed at the next move")
-    mlflow_calls.set_version_tag(client, name, current, _move_key(), _encode(move))
-    log.warning("%s of %s was moved by hand from v%s to v%s; recorded in the history", alias, name, recorded, current)
+def record_manual_move(client, name: str, alias: str = CHAMPION, noticed_by: str = "the next move") -> AliasMove | None:  # noqa: ANN001
+    """Record a move of `alias` made outside Graft (MLflow UI or API) since the last recorded one, or its removal;
+    None when there was neither. A removal is kept on the version that lost the alias (none, if that was deleted)."""
+    current = alias_version(client, name, alias) or ""
+    existing = {str(v.version) for v in _versions(client, name)} if not current else set()
+    if not current and not existing:
+        return None  # no such model yet, or no versions left
+    recorded = _recorded(read_history(client, name), alias)
+    if current == (recorded or ""):
+        return None  # where the history left it (or never moved, and not set now)
+    if not current and recorded not in existing:
+        return None  # the version that lost the alias was deleted with it: nowhere to keep the removal
+    what = "moved outside Graft" if current else "removed outside Graft"
+    move = AliasMove(alias, current, recorded or None, "manual", "unknown (MLflow UI or API)", _now(), f"{what}; noticed by {noticed_by}")
+    mlflow_calls.set_version_tag(client, name, current or str(recorded), _move_key(), _encode(move))
+    log.warning("%s of %s was %s: %s -> %s; recorded in the history", alias, name, what, f"v{recorded}" if recorded else "(none)", move.to_words)
     return move
+
+
+def notice_outside_moves(client, name: str, noticed_by: str) -> AliasMove | None:  # noqa: ANN001
+    """Record a move (or removal) of `champion` made outside Graft, and rewrite the model page and `challenger` after it;
+    None when the history already says where `champion` is."""
+    move = record_manual_move(client, name, CHAMPION, noticed_by)
+    if move is not None:
+        _after_the_move(client, name)
+    return move
+
+
+def last_champion(client, name: str) -> str | None:  # noqa: ANN001
+    """The version that was champion last, by the history, while no `champion` alias is set (removed outside Graft): the
+    model a running `graft serve` goes on serving. None when `champion` is set, or never was, or its versions are gone."""
+    if alias_version(client, name, CHAMPION) is not None:
+        return None
+    existing = {str(v.version) for v in _versions(client, name)}
+    if not existing:  # no such model yet, or no versions left
+        return None
+    return next((v for v in reversed(champion_stack(read_history(client, name))) if v in existing), None)
 
 
 def move_alias(client, name: str, version: str, action: str, who: str, why: str, alias: str = CHAMPION) -> AliasMove:  # noqa: ANN001
@@ -273,7 +326,7 @@ SYNC_ATTEMPTS = 5
 
 
 def _challenger_target(client, name: str, versions: list) -> str | None:  # noqa: ANN001
-    champion = alias_version(client, name, CHAMPION)
+    champion = alias_version(client, name, CHAMPION) or last_champion(client, name)
     newest = max((int(v.version) for v in versions), default=None)
     return str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
 
@@ -281,7 +334,8 @@ def _challenger_target(client, name: str, versions: list) -> str | None:  # noqa
 def sync_challenger(client, name: str, versions: list | None = None) -> str | None:  # noqa: ANN001
     """Point `challenger` at the newest version registered after the champion, or remove it; returns it (None: removed).
 
-    With no champion, every version is newer than it, so `challenger` is the newest version. Two runs
+    With no champion alias, the last champion the history records counts (`last_champion`); with none ever, every
+    version is newer than it, so `challenger` is the newest version. Two runs
     registering at once (a team's shared registry) can move `champion` between this one's reading and writing:
     after writing, it reads the champion and the versions again, and writes again until what it wrote still holds.
     """
@@ -308,12 +362,16 @@ def refresh_model_page(client, name: str) -> None:  # noqa: ANN001
     challenger = sync_challenger(client, name, versions)
     champion = alias_version(client, name, CHAMPION)
     by_number = {str(v.version): v for v in versions}
-    text = describe_model(name, by_number.get(champion or ""), by_number.get(challenger or ""))
+    last = None if champion else by_number.get(last_champion(client, name) or "")
+    text = describe_model(name, by_number.get(champion or ""), by_number.get(challenger or ""), last)
     mlflow_calls.update_model_description(client, name, text)
 
 
-def _first_paragraph(description: str | None) -> str:
-    return (description or "").strip().split("\n\n", 1)[0].strip()
+def what_it_classifies(description: str | None) -> str:
+    """The paragraph of a version's description that says what the model classifies (after the verdict; older
+    versions put it first)."""
+    paragraphs = [p.strip() for p in (description or "").strip().split("\n\n")]
+    return next((p for p in paragraphs if p.startswith("Classifies")), paragraphs[0] if paragraphs else "")
 
 
 def _one_line(text: str, limit: int = 400) -> str:
@@ -321,16 +379,21 @@ def _one_line(text: str, limit: int = 400) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe_model(name: str, champion, challenger) -> str:  # noqa: ANN001 - mlflow ModelVersion or None
+def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: ANN001 - mlflow ModelVersions or None
     """The registered model's description: what it classifies, the champion and why, the challenger, how to load it.
 
-    What it classifies is the first paragraph of the champion's own description (of the challenger's while
-    there is no champion), which registration writes.
+    What it classifies comes from the champion's own description (the challenger's while there is no champion),
+    which registration writes. `last`: the version that was champion last, while the alias is removed.
     """
     reference = champion or challenger
-    what = _first_paragraph(reference.description) if reference is not None else ""
+    what = what_it_classifies(reference.description) if reference is not None else ""
     lines = [what or "Image classifier trained and registered by Graft.", ""]
-    if champion is not None:
+    if champion is None and last is not None:
+        lines.append(f"**No champion**: the `champion` alias was removed outside Graft. v{last.version} "
+                     f"({last.tags.get(BACKBONE_TAG, '-')}, test accuracy {last.tags.get('test.accuracy', '-')}) was champion last: a running "
+                     f"`graft serve` goes on serving it, and the gate compares new versions with it. Put the alias back on a version "
+                     f"in the MLflow UI, or `graft promote --name {name} --version V`.")
+    elif champion is not None:
         tags = champion.tags
         how = latest_move(tags) or "moved outside Graft"
         lines.append(f"**Champion: v{champion.version}** ({tags.get(BACKBONE_TAG, 'backbone not recorded')}, test accuracy "
@@ -341,8 +404,9 @@ def describe_model(name: str, champion, challenger) -> str:  # noqa: ANN001 - ml
     lines.append("")
     if challenger is not None:
         tags = challenger.tags
+        held = f" **Held**: {_one_line(tags[HOLD_TAG], 200)}." if tags.get(HOLD_TAG) else ""
         lines.append(f"**Challenger: v{challenger.version}** ({tags.get(BACKBONE_TAG, '-')}, test accuracy {tags.get('test.accuracy', '-')}): "
-                     f"the newest version, not champion. Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-')}")
+                     f"the newest version, not champion.{held} Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-')}")
     else:
         lines.append("**No challenger**: the champion is the newest version.")
     lines += [

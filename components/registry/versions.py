@@ -86,11 +86,26 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
         what = f"version {version}"
         found = _read_or_none(client, f"reading version {version} of '{name}'", lambda: client.get_model_version(name, version))
     if found is None:
+        if _read_or_none(client, f"reading registered model '{name}'", lambda: client.get_registered_model(name)) is None:
+            raise GraftError(f"there is no registered model '{name}' in the MLflow registry at {client.tracking_uri} "
+                             f"({_other_names(client, name)}); check the name, or set MLFLOW_TRACKING_URI to the registry that holds it")
         raise GraftError(
             f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri}; "
             f"check the name and alias in the MLflow UI, or set MLFLOW_TRACKING_URI to the registry that holds it"
         )
     return found
+
+
+def _other_names(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
+    """'did you mean ...' for a misspelt model name, else the names the registry holds."""
+    import difflib
+
+    names = sorted(m.name for m in mlflow_calls.call("listing registered models", lambda: client.search_registered_models(max_results=500),
+                                                    uri=mlflow_calls.server_uri(client)))
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean '{close[0]}'?"
+    return f"it holds {', '.join(repr(n) for n in names[:10])}{' and more' if len(names) > 10 else ''}" if names else "it holds no models yet"
 
 
 def download_artifact(artifact_uri: str, dst: Path) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from components.core.config import REPO_ROOT, Params, flatten
 from components.core.files import write_json
 from components.core.lineage import CHAMPION
-from components.data.split import Split
+from components.data.split import RUN_SPLIT, Split, split_document
 from components.data.versions import dvc_file_for
 from components.registry import ui_links
 from components.registry.tracking import Run, TrainingData
@@ -36,11 +36,12 @@ def log_run_start(run: Run, params: Params, split: Split, data_md5: str, commit:
 
 
 def run_name(summary: RunSummary) -> str:
-    """`outcome · backbone · strategy` (`champion v3 · efficientnet_lite1 · feature_extraction`): the outcome first,
-    since MLflow's runs table cuts names at about twenty characters."""
+    """`outcome · backbone · strategy` (`promoted v3 · efficientnet_lite1 · feature_extraction`): the outcome first,
+    since MLflow's runs table cuts names at about twenty characters. The outcome is what the run did (promoted, kept
+    out, held), which stays true when `champion` moves later; where the alias is now, the model page says."""
     deployed = summary.deployed
-    outcome = (f"champion v{deployed.version}" if CHAMPION in deployed.aliases
-               else f"challenger v{deployed.version} (held)" if deployed.held else f"challenger v{deployed.version}")
+    outcome = (f"promoted v{deployed.version}" if CHAMPION in deployed.aliases
+               else f"held v{deployed.version}" if deployed.held else f"kept out v{deployed.version}")
     return f"{outcome} · {summary.trained.backbone} · {summary.trained.strategy}"
 
 
@@ -67,6 +68,8 @@ def log_summary(run: Run, summary: RunSummary) -> None:
     """The summary as a run artifact and a file in the run folder; the run's readable name and description."""
     content = summary.to_dict()
     write_json(summary.run_dir / "summary.json", content)
+    # the split this run trained and tested on, so `graft evaluate --summary` scores the same test images later
+    write_json(summary.run_dir / RUN_SPLIT, {"data_md5": summary.data_md5, **split_document(summary.split)})
     run.log_dict(content, "summary.json")
     run.set_tags({"registered": summary.model_label})
     run.describe(run_name(summary), run_description(summary))

@@ -14,7 +14,7 @@ from components.core import progress
 from components.core.config import REPO_ROOT
 from components.core.files import write_json
 from components.core.lineage import CHALLENGER, CHAMPION
-from components.data.split import PARTS, Split
+from components.data.split import PARTS, RUN_SPLIT, Split
 from components.deploy.model_card import CARD_NAME
 from components.deploy.stage import DeployResult
 from components.deploy.variants import VariantsReport
@@ -128,6 +128,7 @@ class RunSummary:
             },
             "files": {
                 "run_dir": _project_path(self.run_dir),
+                "split": _project_path(self.run_dir / RUN_SPLIT),
                 "checkpoint": _project_path(trained.checkpoint_path),
                 "metrics": _project_path(evaluation.metrics_path),
                 **{picture.stem: _project_path(picture) for picture in evaluation.pictures},
@@ -149,7 +150,9 @@ class RunSummary:
         lines = ["backbone ranking:", ranking_table([row.to_dict() for row in self.choice.candidates]), ""]
         lines += [
             f"chosen backbone   {self.choice.chosen}  ({self.choice.reason})",
-            f"data split        {', '.join(f'{n} {part}' for part, n in self.split_counts.items())} images ({self.split.source}; {self.split.settings.describe()})",
+            f"trained           {self.trained.backbone}, {self.trained.strategy}",
+            f"data split        {', '.join(f'{n} {part}' for part, n in self.split_counts.items() if not (part == 'test' and self.split.test_is_val))} "
+            f"images ({self.split.source}; {self.split.settings.describe()})",
             f"validation        accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}  (chose the epoch: optimistic)",
             f"{'test (= val)' if self.evaluation.test_is_val else 'test':<17} accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
             f"{'  (no test split: data.test_fraction=0)' if self.evaluation.test_is_val else '  (unseen until now: what the gate judges)'}",

@@ -20,7 +20,9 @@ fails is refused: the last good model keeps serving, the log says so once per
 refusal, and `/health` reports `"status": "degraded"` with the refused version
 and why. When `champion` is moved onto a version whose gate or parity check
 failed, it is served (the alias is the user's call) with a warning in the log
-and in `/health`.
+and in `/health`. A move of `champion` made outside Graft (the MLflow UI) is
+recorded in the alias history when the poll sees it, and the model page is
+rewritten (`LiveModel.notice_moves`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from fastapi import Request
 from PIL import Image, UnidentifiedImageError
 
 from components.core.errors import GraftError, IntegrityError, RequestProblem
+from components.core.lineage import CHAMPION, MOVE_TAG_PREFIX
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.model import OnnxClassifier, Stop, Stopped
@@ -82,7 +85,8 @@ change: each check downloads its files again (with signatures on, the whole fold
 
 
 def _tag_items(found) -> tuple:  # noqa: ANN001 - mlflow ModelVersion
-    return tuple(sorted((found.tags or {}).items()))
+    """The version's tags that bear on trusting it (not the alias history's entries, which this server writes too)."""
+    return tuple(sorted((k, v) for k, v in (found.tags or {}).items() if not k.startswith(MOVE_TAG_PREFIX)))
 
 
 class LiveModel:
@@ -107,6 +111,8 @@ class LiveModel:
         """That version, its tags and why, when it was refused; `_refused_at` when (monotonic seconds)."""
         self._refused_at = 0.0
         self.reloads = 0
+        self._noticed: tuple | None = None
+        """What `notice_moves` last saw: the version served, the refused one, the last error."""
 
     @property
     def model(self) -> OnnxClassifier:
@@ -156,6 +162,26 @@ class LiveModel:
         elif not repeated:
             log.error("reload of %s failed, still serving v%s: %s", self.uri, served, exc)
 
+    def notice_moves(self) -> None:
+        """When `champion` moved or was removed since the last poll: record a move made outside Graft (the MLflow UI) in
+        the alias history and rewrite the model page (`components.registry.history.notice_outside_moves`), so neither
+        waits for Graft's next move. A registry this server may only read is left as it is (logged once)."""
+        if self._registry is None or self._registry[1] != CHAMPION:
+            return
+        seen = (self.model.source.version, self.refused_version, self.last_error)
+        if seen == self._noticed:
+            return
+        self._noticed = seen
+        from components.registry.history import notice_outside_moves
+        from components.registry.tracking import consumer_store
+        from mlflow import MlflowClient
+
+        try:
+            notice_outside_moves(MlflowClient(consumer_store()), self._registry[0], "graft serve")
+        except GraftError as exc:
+            log.info("a move of %s outside Graft is not recorded in the alias history (%s); Graft's next move records it",
+                     self.uri, str(exc).splitlines()[0][:300])
+
     @contextmanager
     def polling(self, seconds: float) -> Iterator[None]:
         """Check the alias every `seconds` in a background thread while the block runs."""
@@ -165,6 +191,7 @@ class LiveModel:
             while not stop.wait(seconds):
                 try:
                     self.refresh()
+                    self.notice_moves()
                 except Exception:  # noqa: BLE001 - keep polling whatever MLflow raises
                     log.exception("alias poll failed")
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -135,9 +137,10 @@ class ResumeStore:
 
 
 def save_checkpoint(path: Path, **content: object) -> Path:
-    """Write a checkpoint atomically (tmp file + rename), so a crash never leaves a torn file."""
+    """Write a checkpoint atomically (tmp file + rename), so a crash never leaves a torn file; the tmp file is this
+    process's own, since two runs with the same inputs (a manual run beside a scheduled one) share the checkpoint's key."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     with temp_write(path, tmp), open(tmp, "wb") as file:  # a file object, so a full disk surfaces as OSError
         torch.save(content, file)
     tmp.replace(path)

@@ -86,7 +86,7 @@ def _train(params: Params, split: Split, spec: BackboneSpec, size: int, store: R
     if cfg.strategy in ("fine_tune", "two_stage"):
         # likewise the cached trunk, when it applies: every process then reads it, none writes it
         model = build_model(spec, size, len(split.classes), cfg.seed)
-        prepare_trunk_cache(params, split, spec, size, model, select_trainable(model.backbone, cfg.unfreeze))
+        prepare_trunk_cache(params, split, spec, size, model, select_trainable(model.backbone, cfg.unfreeze, spec.name))
     raw = run_distributed(params, split, spec.name, size, store.key, run_dir / "distributed", on_epoch)
     return Outcome.from_dict(raw)
 

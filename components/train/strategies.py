@@ -341,7 +341,7 @@ def _augmented_extraction(params: Params, split: Split, spec: BackboneSpec, size
 def _fine_tune(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
     cfg = params.train
     model = build_model(spec, size, len(split.classes), cfg.seed)
-    trainable = select_trainable(model.backbone, cfg.unfreeze)
+    trainable = select_trainable(model.backbone, cfg.unfreeze, spec.name)
     data = training_data(params, split, spec, size, model, trainable)
     seed_everything(cfg.seed)
     setup = NetworkSetup("fine-tune", trainable, cfg.lr, cfg.lr * cfg.backbone_lr_ratio, cfg.freeze_bn, schedule=True)
@@ -351,11 +351,11 @@ def _fine_tune(params: Params, split: Split, spec: BackboneSpec, size: int, stor
 
 def _two_stage(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:
     cfg = params.train
+    model = build_model(spec, size, len(split.classes), cfg.seed)
+    trainable = select_trainable(model.backbone, cfg.unfreeze, spec.name)  # a train.unfreeze it cannot meet: before stage 1
     log.info("two_stage, stage 1: the head alone on the frozen backbone")
     first = (_augmented_extraction if cfg.augment else _cached_head)(params, split, spec, size, store, on_epoch)
-    model = build_model(spec, size, len(split.classes), cfg.seed)
     model.head.load_state_dict(first.head)
-    trainable = select_trainable(model.backbone, cfg.unfreeze)
     data = training_data(params, split, spec, size, model, trainable)
     seed_everything(cfg.seed + 1)
     low = cfg.lr * cfg.backbone_lr_ratio

@@ -518,3 +518,13 @@ def test_a_new_project_copies_a_zoo_backbones_graph_from_this_machines_cache_ins
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "other-user-cache"))
     score_candidate(project("fourth", shared=False), split, names[0])
     assert not (tmp_path / "other-user-cache" / "graft" / "backbones").exists()
+
+
+def test_the_sizes_line_names_only_candidates_that_were_scored():
+    """A candidate skipped (its weights not here) was never scored: 'scored at 112px: resnet18' would say it was."""
+    from components.choose.ranking import sizes_line
+
+    rows = [{"name": "efficientnet_lite0", "image_size": 112, "status": "ok"},
+            {"name": "resnet18", "image_size": 112, "status": "skipped: no offline weights"},
+            {"name": "random_efficientnet_lite0", "image_size": 112, "status": "baseline: random weights"}]
+    assert sizes_line(rows) == "scored at 112px: efficientnet_lite0, random_efficientnet_lite0"

@@ -64,6 +64,17 @@ def test_every_unreadable_file_is_named_in_one_error(digits_dir, tmp_path):
     assert all(str(path) in str(err.value) for path in bad)
 
 
+def test_files_that_are_not_images_are_named_in_one_warning(digits_dir, tmp_path, caplog):
+    """A `.heic` photo left out without a word makes a class smaller than its owner thinks; hidden files are not counted."""
+    root = _copy(digits_dir, tmp_path)
+    (root / "0" / "holiday.heic").write_bytes(b"not read")
+    (root / "1" / "notes.txt").write_text("labels checked by Ann")
+    (root / "1" / ".DS_Store").write_bytes(b"finder")
+    with caplog.at_level(logging.WARNING, logger="components.data.folders"):
+        scan(root)
+    assert "2 files in" in caplog.text and "0/holiday.heic, 1/notes.txt" in caplog.text and ".DS_Store" not in caplog.text
+
+
 def test_the_same_image_under_two_classes_is_warned_about(digits_dir, tmp_path, caplog):
     root = _copy(digits_dir, tmp_path)
     twin = sorted((root / "0").iterdir())[0]

@@ -33,6 +33,22 @@ def test_presplit_folder_is_used_as_is(digits_dir, tmp_path):
     assert all(s.path.parent.parent.name == "test" for s in split.test)
 
 
+def test_presplit_folders_named_as_kaggle_and_roboflow_name_them_are_the_splits_not_classes(digits_dir, tmp_path):
+    """`Train/` and `Valid/` are the train and validation splits, not two classes called Train and Valid."""
+    root = tmp_path / "kaggle"
+    for part, names in (("Train", slice(0, 8)), ("Valid", slice(8, 12))):
+        for cls in ("0", "1"):
+            (root / part / cls).mkdir(parents=True)
+            for path in sorted((digits_dir / cls).iterdir())[names]:
+                shutil.copy(path, root / part / cls / path.name)
+    split = scan(root)
+    assert split.presplit and split.classes == ("0", "1") and len(split.train) == 16
+    assert "folders Train/, Valid/" in split.source
+    shutil.copytree(root / "Valid", root / "val")
+    with pytest.raises(DataError, match=r"has 2 folders for the val split \(Valid/, val/\); merge them into one"):
+        scan(root)
+
+
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
@@ -119,8 +135,10 @@ def test_symlink_outside_the_folder_is_refused(digits_dir, tmp_path):
     outside = tmp_path / "outside.png"
     shutil.copy(next((root / "0").iterdir()), outside)
     (root / "0" / "link.png").symlink_to(outside)
-    with pytest.raises(DataError, match="outside the data folder"):
+    (root / "1" / "other-link.png").symlink_to(outside)
+    with pytest.raises(DataError, match="^2 files in .* cannot be used") as err:  # every link named at once
         scan(root)
+    assert str(err.value).count("outside the data folder") == 2
 
 
 def test_image_modes_are_converted_to_rgb(tmp_path):

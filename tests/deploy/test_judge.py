@@ -110,3 +110,25 @@ def test_after_a_change_of_split_settings_only_images_neither_model_saw_are_comp
     assert "the split settings changed since champion" in verdict.text()
     assert not verdict.promote and [c.name for c in verdict.failures] == ["comparison"]
     assert f"only {expected} images of the {len(new.test)} test images were seen by neither model" in verdict.text()
+
+
+def test_with_the_champion_alias_removed_outside_graft_the_gate_compares_with_the_last_champion(folders, tmp_path, feature_cache_dir):
+    """Removing `champion` in the MLflow UI (to pause, say) is no evidence for a weaker model: the next run's challenger
+    must beat the version that was champion last, not pass as 'no champion yet'."""
+    from components.registry.history import read_history
+    from components.registry.tracking import tracking_uri
+    from mlflow import MlflowClient
+
+    before, after = folders
+    _, first = _deployed(before, tmp_path / "first", feature_cache_dir, *WEAK)
+    assert first.aliases == ("champion",)
+    params = load_params(REPO / "params.yaml", [f"tracking.store_dir={tmp_path / 'mlflow'}"])
+    client = MlflowClient(tracking_uri(params), tracking_uri(params))
+    client.delete_registered_model_alias(first.model_name, "champion")  # by hand, as the MLflow UI does
+    _, second = _deployed(after, tmp_path / "second", feature_cache_dir, *WEAK)
+    assert second.verdict.champion_version == first.version and not second.verdict.promote
+    assert f"no `champion` alias: it was removed outside Graft; compared with v{first.version}" in second.verdict.text()
+    assert "no champion yet" not in second.verdict.text() and second.aliases == ("challenger",)
+    removal = read_history(client, first.model_name)[-1]  # registration noticed the removal and recorded it
+    assert (removal.action, removal.removed, removal.previous) == ("manual", True, first.version)
+    assert "**No champion**" in client.get_registered_model(first.model_name).description

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from components.core.errors import PromotionError
@@ -143,3 +145,90 @@ def test_the_challenger_follows_a_champion_that_another_run_moves_while_it_is_se
     monkeypatch.undo()
     client.set_registered_model_alias(NAME, "champion", before)  # the module's registry as the test found it
     history.sync_challenger(client, NAME)
+
+
+def _versions_of(client, name: str, count: int) -> list[str]:
+    """A new registered model `name` with `count` versions made from v1's files (the history does not read the files)."""
+    template = client.get_model_version(NAME, client.get_model_version_by_alias(NAME, "champion").version)
+    client.create_registered_model(name)
+    return [str(client.create_model_version(name, template.source, run_id=template.run_id).version) for _ in range(count)]
+
+
+def test_moves_and_a_removal_made_in_the_ui_are_noticed_recorded_once_and_the_model_page_follows(active_registry, tmp_path, capsys):  # noqa: F811
+    from components.registry.history import last_champion, move_alias, notice_outside_moves
+
+    client, name = active_registry.client, "graft-ui-moves"
+    v1, v2, v3 = _versions_of(client, name, 3)
+    move_alias(client, name, v1, "gate", "test", "first model")
+    client.set_registered_model_alias(name, "champion", v2)  # in the MLflow UI
+    assert notice_outside_moves(client, name, "graft serve").version == v2
+    last = read_history(client, name)[-1]
+    assert (last.action, last.previous, last.version, last.why) == ("manual", v1, v2, "moved outside Graft; noticed by graft serve")
+    page = client.get_registered_model(name).description
+    assert f"**Champion: v{v2}**" in page and f"**Challenger: v{v3}**" in page
+    client.set_registered_model_alias(name, "champion", v3)  # onto the challenger: both aliases name v3 until noticed
+    notice_outside_moves(client, name, "graft serve")
+    assert alias_version(client, name, "challenger") is None and f"**Champion: v{v3}**" in client.get_registered_model(name).description
+
+    client.delete_registered_model_alias(name, "champion")  # "pause" in the UI
+    removal = notice_outside_moves(client, name, "graft serve")
+    assert (removal.removed, removal.previous, removal.why) == (True, v3, "removed outside Graft; noticed by graft serve")
+    assert notice_outside_moves(client, name, "a second replica") is None  # noticed already: nothing more to record
+    # two replicas noticing at the same instant both write an entry: the history reads it once
+    from components.registry.history import _encode, _move_key
+
+    client.set_model_version_tag(name, v3, _move_key(), _encode(replace(removal, when="later")))
+    assert sum(m.removed for m in read_history(client, name)) == 1
+    assert last_champion(client, name) == v3
+    page = client.get_registered_model(name).description
+    assert "**No champion**" in page and f"v{v3} (" in page and "was champion last" in page
+    assert main(["history", "--params", str(params_file(active_registry, tmp_path)), "--name", name]) == 0
+    assert f"champion v{v3} -> (removed)  manual" in capsys.readouterr().out
+
+    back = rollback(client, name, "", who="dana@test")  # with the alias gone: back onto the champion that held it last
+    assert (back.previous, back.version) == (None, v3) and alias_version(client, name) == v3
+    assert read_history(client, name)[-1].why == f"champion alias was removed; back to v{v3}, the last champion"
+
+
+def test_cli_promote_onto_a_version_the_gate_kept_out_says_so(active_registry, tmp_path, capsys):  # noqa: F811
+    reg = active_registry
+    params = str(params_file(reg, tmp_path))
+    start = alias_version(reg.client, NAME)
+    kept_out = register(reg.params, _copy_v1(reg, tmp_path), tags={
+        "gate.verdict": "keep champion", "gate.reasons": "KEEP CHAMPION: accuracy 0.800 vs 0.900", "test.accuracy": "0.8000"})
+    try:
+        assert main(["promote", "--params", params, "--name", NAME, "--version", kept_out]) == 0
+        out = capsys.readouterr().out
+        assert f"!   v{kept_out}: the gate did not promote it (KEEP CHAMPION: accuracy 0.800 vs 0.900)" in out
+        assert f"test accuracy as registered: v{kept_out} 0.8000, v{start} 0.9000" in out
+    finally:
+        reg.client.set_registered_model_alias(NAME, "champion", start)
+
+
+def test_the_retraining_check_says_truly_what_the_challengers_gate_said_after_a_move_by_hand(active_registry):  # noqa: F811
+    """v2 was promoted by its gate over v1, then a person moved `champion` back to v1: training on the same inputs again
+    would make v2 again, so there is nothing to do, but not because 'the gate kept champion v1'."""
+    from components.core.lineage import params_fingerprint
+    from components.data.versions import current_data_md5
+    from components.deploy.retrain import decide
+    from components.registry.history import move_alias, notice_outside_moves
+
+    client, name = active_registry.client, "graft-retrain-words"
+    v1, v2 = _versions_of(client, name, 2)
+    params = active_registry.params
+    params = params.model_copy(update={"deploy": params.deploy.model_copy(update={"model_name": name})})
+    same = {"data_md5": current_data_md5(params.data.dir), "params_sha": params_fingerprint(params)}
+    for key, value in {**same, "gate.verdict": "promote", "gate.champion_version": v1}.items():
+        client.set_model_version_tag(name, v2, key, value)
+    move_alias(client, name, v1, "gate", "test", "first")
+    move_alias(client, name, v2, "gate", "test", "better")
+    client.set_registered_model_alias(name, "champion", v1)  # by hand, in the UI
+    client.set_registered_model_alias(name, "challenger", v2)
+    decision = decide(params, client)
+    assert not decision.retrain and decision.matched_version == v2
+    assert f"its gate promoted it against v{v1}, and champion is v{v1} now" in decision.reason
+    assert "the gate kept" not in decision.reason
+    notice_outside_moves(client, name, "graft serve")  # what a running server does within a poll
+    client.delete_registered_model_alias(name, "champion")
+    decision = decide(params, client)
+    assert decision.champion_version == v1 and "no version holds `champion` now" in decision.reason

@@ -58,6 +58,7 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     assert {c["name"] for c in summary["candidates"]} == {"efficientnet_lite0", "random_efficientnet_lite0"}
     printed = capsys.readouterr().out
     assert "graft predict --model models:/graft-test@champion" in printed
+    assert "trained           efficientnet_lite0, feature_extraction" in printed
 
     client = _client(run_cli.params)
     version = client.get_model_version_by_alias("graft-test", "champion")
@@ -105,6 +106,24 @@ def test_flow_registers_a_champion_that_predict_serves(run_cli, digits_dir, caps
     env = {**services.clean_env(), variable.split("=", 1)[0]: variable.split("=", 1)[1]}
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0 and json.loads(done.stdout)["label"] == "7", done.stderr[-2000:]
+
+
+def test_evaluate_scores_a_run_on_its_own_images_and_prepare_leaves_the_pipelines_split_alone(run_cli, digits_dir, capsys, tmp_path):
+    """A run on one's own images: `graft evaluate --summary` alone scores the run's own test images (the split it wrote
+    into its folder, the folder it trained on); `graft prepare --data` names the file to write rather than overwrite
+    the DVC pipeline's split."""
+    code, summary = run_cli()
+    assert code == 0 and Path(summary["files"]["split"]).is_file()
+    capsys.readouterr()
+    assert main(["evaluate", "--summary", str(tmp_path / "summary.json"), "--out", str(tmp_path / "holdout")]) == 0
+    scored = json.loads((tmp_path / "holdout" / "metrics.json").read_text())["test"]
+    assert abs(scored["accuracy"] - summary["test"]["accuracy"]) < 1e-6
+
+    assert main(["prepare", "--data", str(digits_dir)]) == 2
+    assert "name the file: graft prepare --data " in capsys.readouterr().err and not (tmp_path / "outputs" / "split.json").exists()
+    assert main(["prepare", "--data", str(digits_dir), "--set", "data.seed=3", "--split", str(tmp_path / "mine.json")]) == 0
+    hint = capsys.readouterr().out
+    assert f"graft run --set data.seed=3 --data {digits_dir.resolve()} --summary my-run.json" in hint
 
 
 def test_report_writes_the_dvc_stage_outputs(run_cli, tmp_path):

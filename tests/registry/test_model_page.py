@@ -44,8 +44,9 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert set(tags) == DECISION_TAGS | machine | history, sorted(set(tags) - DECISION_TAGS - machine - history)
     assert len(tags) <= 20 and len(history) == 1 and all(len(value) <= 600 for key, value in tags.items() if key != "gate.reasons")
     assert tags["variants"].endswith(" vs fp32") and "int8" in tags["variants"]
-    assert version.description.startswith("Classifies RGB images into 3 classes (`0`, `1`, `7`)")
-    assert "**Gate: promote.**" in version.description and summary["data_md5"] in version.description
+    # the verdict first (the versions table shows the description's start), then what it classifies
+    assert version.description.startswith("**Gate: promote.** PROMOTE: ")
+    assert "\n\nClassifies RGB images into 3 classes (`0`, `1`, `7`)" in version.description and summary["data_md5"] in version.description
     assert f"(#/experiments/1/runs/{summary['run_id']}/artifacts/model_card/model_card.html)" in version.description
 
     # the model as an MLflow 3 LoggedModel of the run, the version made from it; everything else in registration.json
@@ -74,7 +75,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
         assert [line for line in lines if _check_requirement_satisfied(line) is not None] == [], requirements
 
     # the run: a readable name, a description with the verdict, its source, commit and dataset
-    assert run.info.run_name == f"champion v{number} · efficientnet_lite0 · feature_extraction"
+    assert run.info.run_name == f"promoted v{number} · efficientnet_lite0 · feature_extraction"  # what the run did: stays true
     assert run.data.tags["mlflow.note.content"].startswith("**Promoted to champion.**")
     assert run.data.tags["mlflow.source.name"] == "graft run" and run.data.tags["mlflow.source.git.commit"]
     (dataset,) = run.inputs.dataset_inputs
@@ -96,7 +97,7 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
 
     from components.registry.history import describe_model
 
-    champion = SimpleNamespace(version="3", description="Classifies RGB images into 10 classes.\n\n**Gate: promote.**",
+    champion = SimpleNamespace(version="3", description="**Gate: promote.** PROMOTE: ...\n\nClassifies RGB images into 10 classes.",
                                tags={"backbone": "efficientnet_lite1", "test.accuracy": "0.9167", "test.macro_f1": "0.9100",
                                      "gate.reasons": "PROMOTE: accuracy 0.9167 beats champion v2's 0.9000",
                                      "graft.moved.0001795835805145047502": json.dumps({
@@ -110,3 +111,8 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
     assert "**Challenger: v4** (efficientnet_lite0, test accuracy 0.9000)" in text and "Gate: keep champion" in text
     assert 'OnnxClassifier.load("models:/graft-digits@champion")' in text and "graft history --name graft-digits" in text
     assert "**No champion yet**" in describe_model("m", None, challenger)
+    held = SimpleNamespace(version="5", description="", tags={"graft.hold": "--no-promote: challenger only, champion not moved by this run",
+                                                             "gate.verdict": "promote"})
+    assert "the newest version, not champion. **Held**: --no-promote: challenger only" in describe_model("m", champion, held)
+    removed = describe_model("m", None, challenger, last=champion)
+    assert "**No champion**: the `champion` alias was removed outside Graft. v3 (efficientnet_lite1, test accuracy 0.9167) was champion last" in removed

@@ -190,6 +190,8 @@ def test_registry_version_tells_a_missing_alias_from_a_registry_outage(store, mo
     assert str(registry_version(NAME, "champion", None).version) == version
     with pytest.raises(GraftError, match="has no alias 'challenger'"):
         registry_version(NAME, "challenger", None)
+    with pytest.raises(GraftError, match=rf"there is no registered model '{NAME}x' .* \(did you mean '{NAME}'\?\); check the name"):
+        registry_version(f"{NAME}x", "champion", None)  # a misspelt name is not a missing alias
 
     _break(monkeypatch, "get_model_version_by_alias", _http_error(503, ALIAS_ENDPOINT), 100)
     with pytest.raises(RegistryError) as err:

@@ -94,6 +94,36 @@ def test_reloads_when_the_champion_alias_moves(server, active_registry, tiny_mod
     assert server.get("/health").json()["reloads"] == 1
 
 
+def test_a_move_in_the_mlflow_ui_is_recorded_by_graft_serve_and_the_model_page_follows(server, active_registry):  # noqa: F811
+    """The promoter moves `champion` in the UI; the server that follows it also records the move in the alias history
+    and rewrites the model page, instead of leaving both for Graft's next move."""
+    from components.registry.history import read_history
+
+    client, v1, v2 = active_registry.client, active_registry.v1, active_registry.v2
+
+    def wait_for(what: str, done) -> None:  # noqa: ANN001
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.2)
+
+    try:
+        wait_for("the history does not reach v1", lambda: read_history(client, NAME)[-1].version == v1)  # the fixture's hand move
+        recorded = len(read_history(client, NAME))
+        client.set_registered_model_alias(NAME, "champion", v2)
+        wait_for("the move was not recorded", lambda: len(read_history(client, NAME)) > recorded)
+        assert server.get("/health").json()["model"]["version"] == v2
+        last = read_history(client, NAME)[-1]
+        assert (last.action, last.why) == ("manual", "moved outside Graft; noticed by graft serve")
+        wait_for("the model page still names the old champion", lambda: f"**Champion: v{v2}**" in client.get_registered_model(NAME).description)
+        client.delete_registered_model_alias(NAME, "champion")
+        wait_for("the removal was not recorded", lambda: read_history(client, NAME)[-1].removed)
+        wait_for("the model page still names a champion", lambda: "**No champion**" in client.get_registered_model(NAME).description)
+        assert server.get("/health").json()["model"]["version"] == v2  # the last good model keeps serving
+    finally:
+        client.set_registered_model_alias(NAME, "champion", v1)
+
+
 def test_a_request_over_the_time_limit_gets_504(active_registry, tiny_model):  # noqa: F811
     paths, _ = _truth(tiny_model, 1)
     settings = ServeSettings(poll_seconds=60, max_upload_bytes=LIMIT, max_batch=4, timeout_seconds=1e-6)

@@ -646,3 +646,30 @@ def test_an_interrupt_during_a_checkpoint_write_stops_the_run_and_keeps_the_last
     assert InterruptedFile.writes >= 3
     assert not path.with_suffix(".tmp").exists()
     assert torch.load(path, weights_only=True)["epoch"] == 1
+
+
+def test_two_runs_saving_the_same_checkpoint_at_once_do_not_trip_over_each_other(tmp_path):
+    """Two `graft run`s with the same inputs (a manual run beside a scheduled one) share a checkpoint's key; each writes
+    through its own tmp file, so neither finds its tmp file renamed away by the other."""
+    import threading
+
+    import torch
+
+    from components.train.loop import save_checkpoint
+
+    path, errors = tmp_path / "resume" / "key-head.pt", []
+
+    def writer(value: int) -> None:
+        try:
+            for _ in range(40):
+                save_checkpoint(path, weights=torch.full((256,), float(value)))
+        except Exception as exc:  # noqa: BLE001 - the test reports whatever one writer met
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert float(torch.load(path)["weights"][0]) in (0.0, 1.0, 2.0) and not list(path.parent.glob("*.tmp"))
