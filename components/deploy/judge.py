@@ -121,7 +121,7 @@ def judge_challenger(
         raise ValueError(f"{len(challenger_probs)} rows of challenger probabilities for {len(images.labels)} test images")
     champion, note = version_by_alias(client, name, CHAMPION), None
     if champion is None:
-        last = last_champion(client, name)
+        last = last_champion(client, name, alias_read=True)
         if last is None:
             return judge(challenger_probs, images.labels, rules, classes=classes)
         # the alias was removed outside Graft: a removal is no evidence that a weaker model should go live, so the

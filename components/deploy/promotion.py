@@ -126,7 +126,7 @@ def rollback(client, name: str, why: str, who: str | None = None) -> PromotionRe
 
     current = alias_version(client, name)
     if current is None:
-        last = last_champion(client, name)
+        last = last_champion(client, name, alias_read=True)
         if last is None:
             raise PromotionError(f"'{name}' has no champion to roll back; promote one with `graft promote --name {name} --version V`")
         # the alias was removed outside Graft: back onto the version that held it last (what `graft serve` still serves)

@@ -92,7 +92,7 @@ def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - Ml
     params_sha = params_fingerprint(params)
     champion = version_by_alias(client, name, CHAMPION)
     facts = {"model_name": name, "data_md5": data_md5, "params_sha": params_sha}
-    removed = champion is None and (last := last_champion(client, name)) is not None
+    removed = champion is None and (last := last_champion(client, name, alias_read=True)) is not None
     if removed:  # the alias was removed outside Graft: the version that held it last is still the one to beat
         champion = client.get_model_version(name, last)
     champion_version = str(champion.version) if champion is not None else None

@@ -262,10 +262,11 @@ def notice_outside_moves(client, name: str, noticed_by: str) -> AliasMove | None
     return move
 
 
-def last_champion(client, name: str) -> str | None:  # noqa: ANN001
+def last_champion(client, name: str, alias_read: bool = False) -> str | None:  # noqa: ANN001
     """The version that was champion last, by the history, while no `champion` alias is set (removed outside Graft): the
-    model a running `graft serve` goes on serving. None when `champion` is set, or never was, or its versions are gone."""
-    if alias_version(client, name, CHAMPION) is not None:
+    model a running `graft serve` goes on serving. None when `champion` is set, or never was, or its versions are gone.
+    `alias_read`: the caller has just read the alias and found none."""
+    if not alias_read and alias_version(client, name, CHAMPION) is not None:
         return None
     existing = {str(v.version) for v in _versions(client, name)}
     if not existing:  # no such model yet, or no versions left
