@@ -325,7 +325,7 @@ def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> st
     card = f"{CARD_ARTIFACT_DIR}/{CARD_HTML_NAME}"
     test, val = evaluation.test, evaluation.val
     lines = [
-        f"**Gate: {'promote' if verdict.promote else 'keep champion'}{' (held)' if facts.hold else ''}.** {gate}",
+        f"Gate{' (held)' if facts.hold else ''}: {gate}",  # plain: the versions table shows this line's start, unrendered
         "",
         f"Classifies RGB images into {len(trained.classes)} classes ({classes}), resized to {trained.image_size} px; "
         f"trained on `{split.root.name}` (DVC md5 `{facts.data_md5}`).",

@@ -45,7 +45,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert len(tags) <= 20 and len(history) == 1 and all(len(value) <= 600 for key, value in tags.items() if key != "gate.reasons")
     assert tags["variants"].endswith(" vs fp32") and "int8" in tags["variants"]
     # the verdict first (the versions table shows the description's start), then what it classifies
-    assert version.description.startswith("**Gate: promote.** PROMOTE: ")
+    assert version.description.startswith("Gate: PROMOTE: ")
     assert "\n\nClassifies RGB images into 3 classes (`0`, `1`, `7`)" in version.description and summary["data_md5"] in version.description
     assert f"(#/experiments/1/runs/{summary['run_id']}/artifacts/model_card/model_card.html)" in version.description
 
@@ -97,7 +97,7 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
 
     from components.registry.history import describe_model
 
-    champion = SimpleNamespace(version="3", description="**Gate: promote.** PROMOTE: ...\n\nClassifies RGB images into 10 classes.",
+    champion = SimpleNamespace(version="3", description="Gate: PROMOTE: ...\n\nClassifies RGB images into 10 classes.",
                                tags={"backbone": "efficientnet_lite1", "test.accuracy": "0.9167", "test.macro_f1": "0.9100",
                                      "gate.reasons": "PROMOTE: accuracy 0.9167 beats champion v2's 0.9000",
                                      "graft.moved.0001795835805145047502": json.dumps({
