@@ -75,14 +75,19 @@ RUN_MODULES = ("flows.training", "flows.runners", "mlflow", "onnxruntime", "torc
 
 
 def _run(args: argparse.Namespace) -> int:
+    from components.data.folders import check_data_folder
+
     params = _params(args)
+    check_data_folder(params.data.dir)  # a missing folder or a file: one line at once, before Prefect starts
     _prefect_environment(_params_file(args))
     from flows.interrupts import stoppable
 
     def run() -> int:
+        from components.choose.candidates import check_candidates
         from flows.runners import with_task_runner
         from flows.training import train_flow
 
+        check_candidates(params)  # an unknown backbone: one line, not also Prefect's task and flow failure lines
         report_dir = Path(args.report).resolve() if args.report else None
         summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask: where tasks run
         if args.summary:
@@ -340,6 +345,9 @@ def _retrain_inputs(args: argparse.Namespace) -> tuple[Path | None, list[str]]:
 
 
 def _retrain(args: argparse.Namespace) -> int:
+    from components.data.folders import check_data_folder
+
+    check_data_folder(_params(args).data.dir)
     params_file, overrides = _retrain_inputs(args)
     from flows.interrupts import stoppable
 

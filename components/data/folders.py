@@ -18,6 +18,7 @@ from components.core.errors import DataError
 from components.core.files import file_md5
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS
 from components.data.split import PARTS, Sample, Split, SplitSettings, carve, check_parts, hash_split
+from components.data.versions import dvc_file_for
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,19 @@ def _warn_about_other_files(root: Path, folders: list[Path]) -> None:
         shown = ", ".join(str(p.relative_to(root)) for p in others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
         log.warning("%d files in %s are not images Graft reads, so they are left out: %s (read: %s); convert any that are pictures",
                     len(others), root, shown, ", ".join(sorted(IMAGE_EXTENSIONS)))
+
+
+def check_data_folder(root: Path) -> None:
+    """The checks that cost nothing, for a command to make before it starts anything: `root` is a folder, or a
+    DVC-tracked one not pulled yet (the run pulls it). `scan` makes these and every other check again.
+
+    Raises:
+        DataError: `root` is a file, or does not exist and no `.dvc` file tracks it.
+    """
+    if root.is_file():
+        raise DataError(f"data folder '{root}' is a file, not a folder: pass --data DIR with <class>/<image> folders")
+    if not root.is_dir() and not dvc_file_for(root).is_file():
+        raise DataError(f"data folder '{root}' does not exist: pass --data DIR with <class>/<image> folders")
 
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:

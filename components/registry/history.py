@@ -327,7 +327,7 @@ SYNC_ATTEMPTS = 5
 
 
 def _challenger_target(client, name: str, versions: list) -> str | None:  # noqa: ANN001
-    champion = alias_version(client, name, CHAMPION) or last_champion(client, name)
+    champion = alias_version(client, name, CHAMPION) or last_champion(client, name, alias_read=True)
     newest = max((int(v.version) for v in versions), default=None)
     return str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
 

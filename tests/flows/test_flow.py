@@ -209,6 +209,23 @@ def test_an_unknown_backbone_stops_the_run_before_it_starts_anything(run_cli, ca
     assert experiment is None or client.search_runs([experiment.experiment_id]) == []  # and no FAILED run in MLflow
 
 
+def test_a_missing_data_folder_or_an_unknown_backbone_is_one_line_of_error(tmp_path):
+    """What the terminal shows: Graft's one line, not Prefect's task and flow failure lines around it."""
+    import subprocess
+    import sys
+
+    (tmp_path / "images.zip").write_bytes(b"PK")
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / ".prefect")}
+    graft = [sys.executable, "-m", "flows.cli", "run", "--params", str(REPO / "params.yaml")]
+    for extra, words in ((["--data", str(tmp_path / "nope")], f"error: data folder '{tmp_path / 'nope'}' does not exist: pass --data DIR"),
+                         (["--data", str(tmp_path / "images.zip")], "is a file, not a folder"),
+                         (["--set", "choose.candidates=[efficientnet_lite0, resnet_typo]"], "unknown backbone 'resnet_typo' in choose.candidates")):
+        done = subprocess.run([*graft, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and words in done.stderr, done.stderr[-3000:]
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert sum(words in line for line in lines) == 1 and not [line for line in lines if "ERROR" in line], lines
+
+
 def test_int8_weight_bits_this_cpu_cannot_build_stops_the_run_before_it_trains(run_cli, tmp_path, capsys, monkeypatch):
     import components.deploy.int8 as int8
     from components.runtime.cpu import CpuFacts
