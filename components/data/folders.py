@@ -176,9 +176,9 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
         raise DataError(
             f"'{root}' has {len(split.classes)} class ({', '.join(split.classes)}); a classifier needs at least 2 class folders"
         )
+    _warn_about_conflicting_labels(split)  # first: a split that fails for too few images may fail because of the copy
     check_parts(split)
     _warn_about_balance(split)
-    _warn_about_conflicting_labels(split)
     counts = ", ".join(f"{len(getattr(split, part))} {part}" for part in PARTS)
     log.info("data %s: %d classes, %s images (%s; %s)%s", root, len(split.classes), counts, split.source, settings.describe(),
              "; no test split: test metrics are validation metrics (data.test_fraction=0)" if split.test_is_val else "")

@@ -84,6 +84,16 @@ def test_the_same_image_under_two_classes_is_warned_about(digits_dir, tmp_path, 
     assert "1 image(s) appear under more than one class" in caplog.text and "looks-like-a-seven.png" in caplog.text
 
 
+def test_a_copy_under_another_class_is_warned_about_even_when_the_split_then_fails(digits_dir, tmp_path, caplog):
+    """A class of one image, a copy of another class's: the run stops for too few images, and says why it might be."""
+    root = _copy(digits_dir, tmp_path)
+    (root / "9").mkdir()
+    shutil.copy(sorted((root / "0").iterdir())[0], root / "9" / "nine.png")
+    with caplog.at_level(logging.WARNING, logger="components.data.folders"), pytest.raises(DataError, match="too few images"):
+        scan(root)
+    assert "1 image(s) appear under more than one class" in caplog.text and "nine.png" in caplog.text
+
+
 def test_truncated_jpeg_is_caught_at_scan_time(digits_dir, tmp_path):
     root = _copy(digits_dir, tmp_path)
     buffer = io.BytesIO()
