@@ -365,6 +365,24 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
+PLACES = ("data.dir", "data.cache_dir", "choose.weights", "deploy.output_dir", "deploy.graph_template_dir", "deploy.model_name", "tracking.")
+"""Keys that say where things are, not how a model is made or judged: left out of `changed_settings`."""
+
+
+def changed_settings(params: Params, reference: Path | None = None) -> dict[str, tuple[object, object]]:
+    """How `params` differs from the project's own `params.yaml` (`reference`), `{key: (this value, params.yaml's)}`:
+    what a run set on the command line or in another params file (`evaluate.gate_test=none` beside `mcnemar`), for
+    the pages a promoter reads. Places (`PLACES`) are left out; empty when the reference does not load."""
+    reference = reference or REPO_ROOT / "params.yaml"
+    try:
+        base = load_params(reference)
+    except ConfigError:
+        return {}
+    mine, theirs = flatten(params.model_dump(mode="json")), flatten(base.model_dump(mode="json"))
+    return {key: (value, theirs.get(key)) for key, value in mine.items()
+            if value != theirs.get(key) and not key.startswith(PLACES) and not key.startswith("choose.custom")}
+
+
 def valid_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     """Every dotted key `--set` accepts, e.g. `train.lr`."""
     keys: list[str] = []

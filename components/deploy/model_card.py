@@ -23,6 +23,7 @@ import yaml
 
 from components.backbones.spec import BackboneSpec
 from components.backbones.zoo import get_spec
+from components.core.config import changed_settings
 from components.data.versions import dvc_file_for
 from components.deploy.facts import DeployFacts
 from components.evaluate.gate import signed_points
@@ -135,11 +136,23 @@ def _model_section(facts: CardFacts) -> list[str]:
         f"(mean {[round(m, 4) for m in spec.mean]}, std {[round(s, 4) for s in spec.std]}) are inside the graph",
         f"- **Output:** probabilities over the {len(trained.classes)} classes, softmax temperature {calibrated}",
         "",
-        "Hyper-parameters (`train` in params.yaml):",
+        "Hyper-parameters (`train`, as this run used them):",
         "",
         *_table(("parameter", "value"), [(f"`{k}`", v) for k, v in facts.params.train.model_dump(mode="json").items()]),
         "",
+        *([f"**Not as in the project's params.yaml** (set on the command line or in another params file): "
+           f"{changed_in_words(changed)}", ""] if (changed := changed_settings(facts.params)) else []),
     ]
+
+
+def changed_in_words(changed: dict[str, tuple[object, object]], limit: int = 60) -> str:
+    """`evaluate.gate_test` none (params.yaml: mcnemar); ...: the settings a run did not take from the project's
+    params.yaml (`components.core.config.changed_settings`), so a relaxed gate is seen where the verdict is read."""
+    def short(value: object) -> str:
+        text = str(value)
+        return text if len(text) <= limit else text[: limit - 3] + "..."
+
+    return "; ".join(f"`{key}` {short(mine)} (params.yaml: {short(theirs)})" for key, (mine, theirs) in changed.items())
 
 
 def _weights_lines(spec: BackboneSpec) -> list[str]:

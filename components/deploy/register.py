@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.zoo import get_spec
+from components.core.config import changed_settings
 from components.core.errors import UntrustedSourceError
 from components.core.files import sha256
 from components.core.lineage import (
@@ -49,7 +50,7 @@ from components.core.lineage import (
 )
 from components.data.split import MANIFEST_FILE, SplitManifest
 from components.deploy.facts import DeployFacts
-from components.deploy.model_card import CARD_ARTIFACT_DIR, CARD_HTML_NAME, CARD_NAME, MAX_DESCRIPTION
+from components.deploy.model_card import CARD_ARTIFACT_DIR, CARD_HTML_NAME, CARD_NAME, MAX_DESCRIPTION, changed_in_words
 from components.deploy.variants import VariantsReport
 from components.evaluate.gate import signed_points
 from components.registry import mlflow_calls, ui_links
@@ -336,6 +337,7 @@ def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> st
         f"top-1 agreement {exported.top1_agreement:.0%}; variants: {variants_summary(facts.variants)}",
         f"- **Code**: commit `{facts.commit}`, run [{run.run_id[:8]}]({ui_links.run_page(experiment, run.run_id)})",
         *([f"- **Held**: {facts.hold}: registered as challenger only"] if facts.hold else []),
+        *([f"- **Not as in params.yaml**: {changed_in_words(changed)}"] if (changed := changed_settings(facts.params)) else []),
         "",
         f"[Model card]({ui_links.run_artifact(experiment, run.run_id, card)}) (pictures, per-class metrics, variants, how to "
         f"reproduce; also [as Markdown]({ui_links.run_artifact(experiment, run.run_id, f'{CARD_ARTIFACT_DIR}/{CARD_NAME}')})) · "

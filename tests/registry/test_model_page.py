@@ -48,6 +48,9 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert version.description.startswith("Gate: PROMOTE: ")
     assert "\n\nClassifies RGB images into 3 classes (`0`, `1`, `7`)" in version.description and summary["data_md5"] in version.description
     assert f"(#/experiments/1/runs/{summary['run_id']}/artifacts/model_card/model_card.html)" in version.description
+    # what the run did not take from the project's params.yaml is on the page the verdict is read from
+    assert "- **Not as in params.yaml**: " in version.description and "`data.image_size` 64 (params.yaml: 112)" in version.description
+    assert "`choose.sample_size` 30 (params.yaml: " in version.description and "`data.dir`" not in version.description
 
     # the model as an MLflow 3 LoggedModel of the run, the version made from it; everything else in registration.json
     model_id = version.source.removeprefix("models:/")
