@@ -332,7 +332,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     print(f"test              accuracy {result.metrics['accuracy']:.4f}, macro-F1 {result.metrics['macro_f1']:.4f} "
           f"(largest gap to the training run's own test metrics {result.max_gap_to_training:.1e})")
     print(f"written           {result.metrics_path.resolve()}, {result.confusion_path.resolve()}")
-    print("next:\n  dvc metrics diff    # against the last commit")
+    if Path(args.out).resolve() == (Path.cwd() / "outputs" / "holdout").resolve():  # the DVC stage's output
+        print("next:\n  dvc metrics diff    # against the last commit")
     return 0
 
 

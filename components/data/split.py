@@ -259,7 +259,8 @@ def read_split(split_path: Path, data_dir: Path) -> Split:
     if missing:
         raise DataError(
             f"{len(missing)} images named in {split_path} are not in {data_dir} (first: {missing[0]}); "
-            f"run `dvc pull` or `graft prepare --split {split_path}` again"
+            f"point --data at the folder the split was made from; run `dvc pull` if it is DVC-tracked and not pulled yet, "
+            f"or `graft prepare --split {split_path}` again if the folder changed since"
         )
     test = parts["val"] if raw.get("test_is_val") else parts["test"]
     return Split(root=data_dir, classes=classes, train=parts["train"], val=parts["val"], test=test,

@@ -20,7 +20,7 @@ from components.backbones.export import cached_backbone_onnx
 from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
-from components.core.lineage import CHALLENGER, CHAMPION
+from components.core.lineage import CHALLENGER, CHAMPION, HOLD_TAG
 from components.data.images import MODEL_INPUT, PREPROCESSING, load_batch
 from components.data.split import Split, stratified_sample
 from components.deploy.export import ExportResult, export_and_verify
@@ -32,8 +32,10 @@ from components.deploy.register import LoggedModel, record_manual_promotion, reg
 from components.deploy.variants import VariantsReport, build_variants
 from components.evaluate.gate import GateRules, Verdict
 from components.evaluate.stage import EvalResult
-from components.registry.history import move_alias, refresh_model_page
+from components.registry import mlflow_calls
+from components.registry.history import last_champion, move_alias, refresh_model_page
 from components.registry.tracking import Run
+from components.registry.versions import alias_version
 from components.runtime.bundle import write_bundle
 from components.runtime.model import OnnxClassifier
 from components.train.stage import TrainResult, load_classifier
@@ -158,15 +160,32 @@ def card(ctx: DeployContext, facts: DeployFacts, version: str, logged: LoggedMod
     return written
 
 
-def publish(ctx: DeployContext, version: str, verdict: Verdict) -> tuple[str, ...]:
-    """`champion` onto the new version when the gate says so and the run may promote (the alias moves last);
-    either way `challenger` then names the newest version that is not champion, and the model's page says so."""
+def publish(ctx: DeployContext, version: str, verdict: Verdict) -> tuple[tuple[str, ...], str | None]:
+    """`champion` onto the new version when the gate says so, the run may promote, and `champion` is still where the
+    gate found it (the alias moves last); either way `challenger` then names the newest version that is not champion,
+    and the model's page says so. Returns the version's aliases, and why it was held back when `champion` had moved."""
     client, name = ctx.run.client, ctx.params.deploy.model_name
     if verdict.promote and not ctx.hold:
-        move_alias(client, name, version, "gate", f"graft run {ctx.run.run_id}", verdict.text())  # also brings challenger in line
-    else:
+        moved = champion_moved_since(client, name, verdict, version)
+        if moved is None:
+            move_alias(client, name, version, "gate", f"graft run {ctx.run.run_id}", verdict.text())  # also brings challenger in line
+            return (CHAMPION,), None
+        mlflow_calls.set_version_tag(client, name, version, HOLD_TAG, moved)
         refresh_model_page(client, name)
-    return (CHAMPION,) if verdict.promote and not ctx.hold else (CHALLENGER,)
+        return (CHALLENGER,), moved
+    refresh_model_page(client, name)
+    return (CHALLENGER,), None
+
+
+def champion_moved_since(client, name: str, verdict: Verdict, version: str) -> str | None:  # noqa: ANN001 - MlflowClient
+    """Why the gate's verdict no longer holds for `champion` (a person moved it while this run judged against
+    another version), or None: a verdict against v2 is no evidence against the v1 a promoter has just chosen."""
+    now = alias_version(client, name) or last_champion(client, name, alias_read=True)
+    if now == verdict.champion_version:
+        return None
+    judged = f"v{verdict.champion_version}" if verdict.champion_version else "no champion"
+    return (f"champion moved to v{now} while this run's gate compared with {judged}: registered as challenger only; "
+            f"judge it again with graft run, or promote it with `graft promote --name {name} --version {version}`")
 
 
 def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> DeployResult:
@@ -192,8 +211,8 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
         variants.listing(), written.path, written.html_path,
     )
     progress.note("the aliases")
-    aliases = publish(ctx, version, verdict)
-    held = f"{ctx.hold}: registered as challenger only; promote it with `graft promote --name {name} --version {version}`" if ctx.hold and verdict.promote else None
+    aliases, moved = publish(ctx, version, verdict)
+    held = f"{ctx.hold}: registered as challenger only; promote it with `graft promote --name {name} --version {version}`" if ctx.hold and verdict.promote else moved
     if held:
         log.warning("the gate would promote %s v%s, but %s", name, version, held)
     log.info("registered %s v%s with aliases %s", name, version, ", ".join(aliases))

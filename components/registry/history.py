@@ -234,18 +234,25 @@ def latest_move(tags: Mapping[str, str], alias: str = CHAMPION) -> str | None:
     return describe_move(moves[-1]) if moves else tags.get(PROMOTED_BY_TAG)
 
 
-def record_manual_move(client, name: str, alias: str = CHAMPION, noticed_by: str = "the next move") -> AliasMove | None:  # noqa: ANN001
+def record_manual_move(client, name: str, alias: str = CHAMPION, noticed_by: str = "the next move",
+                       last_seen: str | None = None) -> AliasMove | None:  # noqa: ANN001
     """Record a move of `alias` made outside Graft (MLflow UI or API) since the last recorded one, or its removal;
-    None when there was neither. A removal is kept on the version that lost the alias (none, if that was deleted)."""
+    None when there was neither. A removal is kept on the version that lost the alias; none is recorded when that
+    version was deleted (deleting the version that holds an alias removes the alias, and the version's own history
+    with it). `last_seen`: the version the caller last saw holding the alias (what `graft serve` was serving), which
+    tells which version lost it when the history is behind."""
     current = alias_version(client, name, alias) or ""
     existing = {str(v.version) for v in _versions(client, name)} if not current else set()
     if not current and not existing:
         return None  # no such model yet, or no versions left
     recorded = _recorded(read_history(client, name), alias)
+    if not current and last_seen and recorded and last_seen != recorded:
+        recorded = last_seen  # it reached `last_seen` unrecorded (or that version's record went with it)
     if current == (recorded or ""):
         return None  # where the history left it (or never moved, and not set now)
     if not current and recorded not in existing:
-        return None  # the version that lost the alias was deleted with it: nowhere to keep the removal
+        log.info("%s of %s is gone with v%s, deleted outside Graft; nothing to record it on", alias, name, recorded)
+        return None
     what = "moved outside Graft" if current else "removed outside Graft"
     move = AliasMove(alias, current, recorded or None, "manual", "unknown (MLflow UI or API)", _now(), f"{what}; noticed by {noticed_by}")
     mlflow_calls.set_version_tag(client, name, current or str(recorded), _move_key(), _encode(move))
@@ -253,12 +260,11 @@ def record_manual_move(client, name: str, alias: str = CHAMPION, noticed_by: str
     return move
 
 
-def notice_outside_moves(client, name: str, noticed_by: str) -> AliasMove | None:  # noqa: ANN001
-    """Record a move (or removal) of `champion` made outside Graft, and rewrite the model page and `challenger` after it;
-    None when the history already says where `champion` is."""
-    move = record_manual_move(client, name, CHAMPION, noticed_by)
-    if move is not None:
-        _after_the_move(client, name)
+def notice_outside_moves(client, name: str, noticed_by: str, last_seen: str | None = None) -> AliasMove | None:  # noqa: ANN001
+    """Record a move (or removal) of `champion` made outside Graft, and rewrite the model page and `challenger` after
+    it (also when nothing could be recorded: the champion's version deleted); returns the move recorded, or None."""
+    move = record_manual_move(client, name, CHAMPION, noticed_by, last_seen)
+    _after_the_move(client, name)
     return move
 
 
@@ -297,7 +303,7 @@ def move_alias(client, name: str, version: str, action: str, who: str, why: str,
         if written:
             _undo(client, name, str(version), key)
         raise RegistryError(f"moving '{alias}' of '{name}' to v{version} failed ({exc}); it still points at v{current}") from exc
-    log.info("%s of %s: v%s -> v%s (%s by %s)", alias, name, current, version, action, who)
+    log.info("%s of %s: %s -> v%s (%s by %s)", alias, name, f"v{current}" if current else "(none)", version, action, who)
     if alias == CHAMPION:
         _after_the_move(client, name)
     return move
@@ -386,14 +392,15 @@ def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: 
     What it classifies comes from the champion's own description (the challenger's while there is no champion),
     which registration writes. `last`: the version that was champion last, while the alias is removed.
     """
-    reference = champion or challenger
+    reference = next((v for v in (champion, challenger, last) if v is not None and v.description), None)
     what = what_it_classifies(reference.description) if reference is not None else ""
     lines = [what or "Image classifier trained and registered by Graft.", ""]
     if champion is None and last is not None:
-        lines.append(f"**No champion**: the `champion` alias was removed outside Graft. v{last.version} "
-                     f"({last.tags.get(BACKBONE_TAG, '-')}, test accuracy {last.tags.get('test.accuracy', '-')}) was champion last: a running "
-                     f"`graft serve` goes on serving it, and the gate compares new versions with it. Put the alias back on a version "
-                     f"in the MLflow UI, or `graft promote --name {name} --version V`.")
+        lines.append(f"**No champion**: no version holds the `champion` alias (it was removed, or its version deleted, outside "
+                     f"Graft). The last champion the history records that still exists is v{last.version} "
+                     f"({last.tags.get(BACKBONE_TAG, '-')}, test accuracy {last.tags.get('test.accuracy', '-')}): the gate compares new "
+                     f"versions with it, and `graft rollback --name {name}` puts the alias back on it. A running `graft serve` goes on "
+                     f"serving the model it had loaded; one starting now finds nothing to serve.")
     elif champion is not None:
         tags = champion.tags
         how = latest_move(tags) or "moved outside Graft"
@@ -409,7 +416,8 @@ def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: 
         lines.append(f"**Challenger: v{challenger.version}** ({tags.get(BACKBONE_TAG, '-')}, test accuracy {tags.get('test.accuracy', '-')}): "
                      f"the newest version, not champion.{held} Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-')}")
     else:
-        lines.append("**No challenger**: the champion is the newest version.")
+        lines.append("**No challenger**: " + ("the champion is the newest version." if champion is not None
+                                              else "no version is newer than the last champion." if last is not None else "no versions."))
     lines += [
         "",
         f"Load the champion: `OnnxClassifier.load(\"models:/{name}@champion\")` (onnxruntime only), "

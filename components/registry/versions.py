@@ -89,6 +89,12 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
         if _read_or_none(client, f"reading registered model '{name}'", lambda: client.get_registered_model(name)) is None:
             raise GraftError(f"there is no registered model '{name}' in the MLflow registry at {client.tracking_uri} "
                              f"({_other_names(client, name)}); check the name, or set MLFLOW_TRACKING_URI to the registry that holds it")
+        if alias == CHAMPION:  # the model is there: the alias was removed, or the version holding it deleted
+            raise GraftError(
+                f"no version of '{name}' holds the alias 'champion' in the MLflow registry at {client.tracking_uri} (it was removed, "
+                f"or its version deleted); `graft history --name {name}` shows when, `graft rollback --name {name}` puts it back on "
+                f"the last champion, or serve a version by number (models:/{name}/V)"
+            )
         raise GraftError(
             f"model '{name}' has no {what} in the MLflow registry at {client.tracking_uri}; "
             f"check the name and alias in the MLflow UI, or set MLFLOW_TRACKING_URI to the registry that holds it"

@@ -111,6 +111,8 @@ class LiveModel:
         """That version, its tags and why, when it was refused; `_refused_at` when (monotonic seconds)."""
         self._refused_at = 0.0
         self.reloads = 0
+        self.alias_seen = self._model.source.version
+        """The version the alias last named when this server read it (served, or refused)."""
         self._noticed: tuple | None = None
         """What `notice_moves` last saw: the version served, the refused one, the last error."""
 
@@ -129,7 +131,7 @@ class LiveModel:
         found = None
         try:
             found = registry_version(name, alias, None)
-            version = str(found.version)
+            version = self.alias_seen = str(found.version)
             if version == self.model.source.version:
                 self.last_error = self.refused_version = None  # the alias is back on what is served
                 return False
@@ -177,7 +179,7 @@ class LiveModel:
         from mlflow import MlflowClient
 
         try:
-            notice_outside_moves(MlflowClient(consumer_store()), self._registry[0], "graft serve")
+            notice_outside_moves(MlflowClient(consumer_store()), self._registry[0], "graft serve", self.alias_seen)
         except GraftError as exc:
             log.info("a move of %s outside Graft is not recorded in the alias history (%s); Graft's next move records it",
                      self.uri, str(exc).splitlines()[0][:300])

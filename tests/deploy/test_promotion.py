@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -181,13 +183,42 @@ def test_moves_and_a_removal_made_in_the_ui_are_noticed_recorded_once_and_the_mo
     assert sum(m.removed for m in read_history(client, name)) == 1
     assert last_champion(client, name) == v3
     page = client.get_registered_model(name).description
-    assert "**No champion**" in page and f"v{v3} (" in page and "was champion last" in page
+    assert "**No champion**" in page and f"The last champion the history records that still exists is v{v3} (" in page
     assert main(["history", "--params", str(params_file(active_registry, tmp_path)), "--name", name]) == 0
     assert f"champion v{v3} -> (removed)  manual" in capsys.readouterr().out
 
     back = rollback(client, name, "", who="dana@test")  # with the alias gone: back onto the champion that held it last
     assert (back.previous, back.version) == (None, v3) and alias_version(client, name) == v3
     assert read_history(client, name)[-1].why == f"champion alias was removed; back to v{v3}, the last champion"
+
+    # deleting the champion's version takes the alias and that version's history with it: no removal is pinned on
+    # the version before it, and the page names the last champion that still exists
+    client.delete_model_version(name, v3)
+    assert notice_outside_moves(client, name, "graft serve", last_seen=v3) is None
+    assert not read_history(client, name)[-1].removed and last_champion(client, name) == v2
+    assert f"The last champion the history records that still exists is v{v2} (" in client.get_registered_model(name).description
+
+
+def test_a_run_whose_gate_judged_against_another_champion_than_the_one_a_person_just_chose_does_not_promote(active_registry):  # noqa: F811
+    """The gate compared with v1; meanwhile a promoter made v2 champion in the UI: the verdict says nothing about v2."""
+    from types import SimpleNamespace
+
+    from components.deploy.stage import publish
+    from components.evaluate.gate import Verdict
+
+    client = active_registry.client
+    v1, v2 = active_registry.v1, active_registry.v2
+    verdict = Verdict(promote=True, reasons=("PROMOTE: better than v1",), metric="accuracy", challenger_score=1.0, champion_version=v1)
+    ctx = SimpleNamespace(run=SimpleNamespace(client=client, run_id="r"), params=active_registry.params, hold=None)
+    newest = register(active_registry.params, _copy_v1(active_registry, Path(tempfile.mkdtemp())))
+    client.set_registered_model_alias(NAME, "champion", v2)  # in the UI, while the run judged
+    try:
+        aliases, held = publish(ctx, newest, verdict)
+        assert aliases == ("challenger",) and alias_version(client, NAME) == v2
+        assert held.startswith(f"champion moved to v{v2} while this run's gate compared with v{v1}: registered as challenger only")
+        assert client.get_model_version(NAME, newest).tags["graft.hold"] == held
+    finally:
+        client.set_registered_model_alias(NAME, "champion", v1)
 
 
 def test_cli_promote_onto_a_version_the_gate_kept_out_says_so(active_registry, tmp_path, capsys):  # noqa: F811

@@ -118,4 +118,7 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
                                                              "gate.verdict": "promote"})
     assert "the newest version, not champion. **Held**: --no-promote: challenger only" in describe_model("m", champion, held)
     removed = describe_model("m", None, challenger, last=champion)
-    assert "**No champion**: the `champion` alias was removed outside Graft. v3 (efficientnet_lite1, test accuracy 0.9167) was champion last" in removed
+    assert "**No champion**: no version holds the `champion` alias" in removed
+    assert "The last champion the history records that still exists is v3 (efficientnet_lite1, test accuracy 0.9167)" in removed
+    assert removed.startswith("Classifies RGB images into 10 classes.")  # from the last champion, with no other version
+    assert "Classifies RGB images into 10 classes." in describe_model("m", None, None, last=champion)
