@@ -28,7 +28,7 @@ import sys
 import threading
 from pathlib import Path
 
-from components.core.config import REPO_ROOT, Params, find_params_file, load_params
+from components.core.config import REPO_ROOT, Params, find_params_file, load_params, parse_override
 from components.core.errors import ConfigError, GraftError
 
 
@@ -281,7 +281,7 @@ PIPELINE_SPLIT = "outputs/split.json"
 
 def _data_overridden(args: argparse.Namespace) -> bool:
     """Whether the images come from the command line (`--data`, `--set data.dir=...`) rather than the params file."""
-    return bool(getattr(args, "data", None)) or any(item.split("=", 1)[0].strip() == "data.dir" for item in getattr(args, "set", None) or [])
+    return bool(getattr(args, "data", None)) or any(parse_override(item)[0] == "data.dir" for item in getattr(args, "set", None) or [])
 
 
 def _repeated_options(args: argparse.Namespace) -> str:
@@ -315,8 +315,6 @@ def _evaluation_split(args: argparse.Namespace, params: Params) -> tuple[Path, P
 
 def _in_project(path: str) -> Path:
     """A path a summary records: relative ones are inside the project."""
-    from components.core.config import REPO_ROOT
-
     return Path(path) if Path(path).is_absolute() else REPO_ROOT / path
 
 

@@ -155,14 +155,14 @@ def _time_ns(key: str | None) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
-def read_history(client, name: str) -> list[AliasMove]:  # noqa: ANN001
+def read_history(client, name: str, versions: list | None = None) -> list[AliasMove]:  # noqa: ANN001
     """The recorded alias moves of registered model `name`, oldest first (from its versions, and older Graft's model tags).
 
     Raises:
         RegistryError: the model does not exist, an entry is not Graft's, or the registry kept failing.
     """
     entries = [(_time_ns(key), move) for key, move in _legacy_entries(name, _model_tags(client, name))]
-    for version in _versions(client, name):
+    for version in versions if versions is not None else _versions(client, name):
         entries += [(_time_ns(key), move) for key, move in version_moves(name, version.tags)]
     unique: dict[AliasMove, int] = {}
     for t, move in entries:
@@ -242,10 +242,11 @@ def record_manual_move(client, name: str, alias: str = CHAMPION, noticed_by: str
     with it). `last_seen`: the version the caller last saw holding the alias (what `graft serve` was serving), which
     tells which version lost it when the history is behind."""
     current = alias_version(client, name, alias) or ""
-    existing = {str(v.version) for v in _versions(client, name)} if not current else set()
+    versions = _versions(client, name)
+    existing = {str(v.version) for v in versions}
     if not current and not existing:
         return None  # no such model yet, or no versions left
-    recorded = _recorded(read_history(client, name), alias)
+    recorded = _recorded(read_history(client, name, versions), alias)
     if not current and last_seen and recorded and last_seen != recorded:
         recorded = last_seen  # it reached `last_seen` unrecorded (or that version's record went with it)
     if current == (recorded or ""):
@@ -268,16 +269,17 @@ def notice_outside_moves(client, name: str, noticed_by: str, last_seen: str | No
     return move
 
 
-def last_champion(client, name: str, alias_read: bool = False) -> str | None:  # noqa: ANN001
+def last_champion(client, name: str, alias_read: bool = False, versions: list | None = None) -> str | None:  # noqa: ANN001
     """The version that was champion last, by the history, while no `champion` alias is set (removed outside Graft): the
     model a running `graft serve` goes on serving. None when `champion` is set, or never was, or its versions are gone.
-    `alias_read`: the caller has just read the alias and found none."""
+    `alias_read`: the caller has just read the alias and found none; `versions`: the model's versions, when just listed."""
     if not alias_read and alias_version(client, name, CHAMPION) is not None:
         return None
-    existing = {str(v.version) for v in _versions(client, name)}
+    versions = versions if versions is not None else _versions(client, name)
+    existing = {str(v.version) for v in versions}
     if not existing:  # no such model yet, or no versions left
         return None
-    return next((v for v in reversed(champion_stack(read_history(client, name))) if v in existing), None)
+    return next((v for v in reversed(champion_stack(read_history(client, name, versions))) if v in existing), None)
 
 
 def move_alias(client, name: str, version: str, action: str, who: str, why: str, alias: str = CHAMPION) -> AliasMove:  # noqa: ANN001
@@ -333,7 +335,7 @@ SYNC_ATTEMPTS = 5
 
 
 def _challenger_target(client, name: str, versions: list) -> str | None:  # noqa: ANN001
-    champion = alias_version(client, name, CHAMPION) or last_champion(client, name, alias_read=True)
+    champion = alias_version(client, name, CHAMPION) or last_champion(client, name, alias_read=True, versions=versions)
     newest = max((int(v.version) for v in versions), default=None)
     return str(newest) if newest is not None and (champion is None or newest > int(champion)) else None
 
@@ -369,7 +371,7 @@ def refresh_model_page(client, name: str) -> None:  # noqa: ANN001
     challenger = sync_challenger(client, name, versions)
     champion = alias_version(client, name, CHAMPION)
     by_number = {str(v.version): v for v in versions}
-    last = None if champion else by_number.get(last_champion(client, name) or "")
+    last = None if champion else by_number.get(last_champion(client, name, alias_read=True, versions=versions) or "")
     text = describe_model(name, by_number.get(champion or ""), by_number.get(challenger or ""), last)
     mlflow_calls.update_model_description(client, name, text)
 

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import tempfile
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,19 +76,17 @@ class Stop:
     def __init__(self) -> None:
         import onnxruntime as ort
 
-        self._event = threading.Event()
         self.run_options = ort.RunOptions()
 
     def stop(self) -> None:
-        self._event.set()
         self.run_options.terminate = True
 
     @property
     def stopped(self) -> bool:
-        return self._event.is_set()
+        return self.run_options.terminate
 
     def check(self) -> None:
-        if self._event.is_set():
+        if self.stopped:
             raise Stopped
 
 
