@@ -84,10 +84,12 @@ def _run(args: argparse.Namespace) -> int:
 
     def run() -> int:
         from components.choose.candidates import check_candidates
+        from components.train.stage import check_unfreeze
         from flows.runners import with_task_runner
         from flows.training import train_flow
 
         check_candidates(params)  # an unknown backbone: one line, not also Prefect's task and flow failure lines
+        check_unfreeze(params)  # likewise a train.unfreeze some candidate cannot meet
         report_dir = Path(args.report).resolve() if args.report else None
         summary = with_task_runner(train_flow)(params, report_dir, _hold(args))  # GRAFT_TASK_RUNNER=dask: where tasks run
         if args.summary:

@@ -32,7 +32,7 @@ from components.report.log_file import capture_run_log
 from components.report.run_log import log_run_start, log_summary
 from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
-from components.train.stage import TrainResult, fine_tune, forget_checkpoints
+from components.train.stage import TrainResult, check_unfreeze, fine_tune, forget_checkpoints
 from components.train.strategies import fit_finalist_head
 from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE, FINALIST_CACHE
 from flows.resilience import service_retries
@@ -89,6 +89,7 @@ def train_flow(params: Params, report_dir: Path | None = None, hold: str | None 
     as challenger only, whatever the gate says (`hold` says why)."""
     check_settings(params)  # deploy settings this machine cannot carry out: refused before any training
     check_candidates(params)  # and backbone names that are not there: before the MLflow run and the run folder
+    check_unfreeze(params)  # and a train.unfreeze some candidate cannot meet: before the choose stage
     clock = Stopwatch()
     with capture_run_log() as run_log:
         with clock("data"):

@@ -9,13 +9,18 @@ eval mode, so neither their weights nor their BatchNorm statistics change.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+import torch
 from torch import nn
 
 from components.core.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from components.backbones.spec import BackboneSpec
 
 
 def trunk_blocks(backbone: nn.Module) -> list[nn.Module]:
@@ -70,6 +75,21 @@ def _group_module(backbone: nn.Module, names: list[str]) -> nn.Module:
 
 def _is_norm(module: nn.Module) -> bool:
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)) or "Norm" in type(module).__name__
+
+
+def block_count(spec: BackboneSpec, image_size: int) -> int | None:
+    """The blocks `train.unfreeze` counts in `spec` (the stem as one), from its architecture alone: built without
+    weights on the meta device, so it costs no memory and milliseconds. None for a user's own factory (its code
+    runs in the stages, not here) and for an architecture that cannot be built there or cut into blocks."""
+    if spec.family.startswith("custom:"):
+        return None
+    bare = dataclasses.replace(spec, weights=None)
+    try:
+        with torch.device("meta"):
+            net = bare._builder(bare, image_size)  # noqa: SLF001 - the builder alone, without the weights `build` loads
+        return len(trunk_blocks(net)) + 1
+    except Exception:  # noqa: BLE001 - some constructors need real tensors; the stage then checks the built network
+        return None
 
 
 @dataclass(frozen=True)

@@ -36,13 +36,14 @@ def log_run_start(run: Run, params: Params, split: Split, data_md5: str, commit:
 
 
 def run_name(summary: RunSummary) -> str:
-    """`outcome · backbone · strategy` (`promoted v3 · efficientnet_lite1 · feature_extraction`): the outcome first,
-    since MLflow's runs table cuts names at about twenty characters. The outcome is what the run did (promoted, kept
-    out, held), which stays true when `champion` moves later; where the alias is now, the model page says."""
+    """`outcome · model · backbone · strategy` (`promoted v3 · graft-digits · efficientnet_lite1 · feature_extraction`):
+    the outcome first, since MLflow's runs table cuts names at about twenty characters, then the registered model,
+    as every model's runs share the `tracking.experiment`. The outcome is what the run did (promoted, kept out,
+    held), which stays true when `champion` moves later; where the alias is now, the model page says."""
     deployed = summary.deployed
     outcome = (f"promoted v{deployed.version}" if CHAMPION in deployed.aliases
                else f"held v{deployed.version}" if deployed.held else f"kept out v{deployed.version}")
-    return f"{outcome} · {summary.trained.backbone} · {summary.trained.strategy}"
+    return f"{outcome} · {deployed.model_name} · {summary.trained.backbone} · {summary.trained.strategy}"
 
 
 def run_description(summary: RunSummary) -> str:

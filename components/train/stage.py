@@ -21,11 +21,12 @@ import torch
 from components.backbones.classifier import GraftClassifier
 from components.backbones.features import FeatureCache, cache_key, compute_features
 from components.backbones.spec import BackboneSpec
-from components.backbones.unfreeze import select_trainable
+from components.backbones.unfreeze import block_count, select_trainable
 from components.backbones.zoo import get_spec
+from components.choose.candidates import resolve_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import Params
-from components.core.errors import ModelError
+from components.core.errors import ConfigError, ModelError
 from components.data.split import Split
 from components.train.launcher import run_distributed
 from components.train.loop import (
@@ -89,6 +90,30 @@ def _train(params: Params, split: Split, spec: BackboneSpec, size: int, store: R
         prepare_trunk_cache(params, split, spec, size, model, select_trainable(model.backbone, cfg.unfreeze, spec.name))
     raw = run_distributed(params, split, spec.name, size, store.key, run_dir / "distributed", on_epoch)
     return Outcome.from_dict(raw)
+
+
+def check_unfreeze(params: Params) -> None:
+    """Refuse a `train.unfreeze` that a candidate backbone cannot meet, before the run starts: found by the
+    fine-tune stage, it would come after the whole choose stage. The stage checks the chosen one again.
+
+    Raises:
+        ConfigError: naming each candidate with fewer blocks, and the largest number every candidate meets.
+    """
+    cfg = params.train
+    if cfg.strategy not in ("fine_tune", "two_stage") or cfg.unfreeze == "all":
+        return
+    counts = {}
+    for name in dict.fromkeys(params.choose.candidates):
+        spec = resolve_spec(params, name)
+        counts[name] = block_count(spec, spec.resolve_size(params.data.image_size))
+    short = {name: count for name, count in counts.items() if count is not None and count < cfg.unfreeze}
+    if short:
+        listed = ", ".join(f"{name} has {count}" for name, count in short.items())
+        fits = min(count for count in counts.values() if count is not None)
+        raise ConfigError(
+            f"train.unfreeze={cfg.unfreeze} but {listed} blocks (stem included); "
+            f"use a number up to {fits} (every candidate has that many) or --set train.unfreeze=all"
+        )
 
 
 def training_spec(strategy: str, chosen: str) -> BackboneSpec:

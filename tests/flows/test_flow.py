@@ -209,6 +209,15 @@ def test_an_unknown_backbone_stops_the_run_before_it_starts_anything(run_cli, ca
     assert experiment is None or client.search_runs([experiment.experiment_id]) == []  # and no FAILED run in MLflow
 
 
+def test_an_unfreeze_a_candidate_cannot_meet_stops_the_run_before_the_choose_stage(run_cli, capsys):
+    code, summary = run_cli("choose.candidates=[efficientnet_lite0, efficientnet_lite2]", "train.strategy=fine_tune", "train.unfreeze=20")
+    assert code == 2 and summary is None
+    err = capsys.readouterr().err
+    assert "train.unfreeze=20 but efficientnet_lite0 has 18 blocks (stem included); use a number up to 18" in err, err[-2000:]
+    assert "efficientnet_lite2 has" not in err and "Traceback" not in err  # lite2 has 23: it is not named
+    assert not (run_cli.params.deploy.output_dir / "runs").exists()  # no run folder: nothing scored or trained
+
+
 def test_a_missing_data_folder_or_an_unknown_backbone_is_one_line_of_error(tmp_path):
     """What the terminal shows: Graft's one line, not Prefect's task and flow failure lines around it."""
     import subprocess

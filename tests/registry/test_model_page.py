@@ -78,7 +78,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
         assert [line for line in lines if _check_requirement_satisfied(line) is not None] == [], requirements
 
     # the run: a readable name, a description with the verdict, its source, commit and dataset
-    assert run.info.run_name == f"promoted v{number} · efficientnet_lite0 · feature_extraction"  # what the run did: stays true
+    assert run.info.run_name == f"promoted v{number} · {name} · efficientnet_lite0 · feature_extraction"  # what the run did: stays true
     assert run.data.tags["mlflow.note.content"].startswith("**Promoted to champion.**")
     assert run.data.tags["mlflow.source.name"] == "graft run" and run.data.tags["mlflow.source.git.commit"]
     (dataset,) = run.inputs.dataset_inputs

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from components.backbones.spec import BackboneSpec
-from components.backbones.unfreeze import select_trainable, trunk_blocks
+from components.backbones.unfreeze import block_count, select_trainable, trunk_blocks
 from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import load_params
@@ -214,6 +214,14 @@ def test_unfreeze_counts_blocks_from_the_output_and_rejects_too_many():
     resnet = get_spec("random_resnet18").build(SIZE)
     select_trainable(resnet, 1)
     assert {n.split(".")[0] for n, p in resnet.named_parameters() if p.requires_grad} == {"layer4"}
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2", "random_resnet18", "random_mobilenet_v3_small", "random_vit_b_16"])
+def test_block_count_from_the_architecture_alone_is_what_the_built_backbone_has(name):
+    """What the run's early `train.unfreeze` check counts (meta device, no weights) is what the stage counts."""
+    spec = get_spec(name)
+    size = spec.resolve_size(SIZE)
+    assert block_count(spec, size) == select_trainable(spec.build(size), 1).total_blocks
 
 
 # --- the feature cache ---------------------------------------------------------------------------
