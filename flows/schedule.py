@@ -63,12 +63,14 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
     """
     params = load_params(find_params_file(params_file), list(overrides or []))
     decision = check_task(params)
+    if force:
+        decision = decision.force()
     record_task(params, decision)
     create_markdown_artifact(key="graft-retrain-check", markdown=decision_markdown(decision), description=decision.action)
     # in the run's Prefect log too (the worker's output, the UI's log tab), not only in the artifact
-    get_run_logger().info("%s: %s", "retrain (forced)" if force else decision.action, decision.reason)
+    get_run_logger().info("%s: %s", decision.action, decision.reason)
     result = {
-        "action": decision.action if not force else "retrain (forced)",
+        "action": decision.action,
         "reason": decision.reason,
         "model_name": decision.model_name,
         "data_md5": decision.data_md5,
@@ -76,7 +78,7 @@ def retrain_flow(params_file: str | None = None, overrides: list[str] | None = N
         "champion_version": decision.champion_version,
         "summary": None,
     }
-    if not decision.retrain and not force:
+    if not decision.retrain:
         return result
     pull_task(params)
     result["summary"] = with_task_runner(train_flow)(params)

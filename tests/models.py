@@ -1,9 +1,21 @@
-"""Small real models for tests that need an ONNX file but not a trained network."""
+"""Small real models for tests that need an ONNX file but not a trained network, and a decompression bomb."""
 
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny, valid-looking PNG whose header claims width x height pixels (a decompression bomb)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = zlib.compress(b"\x00" * 1024)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 def tiny_onnx(path: Path, classes: tuple[str, ...] = ("0", "1", "7"), image_size: int = 8) -> Path:

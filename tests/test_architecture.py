@@ -91,7 +91,11 @@ def test_prepare_evaluate_predict_and_serve_never_import_torch(light_project):
     for command, result in runs.items():
         assert result.returncode == 0, f"graft {command}: {result.stderr[-3000:]}"
         assert not {"torch", "torchvision", "prefect"} & _imported(result.stderr), command
-    assert json.loads((root / "holdout" / "metrics.json").read_text())["test"]["accuracy"] >= 0
+    # evaluate scored every test image of the split: its accuracy is what its confusion rows say
+    rows = json.loads((root / "holdout" / "confusion.json").read_text())
+    assert len(rows) == len(json.loads((root / "split.json").read_text())["test"]) > 0
+    accuracy = json.loads((root / "holdout" / "metrics.json").read_text())["test"]["accuracy"]
+    assert accuracy == pytest.approx(sum(row["actual"] == row["predicted"] for row in rows) / len(rows))
     assert json.loads(runs["predict"].stdout)["label"] in ("0", "1", "7")
 
     port = services.free_port()

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -55,9 +57,12 @@ def test_a_busy_machine_gets_no_timings_written(monkeypatch):
 def test_timings_repeat_and_watch_the_other_processes():
     machine = _load("machine")
     calls = []
-    timer = machine.timed(lambda: calls.append(1), repeats=machine.REPEATS)
+    pauses = iter([0.01, 0.05, 0.03, 0.02, 0.04, 0.06, 0.07][: machine.REPEATS])
+    timer = machine.timed(lambda: (calls.append(1), time.sleep(next(pauses))), repeats=machine.REPEATS)
     assert len(calls) == len(timer.runs) == machine.REPEATS >= 3
-    assert timer.median >= 0 and (timer.watch.others_cores is None or timer.watch.others_cores >= 0)
+    assert all(run >= pause for run, pause in zip(timer.runs, [0.01, 0.05, 0.03, 0.02, 0.04, 0.06, 0.07], strict=False))
+    assert timer.median == statistics.median(timer.runs) < 1.0
+    assert timer.watch.others_cores is None or timer.watch.others_cores >= 0
     facts = machine.state()
     assert {"at", "cpu", "load_average_1_5_15", "versions"} <= set(facts) and "flags" in facts["cpu"]
 

@@ -11,7 +11,7 @@ the gate would only be trained again to the same verdict).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from components.core.config import Params
@@ -52,10 +52,16 @@ class RetrainDecision:
     champion_version: str | None
     matched_version: str | None
     """The registered version already trained on this data with these parameters, if any."""
+    forced: bool = False
+    """`--force`: trains although the check found nothing to do (`reason` still says what it found)."""
 
     @property
     def action(self) -> str:
-        return "retrain" if self.retrain else "nothing to do"
+        return "retrain (forced)" if self.forced else "retrain" if self.retrain else "nothing to do"
+
+    def force(self) -> RetrainDecision:
+        """This decision under `--force`: it trains; the check's finding stays in `reason`."""
+        return self if self.retrain else replace(self, retrain=True, forced=True)
 
 
 def _same_inputs(version, data_md5: str, params_sha: str) -> bool:  # noqa: ANN001 - MLflow ModelVersion

@@ -1,13 +1,14 @@
 """The choose stage's second round on real backbones and real digits: the finalists' heads are trained
 as the fine-tune stage trains them, and the best validation accuracy wins where LogME picks wrong."""
 
+import logging
 from dataclasses import replace
 from functools import partial
 
 import pytest
 
 from components.choose.candidates import CandidateScore
-from components.choose.ranking import ChooseResult, rank, settle
+from components.choose.ranking import BASELINE_STATUS, ChooseResult, rank, settle
 from components.choose.report import log_choice, prediction_metrics
 from components.choose.stage import choose_model
 from components.core.config import load_params
@@ -170,6 +171,26 @@ def test_ties_in_validation_accuracy_go_to_the_lower_validation_loss(tiny_params
     assert prediction_metrics(result) == pytest.approx(
         {"choose/finalists_trained": 3.0, "choose/score_kendall_tau": -1.0, "choose/score_regret": 0.05}
     )
+
+
+def test_a_random_baseline_is_reference_only_unless_allowed_and_outscoring_every_pretrained_one_is_a_warning(tiny_params, caplog):
+    rows = [_row("a", 0.5), _row("b", 0.3), _row("random_a", 0.9, pretrained=False)]
+    with caplog.at_level(logging.WARNING, logger="components"):
+        ranking = rank(tiny_params, rows)
+    by_name = {row.name: row for row in ranking.candidates}
+    assert ranking.chosen == "a" and by_name["random_a"].status == BASELINE_STATUS and by_name["random_a"].score_rank is None
+    assert [r.name for r in ranking.candidates if r.score_rank] == ["a", "b"]  # the finalists come from these
+    assert "the random baseline random_a outscores every pre-trained candidate (0.9000 > 0.5000)" in caplog.text
+
+    caplog.clear()
+    allowed = tiny_params.model_copy(update={"choose": tiny_params.choose.model_copy(update={"allow_baseline": True})})
+    with caplog.at_level(logging.WARNING, logger="components"):
+        ranking = rank(allowed, rows)
+    assert ranking.chosen == "random_a" and {r.name: r.score_rank for r in ranking.candidates} == {"random_a": 1, "a": 2, "b": 3}
+    assert "outscores" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="components"):
+        assert rank(tiny_params, [_row("a", 0.95), *rows[1:]]).chosen == "a"  # a baseline below the best: no warning
+    assert "outscores" not in caplog.text
 
 
 def test_no_trained_finalist_is_a_model_error_naming_each(tiny_params):

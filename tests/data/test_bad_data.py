@@ -4,7 +4,6 @@ import io
 import logging
 import shutil
 import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,20 +13,11 @@ from PIL import Image
 from components.core.errors import DataError
 from components.data.folders import scan
 from components.data.images import MAX_PIXELS, load_image
+from tests.models import png_claiming
 
 
 def _copy(digits_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(digits_dir, tmp_path / "images"))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A tiny, valid-looking PNG whose header claims width x height pixels (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    body = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", body) + chunk(b"IEND", b"")
 
 
 @pytest.mark.parametrize(
@@ -36,7 +26,8 @@ def _png_claiming(width: int, height: int) -> bytes:
         ("zero.png", b"", "empty file"),
         ("notes.png", b"hello, I am text", "not a readable image"),
         ("cut.png", None, "not a readable image"),
-        ("bomb.png", _png_claiming(20000, 20000), "decompression bomb|over the"),
+        # 72 M pixels: over Graft's limit, under the ~89 M where Pillow itself warns (and ~179 M where it refuses)
+        ("bomb.png", png_claiming(9000, 8000), f"claims 9000x8000 pixels, over the {MAX_PIXELS:,} limit"),
     ],
 )
 def test_bad_files_in_training_data_are_refused_with_their_path(digits_dir, tmp_path, name, content, message):
@@ -105,9 +96,9 @@ def test_truncated_jpeg_is_caught_at_scan_time(digits_dir, tmp_path):
 
 def test_bomb_is_refused_before_decoding_at_inference_too(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(_png_claiming(20000, 20000))
-    assert 20000 * 20000 > MAX_PIXELS
-    with pytest.raises(DataError, match="decompression bomb|over the"):
+    path.write_bytes(png_claiming(9000, 8000))
+    assert 9000 * 8000 > MAX_PIXELS and 9000 * 8000 < Image.MAX_IMAGE_PIXELS  # Graft's limit refuses it, not Pillow's
+    with pytest.raises(DataError, match=f"claims 9000x8000 pixels, over the {MAX_PIXELS:,} limit"):
         load_image(path, 32)
 
 

@@ -52,6 +52,9 @@ def test_parity_failure_says_by_how_much(exported):
     images = load_batch([s.path for s in split.val], 64)
     with pytest.raises(ExportError, match=r"max \|diff\| .*x over.*not registered"):
         check_parity(model, result.onnx_path, images, 1e-4)
+    # probabilities never differ by more than 1: with that tolerance only the top-1 labels can fail the check
+    with pytest.raises(ExportError, match=r"top-1 agreement (?!100\.00%)\d+\.\d+% \(must be 100%\)"):
+        check_parity(model, result.onnx_path, images, 1.0)
 
 
 def test_predict_cli_uses_onnxruntime_without_importing_torch(exported):

@@ -44,17 +44,26 @@ def test_a_version_failing_the_checks_is_refused_with_every_reason(active_regist
     reg = active_registry
     bad = register(reg.params, _copy_v1(reg, tmp_path),
                    tags={"parity.max_abs_diff": "3.0e-02", "test.accuracy": "0.2000"})
-    before = alias_version(reg.client, NAME)
-    history = read_history(reg.client, NAME)
-    with pytest.raises(PromotionError) as err:
-        promote(reg.client, reg.params, NAME, bad, "should fail")
-    message = str(err.value)
-    assert "3.00e-02" in message and "deploy.parity_atol" in message
-    assert "test accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
-    assert alias_version(reg.client, NAME) == before
-    assert read_history(reg.client, NAME) == history
-    with pytest.raises(PromotionError, match="has no version 99"):
-        promote(reg.client, reg.params, NAME, "99", "no such version")
+    # within the tolerance, but the ONNX file and PyTorch disagreed on the class of some images
+    disagrees = register(reg.params, _copy_v1(reg, tmp_path / "disagrees"), tags={"parity.top1_agreement": "0.9800"})
+    try:
+        before = alias_version(reg.client, NAME)
+        history = read_history(reg.client, NAME)
+        with pytest.raises(PromotionError) as err:
+            promote(reg.client, reg.params, NAME, bad, "should fail")
+        message = str(err.value)
+        assert "3.00e-02" in message and "deploy.parity_atol" in message
+        assert "test accuracy 0.200 is below the floor" in message and f"champion stays on v{before}" in message
+        with pytest.raises(PromotionError, match=r"max \|diff\| 1.00e-06 .*top-1 agreement 98.00%") as err:
+            promote(reg.client, reg.params, NAME, disagrees, "should fail too")
+        assert "floor" not in str(err.value)  # parity is its only failed check
+        assert alias_version(reg.client, NAME) == before
+        assert read_history(reg.client, NAME) == history
+        with pytest.raises(PromotionError, match="has no version 99"):
+            promote(reg.client, reg.params, NAME, "99", "no such version")
+    finally:  # the registry is the module's: leave it with the versions the other tests expect
+        for version in (bad, disagrees):
+            reg.client.delete_model_version(NAME, version)
 
 
 def test_a_move_made_in_the_ui_is_recorded_and_rolled_back_from(active_registry):  # noqa: F811

@@ -129,7 +129,7 @@ def tiny_model(tmp_path_factory, digits_dir, feature_cache_dir):
     return params, split, fine_tune(params, split, choice, work / "run"), work
 
 
-def test_evaluate_reports_val_and_test_and_draws_the_test_split(tiny_model):
+def test_evaluate_reports_val_and_test_and_draws_the_test_split(tiny_model, monkeypatch):
     """Temperature fitted on val; metrics for both splits; pictures, plot data and per-class figures from test."""
     params, split, trained, work = tiny_model
     result = evaluate(params, split, trained, work / "run")
@@ -149,6 +149,19 @@ def test_evaluate_reports_val_and_test_and_draws_the_test_split(tiny_model):
     written = json.loads(result.metrics_path.read_text())
     assert written["val"]["accuracy"] == result.val["accuracy"] and written["test"]["accuracy"] == result.test["accuracy"]
     assert sum(c["support"] for c in written["per_class"].values()) == len(split.test)
+
+    # evaluate.calibration_bins and evaluate.misclassified_images shape the plots
+    import components.evaluate.stage as stage
+
+    shown, draw = [], stage.plot_mistakes
+    monkeypatch.setattr(stage, "plot_mistakes", lambda *args, **kwargs: (shown.append(args[4]), draw(*args, **kwargs))[1])
+    few = params.model_copy(update={"evaluate": params.evaluate.model_copy(update={"calibration_bins": 2, "misclassified_images": 1})})
+    again = evaluate(few, split, trained, work / "few")
+    mistakes = len(confusion) - right
+    assert len(shown) == 1 and len(shown[0]) == min(1, mistakes)
+    bins = json.loads(again.plot_data[1].read_text())
+    assert 1 <= len(bins) <= 2 and sum(row["count"] for row in bins) == len(split.test)
+    assert len(bins) == 2 or all(row["confidence"] >= 0.5 for row in bins)  # two bins: [0, 0.5) and [0.5, 1]
 
 
 @pytest.mark.slow

@@ -265,6 +265,20 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
     assert second["action"] == "nothing to do" and second["summary"] is None
     assert "champion v1" in second["reason"]
 
+    # a training parameter changed is reason to train, and says so; where the files go or the model's name is not
+    from components.deploy.retrain import decide
+
+    changed = decide(load_params(REPO / "params.yaml", [*overrides, "train.lr=0.01"]))
+    assert changed.retrain and changed.reason.startswith("parameters changed: params_sha") and "champion v1" in changed.reason
+    assert "data changed" not in changed.reason
+    moved = decide(load_params(REPO / "params.yaml", [*overrides, f"data.cache_dir={tmp_path / 'elsewhere'}"]))
+    assert not moved.retrain and moved.matched_version == "1", moved.reason
+
+    # --force trains although nothing changed
+    forced = retrain_flow(params_file, overrides, force=True)
+    assert forced["action"] == "retrain (forced)" and forced["summary"] is not None
+    assert forced["summary"].deployed.version == "2" and "champion v1 was trained on data" in forced["reason"]
+
     # files that are not images move the folder's md5, not one training image: nothing to retrain either
     (data / "notes.txt").write_text("where these came from\n")
     (data / "0" / ".DS_Store").write_bytes(b"\0\1")
@@ -278,11 +292,11 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
     third = retrain_flow(params_file, overrides)
     assert third["action"] == "retrain" and third["reason"].startswith("data changed")
     assert third["summary"].data_md5 == current_data_md5(data) != first["data_md5"]
-    assert third["summary"].deployed.version == "2"
+    assert third["summary"].deployed.version == "3"
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
-    tags = client.get_model_version("graft-test", "2").tags
+    tags = client.get_model_version("graft-test", "3").tags
     assert tags["data_md5"] == third["data_md5"] and tags["params_sha"] == third["params_sha"]
     assert "retrain" in client.get_registered_model("graft-test").tags["graft.last_check"]
 
@@ -298,9 +312,10 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
 
     run_table = artifacts("graft-run-summary")[0]
     checks = artifacts("graft-retrain-check")
-    assert "graft-test v2" in run_table and "## Backbone ranking" in run_table and "efficientnet_lite0" in run_table
+    assert "graft-test v3" in run_table and "## Backbone ranking" in run_table and "efficientnet_lite0" in run_table
     assert "## Gate" in run_table and "accuracy" in run_table
     assert sum("**nothing to do**" in text for text in checks) >= 1 and sum("**retrain**" in text for text in checks) >= 2
+    assert sum("**retrain (forced)**" in text for text in checks) == 1  # the forced run's check says it was forced
 
 
 # ---------------------------------------------------------------- a Prefect server, a process worker, an MLflow server

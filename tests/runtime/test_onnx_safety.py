@@ -61,15 +61,31 @@ def test_the_consumer_refuses_a_hostile_model_before_onnxruntime_opens_it(tmp_pa
         OnnxClassifier(path)
 
 
+UNPICKLERS = {"torch.load", "torch.serialization.load", "pickle.load", "pickle.loads", "pickle.Unpickler", "joblib.load",
+              "dill.load", "dill.loads", "cloudpickle.load", "cloudpickle.loads", "pd.read_pickle", "pandas.read_pickle"}
+
+
 def test_nothing_graft_loads_unpickles_arbitrary_objects():
-    """Every torch.load in components/ passes weights_only=True."""
+    """Every torch.load in components/ and flows/ passes weights_only=True, numpy never unpickles, and nothing
+    else that unpickles is called or imported (tests/train/test_train.py feeds a malicious file to the loaders)."""
     import ast
 
     offenders = []
-    for source in (REPO / "components").rglob("*.py"):
+    for source in [*(REPO / "components").rglob("*.py"), *(REPO / "flows").rglob("*.py")]:
+        where = source.relative_to(REPO)
         for node in ast.walk(ast.parse(source.read_text())):
-            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
-                flags = {k.arg: ast.unparse(k.value) for k in node.keywords}
-                if flags.get("weights_only") != "True":
-                    offenders.append(f"{source.name}:{node.lineno}")
+            if isinstance(node, ast.ImportFrom) and node.module in {"torch", "torch.serialization", "pickle", "joblib", "dill", "cloudpickle"}:
+                offenders += [f"{where}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                              if a.name in {"load", "loads", "Unpickler", "*"}]
+            if isinstance(node, ast.Import):
+                offenders += [f"{where}:{node.lineno} imports {a.name}" for a in node.names if a.name in {"pickle", "dill", "cloudpickle", "joblib"}]
+            if not isinstance(node, ast.Call):
+                continue
+            called, flags = ast.unparse(node.func), {k.arg: ast.unparse(k.value) for k in node.keywords}
+            if called in {"torch.load", "torch.serialization.load"} and flags.get("weights_only") != "True":
+                offenders.append(f"{where}:{node.lineno} {called} without weights_only=True")
+            elif called in UNPICKLERS - {"torch.load", "torch.serialization.load"}:
+                offenders.append(f"{where}:{node.lineno} {called}")
+            elif called in {"np.load", "numpy.load"} and flags.get("allow_pickle", "False") != "False":
+                offenders.append(f"{where}:{node.lineno} {called} with allow_pickle={flags['allow_pickle']}")
     assert offenders == []

@@ -16,6 +16,7 @@ from PIL import Image
 from components.serve.server import LiveModel, ServeSettings, running_server
 from tests.conftest import REPO
 from tests.deploy.fixtures import NAME, active_registry, registry, tiny_model  # noqa: F401
+from tests.models import png_claiming
 
 LIMIT = 64 * 1024
 
@@ -57,6 +58,14 @@ def test_answers_uploads_json_batches_and_raw_bodies(server, tiny_model):  # noq
     assert meta["limits"]["max_batch"] == 4
 
 
+def test_the_serve_settings_come_from_params_yaml_each_to_its_place():
+    from components.core.config import load_params
+
+    params = load_params(REPO / "params.yaml", ["deploy.serve_poll_seconds=2.5", "deploy.serve_max_upload_mb=3",
+                                                "deploy.serve_max_batch=7", "deploy.serve_timeout_seconds=4.5"])
+    assert ServeSettings.from_params(params, "int8") == ServeSettings(2.5, 3 * 1024 * 1024, 7, 4.5, "int8")
+
+
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, tiny_model):  # noqa: F811
     paths, _ = _truth(tiny_model, 1)
     noisy = io.BytesIO()
@@ -65,6 +74,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, tiny_mo
         "non-image": (server.post("/predict", files={"file": ("notes.txt", b"hello, not a picture", "text/plain")}), 415, "not a readable image"),
         "empty": (server.post("/predict", files={"file": ("empty.png", b"", "image/png")}), 400, "empty upload"),
         "oversized": (server.post("/predict", files={"file": ("big.png", noisy.getvalue(), "image/png")}), 413, "byte limit"),
+        "bomb": (server.post("/predict", files={"file": ("bomb.png", png_claiming(9000, 8000), "image/png")}), 413, "9000x8000 pixels is over the 64,000,000-pixel limit"),
         "too many": (server.post("/predict", json={"images": [base64.b64encode(_png(paths[0])).decode()] * 5}), 413, "deploy.serve_max_batch"),
         "too many files": (server.post("/predict", files=[("file", ("a.png", _png(paths[0]), "image/png"))] * 5), 413, "deploy.serve_max_batch"),
         "bad base64": (server.post("/predict", json={"images": ["***"]}), 400, "not valid base64"),

@@ -4,6 +4,7 @@ reused and invalidated, runs repeat exactly and resume after a crash, divergence
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 from pathlib import Path
 
@@ -17,11 +18,11 @@ from components.backbones.unfreeze import block_count, select_trainable, trunk_b
 from components.backbones.zoo import get_spec
 from components.choose.ranking import ChooseResult
 from components.core.config import load_params
-from components.core.errors import ConfigError, TrainingError
+from components.core.errors import ConfigError, ModelError, TrainingError
 from components.core.files import file_md5
 from components.data.folders import scan
 from components.evaluate.stage import evaluate
-from components.train.loop import batch_indices, class_weights
+from components.train.loop import ResumeStore, batch_indices, class_weights
 from components.train.network import Precision, resolve_precision
 from components.train.stage import fine_tune, forget_checkpoints, load_classifier, predict_logits, resume_key
 from components.train.strategies import feature_standardisation, fold_standardisation, forget_trained_heads, train_head
@@ -222,6 +223,33 @@ def test_block_count_from_the_architecture_alone_is_what_the_built_backbone_has(
     spec = get_spec(name)
     size = spec.resolve_size(SIZE)
     assert block_count(spec, size) == select_trainable(spec.build(size), 1).total_blocks
+
+
+class _Payload:
+    """Unpickled, it would leave a file behind: what a malicious checkpoint or weights file runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "code ran"))
+
+
+def test_a_malicious_weights_file_or_checkpoint_is_refused_without_running_its_code(tmp_path):
+    """The files Graft loads with torch (a backbone's weights from choose.weights, a training checkpoint, an
+    epoch's resume state) are read with weights_only=True: a pickle that would run code is refused instead."""
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload(marker), "head": _Payload(marker), "key": _Payload(marker)}, evil)
+    with pytest.raises(ModelError, match="cannot read weights file .*evil.pt"):
+        get_spec("efficientnet_lite0").with_weights(evil).build(SIZE)
+    with pytest.raises(pickle.UnpicklingError):
+        load_classifier(evil)
+    store = ResumeStore(tmp_path, "key")
+    shutil.copy(evil, store.path("head"))
+    assert store.load("head") is None  # unreadable: training starts fresh
+    assert not marker.exists()
+
 
 
 # --- the feature cache ---------------------------------------------------------------------------
@@ -452,12 +480,43 @@ def test_a_diverging_fine_tune_saves_nothing(digits_dir, feature_cache_dir, tmp_
     assert set((params.data.cache_dir / "resume").glob("*.pt")) == before, "a diverged run left resume state"
 
 
-def test_balancing_smoothing_and_clipping_still_learn(digits_dir, feature_cache_dir, tmp_path):
+def test_balancing_smoothing_and_clipping_reach_the_loss_and_the_optimiser_and_still_learn(digits_dir, feature_cache_dir, tmp_path, monkeypatch):
+    import components.train.strategies as strategies
+
+    criteria, clipped = [], []
+    real_criterion, real_clip = strategies.make_criterion, torch.nn.utils.clip_grad_norm_
+
+    def criterion_spy(*args, **kwargs):
+        criteria.append(real_criterion(*args, **kwargs))
+        return criteria[-1]
+
+    def clip_spy(parameters, max_norm, *args, **kwargs):
+        parameters = [p for p in parameters if p.grad is not None]
+        before = real_clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in parameters]))
+        clipped.append((max_norm, float(before), float(after)))
+        return before
+
+    optimizers, real_adamw = [], strategies.adamw
+    monkeypatch.setattr(strategies, "adamw", lambda *args: optimizers.append(real_adamw(*args)) or optimizers[-1])
+    monkeypatch.setattr(strategies, "make_criterion", criterion_spy)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_spy)
     params = make_params(
-        digits_dir, tmp_path, feature_cache_dir, "train.balance=class_weights", "train.label_smoothing=0.1", "train.grad_clip=1.0",
+        digits_dir, tmp_path, feature_cache_dir, "train.balance=class_weights", "train.label_smoothing=0.1", "train.grad_clip=0.05",
+        "train.weight_decay=0.0123",
     )
     split = scan(digits_dir)
+    forget_trained_heads()  # the head trains here, not from this process's memory of an earlier test
     assert accuracy(params, split, fine_tune(params, split, choice(), tmp_path / "run")) > 0.6
+    (criterion,) = criteria
+    labels = torch.tensor([sample.label for sample in split.train])
+    torch.testing.assert_close(criterion.weight, class_weights(labels, len(split.classes)))
+    assert criterion.label_smoothing == 0.1
+    (optimizer,) = optimizers
+    assert [group["weight_decay"] for group in optimizer.param_groups] == [0.0123]
+    assert clipped and {norm for norm, _, _ in clipped} == {0.05}
+    assert max(before for _, before, _ in clipped) > 0.05  # some steps needed clipping ...
+    assert max(after for _, _, after in clipped) <= 0.05 * 1.001  # ... and every step stepped with at most that norm
 
 
 def test_class_weights_and_the_balanced_sampler_even_out_classes(tiny_params):
