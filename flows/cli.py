@@ -227,7 +227,8 @@ def _history(args: argparse.Namespace) -> int:
     moves = read_history(client, args.name)
     concerns = functools.cache(lambda version: version_concerns(client, args.name, version))
     for move in moves:
-        print(f"{move.when}  {move.alias} v{move.previous or '-'} -> {move.to_words}  {move.action} by {move.who}: {move.why}")
+        before = f"v{move.previous}" if move.previous else "(none)"
+        print(f"{move.when}  {move.alias} {before} -> {move.to_words}  {move.action} by {move.who}: {move.why}")
         for concern in concerns(move.version) if move.alias == CHAMPION and not move.removed else ():
             print(f"    ! v{move.version}: {concern}")
     moved = unrecorded_champion(client, args.name, moves)
@@ -410,7 +411,7 @@ def _options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     params.add_argument("--params", metavar="FILE", help="params file (default: ./params.yaml, else the project's)")
     params.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", help="override one parameter; repeatable")
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--data", metavar="DIR", help="image folder: DIR/<class>/* or DIR/{train,val}/<class>/* (default: data.dir, the DVC demo data)")
+    data.add_argument("--data", metavar="DIR", help="image folder: DIR/<class>/* or DIR/{train,val,test}/<class>/* (default: data.dir, the DVC demo data)")
     return params, data
 
 
@@ -525,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     except GraftError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no command handles it (`graft schedule` before Prefect's runner is up, ...)
+        print(f"stopped: graft {args.command} was interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     except Exception as exc:
         from components.registry.mlflow_calls import explain_auth  # MLflow is imported only by commands that use it
 

@@ -215,7 +215,8 @@ class EvaluateConfig(_Section):
     """Fit a softmax temperature on the validation split and export the model with it (better calibrated
     probabilities, same predictions); calibration metrics on that split are then optimistic."""
     misclassified_images: int = Field(16, ge=1, le=100)
-    """How many of the most confidently wrong validation images the misclassification grid shows."""
+    """How many of the most confidently wrong test images (validation where there is no test split) the misclassification
+    grid shows."""
     gate_test: Literal["mcnemar", "bootstrap", "none"] = "mcnemar"
     """Paired test that the challenger's gain is not noise: McNemar's exact test on the images where the
     two models disagree (tests accuracy), a paired bootstrap interval of the `metric` difference, or none."""
@@ -268,7 +269,7 @@ class DeployConfig(_Section):
     """Variants built beside the fp32 model: `fp16` for GPUs, `int8` for CPUs, `optimized` (onnxruntime's offline-optimised
     fp32 copy, published only where it is faster than fp32)."""
     max_variant_drop: float = Field(0.01, ge=0.0, le=1.0)
-    """Largest validation-accuracy loss of a variant against fp32 (0.01 = 1 point); a variant that loses more is not published."""
+    """Largest test-accuracy loss of a variant against fp32 (0.01 = 1 point); a variant that loses more is not published."""
     calibration_images: int = Field(64, ge=1)
     """Training images (stratified) that calibrate the INT8 variant's activation ranges."""
     int8_weight_bits: Literal["auto", 7, 8] = "auto"

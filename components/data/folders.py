@@ -180,7 +180,7 @@ def scan(root: Path, settings: SplitSettings = SplitSettings()) -> Split:
     check_parts(split)
     _warn_about_balance(split)
     counts = ", ".join(f"{len(getattr(split, part))} {part}" for part in PARTS)
-    log.info("data %s: %d classes, %s images (%s; %s)%s", root, len(split.classes), counts, split.source, settings.describe(),
+    log.info("data %s: %d classes, %s images (%s)%s", root, len(split.classes), counts, split.describe(),
              "; no test split: test metrics are validation metrics (data.test_fraction=0)" if split.test_is_val else "")
     return split
 

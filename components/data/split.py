@@ -100,6 +100,11 @@ class Split:
     duplicates: int = 0
     """Held-out images whose exact bytes also appear in the training split (pre-split folders only)."""
 
+    def describe(self) -> str:
+        """How the parts were made, in words: the content hash and its settings, or the folders (what was carved
+        from which, and how much, is in `source`; the fractions of a folder that is not pre-split do not apply)."""
+        return self.source if self.presplit else f"{self.source}; {self.settings.describe()}"
+
     @property
     def test_is_val(self) -> bool:
         """True when there is no separate test split: test metrics are then validation metrics."""

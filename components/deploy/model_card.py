@@ -100,7 +100,7 @@ def _data_section(facts: CardFacts) -> list[str]:
         "## Data",
         "",
         f"- **Version (DVC md5):** `{facts.data_md5}`",
-        f"- **Folder:** `{split.root}`; split by {split.source} ({split.settings.describe()})",
+        f"- **Folder:** `{split.root}`; split by {split.describe()}",
         f"- **Classes ({len(split.classes)}):** {', '.join(f'`{c}`' for c in split.classes)}",
         "",
         "Three splits, each with one job: **train** fits the weights; **validation** chooses the epoch (early stopping)"

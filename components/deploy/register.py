@@ -36,6 +36,7 @@ from components.core.lineage import (
     COMMIT_TAG,
     DATA_MD5_TAG,
     DECISION_METRICS,
+    GATE_CHAMPION_TAG,
     GATE_REASONS_TAG,
     GATE_VERDICT_TAG,
     HOLD_TAG,
@@ -111,8 +112,11 @@ def decision_tags(facts: DeployFacts) -> dict[str, str]:
 
 
 def record_tags(facts: DeployFacts, manifest: SplitManifest) -> dict[str, str]:
-    """Tags Graft itself reads back: what the retraining check compares, the split manifest's digest, a hold."""
+    """Tags Graft itself reads back: what the retraining check compares, the split manifest's digest, the champion the
+    gate compared with, a hold."""
     tags = {PARAMS_SHA_TAG: params_fingerprint(facts.params), MANIFEST_SHA_TAG: manifest.sha256()}
+    if facts.verdict.champion_version is not None:  # whom the gate judged against: the retraining check says it
+        tags[GATE_CHAMPION_TAG] = facts.verdict.champion_version
     if facts.hold:
         tags[HOLD_TAG] = f"{facts.hold}: challenger only, champion not moved by this run"
     return tags

@@ -301,11 +301,17 @@ def _class_drop_check(challenger: np.ndarray, champion: np.ndarray, labels: np.n
 def _comparison_check(comparison: Comparison, total: int, version: str, rules: GateRules) -> Check:
     notes = "".join(f"; {note}" for note in comparison.notes)
     if comparison.size < rules.min_comparison_images:
+        needed = f"at least {rules.min_comparison_images} are needed to tell the two apart (evaluate.min_comparison_images)"
+        if total < rules.min_comparison_images:  # the test split itself is too small, whatever the champion saw
+            return Check(
+                "comparison", False,
+                f"the test split holds only {_images(total)}{notes}; {needed}: registered as challenger, promote by hand if "
+                "intended. For runs that can promote, add images, raise data.test_fraction, or lower evaluate.min_comparison_images",
+            )
         return Check(
             "comparison", False,
             f"only {_images(comparison.size)} of the {total} test images were seen by neither model (champion v{version} "
-            f"trained or early-stopped on the others){notes}; at least {rules.min_comparison_images} are needed to tell the two "
-            "apart (evaluate.min_comparison_images): registered as challenger, promote by hand if intended",
+            f"trained or early-stopped on the others){notes}; {needed}: registered as challenger, promote by hand if intended",
         )
     return Check("comparison", True, f"compared on {_images(comparison.size)} of the {total} test images that neither model "
                                      f"trained or early-stopped on{notes}")

@@ -18,7 +18,7 @@ import numpy as np
 
 from components.core.config import REPO_ROOT, Params
 from components.core.errors import DataError
-from components.core.files import write_json
+from components.core.files import sha256, write_json
 from components.data.images import load_batch
 from components.data.split import Split
 from components.evaluate.metrics import check_classes, classification_metrics
@@ -39,17 +39,30 @@ class HoldoutResult:
     """Largest |ONNX metric - the run's PyTorch metric| on the test split, over the metrics both report."""
 
 
+REPORTED_MODEL = Path("model") / "model.onnx"
+"""Where `graft run --report DIR` keeps the run's fp32 model, beside the summary in DIR: the DVC train stage's output
+(`outputs/model/model.onnx`), which `dvc pull` brings to a fresh clone, where the run folder the summary names is not."""
+
+
 def run_metrics(summary_path: Path) -> tuple[dict[str, float], Path]:
-    """The test metrics a `graft run --summary` file records, and the ONNX file it names.
+    """The test metrics a `graft run --summary` file records, and the ONNX file it names: the run folder's, or where
+    that is not on this machine, the same model (by sha256) kept beside the summary (`REPORTED_MODEL`).
 
     Raises:
         DataError: the summary is missing or unreadable.
     """
     try:
         summary = json.loads(summary_path.read_text())
-        return dict(summary["test"]), Path(summary["onnx"]["path"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        metrics, named, digest = dict(summary["test"]), Path(summary["onnx"]["path"]), summary["onnx"].get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise DataError(f"run summary {summary_path} is missing or unreadable ({exc}); run `graft run --summary {summary_path}` first") from exc
+    named = named if named.is_absolute() else REPO_ROOT / named  # summaries name files relative to the project
+    reported = summary_path.parent / REPORTED_MODEL
+    if not named.is_file() and digest and reported.is_file() and sha256(reported) == digest:
+        log.info("the run folder's model %s is not here; scoring the same file (sha256 %s...) beside the summary: %s",
+                 named, digest[:12], reported)
+        return metrics, reported
+    return metrics, named
 
 
 def evaluate_holdout(params: Params, split: Split, summary_path: Path, out_dir: Path, model_path: Path | None = None) -> HoldoutResult:
@@ -60,9 +73,13 @@ def evaluate_holdout(params: Params, split: Split, summary_path: Path, out_dir: 
         DataError: the summary or the model file is missing, or the test split does not match the model.
     """
     trained_metrics, named = run_metrics(summary_path)
-    onnx_path = model_path or (named if named.is_absolute() else REPO_ROOT / named)  # summaries name files relative to the project
+    onnx_path = model_path or named
     if not onnx_path.is_file():
-        raise DataError(f"ONNX model {onnx_path} does not exist; run `dvc pull` (or `graft run --summary {summary_path}`) first")
+        reported = summary_path.parent / REPORTED_MODEL
+        raise DataError(
+            f"ONNX model {onnx_path} does not exist; pass --model FILE, or run `dvc pull` if the DVC train stage made "
+            f"{summary_path} (its model is {reported}), or run `graft run --summary FILE` and evaluate that"
+        )
     model = OnnxClassifier.load(onnx_path)  # checked against its sidecar (and signature) first
     check_classes(split, model.classes, parts=("test",))
     tested = split.evaluation

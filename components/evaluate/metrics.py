@@ -45,10 +45,15 @@ def class_recall(predicted: np.ndarray, labels: np.ndarray, num_classes: int) ->
     return _ratio(np.diag(matrix), matrix.sum(axis=1), empty=np.nan)
 
 
+LOG_LOSS_EPS = float(np.finfo(np.float32).eps)
+"""Probabilities are clipped into [eps, 1 - eps] at float32's resolution, whatever their type: the exported model's
+float32 output and the run's float64 softmax of the same logits then give the same log loss. Clipped at each one's
+own type (as scikit-learn does), one confident mistake among 276 test images put the two 0.04 apart."""
+
+
 def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Mean -log p(true class), probabilities clipped into [eps, 1 - eps] of their float type (as scikit-learn)."""
-    eps = np.finfo(probs.dtype).eps if np.issubdtype(probs.dtype, np.floating) else np.finfo(np.float64).eps
-    clipped = np.clip(np.clip(probs, 1e-12, 1.0), eps, 1 - eps)
+    """Mean -log p(true class), probabilities clipped into [`LOG_LOSS_EPS`, 1 - `LOG_LOSS_EPS`]."""
+    clipped = np.clip(probs.astype(np.float64), LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
     return float(-np.log(clipped[np.arange(len(labels)), labels]).mean())
 
 

@@ -46,7 +46,7 @@ from components.core.lineage import (
     PROMOTED_BY_TAG,
 )
 from components.registry import mlflow_calls
-from components.registry.versions import alias_version
+from components.registry.versions import alias_version, other_names
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _model_tags(client, name: str) -> dict[str, str]:  # noqa: ANN001
             return dict(client.get_registered_model(name).tags)
         except MlflowException as exc:
             if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                raise RegistryError(f"registered model '{name}' not found; check the name in the MLflow UI") from exc
+                raise RegistryError(f"registered model '{name}' not found ({other_names(client, name)}); check the name in the MLflow UI") from exc
             raise
 
     return mlflow_calls.call(f"reading registered model '{name}'", read, uri=mlflow_calls.server_uri(client))

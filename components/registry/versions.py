@@ -88,7 +88,7 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
     if found is None:
         if _read_or_none(client, f"reading registered model '{name}'", lambda: client.get_registered_model(name)) is None:
             raise GraftError(f"there is no registered model '{name}' in the MLflow registry at {client.tracking_uri} "
-                             f"({_other_names(client, name)}); check the name, or set MLFLOW_TRACKING_URI to the registry that holds it")
+                             f"({other_names(client, name)}); check the name, or set MLFLOW_TRACKING_URI to the registry that holds it")
         if alias == CHAMPION:  # the model is there: the alias was removed, or the version holding it deleted
             raise GraftError(
                 f"no version of '{name}' holds the alias 'champion' in the MLflow registry at {client.tracking_uri} (it was removed, "
@@ -102,7 +102,7 @@ def registry_version(name: str, alias: str | None, version: str | None):  # noqa
     return found
 
 
-def _other_names(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
+def other_names(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
     """'did you mean ...' for a misspelt model name, else the names the registry holds."""
     import difflib
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from components.core.files import copy_file
+from components.evaluate.holdout import REPORTED_MODEL
 from components.report.summary import RunSummary
 from components.runtime.trust import write_sidecar
-
-MODEL_DIR = "model"
 
 
 def write_dvc_outputs(summary: RunSummary, report_dir: Path) -> list[Path]:
@@ -22,6 +21,6 @@ def write_dvc_outputs(summary: RunSummary, report_dir: Path) -> list[Path]:
     written = [copy_file(evaluation.metrics_path, report_dir / "metrics.json")]
     written += [copy_file(picture, report_dir / picture.name) for picture in evaluation.pictures]
     written += [copy_file(data, report_dir / "plots" / data.name) for data in evaluation.plot_data]
-    model = copy_file(summary.deployed.export.onnx_path, report_dir / MODEL_DIR / "model.onnx")
+    model = copy_file(summary.deployed.export.onnx_path, report_dir / REPORTED_MODEL)  # where `graft evaluate` looks for it
     written += [model, write_sidecar(model, summary.deployed.export.sha256)]  # the evaluate stage checks the file against it
     return written

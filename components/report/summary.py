@@ -152,7 +152,7 @@ class RunSummary:
             f"chosen backbone   {self.choice.chosen}  ({self.choice.reason})",
             f"trained           {self.trained.backbone}, {self.trained.strategy}",
             f"data split        {', '.join(f'{n} {part}' for part, n in self.split_counts.items() if not (part == 'test' and self.split.test_is_val))} "
-            f"images ({self.split.source}; {self.split.settings.describe()})",
+            f"images ({self.split.describe()})",
             f"validation        accuracy {val['accuracy']:.4f}, macro-F1 {val['macro_f1']:.4f}  (chose the epoch: optimistic)",
             f"{'test (= val)' if self.evaluation.test_is_val else 'test':<17} accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}"
             f"{'  (no test split: data.test_fraction=0)' if self.evaluation.test_is_val else '  (unseen until now: what the gate judges)'}",

@@ -45,6 +45,7 @@ from components.core import errors
 from components.core.config import Params
 from components.core.errors import GraftError, TrainingError
 from components.data.split import Split, split_document
+from components.runtime.cpu import cpu_facts
 from components.train.loop import MetricsCallback
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,10 @@ def check_setup(params: Params, cuda_devices: int | None = None) -> None:
             f"train.batch_size={cfg.batch_size} cannot be shared by train.processes={cfg.processes} (every process "
             f"needs at least 2 images of each batch): use --set train.batch_size={2 * cfg.processes} or more"
         )
+    cores = cpu_facts().cores
+    if not (cfg.device != "cpu" and devices) and cfg.processes > cores:
+        log.warning("train.processes=%d on %d CPU core(s): the processes take turns on the cores, and each step waits for "
+                    "the slowest; --set train.processes=%d trains at least as fast", cfg.processes, cores, cores)
 
 
 ELASTIC_LOG_DIR = "torchrun-logs"

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,48 +58,75 @@ through the whole backbone instead (the decoded images it then keeps are 3 bytes
 
 
 class TrunkCache:
-    """The trunk's output for one backbone, image size and cut: `<key>.npy` (float32 rows, memory-mapped)
-    and `<key>.json` (the image md5 of each row).
+    """The trunk's output for one backbone, image size and cut: `<key>.json`, the image md5 of each row and the name
+    of the rows file it describes, `<key>-<writer>.npy` (float32 rows, memory-mapped).
 
-    Rows are only ever appended, so an index written earlier still describes a newer rows file: a
-    reader that meets a half-finished update sees fewer rows, never wrong ones.
+    Rows are computed outside any lock; adding them takes `<key>.lock` for as long as it takes to copy the rows
+    committed so far and the new ones into a new file and commit it by replacing the index in one rename. So a
+    reader, which takes no lock, always finds an index and the rows written for it, and two runs adding rows at
+    once (a manual run beside a scheduled one) both keep theirs.
     """
 
     def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, frozen_blocks: int) -> None:
         self.spec, self.image_size = spec, image_size
         self.cache_dir, self.seed = Path(cache_dir), seed
-        stem = Path(cache_dir) / "trunk" / f"{cache_key(spec, image_size, seed)}-frozen{frozen_blocks}"
-        self.rows_path, self.index_path = stem.with_suffix(".npy"), stem.with_suffix(".json")
+        self.stem = Path(cache_dir) / "trunk" / f"{cache_key(spec, image_size, seed)}-frozen{frozen_blocks}"
+        self.index_path = self.stem.with_suffix(".json")
         self.hits = 0
         self.misses = 0
 
     def _read(self) -> tuple[list[str], np.ndarray | None]:
-        if not (self.rows_path.is_file() and self.index_path.is_file()):
+        """(md5 of each row, the rows) as the index last committed them; ([], None) when there are none."""
+        if not self.index_path.is_file():
             return [], None
         try:
-            md5s = json.loads(self.index_path.read_text())["md5"]
-            rows = np.load(self.rows_path, mmap_mode="r")
-            if len(rows) < len(md5s):
+            index = json.loads(self.index_path.read_text())
+            if "rows" not in index:  # Graft before 2026-12-07: one `<key>.npy` beside it, replaced in place
+                log.info("trunk cache %s is in an older layout; computing it again", self.index_path)
+                return [], None
+            md5s = index["md5"]
+            rows = np.load(self.index_path.parent / index["rows"], mmap_mode="r")
+            if len(rows) != len(md5s):
                 raise ValueError(f"{len(md5s)} md5s for {len(rows)} rows")
             return md5s, rows
-        except (OSError, ValueError, KeyError) as exc:
-            log.warning("trunk cache %s is unreadable (%s); recomputing it", self.rows_path, exc)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("trunk cache %s is unreadable (%s); recomputing it", self.index_path, exc)
             return [], None
 
-    def _append(self, old: np.ndarray | None, md5s: list[str], fresh: np.ndarray) -> None:
-        self.rows_path.parent.mkdir(parents=True, exist_ok=True)
-        kept = 0 if old is None else len(md5s) - len(fresh)
-        tmp = self.rows_path.with_suffix(f".{os.getpid()}.tmp.npy")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(kept + len(fresh), *fresh.shape[1:]))
-        if kept:
-            out[:kept] = old[:kept]
-        out[kept:] = fresh
-        out.flush()
-        del out
-        os.replace(tmp, self.rows_path)
-        index_tmp = self.index_path.with_suffix(f".{os.getpid()}.tmp")
-        index_tmp.write_text(json.dumps({"md5": md5s}))
-        os.replace(index_tmp, self.index_path)
+    def _add(self, md5s: list[str], fresh: np.ndarray) -> tuple[list[str], np.ndarray]:
+        """Commit `fresh` rows (of images `md5s`) after the rows committed so far, and return what is committed then:
+        every md5 and its rows, memory-mapped."""
+        import fcntl
+
+        self.index_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.stem.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            known, rows = self._read()
+            if rows is not None and tuple(rows.shape[1:]) != tuple(fresh.shape[1:]):
+                known, rows = [], None  # another torch or model build: start over
+            seen = set(known)
+            new = [i for i, m in enumerate(md5s) if m not in seen]  # another writer may have added some meanwhile
+            committed = known + [md5s[i] for i in new]
+            writer = f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
+            rows_path = self.stem.parent / f"{self.stem.name}-{writer}.npy"
+            tmp = rows_path.with_suffix(".tmp.npy")
+            try:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(committed), *fresh.shape[1:]))
+                if known:
+                    out[: len(known)] = rows
+                out[len(known) :] = fresh[new]
+                out.flush()
+                del out
+                os.replace(tmp, rows_path)
+                index_tmp = self.index_path.with_suffix(f".{writer}.tmp")
+                index_tmp.write_text(json.dumps({"md5": committed, "rows": rows_path.name}))
+                os.replace(index_tmp, self.index_path)
+            finally:
+                tmp.unlink(missing_ok=True)
+            for old in [*self.stem.parent.glob(f"{self.stem.name}-*.npy"), self.stem.with_suffix(".npy")]:
+                if old != rows_path:
+                    old.unlink(missing_ok=True)  # superseded (or the older layout's); a reader that maps it keeps its pages
+            return committed, np.load(rows_path, mmap_mode="r")
 
     def get(self, paths: Sequence[Path], trunk: TrunkSplit, preprocess: torch.nn.Module, batch_size: int) -> np.ndarray:
         """Trunk rows of `paths` (in that order), computing and storing only those not cached yet."""
@@ -112,7 +140,7 @@ class TrunkCache:
         self.hits += len(paths) - sum(1 for m in md5s if m not in position)
         self.misses += len(todo)
         if todo:
-            log.info("running the %d frozen blocks of %s over %d images (once; cached in %s)", trunk.frozen_blocks, self.spec.name, len(todo), self.rows_path.parent)
+            log.info("running the %d frozen blocks of %s over %d images (once; cached in %s)", trunk.frozen_blocks, self.spec.name, len(todo), self.index_path.parent)
             started = time.perf_counter()
             todo_paths, desc = [p for _, p in todo], f"{self.spec.name} frozen blocks"
             on_onnx = self._onnx_trunk(trunk, preprocess, todo_paths)
@@ -128,9 +156,7 @@ class TrunkCache:
             seconds = time.perf_counter() - started
             log.info("frozen blocks: %d images in %.1f s (%.0f images/s) on %s", len(todo), seconds, len(todo) / max(seconds, 1e-9),
                      "onnxruntime" if on_onnx is not None else "PyTorch")
-            known = known + [m for m, _ in todo]
-            self._append(rows, known, fresh)
-            known, rows = self._read()
+            known, rows = self._add([m for m, _ in todo], fresh)  # with what another run committed meanwhile
             position = {m: i for i, m in enumerate(known)}
         return np.asarray(rows[[position[m] for m in md5s]], dtype=np.float32)
 
@@ -250,7 +276,7 @@ def cached_trunk_data(params: Params, split: Split, spec: BackboneSpec, size: in
     log.info(
         "cached trunk: %d frozen blocks of %s ran once per image (%d cached, %d computed; %s per image, %s); "
         "each epoch runs only the blocks that train and the head",
-        cut.frozen_blocks, spec.name, cache.hits, cache.misses, "x".join(map(str, train.shape[1:])), cache.rows_path,
+        cut.frozen_blocks, spec.name, cache.hits, cache.misses, "x".join(map(str, train.shape[1:])), cache.index_path,
     )
     return TrainingData(train, torch.from_numpy(labels_of(split.train)), val, torch.from_numpy(labels_of(split.val)), len(split.classes), cut)
 

@@ -91,7 +91,10 @@ def test_cli_promote_rollback_and_history(active_registry, tmp_path, capsys):  #
     assert main(["history", "--params", params, "--name", NAME]) == 0
     out = capsys.readouterr().out
     assert "promote by" in out and "cli test" in out and "rollback by" in out
+    assert "champion (none) -> v" in out  # the first move, from no champion
     assert main(["promote", "--params", params, "--name", "no-such-model", "--version", "1"]) == 2
+    assert main(["history", "--params", params, "--name", NAME[:-1]]) == 2  # misspelt
+    assert f"registered model '{NAME[:-1]}' not found (did you mean '{NAME}'?)" in capsys.readouterr().err
 
 
 def _copy_v1(reg, tmp_path):

@@ -40,6 +40,16 @@ def test_metrics_match_hand_computed_values():
     assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.4, 0.7, 0.2])))
 
 
+def test_log_loss_is_the_same_for_the_float32_model_and_the_float64_softmax_of_a_confident_mistake():
+    """`graft evaluate` scores the ONNX model's float32 output; the run scored a float64 softmax of the same logits."""
+    from components.evaluate.metrics import log_loss
+
+    probs = np.array([[1 - 1e-20, 1e-20], [0.2, 0.8]])  # the first image: sure of the wrong class
+    labels = np.array([1, 1])
+    assert log_loss(probs.astype(np.float32), labels) == pytest.approx(log_loss(probs, labels), rel=1e-6)
+    assert log_loss(probs, labels) == pytest.approx((-np.log(np.finfo(np.float32).eps) - np.log(0.8)) / 2, rel=1e-6)
+
+
 def test_top_k_counts_the_true_class_among_the_k_most_probable():
     probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7], [0.2, 0.5, 0.3], [0.6, 0.3, 0.1]])
     labels = np.array([2, 0, 1, 1])  # top-2 sets: {0,1} miss, {2,1} miss, {1,2} hit, {0,1} hit
@@ -207,3 +217,23 @@ def test_the_misclassified_picture_shows_each_image_whole_at_any_size(tmp_path):
     assert pixels((128, 128, 128)) >= MISTAKE_CELL_PX**2 * 0.9  # the 8x8 scan, scaled up to its cell
     assert pixels((255, 0, 0)) >= MISTAKE_CELL_PX * (MISTAKE_CELL_PX * 60 // 300) * 0.9  # 5:1, its width fills the cell
     assert pixels((0, 0, 255)) >= MISTAKE_CELL_PX * (MISTAKE_CELL_PX * 40 // 400) * 0.9  # 1:10, its height fills the cell
+
+
+def test_evaluate_scores_the_model_beside_the_summary_when_the_run_folder_is_not_on_this_machine(tmp_path, tiny_params):
+    """A fresh clone has the DVC train stage's `outputs/summary.json` and, after `dvc pull`, its `outputs/model/model.onnx`,
+    but not the run folder the summary names: the same file (by sha256) beside the summary is scored instead."""
+    from components.core.files import sha256
+    from components.evaluate.holdout import REPORTED_MODEL, evaluate_holdout, run_metrics
+    from tests.models import tiny_onnx
+
+    model = tiny_onnx(tmp_path / "outputs" / REPORTED_MODEL)
+    summary = tmp_path / "outputs" / "summary.json"
+    gone = tmp_path / "outputs" / "runs" / "elsewhere" / "model.onnx"
+    summary.write_text(json.dumps({"test": {"accuracy": 0.5}, "onnx": {"path": str(gone), "sha256": sha256(model)}}))
+    assert run_metrics(summary) == ({"accuracy": 0.5}, model)
+
+    summary.write_text(json.dumps({"test": {"accuracy": 0.5}, "onnx": {"path": str(gone), "sha256": "0" * 64}}))
+    assert run_metrics(summary) == ({"accuracy": 0.5}, gone)  # another model: not a stand-in
+    with pytest.raises(DataError, match=rf"ONNX model {gone} does not exist; pass --model FILE, or run `dvc pull`.*its model is {model}"):
+        evaluate_holdout(tiny_params, None, summary, tmp_path / "holdout")
+    assert not (tmp_path / "holdout").exists()

@@ -215,6 +215,11 @@ def test_the_comparison_uses_only_the_images_neither_model_saw_and_needs_enough_
     assert "only 80 images of the 100 test images were seen by neither model" in few.reasons[0]
     assert "the split settings changed since champion v4" in few.reasons[0] and "evaluate.min_comparison_images" in few.reasons[0]
     assert few.tags()["gate.compared_images"] == "80"
+    # a test split smaller than the rule can never promote: that is what the reason says, with the fixes
+    small = judge(better, LABELS, GateRules(min_comparison_images=120), CHAMPION, "4", None, CLASSES, Comparison(fair))
+    assert not small.promote and [c.name for c in small.failures] == ["comparison"]
+    assert small.reasons[0].startswith("the test split holds only 100 images; at least 120 are needed"), small.reasons[0]
+    assert "add images, raise data.test_fraction, or lower evaluate.min_comparison_images" in small.reasons[0]
 
 
 def test_a_champion_moved_by_hand_is_recorded_on_the_next_run(registry):

@@ -373,3 +373,22 @@ def test_a_run_on_the_embedded_api_sends_no_heartbeats_and_one_on_your_server_do
     assert "heartbeat context" not in embedded, embedded[-3000:]
     yours = _heartbeat_run(tmp_path, PREFECT_API_URL=PREFECT_API_URL.value())
     assert "Finished in state Completed" in yours and "Started flow run heartbeat context" in yours, yours[-3000:]
+
+
+def test_ctrl_c_before_the_schedule_is_served_stops_graft_schedule_with_one_line(monkeypatch, capsys, tmp_path):
+    """Ctrl-C while `graft schedule` still starts (Prefect's runner, which handles it later, is not up yet)."""
+    import flows.schedule
+    from flows.cli import main
+
+    for key, value in {"PREFECT_HOME": str(tmp_path / ".prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                       "PREFECT_LOGGING_EXTRA_LOGGERS": "components", "PREFECT_UI_ENABLED": "false",
+                       "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120"}.items():
+        monkeypatch.setenv(key, os.environ.get(key, value))  # what graft sets for itself, put back afterwards
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(flows.schedule, "retrain_deployment", interrupted)
+    assert main(["schedule", "--params", str(REPO / "params.yaml"), "--cron", "0 3 * * 1"]) == 130
+    err = capsys.readouterr().err
+    assert "stopped: graft schedule was interrupted (Ctrl-C)" in err and "Traceback" not in err

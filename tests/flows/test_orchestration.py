@@ -278,6 +278,8 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
     forced = retrain_flow(params_file, overrides, force=True)
     assert forced["action"] == "retrain (forced)" and forced["summary"] is not None
     assert forced["summary"].deployed.version == "2" and "champion v1 was trained on data" in forced["reason"]
+    forced_tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}").get_model_version("graft-test", "2").tags
+    assert forced_tags["gate.champion_version"] == "1"  # whom its gate judged against, which the retraining check reads
 
     # files that are not images move the folder's md5, not one training image: nothing to retrain either
     (data / "notes.txt").write_text("where these came from\n")

@@ -5,6 +5,7 @@ metrics, or the processes' own error."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from pathlib import Path
 
@@ -107,11 +108,18 @@ def test_feature_extraction_on_cached_features_stays_in_one_process(digits_dir, 
     assert "train.processes=2 is not used by feature_extraction on cached features" in caplog.text
 
 
-def test_setups_that_cannot_work_are_refused_with_the_fix(digits_dir, feature_cache_dir, tmp_path):
+def test_setups_that_cannot_work_are_refused_with_the_fix(digits_dir, feature_cache_dir, tmp_path, caplog):
+    from components.runtime.cpu import cpu_facts
+
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", "train.processes=4")
     with pytest.raises(TrainingError, match=r"torch sees 2 CUDA device\(s\).*--set train\.processes=2"):
         check_setup(params, cuda_devices=2)
-    check_setup(params, cuda_devices=0)  # CPU processes: any number
+    cores = cpu_facts().cores
+    more = make_params(digits_dir, tmp_path, feature_cache_dir, "train.strategy=fine_tune", f"train.processes={cores + 1}",
+                       f"train.batch_size={2 * cores + 2}")
+    with caplog.at_level(logging.WARNING, logger="components"):
+        check_setup(more, cuda_devices=0)  # CPU processes: any number, with a word when they outnumber the cores
+    assert f"train.processes={cores + 1} on {cores} CPU core(s)" in caplog.text and f"--set train.processes={cores}" in caplog.text
     small = make_params(digits_dir, tmp_path, feature_cache_dir, "train.processes=4", "train.batch_size=6")
     with pytest.raises(TrainingError, match=r"train\.batch_size=6 cannot be shared.*train\.batch_size=8"):
         check_setup(small, cuda_devices=0)

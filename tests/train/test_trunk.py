@@ -159,7 +159,8 @@ def test_the_trunk_cache_is_reused_by_the_next_run_and_by_scoring(digits_dir, tm
     # exactly what the deployable model computes through its whole backbone
     paths = [s.path for s in split.test]
     logits = predict_logits(params, result, paths)
-    assert np.load(rows[0], mmap_mode="r").shape[0] == trained_on + len(paths)
+    rows = list((tmp_path / "cache" / "trunk").glob("*.npy"))  # the rows file that replaced the first one
+    assert len(rows) == 1 and np.load(rows[0], mmap_mode="r").shape[0] == trained_on + len(paths)
     model, _ = load_classifier(result.checkpoint_path)
     with torch.no_grad():
         direct = model(torch.from_numpy(load_batch(paths, SIZE))).numpy()
@@ -203,3 +204,48 @@ def test_a_backbone_that_cannot_be_cut_exactly_is_refused_with_the_reason():
 
     with pytest.raises(ModelError, match="does not reproduce its own forward"):
         split_backbone(LooksLikeAResNet().eval(), 2, SIZE)
+
+
+def test_two_writers_adding_rows_at_once_each_get_their_own_images_rows_and_leave_a_consistent_cache(digits_dir, tmp_path):
+    """A manual run beside a scheduled one: each adds rows for other images to the same cache at the same time."""
+    import threading
+
+    from components.backbones.classifier import Preprocess
+    from components.data.images import load_batch
+    from components.train.trunk import TrunkCache
+
+    spec = get_spec("efficientnet_lite0")
+    backbone = spec.build(SIZE)
+    cut = split_backbone(backbone, 10, SIZE)
+    model = Preprocess(spec.mean, spec.std)
+    split = scan(digits_dir)
+    groups = [[s.path for s in split.train[:24]], [s.path for s in split.train[24:48]], [s.path for s in split.val[:24]]]
+    start, results, errors = threading.Barrier(len(groups)), {}, []
+
+    def add(number: int) -> None:
+        try:
+            cache = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10)
+            start.wait()
+            results[number] = cache.get(groups[number], cut, model, 8)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(n,)) for n in range(len(groups))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with torch.inference_mode():
+        for number, paths in enumerate(groups):
+            expected = cut.trunk(model(torch.from_numpy(load_batch(paths, SIZE)))).float().numpy()
+            np.testing.assert_allclose(results[number], expected.reshape(results[number].shape), atol=1e-4)
+    # what is left is one rows file, with the index that describes it and every writer's rows: reading every image
+    # again computes nothing and gives the same rows
+    assert len(list((tmp_path / "cache" / "trunk").glob("*.npy"))) == 1
+    assert not list((tmp_path / "cache" / "trunk").glob("*.tmp*"))
+    again = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10)
+    every = [p for paths in groups for p in paths]
+    np.testing.assert_allclose(again.get(every, cut, model, 8), np.concatenate([results[n] for n in range(len(groups))]), atol=1e-4)
+    assert (again.hits, again.misses) == (len(every), 0)
+
