@@ -16,7 +16,7 @@ from components.choose.candidates import resolve_spec
 from components.core.lineage import code_fingerprint, params_fingerprint, split_fingerprint
 
 # What scoring one candidate reads: the split, the image size and seeds, the choose settings.
-CHOOSE_KEYS = ("data.val_fraction", "data.test_fraction", "data.seed", "data.image_size", "choose", "train.seed")
+CHOOSE_KEYS = ("data.val_fraction", "data.test_fraction", "data.seed", "data.image_size", "choose", "train.seed", "deploy.opset")
 CACHE_EXPIRATION = timedelta(days=30)
 
 

@@ -35,11 +35,27 @@ def task_runner(kind: str | None = None, address: str | None = None):  # noqa: A
         address = address or os.environ.get("GRAFT_DASK_ADDRESS")
         if address:
             return DaskTaskRunner(address=address)
-        return DaskTaskRunner(cluster_kwargs={"n_workers": int(os.environ.get("GRAFT_DASK_WORKERS", "2")), "threads_per_worker": 1})
+        return DaskTaskRunner(cluster_kwargs={"n_workers": _dask_workers(), "threads_per_worker": 1})
     if kind == "ray":  # documented once, never tested: prefect-ray is not in the lock, so Graft does not claim it
         raise ConfigError("GRAFT_TASK_RUNNER=ray is not supported: Dask is the engine Graft supports and tests; "
                           "use GRAFT_TASK_RUNNER=dask (GRAFT_DASK_ADDRESS=tcp://scheduler:8786 for an existing cluster)")
     raise ConfigError(f"GRAFT_TASK_RUNNER='{kind}' is not one of {', '.join(RUNNERS)}")
+
+
+def _dask_workers() -> int:
+    """$GRAFT_DASK_WORKERS (default 2): the local Dask cluster's worker processes.
+
+    Raises:
+        ConfigError: it is not a whole number of at least 1.
+    """
+    text = os.environ.get("GRAFT_DASK_WORKERS", "2")
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise ConfigError(f"GRAFT_DASK_WORKERS='{text}' is not a whole number of worker processes; e.g. GRAFT_DASK_WORKERS=2")
+    return workers
 
 
 def with_task_runner(flow):  # noqa: ANN001, ANN201 - a prefect Flow

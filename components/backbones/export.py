@@ -156,25 +156,26 @@ class _ImagesToFeatures(nn.Module):
         return self.backbone(self.preprocess(images))
 
 
-def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path:
-    """Where the exported backbone lives: the feature cache's key, `.onnx`."""
-    return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}.onnx"
+def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, opset: int) -> Path:
+    """Where the exported backbone lives: the feature cache's key and the opset (`deploy.opset`: the deployed model
+    is composed from this graph, so another opset is another file), `.onnx`."""
+    return Path(cache_dir) / "onnx" / f"{cache_key(spec, image_size, seed)}-opset{opset}.onnx"
 
 
-def cached_backbone_onnx(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> Path | None:
+def cached_backbone_onnx(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, opset: int) -> Path | None:
     """The backbone's exported graph (`backbone_onnx_path`) when the cache holds it, else None."""
-    path = backbone_onnx_path(cache_dir, spec, image_size, seed)
+    path = backbone_onnx_path(cache_dir, spec, image_size, seed, opset)
     return path if path.is_file() else None
 
 
-def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int) -> OnnxFeatures | None:
+def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, opset: int) -> OnnxFeatures | None:
     """The backbone's cached exported graph as a feature extractor; None when it is not cached.
 
     It is the graph the choose stage scored with and the deploy stage serves a `feature_extraction`
     model with, so features computed with it are the served model's. onnxruntime computes them
     several times faster than eager PyTorch on a CPU.
     """
-    path = cached_backbone_onnx(cache_dir, spec, image_size, seed)
+    path = cached_backbone_onnx(cache_dir, spec, image_size, seed, opset)
     return OnnxFeatures(path) if path is not None else None
 
 

@@ -76,6 +76,11 @@ class CandidateScore:
     train_seconds: float | None = None
     """Finalists only: wall time to extract the whole split's features (rows not cached) and train the head."""
 
+    @property
+    def worst_latency_ms(self) -> float | None:
+        """The figure `choose.max_latency_ms` is checked against: the slower of the two per-image times."""
+        return None if self.latency_ms is None else max(self.latency_ms, self.latency_batch_ms or 0.0)
+
     def to_dict(self) -> dict[str, object]:
         out = asdict(self)
         out["params"] = int(self.params_m * 1e6) if self.params_m is not None else None
@@ -193,7 +198,7 @@ def _copy_machine_export(params: Params, spec: BackboneSpec, path: Path) -> None
 
 
 def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> Path:  # noqa: ANN001 - nn.Module or None
-    path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
+    path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed, params.deploy.opset)
     if not path.is_file():
         net = backbone if backbone is not None else spec.build(size, seed=params.train.seed)
         export_backbone(net, spec, size, path, params.deploy.opset)
@@ -224,7 +229,7 @@ def score_candidate(params: Params, split: Split, name: str) -> CandidateScore:
     labels = np.array([s.label for s in sample])
     try:
         cache = FeatureCache(params.data.cache_dir, spec, size, seed=params.train.seed)
-        onnx_path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed)
+        onnx_path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed, params.deploy.opset)
         _copy_machine_export(params, spec, onnx_path)
         backbone = None
         if spec.params_m is None or not onnx_path.is_file():

@@ -19,7 +19,7 @@ import numpy as np
 
 from components.backbones.features import OnnxFeatures
 from components.core.files import cached_sha256, user_cache_dir
-from components.runtime.cpu import CpuWatch
+from components.runtime.cpu import CpuWatch, cpu_facts
 from components.runtime.providers import choose_providers
 
 log = logging.getLogger(__name__)
@@ -34,11 +34,6 @@ class Latency:
     """Per image at `batch_size`."""
     batch_size: int
     provider: str
-
-    @property
-    def worst_ms(self) -> float:
-        """The figure a latency limit is checked against."""
-        return max(self.batch1_ms, self.batch_ms)
 
 
 def time_calls(call, batch: np.ndarray, runs: int, warmup: int = 2) -> list[float]:  # noqa: ANN001 - any callable on a batch
@@ -78,14 +73,9 @@ def _machine() -> dict[str, object]:
 
     import onnxruntime as ort
 
-    cpu = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")), "")
-    return {
-        "host": platform.node(), "cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-        "onnxruntime": ort.__version__, "providers": choose_providers(),
-    }
+    # the cores this process may use (a pinned job, a container's share) and the instruction sets onnxruntime's
+    # kernels pick from, as every other record of this machine says them (`cpu_facts`)
+    return {"host": platform.node(), "cpu": cpu_facts().describe(), "onnxruntime": ort.__version__, "providers": choose_providers()}
 
 
 LATENCY_RECORDS = 8

@@ -52,8 +52,8 @@ def _over_limits(params: Params, row: CandidateScore) -> list[str]:
     over = []
     if cfg.max_size_mb is not None and row.size_mb is not None and row.size_mb > cfg.max_size_mb:
         over.append(f"{row.size_mb:.1f} MB > choose.max_size_mb={cfg.max_size_mb:g}")
-    if cfg.max_latency_ms is not None and row.latency_ms is not None:
-        worst = max(row.latency_ms, row.latency_batch_ms or 0.0)
+    worst = row.worst_latency_ms
+    if cfg.max_latency_ms is not None and worst is not None:
         if worst > cfg.max_latency_ms:
             over.append(f"{worst:.1f} ms/image > choose.max_latency_ms={cfg.max_latency_ms:g}")
     return over

@@ -1,7 +1,9 @@
 """Typed view of `params.yaml`: one section per stage, unknown keys rejected.
 
-Every path Graft reads or writes is declared once here; other modules take it
-from the parsed `Params`, never from a literal of their own.
+The folders a run reads and writes are set here (`data.dir`, `data.cache_dir`,
+`deploy.output_dir`, `tracking.store_dir`); the stages name what they keep inside
+them. The DVC pipeline's own files (`outputs/split.json`, `outputs/summary.json`,
+`outputs/holdout/`) are named by `dvc.yaml` and the command line's defaults.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class DataConfig(_Section):
     cache_dir: Path = Path(".cache/graft")
     """Feature cache and other derived data that can be rebuilt at any time."""
 
+    @property
+    def resume_dir(self) -> Path:
+        """Training's epoch checkpoints (`train.resume`), kept until the run that wrote them registers its model."""
+        return self.cache_dir / "resume"
 
     @model_validator(mode="after")
     def _room_for_training(self) -> DataConfig:

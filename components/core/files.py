@@ -72,11 +72,17 @@ def temp_write(path: Path, tmp: Path) -> Iterator[None]:
         ) from exc
 
 
+def temp_path(path: Path) -> Path:
+    """A temporary name beside `path` that no other process or thread writes: `.<name>.<pid>-<thread>.tmp`."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+
+
 def write_json(path: Path, content: object) -> Path:
-    """Write JSON atomically."""
+    """Write JSON atomically (a reader never sees half a file; a full disk is a `DiskFullError`, leaving no temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+    tmp = temp_path(path)
+    with temp_write(path, tmp):
+        tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
 
@@ -93,7 +99,7 @@ def copy_file(source: Path, target: Path) -> Path:
     import shutil
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp = temp_path(target)
     with temp_write(target, tmp):
         shutil.copyfile(source, tmp)
     tmp.replace(target)

@@ -38,12 +38,27 @@ def _dvc() -> str:
     return str(beside) if beside.exists() else (shutil.which("dvc") or "dvc")
 
 
+PULL_TIMEOUT_S = 600
+"""How long `dvc pull` may take before the pull counts as failed (and is retried)."""
+
+
 def pull(dvc_file: Path) -> None:
     """`dvc pull` the files a `.dvc` file names from the configured remote."""
     log.info("pulling %s from the DVC remote", dvc_file.name)
-    result = subprocess.run(
-        [_dvc(), "pull", "-q", dvc_file.name], cwd=dvc_file.parent, capture_output=True, text=True, timeout=600
-    )
+    try:
+        result = subprocess.run(
+            [_dvc(), "pull", "-q", dvc_file.name], cwd=dvc_file.parent, capture_output=True, text=True, timeout=PULL_TIMEOUT_S
+        )
+    except FileNotFoundError as exc:
+        raise DataError(
+            f"{dvc_file.name} is tracked by DVC, but there is no `dvc` command to pull it ({exc.filename}); install the "
+            "project's environment (`make run` or `make test` set up .venv), or put the data folder in place by hand"
+        ) from exc
+    except subprocess.TimeoutExpired as exc:  # a remote that hangs: retried like one that fails (`is_transient`)
+        raise RemoteError(
+            f"dvc pull {dvc_file.name} did not finish in {PULL_TIMEOUT_S} s; check the remote with `dvc remote list` "
+            "and run `dvc pull` by hand"
+        ) from exc
     if result.returncode != 0:
         raise RemoteError(
             f"dvc pull {dvc_file.name} failed: {(result.stderr or result.stdout).strip()[:500]}; "

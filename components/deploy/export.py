@@ -18,7 +18,7 @@ from components.backbones.classifier import GraftClassifier
 from components.backbones.export import template_path, tidy_onnx, torchscript_trace, trace_to_onnx, trace_with_template
 from components.core.config import Exporter
 from components.core.errors import ExportError
-from components.core.files import cached_sha256, temp_write
+from components.core.files import cached_sha256, temp_path, temp_write
 from components.data.images import load_batch
 from components.runtime.model import OnnxClassifier
 
@@ -133,7 +133,7 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown deploy.exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
-    tmp = path.with_suffix(".tmp.onnx")
+    tmp = temp_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     proto = None
     if backbone_onnx is not None:
@@ -163,10 +163,12 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
         onnx.save_model(proto, tmp)
     try:
         onnx.checker.check_model(str(tmp), full_check=True)
-    except onnx.checker.ValidationError as exc:
+        tmp.replace(path)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:  # full_check's shape inference raises the second
+        raise ExportError(f"onnx.checker rejected the exported model ({exc.__class__.__name__}: {exc}); try another "
+                          "deploy.opset or deploy.exporter") from exc
+    finally:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"onnx.checker rejected the exported model: {exc}") from exc
-    tmp.replace(path)
     return how
 
 

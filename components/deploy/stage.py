@@ -108,7 +108,7 @@ def export(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     }
     parity_paths = [s.path for s in ctx.split.val[: cfg.parity_images]]
     # an untrained backbone is the very graph the choose stage exported: the model is that graph and the head
-    untrained = None if trained.backbone_trained else cached_backbone_onnx(ctx.params.data.cache_dir, spec, trained.image_size, ckpt["seed"])
+    untrained = None if trained.backbone_trained else cached_backbone_onnx(ctx.params.data.cache_dir, spec, trained.image_size, ckpt["seed"], cfg.opset)
     return export_and_verify(model, ctx.run_dir / "model.onnx", trained.image_size, cfg.opset, metadata, parity_paths, cfg.parity_atol,
                              template_dir=cfg.template_dir, backbone_onnx=untrained, exporter=cfg.exporter)
 

@@ -26,8 +26,7 @@ import os
 import random
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,18 +122,6 @@ def explain_auth(exc: BaseException, uri: str | None, what: str) -> TrackingAuth
         f"{what}: {server} {refused}; set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD "
         "to a valid MLflow account and rerun"
     )
-
-
-@contextmanager
-def auth_explained(uri: str | None, what: str) -> Iterator[None]:
-    """Turn a 401 or 403 from MLflow inside the block into `explain_auth`'s `TrackingAuthError`; other errors pass."""
-    try:
-        yield
-    except Exception as exc:
-        refused = explain_auth(exc, uri, what)
-        if refused is None:
-            raise
-        raise refused from exc
 
 
 def first_line(exc: BaseException) -> str:

@@ -15,10 +15,6 @@ def version_page(name: str, version: str) -> str:
     return f"#/models/{quote(name, safe='')}/versions/{version}"
 
 
-def model_page(name: str) -> str:
-    return f"#/models/{quote(name, safe='')}"
-
-
 def run_page(experiment_id: str, run_id: str) -> str:
     return f"#/experiments/{experiment_id}/runs/{run_id}"
 
@@ -32,7 +28,3 @@ def logged_model_page(experiment_id: str, model_id: str, tab: str = "") -> str:
     """An MLflow 3 LoggedModel's page (`tab`: '' for its overview, `artifacts` for its files)."""
     return f"#/experiments/{experiment_id}/models/{model_id}" + (f"/{tab}" if tab else "")
 
-
-def artifact_picture(run_id: str, path: str) -> str:
-    """The URL MLflow's UI itself fetches a run's artifact from, for `![...]()` in a version description."""
-    return f"get-artifact?path={quote(path, safe='')}&run_uuid={run_id}"

@@ -169,8 +169,8 @@ class OnnxClassifier:
         if registry is not None:
             return cls._from_registry(text, *registry, providers, variant, skip)
         if "://" in text or text.startswith(("runs:/", "models:/")):
-            with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:
-                return cls._from_file(_find_onnx(download_artifact(text, Path(tmp)), text), providers, "fp32", text)
+            with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:  # the session holds the model once made
+                return cls._from_plain(_find_onnx(download_artifact(text, Path(tmp)), text), providers, variant, skip, text)
         path = Path(text)
         if path.is_dir():
             bundle = open_bundle(path)
@@ -180,9 +180,14 @@ class OnnxClassifier:
             return cls(file, providers, source)
         if not path.is_file():
             raise GraftError(f"model file '{path}' not found: pass an .onnx file, a bundle folder or models:/NAME@champion")
+        return cls._from_plain(path, providers, variant, skip, text)
+
+    @classmethod
+    def _from_plain(cls, path: Path, providers: list[str], variant: str, skip: Sequence[str], uri: str) -> OnnxClassifier:
+        """An .onnx file, or the variant asked for among the variant files beside it."""
         fp32_path, named = named_variant(path)  # `model.int8.onnx` named: that file, labelled int8, unless another variant is asked for
         available = [name for name in VARIANT_SUFFIXES if variant_path(fp32_path, name).is_file()]
-        return cls._from_file(fp32_path, providers, pick_variant(named if variant == "fp32" else variant, available, providers, skip), text)
+        return cls._from_file(fp32_path, providers, pick_variant(named if variant == "fp32" else variant, available, providers, skip), uri)
 
     @classmethod
     def _from_file(cls, fp32_path: Path, providers: list[str], variant: str, uri: str) -> OnnxClassifier:

@@ -501,12 +501,19 @@ def _loads(value: str) -> object:
 
 
 @contextmanager
-def running_server(live: LiveModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve in a background thread (port 0: any free port) and yield the base URL; always shut down."""
+def _uvicorn_config(live: LiveModel, settings: ServeSettings, host: str, port: int, log_level: str):  # noqa: ANN202 - uvicorn.Config
+    """The HTTP server `serve` runs, and `running_server` (the tests) with it: one set of connection limits."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="warning", limit_concurrency=64, timeout_keep_alive=5)
-    server = uvicorn.Server(config)
+    return uvicorn.Config(create_app(live, settings), host=host, port=port, log_level=log_level, limit_concurrency=64, timeout_keep_alive=5)
+
+
+def running_server(live: LiveModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+    """Serve in a background thread (port 0: any free port) and yield the base URL; always shut down. The server
+    `serve` runs (`_uvicorn_config`), in this process: what the tests start."""
+    import uvicorn
+
+    server = uvicorn.Server(_uvicorn_config(live, settings, host, port, "warning"))
     thread = threading.Thread(target=server.run, name="graft-serve", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -534,6 +541,5 @@ def serve(uri: str, host: str, port: int, settings: ServeSettings, loaded: Calla
     log.info("serving %s on %s at http://%s:%d", live.model.source.describe(), live.model.provider, host, port)
     if loaded is not None:
         loaded(live.model)
-    config = uvicorn.Config(create_app(live, settings), host=host, port=port, log_level="info", limit_concurrency=64, timeout_keep_alive=5)
     with live.polling(settings.poll_seconds):
-        uvicorn.Server(config).run()
+        uvicorn.Server(_uvicorn_config(live, settings, host, port, "info")).run()

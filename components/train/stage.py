@@ -150,7 +150,7 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
     size = choice.image_size
     device = resolve_precision(cfg).device
     log.info("fine-tune: %s at %dpx, strategy %s, on %s", spec.name, size, cfg.strategy, device)
-    store = ResumeStore(params.data.cache_dir / "resume", resume_key(params, split, spec, size), cfg.resume, params.model_dump(mode="json"))
+    store = ResumeStore(params.data.resume_dir, resume_key(params, split, spec, size), cfg.resume, params.model_dump(mode="json"))
     outcome = _train(params, split, spec, size, store, run_dir, on_epoch)
     content: dict[str, object] = {
         "backbone": spec.name,
@@ -193,7 +193,7 @@ def fine_tune(params: Params, split: Split, choice: ChooseResult, run_dir: Path,
 
 def forget_checkpoints(params: Params, trained: TrainResult) -> None:
     """Remove the epoch checkpoints of a run that finished (registered): nothing is left to resume."""
-    ResumeStore(params.data.cache_dir / "resume", trained.resume_key, params.train.resume).clear()
+    ResumeStore(params.data.resume_dir, trained.resume_key, params.train.resume).clear()
 
 
 def predict_logits(params: Params, trained: TrainResult, paths: Sequence[Path]) -> np.ndarray:

@@ -301,7 +301,7 @@ def feature_extractor(params: Params, spec: BackboneSpec, size: int) -> OnnxFeat
     the choose stage (`choose.onnx_features`), when that graph is cached; else eager PyTorch (None)."""
     if not params.choose.onnx_features:
         return None
-    return exported_extractor(params.data.cache_dir, spec, size, params.train.seed)
+    return exported_extractor(params.data.cache_dir, spec, size, params.train.seed, params.deploy.opset)
 
 
 def _cached_head(params: Params, split: Split, spec: BackboneSpec, size: int, store: ResumeStore, on_epoch: MetricsCallback | None) -> Outcome:

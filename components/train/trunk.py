@@ -67,9 +67,9 @@ class TrunkCache:
     once (a manual run beside a scheduled one) both keep theirs.
     """
 
-    def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, frozen_blocks: int) -> None:
+    def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, frozen_blocks: int, opset: int) -> None:
         self.spec, self.image_size = spec, image_size
-        self.cache_dir, self.seed = Path(cache_dir), seed
+        self.cache_dir, self.seed, self.opset = Path(cache_dir), seed, opset  # the opset: which exported graph to cut
         self.stem = Path(cache_dir) / "trunk" / f"{cache_key(spec, image_size, seed)}-frozen{frozen_blocks}"
         self.index_path = self.stem.with_suffix(".json")
         self.hits = 0
@@ -165,7 +165,7 @@ class TrunkCache:
         enough images to repay the cut (about a quarter of a second); None: run the trunk in PyTorch."""
         if len(paths) < ONNX_TRUNK_MIN_IMAGES:
             return None
-        graph = cached_backbone_onnx(self.cache_dir, self.spec, self.image_size, self.seed)
+        graph = cached_backbone_onnx(self.cache_dir, self.spec, self.image_size, self.seed, self.opset)
         if graph is None:
             return None
         probe = load_batch(paths[:2], self.image_size)
@@ -269,7 +269,7 @@ def _row_bytes(cut: TrunkSplit, model: GraftClassifier, size: int) -> int:
 
 def cached_trunk_data(params: Params, split: Split, spec: BackboneSpec, size: int, model: GraftClassifier, cut: TrunkSplit) -> TrainingData:
     """The trunk's rows of the training and validation images, from the cache (computing what is missing)."""
-    cache = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, cut.frozen_blocks)
+    cache = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, cut.frozen_blocks, params.deploy.opset)
     model.eval()
     rows = cache.get([s.path for s in split.train + split.val], cut, model.preprocess, params.choose.batch_size)
     train, val = torch.from_numpy(rows[: len(split.train)]), torch.from_numpy(rows[len(split.train) :])
@@ -293,7 +293,7 @@ def trunk_features(params: Params, model: GraftClassifier, spec: BackboneSpec, p
     if ours.keys() != theirs.keys() or any(not torch.equal(ours[k], theirs[k]) for k in ours):
         raise ModelError(f"the first {frozen_blocks} blocks of the trained {spec.name} differ from its pre-trained weights")
     model.eval()
-    rows = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, frozen_blocks).get(paths, cut, model.preprocess, params.choose.batch_size)
+    rows = TrunkCache(params.data.cache_dir, spec, size, params.train.seed, frozen_blocks, params.deploy.opset).get(paths, cut, model.preprocess, params.choose.batch_size)
     with torch.inference_mode():
         return np.concatenate([
             cut.tail(torch.from_numpy(rows[start : start + params.choose.batch_size])).float().numpy()

@@ -52,7 +52,7 @@ def worker(job: Path) -> None:
             with open(progress, "a") as file:
                 file.write(json.dumps({"metrics": metrics, "step": step}) + "\n")
 
-        store = ResumeStore(params.data.cache_dir / "resume", raw["resume_key"], params.train.resume, params.model_dump(mode="json"), writer=place.main)
+        store = ResumeStore(params.data.resume_dir, raw["resume_key"], params.train.resume, params.model_dump(mode="json"), writer=place.main)
         outcome = run_strategy(params, read_split(job, Path(raw["root"])), raw["backbone"], raw["image_size"], store, record if place.main else None)
         digests: list[str] = [""] * place.size
         dist.all_gather_object(digests, outcome.digest)

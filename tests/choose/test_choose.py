@@ -528,3 +528,17 @@ def test_the_sizes_line_names_only_candidates_that_were_scored():
             {"name": "resnet18", "image_size": 112, "status": "skipped: no offline weights"},
             {"name": "random_efficientnet_lite0", "image_size": 112, "status": "baseline: random weights"}]
     assert sizes_line(rows) == "scored at 112px: efficientnet_lite0, random_efficientnet_lite0"
+
+
+def test_another_deploy_opset_is_another_exported_backbone_and_another_cached_score(tiny_params):
+    """The deployed model is composed from the exported backbone: after a change of deploy.opset, choose exports and
+    scores it again (Prefect's cache included) instead of serving the deploy stage a graph of the old opset."""
+    from components.backbones.export import backbone_onnx_path
+    from components.core.lineage import params_fingerprint
+    from flows.caching import CHOOSE_KEYS
+
+    other = tiny_params.model_copy(update={"deploy": tiny_params.deploy.model_copy(update={"opset": tiny_params.deploy.opset - 1})})
+    spec = get_spec("efficientnet_lite0")
+    paths = {backbone_onnx_path(p.data.cache_dir, spec, 64, p.train.seed, p.deploy.opset) for p in (tiny_params, other)}
+    assert len(paths) == 2
+    assert params_fingerprint(tiny_params, CHOOSE_KEYS) != params_fingerprint(other, CHOOSE_KEYS)

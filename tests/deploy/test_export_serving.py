@@ -44,6 +44,23 @@ def test_export_is_checked_dynamic_and_agrees_with_torch(exported):
     assert model.classes == ("0", "1", "7")
 
 
+def test_a_graph_the_checker_refuses_is_an_export_error_and_leaves_no_file(exported, tmp_path, monkeypatch):
+    """onnx's full check runs strict shape inference, whose error is not a ValidationError."""
+    import onnx.shape_inference
+
+    from components.deploy.export import export_onnx
+
+    _, model, result = exported
+
+    def refuses(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] inferred shape and existing shape differ")
+
+    monkeypatch.setattr(onnx.checker, "check_model", refuses)
+    with pytest.raises(ExportError, match=r"onnx.checker rejected the exported model \(InferenceError: .*try another deploy.opset"):
+        export_onnx(model, tmp_path / "model.onnx", 64, 18, {}, backbone_onnx=None)
+    assert list(tmp_path.iterdir()) == []  # neither the model nor a temporary file
+
+
 def test_parity_failure_says_by_how_much(exported):
     split, model, result = exported
     model = copy.deepcopy(model)
@@ -311,3 +328,16 @@ def test_an_unwritable_tensorrt_cache_costs_the_cache_and_says_so_not_the_sessio
     assert asked == [["TensorrtExecutionProvider", "CPUExecutionProvider"]]
     assert model.predict_proba(np.zeros((1, model.image_size, model.image_size, 3), np.uint8)).shape[0] == 1
     assert "GRAFT_TENSORRT_CACHE" in caplog.text and "built in every process" in caplog.text
+
+
+def test_a_variant_asked_for_by_an_artifact_uri_is_that_variant_or_an_error(tmp_path):
+    """`--model runs:/...` or any artifact URI with `--variant int8` loads the int8 file beside the fp32 one, not fp32."""
+    from tests.models import tiny_onnx
+
+    tiny_onnx(tmp_path / "model" / "model.onnx", ("0", "1", "7"))
+    tiny_onnx(tmp_path / "model" / "model.int8.onnx", ("a", "b", "c"))  # told apart by their classes
+    int8 = OnnxClassifier.load(f"file://{tmp_path}/model", variant="int8")
+    assert int8.classes == ("a", "b", "c") and int8.source.variant == "int8"
+    assert OnnxClassifier.load(f"file://{tmp_path}/model").classes == ("0", "1", "7")
+    with pytest.raises(GraftError, match=r"variant 'fp16' was not published for this model \(available: fp32, int8\)"):
+        OnnxClassifier.load(f"file://{tmp_path}/model", variant="fp16")

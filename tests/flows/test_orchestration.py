@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from components.core.config import load_params
-from components.core.errors import DataError, RemoteError
+from components.core.errors import ConfigError, DataError, RemoteError
 from components.core.lineage import params_fingerprint
 from components.core.transient import is_transient
 from components.data.versions import current_data_md5, recorded_md5
@@ -722,3 +722,20 @@ def test_an_unchanged_finalist_head_comes_from_the_cache(prefect_harness, tmp_pa
     assert changed.name != "Cached" and changed.result().val_accuracy is not None
     sorted((data / "7").iterdir())[0].unlink()
     assert finalist([]).name != "Cached"  # the images changed
+
+
+def test_task_runner_settings_that_cannot_work_are_refused_naming_the_variable_and_the_fix(monkeypatch):
+    from flows.runners import task_runner
+
+    monkeypatch.delenv("GRAFT_DASK_ADDRESS", raising=False)
+    for kind, words in (("spark", "GRAFT_TASK_RUNNER='spark' is not one of threads, dask"),
+                        ("ray", "GRAFT_TASK_RUNNER=ray is not supported: Dask is the engine Graft supports")):
+        with pytest.raises(ConfigError, match=words):
+            task_runner(kind)
+    for workers in ("two", "0"):
+        monkeypatch.setenv("GRAFT_DASK_WORKERS", workers)
+        with pytest.raises(ConfigError, match=f"GRAFT_DASK_WORKERS='{workers}' is not a whole number .*GRAFT_DASK_WORKERS=2"):
+            task_runner("dask")
+    monkeypatch.setenv("GRAFT_DASK_WORKERS", "3")
+    assert task_runner("dask").cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
+    assert task_runner("threads") is None

@@ -482,3 +482,26 @@ def test_two_simultaneous_promotions_keep_both_history_entries(proxy, tiny_model
     assert sorted(m.version for m in moves if m.action == "promote") == sorted([second, third])
     assert all(m.previous == first for m in moves if m.action == "promote")
     assert alias_version(_client(proxy.url), name) in (second, third)
+
+
+def test_a_dvc_remote_that_hangs_is_a_retryable_error_and_no_dvc_at_all_says_what_to_install(tmp_path, monkeypatch):
+    import components.data.versions as versions
+    from components.core.errors import DataError, RemoteError
+    from components.core.transient import is_transient
+
+    tracked = tmp_path / "images.dvc"
+    tracked.write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: images\n")
+    hangs = tmp_path / "dvc"
+    hangs.write_text("#!/bin/sh\nsleep 30\n")
+    hangs.chmod(0o755)
+    monkeypatch.setattr(versions, "_dvc", lambda: str(hangs))
+    monkeypatch.setattr(versions, "PULL_TIMEOUT_S", 1)
+    started = time.monotonic()
+    with pytest.raises(RemoteError, match=r"dvc pull images.dvc did not finish in 1 s; check the remote") as err:
+        versions.pull(tracked)
+    assert time.monotonic() - started < 10 and is_transient(err.value)  # the flow's retries try it again
+
+    monkeypatch.setattr(versions, "_dvc", lambda: str(tmp_path / "no-such-dvc"))
+    with pytest.raises(DataError, match=r"images.dvc is tracked by DVC, but there is no `dvc` command") as err:
+        versions.pull(tracked)
+    assert not is_transient(err.value)

@@ -91,7 +91,7 @@ def test_feature_extraction_computes_missing_features_with_the_exported_backbone
 
     params = make_params(digits_dir, tmp_path, tmp_path / "cache", "data.image_size=64")
     spec, split = get_spec("efficientnet_lite0"), scan(digits_dir)
-    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(params.data.cache_dir, spec, 64, params.train.seed), params.deploy.opset)
+    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(params.data.cache_dir, spec, 64, params.train.seed, params.deploy.opset), params.deploy.opset)
 
     def eager(*args, **kwargs):
         raise AssertionError("eager PyTorch computed features although the exported backbone is cached")
@@ -109,7 +109,7 @@ def test_feature_extraction_computes_missing_features_with_the_exported_backbone
 
     # choose.onnx_features=false: eager PyTorch, to the same result
     eager_params = make_params(digits_dir, tmp_path, tmp_path / "eager-cache", "data.image_size=64", "choose.onnx_features=false")
-    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(eager_params.data.cache_dir, spec, 64, params.train.seed), params.deploy.opset)
+    export_backbone(spec.build(64, seed=params.train.seed), spec, 64, backbone_onnx_path(eager_params.data.cache_dir, spec, 64, params.train.seed, params.deploy.opset), params.deploy.opset)
     calls = []
     real = features.torch_extractor
     monkeypatch.setattr(features, "torch_extractor", lambda *a, **k: calls.append(1) or real(*a, **k))

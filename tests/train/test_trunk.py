@@ -126,7 +126,7 @@ def test_many_images_run_the_frozen_blocks_on_onnxruntime_and_train_the_model_th
         if cached:  # what choose leaves in the cache: the candidate's exported graph
             name = "random_efficientnet_lite0" if graph == "another backbone's" else "efficientnet_lite0"
             export_backbone(get_spec(name).build(SIZE, seed=params.train.seed), get_spec(name), SIZE,
-                            backbone_onnx_path(params.data.cache_dir, get_spec("efficientnet_lite0"), SIZE, params.train.seed),
+                            backbone_onnx_path(params.data.cache_dir, get_spec("efficientnet_lite0"), SIZE, params.train.seed, params.deploy.opset),
                             params.deploy.opset)
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="components"):
@@ -224,7 +224,7 @@ def test_two_writers_adding_rows_at_once_each_get_their_own_images_rows_and_leav
 
     def add(number: int) -> None:
         try:
-            cache = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10)
+            cache = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10, 18)
             start.wait()
             results[number] = cache.get(groups[number], cut, model, 8)
         except Exception as exc:  # noqa: BLE001 - reported below
@@ -244,7 +244,7 @@ def test_two_writers_adding_rows_at_once_each_get_their_own_images_rows_and_leav
     # again computes nothing and gives the same rows
     assert len(list((tmp_path / "cache" / "trunk").glob("*.npy"))) == 1
     assert not list((tmp_path / "cache" / "trunk").glob("*.tmp*"))
-    again = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10)
+    again = TrunkCache(tmp_path / "cache", spec, SIZE, 0, 10, 18)
     every = [p for paths in groups for p in paths]
     np.testing.assert_allclose(again.get(every, cut, model, 8), np.concatenate([results[n] for n in range(len(groups))]), atol=1e-4)
     assert (again.hits, again.misses) == (len(every), 0)
