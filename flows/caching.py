@@ -7,13 +7,17 @@ CLI), so a later run, in another process, finds them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 from prefect.cache_policies import TASK_SOURCE, CacheKeyFnPolicy
 
 from components.choose.candidates import resolve_spec
 from components.core.lineage import code_fingerprint, params_fingerprint, split_fingerprint
+
+log = logging.getLogger(__name__)
 
 # What scoring one candidate reads: the split, the image size and seeds, the choose settings.
 CHOOSE_KEYS = ("data.val_fraction", "data.test_fraction", "data.seed", "data.image_size", "choose", "train.seed", "deploy.opset")
@@ -34,9 +38,32 @@ def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.core.
     return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+def _retry_file(params, name: str) -> Path:  # noqa: ANN001 - Params
+    return params.data.cache_dir / "choose-retries" / resolve_spec(params, name).slug
+
+
+def _retry_token(params, name: str) -> str:  # noqa: ANN001 - Params
+    try:
+        return _retry_file(params, name).read_text()
+    except OSError:
+        return ""
+
+
+def score_again_next_time(params, name: str) -> None:  # noqa: ANN001 - Params
+    """Give a candidate that could not be scored (a full disk, a file that failed to load or export) a new cache
+    key, so the next run scores it again instead of answering the failure from the cache for CACHE_EXPIRATION."""
+    path = _retry_file(params, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(uuid.uuid4().hex)
+    except OSError as exc:
+        log.warning("%s: could not mark its failed score to be made again (%s); rerun with PREFECT_TASKS_REFRESH_CACHE=true "
+                    "once the cause is fixed", name, exc)
+
+
 def _inputs(params, split, name: str, keys: tuple[str, ...]) -> str:  # noqa: ANN001 - Params, Split
     return "|".join((_weights_state(params, name), str(params.data.cache_dir), split_fingerprint(split),
-                     params_fingerprint(params, keys), code_fingerprint()))
+                     params_fingerprint(params, keys), code_fingerprint(), _retry_token(params, name)))
 
 
 def candidate_cache_key(context, parameters: dict) -> str:  # noqa: ANN001 - prefect TaskRunContext

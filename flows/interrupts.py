@@ -71,6 +71,30 @@ class Stop:
         return f"interrupted ({self.signal}) {when}; nothing was registered or promoted after it. Run the same command {again}"
 
 
+_WATCHING_ITS_PARENT = """
+import os, signal, sys, threading, time
+
+parent = os.getppid()
+
+
+def watch():  # the graft process that started this server was killed (SIGKILL): it cannot stop us, so we stop
+    while os.getppid() == parent:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's own shutdown
+    time.sleep(10)
+    os._exit(1)
+
+
+threading.Thread(target=watch, daemon=True).start()
+import runpy
+
+sys.argv = ["uvicorn", *sys.argv[1:]]
+runpy.run_module("uvicorn", run_name="__main__")
+"""
+"""`python -m uvicorn`, ending itself once the process that started it is gone: the server runs in a session of its own
+(a Ctrl-C in the terminal is for `graft`, which stops it), so nothing else would stop it after a SIGKILL of `graft`."""
+
+
 class _DetachedPrefectAPI:
     """Prefect's ephemeral API server, in a session of its own so a Ctrl-C meant for the run spares it.
 
@@ -125,7 +149,7 @@ class _DetachedPrefectAPI:
         self.port = _free_port()
         log.info("starting the embedded Prefect API on %s", self.address)
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+            [sys.executable, "-c", _WATCHING_ITS_PARENT, "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1",

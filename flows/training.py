@@ -34,7 +34,7 @@ from components.report.summary import RunSummary, Stopwatch
 from components.train.report import log_trained_model
 from components.train.stage import TrainResult, check_unfreeze, fine_tune, forget_checkpoints
 from components.train.strategies import fit_finalist_head
-from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE, FINALIST_CACHE
+from flows.caching import CACHE_EXPIRATION, CANDIDATE_CACHE, FINALIST_CACHE, score_again_next_time
 from flows.resilience import service_retries
 
 
@@ -47,7 +47,10 @@ def scan_task(params: Params) -> tuple[Split, str]:
 # cached on the images, the choose params, the weights and the code (flows/caching.py); results kept in PREFECT_HOME
 @task(name="score-candidate", cache_policy=CANDIDATE_CACHE, cache_expiration=CACHE_EXPIRATION, persist_result=True, task_run_name="score-{name}")
 def score_candidate_task(params: Params, split: Split, name: str) -> CandidateScore:
-    return score_candidate(params, split, name)
+    row = score_candidate(params, split, name)
+    if row.status.startswith("skipped:"):  # a failure is kept for this run only: the next one scores it again
+        score_again_next_time(params, name)
+    return row
 
 
 # cached like the scores, with the `train` settings too: the head is trained with the fine-tune stage's recipe

@@ -25,7 +25,9 @@ from torch import nn
 from components.backbones.classifier import Preprocess
 from components.backbones.features import OnnxFeatures, cache_key
 from components.backbones.spec import BackboneSpec
-from components.core.errors import ExportError
+from components.core.errors import ExportError, IntegrityError
+from components.core.files import cached_sha256
+from components.runtime.trust import read_sidecar, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -163,9 +165,28 @@ def backbone_onnx_path(cache_dir: Path, spec: BackboneSpec, image_size: int, see
 
 
 def cached_backbone_onnx(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, opset: int) -> Path | None:
-    """The backbone's exported graph (`backbone_onnx_path`) when the cache holds it, else None."""
+    """The backbone's exported graph (`backbone_onnx_path`) when the cache holds it as it was written, else None."""
     path = backbone_onnx_path(cache_dir, spec, image_size, seed, opset)
-    return path if path.is_file() else None
+    return path if path.is_file() and unchanged_since_export(path) else None
+
+
+def unchanged_since_export(path: Path) -> bool:
+    """Whether the exported graph at `path` is the file that was written: the sha256 in its sidecar (a graph exported
+    before sidecars gets one now). A changed, cut or damaged file is deleted, so that it is exported again rather than
+    scored, cut for the trunk or composed into the deployed model."""
+    try:
+        recorded = read_sidecar(path)
+    except IntegrityError:
+        recorded = "unreadable"
+    if recorded is None:
+        write_sidecar(path)
+        return True
+    if cached_sha256(path) == recorded:
+        return True
+    log.warning("%s changed since it was exported (its sha256 is not the one recorded beside it); exporting it again", path)
+    path.unlink(missing_ok=True)
+    sidecar_path(path).unlink(missing_ok=True)
+    return False
 
 
 def exported_extractor(cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, opset: int) -> OnnxFeatures | None:
@@ -276,6 +297,7 @@ def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, pa
         tmp.unlink(missing_ok=True)
         raise ExportError(f"{spec.name}: ONNX export failed ({exc.__class__.__name__}: {str(exc)[:300]})") from exc
     tmp.replace(path)
+    write_sidecar(path)  # what `unchanged_since_export` checks the file against
     log.info("%s: exported to %s (%.1f MB) in %.1fs", spec.name, path.name, size_mb(path), time.perf_counter() - started)
     return path
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 
 from components.backbones.classifier import Preprocess
 from components.backbones.spec import BackboneSpec
-from components.core.files import file_md5
+from components.core.files import file_md5, temp_path, temp_write
 from components.core.progress_lines import ProgressLines
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session
@@ -104,14 +105,16 @@ class FeatureCache:
         try:
             with np.load(self.path, allow_pickle=False) as stored:
                 return dict(zip(stored["md5"].tolist(), stored["features"], strict=True))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:  # truncated, or damaged (zip's CRC)
             log.warning("feature cache %s is unreadable (%s); recomputing it", self.path, exc)
             return {}
 
     def _write(self, table: dict[str, np.ndarray]) -> None:
+        """Replace the file in one rename; a full disk is a `DiskFullError` naming it, with no temporary file left."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, md5=np.array(list(table)), features=np.stack(list(table.values())))
+        tmp = temp_path(self.path)
+        with temp_write(self.path, tmp), open(tmp, "wb") as out:
+            np.savez(out, md5=np.array(list(table)), features=np.stack(list(table.values())))
         os.replace(tmp, self.path)
 
     def get(

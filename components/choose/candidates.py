@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from components.backbones.export import backbone_onnx_path, export_backbone, size_mb
+from components.backbones.export import backbone_onnx_path, export_backbone, size_mb, unchanged_since_export
 from components.backbones.features import FeatureCache, OnnxFeatures
 from components.backbones.spec import BackboneSpec, count_params_m
 from components.backbones.zoo import configured_specs, get_spec, random_twin, register_backbones
@@ -32,6 +32,7 @@ from components.core.files import user_cache_dir
 from components.data.images import DecodedImages
 from components.data.split import Sample, Split, stratified_sample
 from components.runtime.cpu import cpu_facts
+from components.runtime.trust import write_sidecar
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +194,14 @@ def _copy_machine_export(params: Params, spec: BackboneSpec, path: Path) -> None
         return
     started, shared = time.perf_counter(), machine_exports()
     if shared.fetch(_machine_key(params, path), path):
+        write_sidecar(path)  # checked against the machine cache's record: what `unchanged_since_export` compares with
         log.info("%s: exported graph %s copied from this machine's cache %s (%.1fs)", spec.name, path.name,
                  shared.root, time.perf_counter() - started)
 
 
 def _export_cached(params: Params, spec: BackboneSpec, size: int, backbone) -> Path:  # noqa: ANN001 - nn.Module or None
     path = backbone_onnx_path(params.data.cache_dir, spec, size, params.train.seed, params.deploy.opset)
-    if not path.is_file():
+    if not (path.is_file() and unchanged_since_export(path)):
         net = backbone if backbone is not None else spec.build(size, seed=params.train.seed)
         export_backbone(net, spec, size, path, params.deploy.opset)
         if _shares_export(params, spec):

@@ -77,6 +77,25 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
 
 
+def remove_orphan_temps(path: Path) -> None:
+    """Delete the temporary files of `path` (`temp_path`) that processes no longer running left: one killed
+    (SIGKILL, a lost machine) mid-write leaves its own, which no later write of another process replaces."""
+    for tmp in path.parent.glob(f".{path.name}.*-*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def write_json(path: Path, content: object) -> Path:
     """Write JSON atomically (a reader never sees half a file; a full disk is a `DiskFullError`, leaving no temporary file)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ def pull(dvc_file: Path) -> None:
     log.info("pulling %s from the DVC remote", dvc_file.name)
     try:
         result = subprocess.run(
-            [_dvc(), "pull", "-q", dvc_file.name], cwd=dvc_file.parent, capture_output=True, text=True, timeout=PULL_TIMEOUT_S
+            [_dvc(), "pull", dvc_file.name], cwd=dvc_file.parent, capture_output=True, text=True, timeout=PULL_TIMEOUT_S
         )
     except FileNotFoundError as exc:
         raise DataError(
@@ -61,7 +61,7 @@ def pull(dvc_file: Path) -> None:
         ) from exc
     if result.returncode != 0:
         raise RemoteError(
-            f"dvc pull {dvc_file.name} failed: {(result.stderr or result.stdout).strip()[:500]}; "
+            f"dvc pull {dvc_file.name} failed: {(result.stderr or result.stdout).strip()[-500:]}; "
             "check the remote with `dvc remote list` and run `dvc pull` by hand"
         )
 
@@ -76,8 +76,16 @@ def data_version(data_dir: Path) -> str:
     if not dvc_file.is_file():
         return dir_md5(data_dir)
     expected = recorded_md5(dvc_file)
-    if data_dir.is_dir() and dir_md5(data_dir) == expected:
-        return expected
+    if data_dir.is_dir() and any(data_dir.iterdir()):
+        current = dir_md5(data_dir)
+        if current == expected:
+            return expected
+        if not _dvc_has(dvc_file.parent, current):  # not a version DVC checked out before: pulling would undo edits
+            raise DataError(
+                f"{data_dir} differs from what {dvc_file.name} records, and DVC has no record of it as it is now (md5 "
+                f"{current}; edited, or a pull cut short): `dvc add {data_dir.name}` records your changes (then commit "
+                f"{dvc_file.name}), `dvc checkout {dvc_file.name}` (or `dvc pull {dvc_file.name}`) restores what it records"
+            )
     pull(dvc_file)
     actual = dir_md5(data_dir)
     if actual != expected:
@@ -86,6 +94,16 @@ def data_version(data_dir: Path) -> str:
             f"run `dvc checkout {dvc_file.name}` to restore it, or `dvc add {data_dir.name}` to record your changes"
         )
     return expected
+
+
+def _dvc_has(start: Path, md5: str) -> bool:
+    """Whether the DVC cache of the project holding `start` has the folder version `md5` (`<hex>.dir`): one that DVC
+    itself checked out or added, so replacing the folder with another version loses nothing DVC cannot restore."""
+    for folder in (start, *start.parents):
+        cache = folder / ".dvc" / "cache"
+        if cache.is_dir():
+            return any((root / md5[:2] / md5[2:]).is_file() for root in (cache / "files" / "md5", cache))
+    return False
 
 
 def dir_md5(root: Path) -> str:

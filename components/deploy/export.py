@@ -18,7 +18,7 @@ from components.backbones.classifier import GraftClassifier
 from components.backbones.export import template_path, tidy_onnx, torchscript_trace, trace_to_onnx, trace_with_template
 from components.core.config import Exporter
 from components.core.errors import ExportError
-from components.core.files import cached_sha256, temp_path, temp_write
+from components.core.files import cached_sha256, remove_orphan_temps, temp_path, temp_write
 from components.data.images import load_batch
 from components.runtime.model import OnnxClassifier
 
@@ -135,6 +135,7 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
         raise ExportError(f"unknown deploy.exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
     tmp = temp_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphan_temps(path)  # a model file is large: a killed export's copy is not left to pile up
     proto = None
     if backbone_onnx is not None:
         try:

@@ -20,6 +20,7 @@ from components.backbones.export import cached_backbone_onnx
 from components.backbones.zoo import get_spec
 from components.core import progress
 from components.core.config import Params
+from components.core.errors import ExportError
 from components.core.lineage import CHALLENGER, CHAMPION, HOLD_TAG
 from components.data.images import MODEL_INPUT, PREPROCESSING, load_batch
 from components.data.split import Split, stratified_sample
@@ -119,6 +120,25 @@ def test_probabilities(trained: TrainResult, exported: ExportResult, images: Tes
     return OnnxClassifier(exported.onnx_path, ["CPUExecutionProvider"]).predict_proba(images.at(trained.image_size))
 
 
+def check_same_model(params: Params, evaluation: EvalResult, probabilities: np.ndarray, labels: np.ndarray) -> None:
+    """The exported model's test accuracy is the one the evaluate stage measured with the trained model on the same
+    images (to an image or a point: near-ties may fall the other way). Parity compares the two models on validation
+    images through the same features; this catches features and a graph that do not belong together.
+
+    Raises:
+        ExportError: the two accuracies differ by more; nothing is registered.
+    """
+    exported = float((probabilities.argmax(axis=1) == labels).mean())
+    evaluated = float(evaluation.test["accuracy"])
+    if abs(exported - evaluated) > max(0.01, 1.5 / len(labels)):
+        cache = params.data.cache_dir
+        raise ExportError(
+            f"the exported model's test accuracy is {exported:.4f}, but the evaluate stage measured {evaluated:.4f} on the "
+            f"same {len(labels)} images: they are not the same model, and nothing was registered. Stale cached features "
+            f"or a stale cached backbone graph would do this: delete {cache / 'features'} and {cache / 'onnx'}, and rerun"
+        )
+
+
 def gate(ctx: DeployContext, trained: TrainResult, exported: ExportResult, images: TestImages, probabilities: np.ndarray) -> Verdict:
     """The gate's verdict on the exported challenger (its `probabilities` on `images`) against the champion
     (`components.deploy.judge`); logged to the run."""
@@ -197,6 +217,7 @@ def deploy(ctx: DeployContext, trained: TrainResult, evaluation: EvalResult) -> 
     progress.note("the gate")
     images = TestImages(ctx.split)
     probabilities = test_probabilities(trained, exported, images)
+    check_same_model(ctx.params, evaluation, probabilities, images.labels)
     verdict = gate(ctx, trained, exported, images, probabilities)
     progress.note("the variants")
     variants = variants_of(ctx, trained, exported, images, probabilities)

@@ -31,10 +31,14 @@ from typing import TypeVar
 
 from components.core import progress
 from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
-from components.core.errors import GraftError, TrackingStoreError, error_text
+from components.core.errors import GraftError, RegistryError, TrackingAuthError, TrackingStoreError, error_text
+from components.core.transient import is_transient
 from components.registry import mlflow_calls
 
 log = logging.getLogger(__name__)
+
+METRICS_RETRY_S = 30
+"""After MLflow failed to take a training run's epoch metrics, how long they wait before the next try."""
 
 
 T = TypeVar("T")
@@ -345,21 +349,36 @@ class Run:
         from mlflow.entities import Metric
 
         pending: list[Metric] = []
-        last_sent = float("-inf")
+        last_sent, retry_after = float("-inf"), float("-inf")
 
-        def flush() -> None:
+        def flush(retried: bool = True) -> None:
+            """Send what is pending, 900 values a call; what a failed call did not send stays pending."""
             nonlocal last_sent
-            if pending:
-                batch = pending.copy()
-                pending.clear()
-                self._call("logging metrics to", lambda: self.client.log_batch(self.run_id, metrics=batch))
+            while pending:
+                batch = pending[:900]
+                send = lambda batch=batch: self.client.log_batch(self.run_id, metrics=batch)  # noqa: E731
+                if retried:
+                    self._call("logging metrics to", send)
+                else:
+                    mlflow_calls.call_once(f"logging metrics to run {self.run_id}", send, uri=self.uri)
+                del pending[: len(batch)]
             last_sent = time.monotonic()
 
         def on_epoch(values: dict[str, float], step: int) -> None:
+            nonlocal retry_after
             now = int(time.time() * 1000)
             pending.extend(Metric(k, float(v), now, step) for k, v in values.items())
-            if len(pending) >= 900 or time.monotonic() - last_sent >= every_s:
-                flush()
+            if time.monotonic() < retry_after or (len(pending) < 900 and time.monotonic() - last_sent < every_s):
+                return
+            try:
+                flush(retried=False)  # one try: a server that is away costs an epoch nothing, and is tried again later
+            except RegistryError as exc:
+                if isinstance(exc, TrackingAuthError) or not is_transient(exc.__cause__):
+                    raise
+                retry_after = time.monotonic() + METRICS_RETRY_S
+                log.warning("MLflow did not take this epoch's metrics (%s); training goes on, and they are sent with "
+                            "later ones (%d waiting; tried again in %d s)", mlflow_calls.first_line(exc.__cause__),
+                            len(pending), METRICS_RETRY_S)
 
         try:
             yield on_epoch

@@ -168,7 +168,12 @@ class OnnxClassifier:
         registry = parse_registry_uri(text)
         if registry is not None:
             return cls._from_registry(text, *registry, providers, variant, skip)
-        if "://" in text or text.startswith(("runs:/", "models:/")):
+        if text.startswith("models:/"):  # another form of a registry address: its files would go unchecked
+            raise GraftError(
+                f"'{text}' names no registered version Graft can check the files of against the registry's sha256 tags; "
+                "name a version (models:/NAME/3) or an alias (models:/NAME@champion)"
+            )
+        if "://" in text or text.startswith("runs:/"):
             with tempfile.TemporaryDirectory(prefix="graft-model-") as tmp:  # the session holds the model once made
                 return cls._from_plain(_find_onnx(download_artifact(text, Path(tmp)), text), providers, variant, skip, text)
         path = Path(text)

@@ -500,7 +500,6 @@ def _loads(value: str) -> object:
         return value
 
 
-@contextmanager
 def _uvicorn_config(live: LiveModel, settings: ServeSettings, host: str, port: int, log_level: str):  # noqa: ANN202 - uvicorn.Config
     """The HTTP server `serve` runs, and `running_server` (the tests) with it: one set of connection limits."""
     import uvicorn
@@ -508,6 +507,7 @@ def _uvicorn_config(live: LiveModel, settings: ServeSettings, host: str, port: i
     return uvicorn.Config(create_app(live, settings), host=host, port=port, log_level=log_level, limit_concurrency=64, timeout_keep_alive=5)
 
 
+@contextmanager
 def running_server(live: LiveModel, settings: ServeSettings, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
     """Serve in a background thread (port 0: any free port) and yield the base URL; always shut down. The server
     `serve` runs (`_uvicorn_config`), in this process: what the tests start."""

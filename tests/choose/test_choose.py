@@ -542,3 +542,29 @@ def test_another_deploy_opset_is_another_exported_backbone_and_another_cached_sc
     paths = {backbone_onnx_path(p.data.cache_dir, spec, 64, p.train.seed, p.deploy.opset) for p in (tiny_params, other)}
     assert len(paths) == 2
     assert params_fingerprint(tiny_params, CHOOSE_KEYS) != params_fingerprint(other, CHOOSE_KEYS)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "another graph"])
+def test_a_projects_exported_graph_changed_since_export_is_exported_again_not_scored(tiny_params, tmp_path, caplog, damage):
+    """A cut file (a full disk, a copy interrupted) or another network's graph in the project's cache: choose would
+    score it, the trunk cut it and deploy compose the model from it; it is exported again instead."""
+    from components.choose.candidates import score_candidate
+
+    split = scan(tiny_params.data.dir)
+    params = _with_choose(tiny_params, shared_exports=False)
+    params = params.model_copy(update={"data": params.data.model_copy(update={"cache_dir": tmp_path / "cache"})})
+    first = score_candidate(params, split, "efficientnet_lite0")
+    graph = Path(first.onnx_path)
+    exported = graph.read_bytes()
+    if damage == "truncated":
+        graph.write_bytes(exported[:5000])
+    else:
+        other = score_candidate(params, split, "random_efficientnet_lite0")
+        graph.write_bytes(Path(other.onnx_path).read_bytes())
+    for cached in (Path(params.data.cache_dir) / "features").glob("efficientnet_lite0-*.npz"):
+        cached.unlink()  # so that the features would be computed from the damaged graph
+    with caplog.at_level("WARNING", logger="components"):
+        again = score_candidate(params, split, "efficientnet_lite0")
+    assert f"{graph} changed since it was exported" in caplog.text
+    assert again.status == "ok" and again.logme == pytest.approx(first.logme, rel=1e-5)
+    assert Path(again.onnx_path) == graph and graph.read_bytes() == exported  # the same export again

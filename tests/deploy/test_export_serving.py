@@ -341,3 +341,22 @@ def test_a_variant_asked_for_by_an_artifact_uri_is_that_variant_or_an_error(tmp_
     assert OnnxClassifier.load(f"file://{tmp_path}/model").classes == ("0", "1", "7")
     with pytest.raises(GraftError, match=r"variant 'fp16' was not published for this model \(available: fp32, int8\)"):
         OnnxClassifier.load(f"file://{tmp_path}/model", variant="fp16")
+
+
+def test_an_export_that_scores_otherwise_than_the_evaluated_model_is_not_registered(tiny_model, tmp_path):  # noqa: F811
+    """Training and evaluation read cached features; the exported model computes its own. When the two disagree (features
+    cached from another network), the run stops before registering a model whose figures describe another."""
+    from dataclasses import replace
+
+    from components.registry.tracking import tracking_uri
+    from mlflow import MlflowClient
+    from tests.deploy.fixtures import deploy_params, deploy_tiny
+
+    evaluated = tiny_model.evaluation
+    elsewhere = replace(tiny_model, evaluation=replace(evaluated, test={**evaluated.test, "accuracy": 0.065}))
+    uri = tracking_uri(deploy_params(tiny_model, tmp_path))
+    with pytest.raises(ExportError, match=r"test accuracy is [01]\.\d+, but the evaluate stage measured 0\.0650 .*nothing was "
+                                          r"registered.*delete .*features and .*onnx, and rerun"):
+        deploy_tiny(elsewhere, uri, "graft-elsewhere", tmp_path / "run")
+    assert MlflowClient(uri, uri).search_model_versions("name = 'graft-elsewhere'") == []
+    assert deploy_tiny(tiny_model, uri, "graft-elsewhere", tmp_path / "again").version == "1"  # the same figures: registered

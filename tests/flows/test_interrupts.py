@@ -392,3 +392,28 @@ def test_ctrl_c_before_the_schedule_is_served_stops_graft_schedule_with_one_line
     assert main(["schedule", "--params", str(REPO / "params.yaml"), "--cron", "0 3 * * 1"]) == 130
     err = capsys.readouterr().err
     assert "stopped: graft schedule was interrupted (Ctrl-C)" in err and "Traceback" not in err
+
+
+def test_a_sigkilled_run_leaves_no_prefect_api_behind(work):
+    """SIGKILL reaches only `graft run` (an out-of-memory kill, `kill -9 PID`): the embedded API it started, in a session
+    of its own, notices that its parent is gone and ends, instead of holding 200 MB and a port for good."""
+    import httpx
+
+    tmp_path, data, cache = work
+    run = GraftRun(tmp_path, data, cache)
+    try:
+        run.wait_for("starting the embedded Prefect API on http://127.0.0.1:")
+        port = _prefect_port(run)
+        run.wait_for("choose, round 1")
+        os.kill(run.process.pid, signal.SIGKILL)  # graft alone, not its process group
+        run.process.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1)
+            except httpx.TransportError:
+                break  # nothing answers on its port any more
+            assert time.monotonic() < deadline, "the embedded Prefect API outlived the run that started it"
+            time.sleep(0.5)
+    finally:
+        _reap(run.process)

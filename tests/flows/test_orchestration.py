@@ -526,6 +526,24 @@ def test_choose_candidates_map_over_a_local_dask_cluster(prefect_harness, tiny_p
 # ---------------------------------------------------------------- a DVC remote on S3-compatible storage
 
 
+def _dvc_project(project: Path, images: Path):  # noqa: ANN202 - (run, the dvc command)
+    """A git + DVC project holding a copy of `images` as `images/` (not added yet); `run(*args)` runs a command in it."""
+    import subprocess
+    import sys
+
+    shutil.copytree(images, project / "images")
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def run(*args: str) -> None:
+        done = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, f"{' '.join(args)}: {done.stdout}{done.stderr}"
+
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    run(dvc, "config", "core.analytics", "false")
+    return run, dvc
+
+
 @pytest.mark.slow
 def test_data_is_pushed_to_and_pulled_from_an_s3_compatible_remote(tmp_path, digits_dir, monkeypatch):
     """`dvc push` to a local S3 server (moto), delete the data, and `data_version` pulls it back."""
@@ -550,16 +568,7 @@ def test_data_is_pushed_to_and_pulled_from_an_s3_compatible_remote(tmp_path, dig
         wait_http(f"{endpoint}/moto-api/", server, 60)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="graft-data")
         project = tmp_path / "project"
-        shutil.copytree(digits_dir, project / "images")
-        dvc = str(bin_dir / "dvc")
-
-        def run(*args: str) -> None:
-            done = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=180)
-            assert done.returncode == 0, f"{' '.join(args)}: {done.stdout}{done.stderr}"
-
-        run("git", "init", "-q")
-        run(dvc, "init", "-q")
-        run(dvc, "config", "core.analytics", "false")
+        run, dvc = _dvc_project(project, digits_dir)
         run(dvc, "remote", "add", "-d", "s3", "s3://graft-data/dvc")
         run(dvc, "remote", "modify", "s3", "endpointurl", endpoint)
         run(dvc, "add", "-q", "images")
@@ -739,3 +748,59 @@ def test_task_runner_settings_that_cannot_work_are_refused_naming_the_variable_a
     monkeypatch.setenv("GRAFT_DASK_WORKERS", "3")
     assert task_runner("dask").cluster_kwargs == {"n_workers": 3, "threads_per_worker": 1}
     assert task_runner("threads") is None
+
+
+def test_a_candidate_that_failed_to_score_is_scored_again_next_run_not_answered_from_the_cache(
+    prefect_harness, tmp_path, digits_dir, feature_cache_dir, monkeypatch
+):
+    """A full disk while scoring: once there is room, the next run scores the candidate, instead of Prefect's cache
+    answering the failure for 30 days."""
+    from prefect import flow
+
+    import flows.training as training
+    from components.choose.candidates import CandidateScore, score_candidate
+    from components.data.folders import scan
+
+    params = load_params(REPO / "params.yaml", tiny_overrides(digits_dir, tmp_path, feature_cache_dir))
+    split = scan(digits_dir)
+    calls = []
+
+    def disk_full_once(params, split, name):  # noqa: ANN001, ANN202
+        calls.append(name)
+        if len(calls) == 1:
+            return CandidateScore(name, True, "skipped: failed to score (DiskFullError: the disk is full)")
+        return score_candidate(params, split, name)
+
+    monkeypatch.setattr(training, "score_candidate", disk_full_once)
+
+    @flow
+    def score() -> CandidateScore:
+        return training.score_candidate_task(params, split, "efficientnet_lite0")
+
+    assert score().status.startswith("skipped: failed to score")
+    assert score().status == "ok" and score().status == "ok"
+    assert calls == ["efficientnet_lite0"] * 2  # the third run is answered from the cache: the success is kept
+
+
+def test_edits_to_a_dvc_tracked_folder_are_never_undone_by_a_pull_and_a_stale_one_is_brought_up_to_date(tmp_path, digits_dir):
+    """Deleting a bad image from DVC-tracked data and running: the run says how to record or discard the edit instead
+    of pulling the image back; a folder at an older version DVC checked out itself is pulled to what the file records."""
+    from components.data.versions import data_version, dir_md5
+
+    project = tmp_path / "project"
+    run, dvc = _dvc_project(project, digits_dir)
+    run(dvc, "add", "-q", "images")
+    first = dir_md5(project / "images")
+    recorded = (project / "images.dvc").read_text()
+
+    bad = sorted((project / "images" / "7").iterdir())[0]
+    bad.unlink()
+    with pytest.raises(DataError, match=r"DVC has no record of it as it is now .*`dvc add images` records your changes .*"
+                                        r"`dvc checkout images.dvc`"):
+        data_version(project / "images")
+    assert not bad.exists()  # the edit is still there
+
+    run(dvc, "add", "-q", "images")  # recorded: a second version, in DVC's cache
+    assert data_version(project / "images") == dir_md5(project / "images") != first
+    (project / "images.dvc").write_text(recorded)  # `git checkout` of the older images.dvc
+    assert data_version(project / "images") == first and bad.exists()  # a version DVC knows: checked out again

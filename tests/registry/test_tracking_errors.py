@@ -114,6 +114,31 @@ def test_epoch_metrics_go_in_batches_and_epochs_before_a_stop_are_still_logged(r
     assert [(m.step, m.value) for m in history] == [(e, 2.0 / e) for e in range(1, 6)]
 
 
+def test_an_mlflow_outage_during_training_delays_the_epoch_metrics_and_never_stops_training(run, monkeypatch, caplog):
+    """The server goes away at epoch 3 and answers again later: every epoch trains, the missing epochs' metrics are sent
+    with later ones, each with its own step; epoch 1 is sent at once, as always."""
+    import logging
+
+    import components.registry.tracking as tracking
+
+    monkeypatch.setattr(tracking, "METRICS_RETRY_S", 0)
+    with run.epoch_metrics(every_s=0) as on_epoch:
+        on_epoch({"val/loss": 1.0}, 1)
+        flaky = _break(monkeypatch, "log_batch", _http_error(503), times=3)  # epochs 2-4: the server is away
+        with caplog.at_level(logging.WARNING, logger="components.registry.tracking"):
+            for epoch in range(2, 8):
+                on_epoch({"val/loss": 1.0 / epoch}, epoch)
+    assert flaky.calls >= 4 and "MLflow did not take this epoch's metrics" in caplog.text and "training goes on" in caplog.text
+    history = run.client.get_metric_history(run.run_id, "val/loss")
+    assert sorted((m.step, m.value) for m in history) == [(e, 1.0 / e) for e in range(1, 8)]
+
+
+def test_a_refusal_of_the_epoch_metrics_is_not_waited_out(run, monkeypatch):
+    _break(monkeypatch, "log_batch", _http_error(403), times=100)
+    with pytest.raises(TrackingAuthError), run.epoch_metrics(every_s=0) as on_epoch:
+        on_epoch({"val/loss": 1.0}, 1)
+
+
 def test_run_logging_that_keeps_failing_gives_one_clear_error(run, monkeypatch):
     batch = _break(monkeypatch, "log_batch", _http_error(503), times=100)
     as_dict = _break(monkeypatch, "log_dict", _http_error(500, "/api/2.0/mlflow-artifacts/artifacts"), times=100)

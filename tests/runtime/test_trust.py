@@ -220,3 +220,13 @@ def test_auto_loads_the_registered_fp32_file_instead_of_an_int8_file_this_cpu_wo
     assert "a build machine with VNNI" in model.source.note and "deploy.int8_weight_bits: 7" in caplog.text
     monkeypatch.setattr(cpu, "cpu_facts", lambda: cpu.CpuFacts(real.model, real.cores, ("avx2", "avx512_vnni")))
     assert OnnxClassifier.load(f"models:/{NAME}@champion", variant="auto").source.variant == "int8"
+
+
+@pytest.mark.parametrize("uri", ["models:/graft-digits/latest", "models:/graft-digits/8/model.onnx", "models:/m-0123456789abcdef0123456789abcdef"])
+def test_registry_addresses_graft_cannot_check_are_refused_naming_the_ones_it_can(uri):
+    """Only a version or an alias is checked against the registry's sha256 tags; another form would load unchecked files."""
+    from components.core.errors import GraftError
+    from components.runtime.model import OnnxClassifier
+
+    with pytest.raises(GraftError, match=r"names no registered version Graft can check .*models:/NAME/3\) or an alias \(models:/NAME@champion\)"):
+        OnnxClassifier.load(uri)

@@ -273,6 +273,28 @@ def test_feature_cache_is_reused_and_invalidated_when_the_data_changes(digits_di
     assert third.features_computed == used.count(file_md5(changed)) and third.features_cached == len(used) - third.features_computed
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bytes flipped"])
+def test_a_damaged_feature_cache_is_recomputed_with_a_warning(digits_dir, tmp_path, caplog, damage):
+    cache = tmp_path / "cache"
+    params = make_params(digits_dir, tmp_path, cache, "train.epochs=2")
+    split = scan(digits_dir)
+    first = fine_tune(params, split, choice(), tmp_path / "run1")
+    (stored,) = (cache / "features").glob("*.npz")
+    data = bytearray(stored.read_bytes())
+    if damage == "truncated":
+        del data[len(data) // 2 :]
+    else:
+        data[len(data) // 2 : len(data) // 2 + 64] = bytes(b ^ 0xFF for b in data[len(data) // 2 : len(data) // 2 + 64])
+    stored.write_bytes(bytes(data))
+    forget_trained_heads()
+    with caplog.at_level(logging.WARNING, logger="components"):
+        again = fine_tune(params, split, choice(), tmp_path / "run2")
+    assert f"feature cache {stored} is unreadable" in caplog.text and "recomputing it" in caplog.text
+    assert (again.features_cached, again.features_computed) == (0, first.features_computed)
+    assert again.best_val_loss == pytest.approx(first.best_val_loss, rel=1e-5)
+    assert not list((cache / "features").glob(".*.tmp"))  # and the rewrite left no temporary file
+
+
 def test_augmentation_bypasses_the_cache_and_says_why(digits_dir, feature_cache_dir, tmp_path, caplog):
     params = make_params(digits_dir, tmp_path, feature_cache_dir, "train.augment=true", "train.epochs=2")
     with caplog.at_level(logging.INFO, logger="components"):
