@@ -92,12 +92,16 @@ def params_fingerprint(params: Params, keys: Sequence[str] | None = None) -> str
         keys: Only these dotted keys or sections (e.g. `("choose", "data.seed")`); default every
             training-relevant key, i.e. all but the paths and names in `NOT_TRAINING_RELEVANT`.
     """
-    flat = flatten(params.model_dump(mode="json"))
     if keys is None:
-        chosen = {k: v for k, v in flat.items() if not _matches(k, NOT_TRAINING_RELEVANT)}
+        chosen = training_settings(params)
     else:
-        chosen = {k: v for k, v in flat.items() if _matches(k, keys)}
+        chosen = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if _matches(k, keys)}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def training_settings(params: Params) -> dict[str, object]:
+    """Every training-relevant setting by its dotted key (all but `NOT_TRAINING_RELEVANT`): what `params_sha` hashes."""
+    return {k: v for k, v in flatten(params.model_dump(mode="json")).items() if not _matches(k, NOT_TRAINING_RELEVANT)}
 
 
 COMPONENTS_DIR = REPO_ROOT / "components"

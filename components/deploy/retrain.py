@@ -26,6 +26,7 @@ from components.core.lineage import (
     MANIFEST_SHA_TAG,
     PARAMS_SHA_TAG,
     params_fingerprint,
+    training_settings,
 )
 from components.data.folders import scan
 from components.data.split import SplitSettings
@@ -69,7 +70,7 @@ def _same_inputs(version, data_md5: str, params_sha: str) -> bool:  # noqa: ANN0
     return tags.get(DATA_MD5_TAG) == data_md5 and tags.get(PARAMS_SHA_TAG) == params_sha
 
 
-def _differences(champion, data_md5: str, params_sha: str) -> list[str]:  # noqa: ANN001
+def _differences(client, champion, params: Params, data_md5: str, params_sha: str) -> list[str]:  # noqa: ANN001
     tags = champion.tags or {}
     found = []
     if tags.get(DATA_MD5_TAG) != data_md5:
@@ -77,8 +78,22 @@ def _differences(champion, data_md5: str, params_sha: str) -> list[str]:  # noqa
     if PARAMS_SHA_TAG not in tags:
         found.append(f"champion v{champion.version} has no {PARAMS_SHA_TAG} tag (registered before Graft recorded it)")
     elif tags[PARAMS_SHA_TAG] != params_sha:
-        found.append(f"parameters changed: params_sha {params_sha} now, {tags[PARAMS_SHA_TAG]} for champion v{champion.version}")
+        changed = _changed_settings(client, champion, params)
+        found.append(f"parameters changed{f' ({changed})' if changed else ''}: params_sha {params_sha} now, "
+                     f"{tags[PARAMS_SHA_TAG]} for champion v{champion.version}")
     return found
+
+
+def _changed_settings(client, champion, params: Params, shown: int = 5) -> str:  # noqa: ANN001 - MlflowClient, ModelVersion
+    """The training settings that differ from those the champion's run logged, in words (`train.lr 0.001 -> 0.01`);
+    '' when its run cannot be read (the hashes still say that something changed)."""
+    try:
+        logged = client.get_run(champion.run_id).data.params
+    except Exception:  # noqa: BLE001 - a deleted run or an unreachable server: only the words are lost
+        return ""
+    now = {key: str(value)[:6000] for key, value in training_settings(params).items()}  # as `Run.log_params` wrote them
+    changed = [f"{key} {logged.get(key, '(not set)')} -> {value}" for key, value in sorted(now.items()) if logged.get(key) != value]
+    return ", ".join(changed[:shown]) + (f" and {len(changed) - shown} more" if len(changed) > shown else "")
 
 
 def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - MlflowClient
@@ -123,7 +138,7 @@ def decide(params: Params, client=None) -> RetrainDecision:  # noqa: ANN001 - Ml
             f"{params_sha}; only files that are not images were added, removed or changed"
         )
         return RetrainDecision(False, reason, champion_version=champion_version, matched_version=str(same.version), **facts)
-    reason = "; ".join(_differences(champion, data_md5, params_sha))
+    reason = "; ".join(_differences(client, champion, params, data_md5, params_sha))
     return RetrainDecision(True, reason, champion_version=champion_version, matched_version=None, **facts)
 
 

@@ -37,7 +37,7 @@ from components.backbones.trunk import TrunkSplit, split_backbone
 from components.backbones.unfreeze import Trainable
 from components.core.config import Params
 from components.core.errors import ModelError
-from components.core.files import file_md5
+from components.core.files import file_md5, temp_write
 from components.core.progress_lines import ProgressLines
 from components.data.images import load_batch
 from components.data.split import Split
@@ -111,12 +111,13 @@ class TrunkCache:
             rows_path = self.stem.parent / f"{self.stem.name}-{writer}.npy"
             tmp = rows_path.with_suffix(".tmp.npy")
             try:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(committed), *fresh.shape[1:]))
-                if known:
-                    out[: len(known)] = rows
-                out[len(known) :] = fresh[new]
-                out.flush()
-                del out
+                with temp_write(rows_path, tmp):  # a full disk: DiskFullError naming the folder
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(committed), *fresh.shape[1:]))
+                    if known:
+                        out[: len(known)] = rows
+                    out[len(known) :] = fresh[new]
+                    out.flush()
+                    del out
                 os.replace(tmp, rows_path)
                 index_tmp = self.index_path.with_suffix(f".{writer}.tmp")
                 index_tmp.write_text(json.dumps({"md5": committed, "rows": rows_path.name}))

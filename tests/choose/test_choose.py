@@ -327,6 +327,7 @@ def test_latency_is_timed_once_per_graph_settings_and_machine_whichever_project_
 
     import components.choose.latency as latency
     import components.choose.ranking as ranking
+    from components.runtime.trust import write_sidecar
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user-cache"))  # this machine's records start empty
     tiny_params = _with_choose(tiny_params, latency_cache=True, latency_quiet_cores=None)  # the tests' own share the cores
@@ -364,8 +365,9 @@ def test_latency_is_timed_once_per_graph_settings_and_machine_whichever_project_
     choose_model(other, split)
     assert len(timed) == 2 * len(names)
     graph = onnx.load(str(path))
-    graph.doc_string = "another export"
+    graph.doc_string = "another export"  # as another torch or onnx version would export it: other bytes, its own sidecar
     onnx.save(graph, str(path))
+    write_sidecar(path)
     choose_model(other, split)
     assert len(timed) == 2 * len(names) + 1 and timed[-1] == path.name
     choose_model(_with_choose(tiny_params, latency_cache=False), split)

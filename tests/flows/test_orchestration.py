@@ -269,7 +269,8 @@ def test_retraining_trains_then_has_nothing_to_do_until_the_data_changes(prefect
     from components.deploy.retrain import decide
 
     changed = decide(load_params(REPO / "params.yaml", [*overrides, "train.lr=0.01"]))
-    assert changed.retrain and changed.reason.startswith("parameters changed: params_sha") and "champion v1" in changed.reason
+    assert changed.retrain and changed.reason.startswith("parameters changed (train.lr ") and "-> 0.01): params_sha" in changed.reason
+    assert "champion v1" in changed.reason
     assert "data changed" not in changed.reason
     moved = decide(load_params(REPO / "params.yaml", [*overrides, f"data.cache_dir={tmp_path / 'elsewhere'}"]))
     assert not moved.retrain and moved.matched_version == "1", moved.reason
@@ -761,7 +762,8 @@ def test_a_candidate_that_failed_to_score_is_scored_again_next_run_not_answered_
     from components.choose.candidates import CandidateScore, score_candidate
     from components.data.folders import scan
 
-    params = load_params(REPO / "params.yaml", tiny_overrides(digits_dir, tmp_path, feature_cache_dir))
+    # a cache folder of its own: a key no other test's score has (the Prefect API, and its cache, are the session's)
+    params = load_params(REPO / "params.yaml", [*tiny_overrides(digits_dir, tmp_path, feature_cache_dir), f"data.cache_dir={tmp_path / 'cache'}"])
     split = scan(digits_dir)
     calls = []
 
