@@ -373,7 +373,10 @@ def refresh_model_page(client, name: str) -> None:  # noqa: ANN001
     by_number = {str(v.version): v for v in versions}
     last = None if champion else by_number.get(last_champion(client, name, alias_read=True, versions=versions) or "")
     text = describe_model(name, by_number.get(champion or ""), by_number.get(challenger or ""), last)
-    mlflow_calls.update_model_description(client, name, text)
+    shown = mlflow_calls.call(f"reading registered model '{name}'", lambda: client.get_registered_model(name).description,
+                              uri=mlflow_calls.server_uri(client))
+    if shown != text:  # written only when it changes: a `graft serve` that may only read the registry never writes
+        mlflow_calls.update_model_description(client, name, text)
 
 
 def what_it_classifies(description: str | None) -> str:

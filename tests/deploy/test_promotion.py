@@ -275,3 +275,21 @@ def test_the_retraining_check_says_truly_what_the_challengers_gate_said_after_a_
     client.delete_registered_model_alias(name, "champion")
     decision = decide(params, client)
     assert decision.champion_version == v1 and "no version holds `champion` now" in decision.reason
+
+
+def test_a_graft_serve_that_may_only_read_writes_nothing_when_nothing_moved(active_registry, monkeypatch, caplog):  # noqa: F811
+    """Its first poll checks the alias history and the model page; both are up to date, so it writes nothing, and a
+    registry it may only read gives no 'champion moved' warning for a move that did not happen."""
+    import logging
+
+    from components.registry.history import notice_outside_moves, refresh_model_page
+    from mlflow import MlflowClient
+
+    client = active_registry.client
+    refresh_model_page(client, NAME)  # the page as Graft wrote it last
+    for method in ("update_registered_model", "set_registered_model_alias", "delete_registered_model_alias",
+                   "set_model_version_tag", "set_registered_model_tag"):
+        monkeypatch.setattr(MlflowClient, method, lambda *args, method=method, **kwargs: pytest.fail(f"{method}: a write"))
+    with caplog.at_level(logging.WARNING, logger="components"):
+        assert notice_outside_moves(client, NAME, "graft serve", alias_version(client, NAME)) is None
+    assert "moved, but updating" not in caplog.text
