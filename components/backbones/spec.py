@@ -111,6 +111,16 @@ class BackboneSpec:
                 settle_batchnorm(net, image_size, self.mean, self.std, seed)
             return net.eval()
 
+    def skeleton(self, image_size: int) -> nn.Module:
+        """The architecture alone, on the meta device: no weights read, no memory, milliseconds (to count its blocks).
+
+        Raises:
+            Whatever its constructor raises there (some need real tensors).
+        """
+        bare = dataclasses.replace(self, weights=None)
+        with torch.device("meta"):
+            return bare._builder(bare, image_size)
+
     def with_weights(self, path: Path) -> BackboneSpec:
         """This backbone, loading its weights from `path` instead of the default location."""
         return dataclasses.replace(self, pretrained=True, weights=LocalFile(Path(path), "choose.weights"))

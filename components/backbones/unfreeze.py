@@ -9,12 +9,10 @@ eval mode, so neither their weights nor their BatchNorm statistics change.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-import torch
 from torch import nn
 
 from components.core.errors import ConfigError, ModelError
@@ -83,11 +81,8 @@ def block_count(spec: BackboneSpec, image_size: int) -> int | None:
     runs in the stages, not here) and for an architecture that cannot be built there or cut into blocks."""
     if spec.family.startswith("custom:"):
         return None
-    bare = dataclasses.replace(spec, weights=None)
     try:
-        with torch.device("meta"):
-            net = bare._builder(bare, image_size)  # noqa: SLF001 - the builder alone, without the weights `build` loads
-        return len(trunk_blocks(net)) + 1
+        return len(trunk_blocks(spec.skeleton(image_size))) + 1
     except Exception:  # noqa: BLE001 - some constructors need real tensors; the stage then checks the built network
         return None
 
