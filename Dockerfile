@@ -17,11 +17,9 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS train
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib
-# git: the commit each run records; the base image is pinned and its apt packages follow Debian 12's security updates
-# hadolint ignore=DL3008
-RUN apt-get update \
- && apt-get install -y --no-install-recommends git \
- && rm -rf /var/lib/apt/lists/*
+# the commit each run records (the image has no git history): docker build --build-arg GRAFT_GIT_COMMIT=$(git rev-parse HEAD)
+ARG GRAFT_GIT_COMMIT=unknown
+ENV GRAFT_GIT_COMMIT=${GRAFT_GIT_COMMIT}
 RUN useradd --create-home --uid 10001 graft
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
@@ -29,8 +27,9 @@ RUN python -m venv /opt/venv \
  && /opt/venv/bin/pip install -r requirements.lock
 COPY components ./components
 COPY flows ./flows
-COPY params.yaml dvc.yaml data.dvc ./
-COPY .dvc/config ./.dvc/config
+# no data.dvc and no DVC remote: the image trains on the folder mounted at /app/data (or `--data DIR`) as it is,
+# versioned by its own md5; pulling and checking it against data.dvc is the project checkout's job
+COPY params.yaml dvc.yaml ./
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH

@@ -102,6 +102,19 @@ def _run(args: argparse.Namespace) -> int:
     return stoppable(run, warm_up=RUN_MODULES)
 
 
+def _graft() -> str:
+    """`graft` as the "next:" lines name it so that it runs from this folder: `graft` where PATH finds this very
+    installation's (an activated environment, a container image), else its path (`.venv/bin/graft` in the project)."""
+    import shutil
+
+    graft = Path(sys.executable).parent / "graft"
+    found = shutil.which("graft")
+    if found is not None and Path(found).resolve() == graft.resolve():
+        return "graft"
+    cwd = Path.cwd().resolve()
+    return str(graft.relative_to(cwd)) if graft.is_relative_to(cwd) else str(graft)
+
+
 def _next_commands(params: Params, params_file: Path | None) -> tuple[str, str]:
     """The `graft` command and the MLflow UI command a run's "next:" lines give, as they work from this folder: the
     project's own `.venv/bin/graft` and `make mlflow-ui` in the project folder; elsewhere, paths that reach this
@@ -115,14 +128,17 @@ def _next_commands(params: Params, params_file: Path | None) -> tuple[str, str]:
             return None
 
     cwd = Path.cwd().resolve()
-    graft = Path(sys.executable).parent / "graft"
-    command = str(graft.relative_to(cwd)) if graft.is_relative_to(cwd) else str(graft)
+    command = _graft()
     store = tracking_uri(params)  # MLFLOW_TRACKING_URI when the user set it: a consumer here reads it too
     if store.startswith("sqlite:") and store_of(project_params_file(cwd)) != store:
         command = f"{TRACKING_URI_ENV}={store} {command}"
     project = REPO_ROOT / "params.yaml"
     if store.startswith("sqlite:") and params_file is not None and params_file.resolve() == project.resolve() and store == store_of(project):
         ui = "make mlflow-ui" if cwd == REPO_ROOT.resolve() else f"make -C {REPO_ROOT} mlflow-ui"
+    elif store.startswith(("http://", "https://", "databricks")):  # a server: its own UI, nothing to start
+        from components.registry.mlflow_calls import printable_uri
+
+        ui = f"open {printable_uri(store)} in a browser (the MLflow server's UI)"
     else:
         ui = f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri {store}"
     return command, ui
@@ -183,7 +199,7 @@ def _promote(args: argparse.Namespace) -> int:
         print(f"  ok  {check.name}: {check.reason}")
     print(f"champion of {args.name}: {_from_to(result)}")
     _say_what_the_record_says(args.name, result)
-    print(f"next:\n  .venv/bin/graft serve --model models:/{args.name}@champion   # or: graft rollback --name {args.name}")
+    print(f"next:\n  {_graft()} serve --model models:/{args.name}@champion   # or: graft rollback --name {args.name}")
     return 0
 
 
@@ -194,7 +210,7 @@ def _rollback(args: argparse.Namespace) -> int:
     result = rollback(_client(), args.name, args.reason or "")
     print(f"champion of {args.name}: {_from_to(result)} (rolled back)")
     _say_what_the_record_says(args.name, result)
-    print(f"next:\n  .venv/bin/graft history --name {args.name}")
+    print(f"next:\n  {_graft()} history --name {args.name}")
     return 0
 
 
@@ -255,7 +271,7 @@ def _bundle(args: argparse.Namespace) -> int:
         return 0
     bundle = bundle_from_registry(args.model, Path(args.out))
     print(f"bundle of {bundle.name} v{bundle.version} ({', '.join(bundle.variants)}) written to {bundle.dir.resolve()}")
-    print(f"next:\n  (cd {args.out} && sha256sum -c SHA256SUMS)\n  .venv/bin/graft predict --model {args.out} IMAGE...")
+    print(f"next:\n  (cd {args.out} && sha256sum -c SHA256SUMS)\n  {_graft()} predict --model {args.out} IMAGE...")
     return 0
 
 
@@ -271,10 +287,10 @@ def _prepare(args: argparse.Namespace) -> int:
           f"data md5 {result.data_md5}")
     print(f"written           {result.split_path.resolve()}")
     if own_data:  # `graft run` splits the same way from the same parameters: the options are what must be repeated
-        print(f"next:\n  .venv/bin/graft run {_repeated_options(args)} --summary my-run.json\n"
-              f"  .venv/bin/graft evaluate --summary my-run.json --out my-holdout")
+        print(f"next:\n  {_graft()} run {_repeated_options(args)} --summary my-run.json\n"
+              f"  {_graft()} evaluate --summary my-run.json --out my-holdout")
     else:
-        print("next:\n  .venv/bin/graft run --summary outputs/summary.json    # or: dvc repro")
+        print(f"next:\n  {_graft()} run --summary outputs/summary.json    # or: dvc repro")
     return 0
 
 

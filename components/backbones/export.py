@@ -12,7 +12,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import threading
 import time
 import warnings
@@ -25,8 +24,8 @@ from torch import nn
 from components.backbones.classifier import Preprocess
 from components.backbones.features import OnnxFeatures, cache_key
 from components.backbones.spec import BackboneSpec
-from components.core.errors import ExportError, IntegrityError
-from components.core.files import cached_sha256
+from components.core.errors import DiskFullError, ExportError, IntegrityError
+from components.core.files import atomic_write, cached_sha256
 from components.runtime.trust import read_sidecar, sidecar_path, write_sidecar
 
 log = logging.getLogger(__name__)
@@ -116,13 +115,10 @@ def trace_with_template(
         except Exception as exc:  # noqa: BLE001 - a bad template only costs a fresh export
             log.warning("ONNX graph template %s does not fit (%s); exporting afresh", path, exc)
     program = _export_program(model, image_size, output_name, opset, optimize=False)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(program.model_proto, str(tmp))
-        tmp.replace(path)
-    except OSError as exc:  # the template only saves time later; the export itself goes on
-        tmp.unlink(missing_ok=True)
+        with atomic_write(path, ".onnx") as tmp:
+            onnx.save_model(program.model_proto, str(tmp))
+    except (OSError, DiskFullError) as exc:  # the template only saves time later; the export itself goes on
         log.warning("could not keep the ONNX graph template %s (%s); the next export of this architecture runs the exporter again", path, exc)
     program.optimize()
     return _named_batch_axis(program.model_proto), "fresh"
@@ -285,18 +281,17 @@ def export_backbone(backbone: nn.Module, spec: BackboneSpec, image_size: int, pa
         ExportError: the exporter or `onnx.checker` failed; the backbone cannot be deployed as it is.
     """
     model = _ImagesToFeatures(backbone, spec).eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp.onnx")  # two runs may share the cache
     started = time.perf_counter()
     try:
-        proto = quick_trace_to_onnx(model, image_size, "features", opset)
-        proto.producer_name = "graft-choose"
-        onnx.save_model(proto, tmp)
-        onnx.checker.check_model(str(tmp), full_check=True)
+        with atomic_write(path, ".onnx") as tmp:  # this process's own temporary file: two runs may share the cache
+            proto = quick_trace_to_onnx(model, image_size, "features", opset)
+            proto.producer_name = "graft-choose"
+            onnx.save_model(proto, tmp)
+            onnx.checker.check_model(str(tmp), full_check=True)
+    except DiskFullError:
+        raise
     except Exception as exc:  # noqa: BLE001 - the exporter and checker raise many types
-        tmp.unlink(missing_ok=True)
         raise ExportError(f"{spec.name}: ONNX export failed ({exc.__class__.__name__}: {str(exc)[:300]})") from exc
-    tmp.replace(path)
     write_sidecar(path)  # what `unchanged_since_export` checks the file against
     log.info("%s: exported to %s (%.1f MB) in %.1fs", spec.name, path.name, size_mb(path), time.perf_counter() - started)
     return path

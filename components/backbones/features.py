@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 
 from components.backbones.classifier import Preprocess
 from components.backbones.spec import BackboneSpec
-from components.core.files import file_md5, temp_path, temp_write
+from components.core.files import atomic_write, file_md5
 from components.core.progress_lines import ProgressLines
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session
@@ -111,11 +110,8 @@ class FeatureCache:
 
     def _write(self, table: dict[str, np.ndarray]) -> None:
         """Replace the file in one rename; a full disk is a `DiskFullError` naming it, with no temporary file left."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(self.path)
-        with temp_write(self.path, tmp), open(tmp, "wb") as out:
+        with atomic_write(self.path) as tmp, open(tmp, "wb") as out:  # a file object: np.savez adds no extension
             np.savez(out, md5=np.array(list(table)), features=np.stack(list(table.values())))
-        os.replace(tmp, self.path)
 
     def get(
         self,

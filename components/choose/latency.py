@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from components.backbones.features import OnnxFeatures
-from components.core.files import cached_sha256, user_cache_dir
+from components.core.errors import DiskFullError
+from components.core.files import atomic_write, cached_sha256, user_cache_dir
 from components.runtime.cpu import CpuWatch, cpu_facts
 from components.runtime.providers import choose_providers
 
@@ -134,12 +134,9 @@ def cached_latency(path: Path, image_size: int, batch_size: int, runs: int,
     entry = {"key": key, "latency": asdict(latency), "measured_at": measured_at,
              "others_cores": None if others.others_cores is None else round(others.others_cores, 2)}
     entries = [*entries, entry][-LATENCY_RECORDS:]
-    tmp = record.with_suffix(f".{os.getpid()}.tmp")
     try:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"entries": entries}))
-        os.replace(tmp, record)
-    except OSError as exc:  # a read-only cache still gets its figures, measured each time
-        tmp.unlink(missing_ok=True)
+        with atomic_write(record) as tmp:
+            tmp.write_text(json.dumps({"entries": entries}))
+    except (OSError, DiskFullError) as exc:  # a read-only or full cache still gets its figures, measured each time
         log.warning("could not keep the latency of %s in %s (%s); it will be measured again next run", path.name, record, exc)
     return latency, None

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from components.core.errors import DiskFullError
+from components.core.processes import running
 
 _DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 
@@ -72,37 +73,41 @@ def temp_write(path: Path, tmp: Path) -> Iterator[None]:
         ) from exc
 
 
-def temp_path(path: Path) -> Path:
-    """A temporary name beside `path` that no other process or thread writes: `.<name>.<pid>-<thread>.tmp`."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
+def temp_path(path: Path, suffix: str = "") -> Path:
+    """A temporary name beside `path` that no other process or thread writes: `.<name>.<pid>-<thread>.tmp<suffix>`
+    (`suffix` for writers that go by the extension, such as `.npy` or `.onnx`)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp{suffix}")
+
+
+@contextmanager
+def atomic_write(path: Path, suffix: str = "") -> Iterator[Path]:
+    """Write `path` whole or not at all: the block writes the temporary file it is given (`temp_path`), which
+    replaces `path` in one rename when the block ends without an error.
+
+    Raises:
+        DiskFullError: the disk or a file-size limit ran out (`temp_write`).
+        Whatever the block raised: either way the temporary file is gone and `path`, if it existed, is untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path, suffix)
+    with temp_write(path, tmp):
+        yield tmp
+        tmp.replace(path)
 
 
 def remove_orphan_temps(path: Path) -> None:
     """Delete the temporary files of `path` (`temp_path`) that processes no longer running left: one killed
     (SIGKILL, a lost machine) mid-write leaves its own, which no later write of another process replaces."""
-    for tmp in path.parent.glob(f".{path.name}.*-*.tmp"):
+    for tmp in path.parent.glob(f".{path.name}.*-*.tmp*"):
         pid = tmp.name[len(path.name) + 2 :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not running(int(pid)):
             tmp.unlink(missing_ok=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def write_json(path: Path, content: object) -> Path:
     """Write JSON atomically (a reader never sees half a file; a full disk is a `DiskFullError`, leaving no temporary file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    with temp_write(path, tmp):
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
     return path
 
 
@@ -117,11 +122,8 @@ def copy_file(source: Path, target: Path) -> Path:
     """Copy `source` to `target` atomically (a reader never sees half a file); returns `target`."""
     import shutil
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(target)
-    with temp_write(target, tmp):
+    with atomic_write(target) as tmp:
         shutil.copyfile(source, tmp)
-    tmp.replace(target)
     return target
 
 
@@ -168,12 +170,9 @@ def save_figure(fig, path: Path, dpi: int = 100, layout: bool = True) -> Path:  
 
     if layout:
         fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        with temp_write(path, tmp):
+        with atomic_write(path, path.suffix) as tmp:  # matplotlib picks the format by the extension
             fig.savefig(tmp, dpi=dpi)
-        tmp.replace(path)
     finally:
         plt.close(fig)
     return path

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,8 +136,13 @@ def split_fingerprint(split) -> str:  # noqa: ANN001 - components.data.split.Spl
     return digest.hexdigest()[:16]
 
 
+COMMIT_ENV = "GRAFT_GIT_COMMIT"
+"""The commit of a copy of the code made without its git history (a container image: `docker build --build-arg
+GRAFT_GIT_COMMIT=$(git rev-parse HEAD)`), recorded where git cannot tell."""
+
+
 def git_commit(root: Path | None = None) -> str:
-    """The checked-out commit (with '-dirty' for local changes), or 'unknown' outside git."""
+    """The checked-out commit (with '-dirty' for local changes); outside git, `GRAFT_GIT_COMMIT` or 'unknown'."""
     cwd = root or REPO_ROOT
     try:
         commit = subprocess.run(
@@ -147,4 +153,4 @@ def git_commit(root: Path | None = None) -> str:
         ).stdout.strip()
         return f"{commit}-dirty" if dirty else commit
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get(COMMIT_ENV, "").strip() or "unknown"

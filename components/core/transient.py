@@ -22,6 +22,11 @@ _HTTP_5XX = re.compile(r"error code 5\d\d\b|too many 5\d\d error responses")
 _TRANSIENT_TEXT = ("database is locked", "Connection reset", "RemoteDisconnected", "timed out")
 
 
+READ_ONLY_TEXT = ("readonly database", "read-only file system", "Read-only file system")
+"""What a store that may not be written says (SQLite's "attempt to write a readonly database", a read-only mount):
+MLflow labels the first TEMPORARILY_UNAVAILABLE, but no retry cures it."""
+
+
 def is_transient(exc: BaseException | None) -> bool:
     """True for network errors, timeouts, a failed DVC remote and MLflow's temporary errors.
 
@@ -29,6 +34,8 @@ def is_transient(exc: BaseException | None) -> bool:
     image), so retrying them only delays the message.
     """
     if exc is None:
+        return False
+    if any(fragment in str(exc) for fragment in READ_ONLY_TEXT):
         return False
     if isinstance(exc, RemoteError):
         return True

@@ -83,8 +83,9 @@ def data_version(data_dir: Path) -> str:
         if not _dvc_has(dvc_file.parent, current):  # not a version DVC checked out before: pulling would undo edits
             raise DataError(
                 f"{data_dir} differs from what {dvc_file.name} records, and DVC has no record of it as it is now (md5 "
-                f"{current}; edited, or a pull cut short): `dvc add {data_dir.name}` records your changes (then commit "
-                f"{dvc_file.name}), `dvc checkout {dvc_file.name}` (or `dvc pull {dvc_file.name}`) restores what it records"
+                f"{current}; edited, or a pull cut short): `dvc checkout {dvc_file.name}` (or `dvc pull "
+                f"{dvc_file.name}`) restores what it records; if you edited it on purpose, `dvc add {data_dir.name}` "
+                f"records your changes (then commit {dvc_file.name})"
             )
     pull(dvc_file)
     actual = dir_md5(data_dir)
@@ -99,11 +100,23 @@ def data_version(data_dir: Path) -> str:
 def _dvc_has(start: Path, md5: str) -> bool:
     """Whether the DVC cache of the project holding `start` has the folder version `md5` (`<hex>.dir`): one that DVC
     itself checked out or added, so replacing the folder with another version loses nothing DVC cannot restore."""
-    for folder in (start, *start.parents):
-        cache = folder / ".dvc" / "cache"
-        if cache.is_dir():
-            return any((root / md5[:2] / md5[2:]).is_file() for root in (cache / "files" / "md5", cache))
-    return False
+    cache = _dvc_cache(start)
+    return cache is not None and any((root / md5[:2] / md5[2:]).is_file() for root in (cache / "files" / "md5", cache))
+
+
+def _dvc_cache(start: Path) -> Path | None:
+    """The DVC cache of the project holding `start`, as DVC's own settings place it (`dvc cache dir`: `cache.dir` may
+    point at a team's shared cache); `.dvc/cache` when DVC cannot be asked; None outside a DVC project."""
+    project = next((folder for folder in (start, *start.parents) if (folder / ".dvc").is_dir()), None)
+    if project is None:
+        return None
+    try:
+        asked = subprocess.run([_dvc(), "cache", "dir"], cwd=project, capture_output=True, text=True, timeout=60)
+        if asked.returncode == 0 and asked.stdout.strip():
+            return project / asked.stdout.strip().splitlines()[-1]  # absolute, or relative to the project
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.debug("`dvc cache dir` failed (%s); looking in .dvc/cache", exc)
+    return project / ".dvc" / "cache"
 
 
 def dir_md5(root: Path) -> str:

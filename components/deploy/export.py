@@ -18,7 +18,7 @@ from components.backbones.classifier import GraftClassifier
 from components.backbones.export import template_path, tidy_onnx, torchscript_trace, trace_to_onnx, trace_with_template
 from components.core.config import Exporter
 from components.core.errors import ExportError
-from components.core.files import cached_sha256, remove_orphan_temps, temp_path, temp_write
+from components.core.files import atomic_write, cached_sha256, remove_orphan_temps
 from components.data.images import load_batch
 from components.runtime.model import OnnxClassifier
 
@@ -133,7 +133,6 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
     """
     if exporter not in EXPORTERS:
         raise ExportError(f"unknown deploy.exporter '{exporter}'; choose from {', '.join(EXPORTERS)}")
-    tmp = temp_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_orphan_temps(path)  # a model file is large: a killed export's copy is not left to pile up
     proto = None
@@ -160,11 +159,10 @@ def export_onnx(model: GraftClassifier, path: Path, image_size: int, opset: int,
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "graft"
-    with temp_write(path, tmp):
-        onnx.save_model(proto, tmp)
     try:
-        onnx.checker.check_model(str(tmp), full_check=True)
-        tmp.replace(path)
+        with atomic_write(path) as tmp:  # checked before it replaces the model there
+            onnx.save_model(proto, tmp)
+            onnx.checker.check_model(str(tmp), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:  # full_check's shape inference raises the second
         raise ExportError(f"onnx.checker rejected the exported model ({exc.__class__.__name__}: {exc}); try another "
                           "deploy.opset or deploy.exporter") from exc

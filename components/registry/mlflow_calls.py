@@ -31,7 +31,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from components.core.errors import GraftError, RegistryError, TrackingAuthError
-from components.core.transient import is_transient
+from components.core.transient import READ_ONLY_TEXT, is_transient
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +130,30 @@ def first_line(exc: BaseException) -> str:
     return (text[0] if text else type(exc).__name__)[:300]
 
 
+def _store_tracebacks_quiet() -> None:
+    """Drop the traceback MLflow's SQL store logs for each database error it then raises (`mlflow.store.db.utils`):
+    Graft reports every such error itself, in one line (retried first when it is temporary)."""
+    global _quieted
+    if not _quieted:
+        logging.getLogger("mlflow.store.db.utils").addFilter(
+            lambda record: not str(record.msg).startswith("SQLAlchemy database error"))
+        _quieted = True
+
+
+_quieted = False
+
+
+def explain_read_only(exc: BaseException, what: str, uri: str | None) -> RegistryError | None:
+    """A `RegistryError` saying what to do when `exc` is a store that may not be written (never retried), else None."""
+    if not any(fragment in str(exc) for fragment in READ_ONLY_TEXT):
+        return None
+    store = f"the MLflow store at {printable_uri(uri)}" if uri else "the MLflow store"
+    return RegistryError(
+        f"{what} failed: {store} may only be read here ({first_line(exc)}); to write it, give this user write access "
+        "to the store (for SQLite: the .db file and its folder), or set MLFLOW_TRACKING_URI to a store it may write"
+    )
+
+
 def _delay(retry: int) -> float:
     return min(FIRST_DELAY_S * 2 ** (retry - 1), MAX_DELAY_S) * random.uniform(0.5, 1.5)
 
@@ -151,6 +175,7 @@ def call(
         TrackingAuthError: the server refused the credentials or a permission (never retried).
         RegistryError: `action` failed for good; the message says what, after how many tries, and what to check.
     """
+    _store_tracebacks_quiet()
     check_first = False
     for attempt in range(1, ATTEMPTS + 1):
         try:
@@ -168,7 +193,9 @@ def call(
             if isinstance(exc, TrackingAuthError):  # already explained by a nested call
                 raise
             if not is_transient(exc):
-                raise RegistryError(f"{what} failed: {first_line(exc)}; this is not a temporary fault, so it was not retried") from exc
+                error = explain_read_only(exc, what, uri) or RegistryError(
+                    f"{what} failed: {first_line(exc)}; this is not a temporary fault, so it was not retried")
+                raise error from exc
             if attempt == ATTEMPTS:
                 raise RegistryError(
                     f"{what} failed {ATTEMPTS} times, the last with: {first_line(exc)}; check that the MLflow server "
@@ -189,6 +216,7 @@ def call_once(what: str, action: Callable[[], T], uri: str | None = None) -> T:
         TrackingAuthError: the server refused the credentials or a permission.
         RegistryError: any other failure, in one line naming the call and what to check.
     """
+    _store_tracebacks_quiet()
     try:
         return action()
     except GraftError:
@@ -197,6 +225,9 @@ def call_once(what: str, action: Callable[[], T], uri: str | None = None) -> T:
         refused = explain_auth(exc, uri, what)
         if refused is not None:
             raise refused from exc
+        read_only = explain_read_only(exc, what, uri)
+        if read_only is not None:
+            raise read_only from exc
         raise RegistryError(
             f"{what} failed: {first_line(exc)}; check that the MLflow server (MLFLOW_TRACKING_URI, or "
             "tracking.store_dir for a local store) is up and answers, then rerun"

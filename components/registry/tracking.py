@@ -32,6 +32,7 @@ from typing import TypeVar
 from components.core import progress
 from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
 from components.core.errors import GraftError, RegistryError, TrackingAuthError, TrackingStoreError, error_text
+from components.core.processes import still_running, this_process
 from components.core.transient import is_transient
 from components.registry import mlflow_calls
 
@@ -483,6 +484,54 @@ def ended_note(exc: BaseException) -> str:
             "after it. Running the same command again resumes it.")
 
 
+PROCESS_TAGS = {"host": "graft.host", "pid": "graft.pid", "started": "graft.process_started"}
+"""The tags that name the process running a parent run (`components.core.processes.this_process`): a later run
+on the same machine ends a run whose process is gone (`end_runs_left_running`)."""
+
+
+def process_tags() -> dict[str, str]:
+    return {tag: this_process()[key] for key, tag in PROCESS_TAGS.items()}
+
+
+def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  # noqa: ANN001 - MlflowClient
+    """End KILLED the runs of this experiment still RUNNING whose process, on this machine, is gone.
+
+    A process killed outright (`kill -9`, the out-of-memory killer, a machine that went down) cannot end its own
+    run, which the MLflow UI then shows running for ever. Each `graft run` looks for such runs before it starts
+    its own: those recorded (`PROCESS_TAGS`) as run by a process of this machine that no longer runs are ended
+    KILLED with a description saying so, and so are their child runs. Runs of other machines, of live
+    processes, or without the tags are left as they are. Failing to look is a warning, never a failed run.
+    Returns the ids of the runs it ended.
+    """
+    here = this_process()["host"].replace("'", "")
+    query = f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS['host']}` = '{here}'"
+    try:
+        found = mlflow_calls.call("looking for runs left RUNNING by killed processes",
+                                  lambda: client.search_runs([experiment_id], query, max_results=200), uri=uri)
+        ended = []
+        for stale in found:
+            tags = stale.data.tags
+            if still_running(*(tags.get(tag, "") for tag in PROCESS_TAGS.values())) is not False:
+                continue
+            children = mlflow_calls.call("reading child runs", lambda: client.search_runs(
+                [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{stale.info.run_id}'"),
+                uri=uri)
+            note = (f"**Ended unseen**: the process that ran it (pid {tags[PROCESS_TAGS['pid']]} on "
+                    f"{tags[PROCESS_TAGS['host']]}) stopped without ending it: killed (`kill -9`, out of memory) or its "
+                    f"machine went down. Marked KILLED {progress.when()} by the next `graft run` on that machine; "
+                    "nothing was registered or promoted after its last step. Running the same command again resumes it.")
+            for run in [*children, stale]:
+                Run(run.info.run_id, uri).set_tags({NOTE_TAG: note})
+                Run(run.info.run_id, uri).finish("KILLED")
+                ended.append(run.info.run_id)
+            log.warning("MLflow run %s ('%s') was left RUNNING by a process that was killed (pid %s); marked it KILLED",
+                        stale.info.run_id, stale.info.run_name, tags[PROCESS_TAGS["pid"]])
+    except GraftError as error:
+        log.warning("could not look for MLflow runs left RUNNING by killed processes (%s); carrying on", error)
+        return []
+    return ended
+
+
 @contextmanager
 def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str] | None = None) -> Iterator[Run]:
     """Open the pipeline's parent run (named after its data folder until the run renames it); it ends FAILED if the body raises, KILLED if it is interrupted."""
@@ -492,7 +541,9 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     client = MlflowClient(uri, uri)
     name = params.tracking.experiment
     experiment = mlflow_calls.call(f"reading MLflow experiment '{name}'", lambda: client.get_experiment_by_name(name), uri=uri)
-    tags = {**source_tags((tags or {}).get("git_commit", "")), NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.", **(tags or {})}
+    end_runs_left_running(client, experiment.experiment_id, uri)
+    tags = {**source_tags((tags or {}).get("git_commit", "")), **process_tags(),
+            NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.", **(tags or {})}
     created = mlflow_calls.call_once(
         f"starting a run in MLflow experiment '{name}'",
         lambda: client.create_run(experiment.experiment_id, run_name=run_name or f"graft run: {params.data.dir.name}", tags=tags),

@@ -114,6 +114,17 @@ def other_names(client, name: str) -> str:  # noqa: ANN001 - MlflowClient
     return f"it holds {', '.join(repr(n) for n in names[:10])}{' and more' if len(names) > 10 else ''}" if names else "it holds no models yet"
 
 
+def _elsewhere(artifact_uri: str) -> bool:
+    """Whether `artifact_uri` is a local file of another machine: a `file:` path none of whose folders (below the top
+    two levels) exist here."""
+    from urllib.parse import unquote, urlsplit
+
+    if not artifact_uri.startswith("file:"):
+        return False
+    path = Path(unquote(urlsplit(artifact_uri).path))
+    return not any(folder.is_dir() for folder in path.parents if len(folder.parts) > 2)
+
+
 def download_artifact(artifact_uri: str, dst: Path) -> Path:
     """Download an MLflow artifact (a file or folder) into `dst`; a refusal or a bad URI is one clear error."""
     import mlflow
@@ -126,6 +137,13 @@ def download_artifact(artifact_uri: str, dst: Path) -> Path:
         refused = mlflow_calls.explain_auth(exc, mlflow.get_tracking_uri(), f"downloading '{artifact_uri}'")
         if refused is not None:
             raise refused from exc
+        if _elsewhere(artifact_uri):  # the registry names files on the machine that registered them
+            raise GraftError(
+                f"cannot download '{artifact_uri}' ({mlflow_calls.first_line(exc)}): the registry stores its files on a "
+                "disk this machine does not see (a local artifact root). Run `mlflow server` with --serve-artifacts (its "
+                "artifacts then come over HTTP: mlflow-artifacts:/) or an artifact root every machine reaches (s3://, "
+                "gs://, a shared mount at the same path), and register the model again"
+            ) from exc
         raise GraftError(f"cannot download '{artifact_uri}' from MLflow ({exc}); check the name/alias in the MLflow UI") from exc
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -89,6 +90,16 @@ class Bundle:
         return variant_path(self.dir / FP32_FILE, variant)
 
 
+
+def _staging(out_dir: Path) -> Path:
+    """An empty folder beside `out_dir`, renamed onto it once complete, with the permissions a folder made by `mkdir`
+    would have (`mkdtemp` makes it 0700: a server running as another user, Triton's for one, could not read it)."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
+    return staging
+
 def write_bundle(
     fp32_path: Path,
     out_dir: Path,
@@ -130,7 +141,7 @@ def write_bundle(
     except (KeyError, ValueError) as exc:
         raise BundleError(f"{fp32_path} lacks Graft metadata (classes); export it with Graft") from exc
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = _staging(out_dir)
     try:
         for name in ("fp32", *variants):
             source = variant_path(fp32_path, name)
@@ -174,6 +185,11 @@ def verify_bundle(bundle_dir: Path) -> dict[str, str]:
         BundleError: naming every missing, altered or unlisted file at once.
     """
     listing = bundle_dir / CHECKSUMS
+    if (bundle_dir / TRITON_CONFIG).is_file():  # `graft bundle --format triton` writes SHA256SUMS too, of its own layout
+        models = sorted(str(p.relative_to(bundle_dir)) for p in bundle_dir.glob("*/*.onnx"))
+        raise BundleError(f"'{bundle_dir}' is a Triton model repository's model ({TRITON_CONFIG}), not a Graft bundle: serve "
+                          f"it with Triton, or pass its ONNX file ({', '.join(models) or 'VERSION/model.onnx'} in it) with "
+                          "--model; `sha256sum -c SHA256SUMS` in it checks its files")
     if not listing.is_file():
         raise BundleError(f"'{bundle_dir}' is not a Graft bundle: it has no {CHECKSUMS}; write one with `graft bundle`")
     expected: dict[str, str] = {}
@@ -342,7 +358,7 @@ def triton_from_registry(model_uri: str, out_dir: Path, variant: str = "fp32", m
         raise BundleError(f"variant '{variant}' was not published for {name} v{found.version} (published: {', '.join(published_variants(found.tags))})")
     filename = variant_filename(variant)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = _staging(out_dir)
     try:
         checked = fetch_registered(MlflowClient(), found, [filename], staging / ".download")
         model_dir = staging / name

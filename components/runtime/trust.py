@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from components.core.errors import IntegrityError
-from components.core.files import sha256
+from components.core.files import atomic_write, sha256
 from components.core.lineage import CHAMPION, ONNX_SHA256_TAG, sha256_tag
 from components.registry.history import latest_move
 from components.registry.versions import download_artifact, recorded_concerns, trusted_download_uri
@@ -136,9 +135,9 @@ def sidecar_path(path: Path) -> Path:
 def write_sidecar(path: Path, digest: str | None = None) -> Path:
     """Write `<file>.sha256` beside `path` in `sha256sum` format (so `sha256sum -c` checks it too)."""
     sidecar = sidecar_path(path)
-    tmp = sidecar.with_name(f".{sidecar.name}.{os.getpid()}.tmp")
-    tmp.write_text(f"{digest or sha256(path)}  {path.name}\n")
-    tmp.replace(sidecar)
+    line = f"{digest or sha256(path)}  {path.name}\n"
+    with atomic_write(sidecar) as tmp:
+        tmp.write_text(line)
     return sidecar
 
 

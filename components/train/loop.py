@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import re
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 from components.core import progress
 from components.core.config import TrainConfig
 from components.core.errors import TrainingError
-from components.core.files import temp_write
+from components.core.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +137,8 @@ class ResumeStore:
 def save_checkpoint(path: Path, **content: object) -> Path:
     """Write a checkpoint atomically (tmp file + rename), so a crash never leaves a torn file; the tmp file is this
     process's own, since two runs with the same inputs (a manual run beside a scheduled one) share the checkpoint's key."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
-    with temp_write(path, tmp), open(tmp, "wb") as file:  # a file object, so a full disk surfaces as OSError
+    with atomic_write(path) as tmp, open(tmp, "wb") as file:  # a file object, so a full disk surfaces as OSError
         torch.save(content, file)
-    tmp.replace(path)
     return path
 
 

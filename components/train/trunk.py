@@ -37,7 +37,7 @@ from components.backbones.trunk import TrunkSplit, split_backbone
 from components.backbones.unfreeze import Trainable
 from components.core.config import Params
 from components.core.errors import ModelError
-from components.core.files import file_md5, temp_write
+from components.core.files import file_md5, temp_write, write_json
 from components.core.progress_lines import ProgressLines
 from components.data.images import load_batch
 from components.data.split import Split
@@ -57,41 +57,58 @@ TRUNK_BUDGET_BYTES = 4 << 30
 through the whole backbone instead (the decoded images it then keeps are 3 bytes a pixel)."""
 
 
+READ_ATTEMPTS = 3
+"""Reads of the index when the rows file it names is gone (replaced by another run's commit in the meantime)."""
+
+
 class TrunkCache:
     """The trunk's output for one backbone, image size and cut: `<key>.json`, the image md5 of each row and the name
     of the rows file it describes, `<key>-<writer>.npy` (float32 rows, memory-mapped).
 
     Rows are computed outside any lock; adding them takes `<key>.lock` for as long as it takes to copy the rows
     committed so far and the new ones into a new file and commit it by replacing the index in one rename. So a
-    reader, which takes no lock, always finds an index and the rows written for it, and two runs adding rows at
-    once (a manual run beside a scheduled one) both keep theirs.
+    reader, which takes no lock, always finds an index and the rows written for it (should a commit replace them
+    between its reading the index and opening the rows, it reads the new index), and two runs adding rows at once
+    (a manual run beside a scheduled one) both keep theirs.
     """
 
     def __init__(self, cache_dir: Path, spec: BackboneSpec, image_size: int, seed: int, frozen_blocks: int, opset: int) -> None:
         self.spec, self.image_size = spec, image_size
         self.cache_dir, self.seed, self.opset = Path(cache_dir), seed, opset  # the opset: which exported graph to cut
         self.stem = Path(cache_dir) / "trunk" / f"{cache_key(spec, image_size, seed)}-frozen{frozen_blocks}"
-        self.index_path = self.stem.with_suffix(".json")
+        self.index_path = self._beside(".json")
         self.hits = 0
         self.misses = 0
 
+    def _beside(self, suffix: str) -> Path:
+        """`<key><suffix>`: appended, never `with_suffix`, which would cut a key at a dot in the backbone's name
+        (`resnet18.v2`) and give every size, seed and cut of it one file."""
+        return self.stem.with_name(self.stem.name + suffix)
+
     def _read(self) -> tuple[list[str], np.ndarray | None]:
         """(md5 of each row, the rows) as the index last committed them; ([], None) when there are none."""
-        if not self.index_path.is_file():
-            return [], None
-        try:
-            index = json.loads(self.index_path.read_text())
-            if "rows" not in index:  # Graft before 2026-12-07: one `<key>.npy` beside it, replaced in place
-                log.info("trunk cache %s is in an older layout; computing it again", self.index_path)
+        for attempt in range(READ_ATTEMPTS):
+            if not self.index_path.is_file():
                 return [], None
-            md5s = index["md5"]
-            rows = np.load(self.index_path.parent / index["rows"], mmap_mode="r")
-            if len(rows) != len(md5s):
-                raise ValueError(f"{len(md5s)} md5s for {len(rows)} rows")
-            return md5s, rows
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("trunk cache %s is unreadable (%s); recomputing it", self.index_path, exc)
+            try:
+                index = json.loads(self.index_path.read_text())
+                if "rows" not in index:  # Graft before 2026-12-07: one `<key>.npy` beside it, replaced in place
+                    log.info("trunk cache %s is in an older layout; computing it again", self.index_path)
+                    return [], None
+                md5s = index["md5"]
+                rows = np.load(self.index_path.parent / index["rows"], mmap_mode="r")
+                if len(rows) != len(md5s):
+                    raise ValueError(f"{len(md5s)} md5s for {len(rows)} rows")
+                return md5s, rows
+            except FileNotFoundError as exc:
+                if attempt + 1 < READ_ATTEMPTS:  # another run committed newer rows and removed these since the index
+                    continue                     # was read: its index names the new ones
+                problem: Exception = exc
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                problem = exc
+            log.warning("trunk cache %s is unreadable (%s); recomputing it", self.index_path, problem)
             return [], None
+        return [], None  # pragma: no cover - the loop returns
 
     def _add(self, md5s: list[str], fresh: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Commit `fresh` rows (of images `md5s`) after the rows committed so far, and return what is committed then:
@@ -99,7 +116,7 @@ class TrunkCache:
         import fcntl
 
         self.index_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.stem.with_suffix(".lock"), "a") as lock:
+        with open(self._beside(".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
             known, rows = self._read()
             if rows is not None and tuple(rows.shape[1:]) != tuple(fresh.shape[1:]):
@@ -119,12 +136,10 @@ class TrunkCache:
                     out.flush()
                     del out
                 os.replace(tmp, rows_path)
-                index_tmp = self.index_path.with_suffix(f".{writer}.tmp")
-                index_tmp.write_text(json.dumps({"md5": committed, "rows": rows_path.name}))
-                os.replace(index_tmp, self.index_path)
+                write_json(self.index_path, {"md5": committed, "rows": rows_path.name})
             finally:
                 tmp.unlink(missing_ok=True)
-            for old in [*self.stem.parent.glob(f"{self.stem.name}-*.npy"), self.stem.with_suffix(".npy")]:
+            for old in [*self.stem.parent.glob(f"{self.stem.name}-*.npy"), self._beside(".npy")]:
                 if old != rows_path:
                     old.unlink(missing_ok=True)  # superseded (or the older layout's); a reader that maps it keeps its pages
             return committed, np.load(rows_path, mmap_mode="r")

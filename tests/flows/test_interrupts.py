@@ -394,9 +394,10 @@ def test_ctrl_c_before_the_schedule_is_served_stops_graft_schedule_with_one_line
     assert "stopped: graft schedule was interrupted (Ctrl-C)" in err and "Traceback" not in err
 
 
-def test_a_sigkilled_run_leaves_no_prefect_api_behind(work):
+def test_a_sigkilled_run_leaves_no_prefect_api_behind_and_the_next_run_ends_its_mlflow_run(work):
     """SIGKILL reaches only `graft run` (an out-of-memory kill, `kill -9 PID`): the embedded API it started, in a session
-    of its own, notices that its parent is gone and ends, instead of holding 200 MB and a port for good."""
+    of its own, notices that its parent is gone and ends, instead of holding 200 MB and a port for good. Its MLflow run
+    stays RUNNING (nothing can end it) until the next `graft run` on the machine ends it KILLED, saying why."""
     import httpx
 
     tmp_path, data, cache = work
@@ -417,3 +418,19 @@ def test_a_sigkilled_run_leaves_no_prefect_api_behind(work):
             time.sleep(0.5)
     finally:
         _reap(run.process)
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    [left] = client.search_runs([client.get_experiment_by_name("graft").experiment_id],
+                                f"tags.`graft.pid` = '{run.process.pid}'")
+    assert left.info.status == "RUNNING"
+
+    later = GraftRun(tmp_path, data, cache)
+    try:
+        later.wait_for("marked it KILLED")
+        later.interrupt(signal.SIGINT)
+    finally:
+        _reap(later.process)
+    ended = client.get_run(left.info.run_id)
+    assert ended.info.status == "KILLED", later.output[-3000:]
+    assert ended.data.tags["mlflow.note.content"].startswith("**Ended unseen**")
+    assert f"MLflow run {left.info.run_id} (" in later.output

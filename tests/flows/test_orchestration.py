@@ -784,21 +784,25 @@ def test_a_candidate_that_failed_to_score_is_scored_again_next_run_not_answered_
     assert calls == ["efficientnet_lite0"] * 2  # the third run is answered from the cache: the success is kept
 
 
-def test_edits_to_a_dvc_tracked_folder_are_never_undone_by_a_pull_and_a_stale_one_is_brought_up_to_date(tmp_path, digits_dir):
+@pytest.mark.parametrize("cache", ["in the project", "shared"])
+def test_edits_to_a_dvc_tracked_folder_are_never_undone_by_a_pull_and_a_stale_one_is_brought_up_to_date(tmp_path, digits_dir, cache):
     """Deleting a bad image from DVC-tracked data and running: the run says how to record or discard the edit instead
-    of pulling the image back; a folder at an older version DVC checked out itself is pulled to what the file records."""
+    of pulling the image back; a folder at an older version DVC checked out itself is pulled to what the file records,
+    also where DVC's cache is a team's shared folder outside the project (`dvc cache dir`)."""
     from components.data.versions import data_version, dir_md5
 
     project = tmp_path / "project"
     run, dvc = _dvc_project(project, digits_dir)
+    if cache == "shared":
+        run(dvc, "cache", "dir", "--local", str(tmp_path / "team-cache"))
     run(dvc, "add", "-q", "images")
     first = dir_md5(project / "images")
     recorded = (project / "images.dvc").read_text()
 
     bad = sorted((project / "images" / "7").iterdir())[0]
     bad.unlink()
-    with pytest.raises(DataError, match=r"DVC has no record of it as it is now .*`dvc add images` records your changes .*"
-                                        r"`dvc checkout images.dvc`"):
+    with pytest.raises(DataError, match=r"DVC has no record of it as it is now .*`dvc checkout images.dvc` .* restores "
+                                        r"what it records; if you edited it on purpose, `dvc add images` records your changes"):
         data_version(project / "images")
     assert not bad.exists()  # the edit is still there
 

@@ -222,3 +222,42 @@ def test_registry_version_tells_a_missing_alias_from_a_registry_outage(store, mo
     with pytest.raises(RegistryError) as err:
         registry_version(NAME, "champion", None)
     assert "no alias" not in str(err.value) and "check that the MLflow server" in str(err.value)
+
+
+def test_a_champion_move_on_a_store_that_may_only_be_read_is_one_clear_line_not_retries_and_tracebacks(store, caplog):
+    """`graft serve` records a move made in the MLflow UI; on a store it may only read (here SQLite opened read-only, as
+    a read-only file or mount behaves) MLflow calls the failed write temporary and logs a traceback for it. Graft
+    neither retries it nor lets the traceback through: one error naming the store and what to change."""
+    import logging
+    import time
+
+    from components.registry.history import notice_outside_moves
+    from mlflow import MlflowClient
+
+    uri, experiment_id, version = store
+    writer = MlflowClient(uri, uri)
+    run = writer.create_run(experiment_id)
+    moved = writer.create_model_version(NAME, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    writer.set_registered_model_alias(NAME, "champion", str(moved))  # by hand, outside Graft
+    read_only = f"sqlite:///file:{uri.removeprefix('sqlite:///')}?mode=ro&uri=true"
+    started = time.monotonic()
+    with caplog.at_level(logging.INFO), pytest.raises(RegistryError) as raised:
+        notice_outside_moves(MlflowClient(read_only, read_only), NAME, "graft serve", str(version))
+    assert time.monotonic() - started < mlflow_calls.FIRST_DELAY_S  # not retried
+    assert "may only be read here" in str(raised.value) and "write access" in str(raised.value)
+    assert not [r for r in caplog.records if r.name.startswith("mlflow") or r.exc_info], caplog.text
+    assert "try 2 of" not in caplog.text
+    writer.set_registered_model_alias(NAME, "champion", str(version))  # the module's champion, as it was
+
+
+def test_a_registry_whose_files_are_on_another_machines_disk_says_how_to_serve_them(store, tmp_path, monkeypatch):
+    """A store filled by `graft run` on a laptop (a local artifact root) read from a container: the files' `file:` paths
+    do not exist there, and the error says to serve the artifacts, not to check the model's name."""
+    from components.registry.versions import download_artifact
+
+    uri, _, _ = store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    with pytest.raises(GraftError, match=r"a disk this machine does not see .*--serve-artifacts"):
+        download_artifact("file:///laptop-only/alice/project/mlflow/artifacts/1/models/m-1/artifacts/model.onnx", tmp_path / "a")
+    with pytest.raises(GraftError, match="check the name/alias in the MLflow UI"):  # here, but gone: another cause
+        download_artifact(f"{(tmp_path / 'artifacts' / 'model.onnx').as_uri()}", tmp_path / "b")

@@ -83,3 +83,24 @@ def test_onnxruntime_gpus_cuda_provider_finds_every_library_in_the_folders_the_i
         assert re.search(rf"{re.escape(library)} => {re.escape(here)}/nvidia/", linked), library
     cudnn = Path(here) / "nvidia" / "cudnn" / "lib" / "libcudnn.so.9"
     assert cudnn.is_file() and str(cudnn.parent).replace(here, SITE_PACKAGES) in folders  # onnxruntime opens cuDNN 9 at run time
+
+
+def test_the_training_image_trains_on_the_mounted_folder_as_it_is_and_records_the_commit_it_was_built_from(tmp_path, monkeypatch):
+    """The image has no git history and no DVC remote: a data.dvc baked into it would refuse every folder but the
+    demo's (and could never pull); the commit comes from the build (`--build-arg GRAFT_GIT_COMMIT=...`)."""
+    from components.core.lineage import COMMIT_ENV, git_commit
+    from components.data.versions import data_version, dir_md5
+
+    lines = _stage("train")
+    copied = " ".join(line for line in lines if line.startswith("COPY"))
+    assert "data.dvc" not in copied and ".dvc/" not in copied and "dvc.yaml" in copied
+    assert f"ARG {COMMIT_ENV}=unknown" in lines and f"ENV {COMMIT_ENV}=${{{COMMIT_ENV}}}" in lines
+
+    image = tmp_path / "app"  # what the image holds: no .git, no data.dvc, a folder of the user's own images
+    (image / "data" / "cat").mkdir(parents=True)
+    (image / "data" / "cat" / "1.png").write_bytes(b"not checked here")
+    assert data_version(image / "data") == dir_md5(image / "data")
+    monkeypatch.setenv(COMMIT_ENV, "0123abc")
+    assert git_commit(image) == "0123abc"
+    monkeypatch.delenv(COMMIT_ENV)
+    assert git_commit(image) == "unknown"

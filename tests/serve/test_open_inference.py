@@ -5,6 +5,7 @@ repository whose `config.pbtxt` Triton's own schema accepts."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -156,7 +157,7 @@ def _model_config_schema():  # noqa: ANN202 - Triton's ModelConfig protobuf modu
     return module
 
 
-def test_graft_bundle_writes_a_triton_model_repository_triton_accepts(store, tmp_path):  # noqa: F811
+def test_graft_bundle_writes_a_triton_model_repository_triton_accepts(store, tmp_path, capsys):  # noqa: F811
     import onnxruntime as ort
     from google.protobuf import text_format
 
@@ -182,6 +183,17 @@ def test_graft_bundle_writes_a_triton_model_repository_triton_accepts(store, tmp
     assert session.run(None, {"images": _batch(3)})[0].shape == (3, 3)  # the batch axis Triton's batcher fills
     assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=folder, capture_output=True).returncode == 0
     assert (folder / version / "model.onnx").read_bytes() == (store.folder(version) / "model.int8.onnx").read_bytes()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "repo").stat().st_mode & 0o777 == 0o777 & ~umask  # as `mkdir` makes it: Triton's user reads it
+    from PIL import Image
+
+    image = tmp_path / "image.png"
+    Image.fromarray(_batch(1)[0]).save(image)
+    capsys.readouterr()
+    assert main(["predict", "--model", str(folder), str(image)]) == 2
+    assert "is a Triton model repository's model (config.pbtxt), not a Graft bundle" in capsys.readouterr().err
+    assert main(["predict", "--model", str(folder / version / "model.onnx"), str(image)]) == 0
 
     with pytest.raises(BundleError, match="variant 'fp16' was not published"):
         triton_from_registry(f"models:/{NAME}/{version}", tmp_path / "none", "fp16")

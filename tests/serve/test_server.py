@@ -166,6 +166,46 @@ def test_a_request_past_its_time_limit_stops_its_work_and_frees_the_worker(tiny_
         assert httpx.get(f"{url}/health", timeout=10).json()["status"] == "ok"
 
 
+def test_large_uploads_sent_at_once_decode_within_the_servers_pixel_budget_and_all_answer(tiny_model, monkeypatch):  # noqa: F811
+    """Six requests at once, each with a 1,500 x 1,500 image (2.25 M pixels), on a budget of 3 M pixels: the images
+    decode one at a time (a small one passes beside a large one) and every request is answered. Decoded pixels held at
+    once are counted where Pillow converts them, outside the budget's own bookkeeping."""
+    import threading
+
+    import components.serve.server as server
+
+    monkeypatch.setattr(server.DECODING, "capacity", 3_000_000)
+    held, lock, real = {"now": 0, "most": 0}, threading.Lock(), server.to_rgb
+
+    def converting(image):  # noqa: ANN001, ANN202 - what decode_image does with each decoded image
+        with lock:
+            held["now"] += image.width * image.height
+            held["most"] = max(held["most"], held["now"])
+        try:
+            time.sleep(0.1)  # long enough that the requests' decodes would overlap without the budget
+            return real(image)
+        finally:
+            with lock:
+                held["now"] -= image.width * image.height
+
+    monkeypatch.setattr(server, "to_rgb", converting)
+    big, small = _big_jpeg(), _png(_truth(tiny_model, 1)[0][0])
+    settings = ServeSettings(poll_seconds=60, max_upload_bytes=4 * len(big), max_batch=4, timeout_seconds=30)
+    with running_server(LiveModel(str(tiny_model.onnx_path)), settings) as url:
+        def post(data: bytes) -> int:
+            return httpx.post(f"{url}/predict", content=data, headers={"content-type": "image/jpeg"}, timeout=60).status_code
+
+        answers = []
+        threads = [threading.Thread(target=lambda d=d: answers.append(post(d))) for d in [big] * 6 + [small]]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert answers == [200] * 7
+    assert 1500 * 1500 <= held["most"] <= 3_000_000, held
+    assert server.DECODING.used == 0
+
+
 def test_a_stop_ends_a_run_onnxruntime_has_in_flight(tiny_model):  # noqa: F811
     """`Stop` (what a request past its time limit sets) ends onnxruntime's run itself, not only the loop around it."""
     import threading

@@ -249,3 +249,43 @@ def test_two_writers_adding_rows_at_once_each_get_their_own_images_rows_and_leav
     np.testing.assert_allclose(again.get(every, cut, model, 8), np.concatenate([results[n] for n in range(len(groups))]), atol=1e-4)
     assert (again.hits, again.misses) == (len(every), 0)
 
+
+
+def test_backbones_whose_names_hold_a_dot_keep_each_size_and_cut_in_files_of_their_own(tmp_path):
+    """`resnet18.v2` (a custom backbone's name): the cache's file names are appended to its key, never cut at the dot, so
+    another image size or cut of it never reads these rows."""
+    import dataclasses
+
+    from components.train.trunk import TrunkCache
+
+    spec = dataclasses.replace(get_spec("random_efficientnet_lite0"), name="team/resnet18.v2")
+    first = TrunkCache(tmp_path, spec, 64, 0, frozen_blocks=2, opset=18)
+    other = TrunkCache(tmp_path, spec, 96, 0, frozen_blocks=3, opset=18)
+    first._add(["a", "b"], np.ones((2, 4), np.float32))
+    assert first.index_path != other.index_path and first.index_path.name.endswith("-frozen2.json")
+    assert other._read() == ([], None)
+    assert first._read()[0] == ["a", "b"]
+
+
+def test_a_reader_whose_rows_another_run_replaced_meanwhile_reads_the_new_ones_without_recomputing(tmp_path, monkeypatch, caplog):
+    """The index names rows file A; before the reader opens it, another run commits B (and removes A): the reader reads
+    the index again and gets B's rows, instead of warning that the cache is unreadable and computing every image."""
+    import components.train.trunk as trunk
+    from components.train.trunk import TrunkCache
+
+    spec = get_spec("random_efficientnet_lite0")
+    reader, writer = (TrunkCache(tmp_path, spec, 64, 0, frozen_blocks=2, opset=18) for _ in range(2))
+    writer._add([f"image-{i}" for i in range(100)], np.ones((100, 4), np.float32))
+    real_load, commits = np.load, []
+
+    def load_after_a_commit(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        if not commits:
+            commits.append("once")  # before the commit: its own reads go straight through
+            writer._add(["one-more"], np.zeros((1, 4), np.float32))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(trunk.np, "load", load_after_a_commit)
+    with caplog.at_level(logging.WARNING, logger="components.train.trunk"):
+        md5s, rows = reader._read()
+    assert len(md5s) == len(rows) == 101 and md5s[-1] == "one-more"
+    assert "unreadable" not in caplog.text

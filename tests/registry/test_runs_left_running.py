@@ -1,0 +1,77 @@
+"""Runs whose process was killed outright (`kill -9`, out of memory) are ended KILLED by the next `graft run` on that
+machine; runs of live processes, of other machines, or without Graft's process tags are left RUNNING.
+
+A real SQLite MLflow store; the "killed" process is a real one that has exited, so its pid is free.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from components.core.processes import start_mark, still_running, this_process
+from components.registry.tracking import NOTE_TAG, PROCESS_TAGS, end_runs_left_running, process_tags
+
+
+@pytest.fixture
+def store(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    return client, client.create_experiment("left-running", artifact_location=(tmp_path / "artifacts").as_uri()), uri
+
+
+def _exited_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def _run(client, experiment_id: str, tags: dict[str, str], parent: str | None = None) -> str:  # noqa: ANN001
+    tags = {**tags, **({"mlflow.parentRunId": parent} if parent else {})}
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
+def test_a_run_of_a_killed_process_and_its_children_end_killed_and_others_stay_running(store):
+    client, experiment_id, uri = store
+    dead = {**process_tags(), PROCESS_TAGS["pid"]: str(_exited_pid()), PROCESS_TAGS["started"]: ""}
+    killed = _run(client, experiment_id, dead)
+    child = _run(client, experiment_id, {}, parent=killed)
+    live = _run(client, experiment_id, process_tags())  # this very process
+    elsewhere = _run(client, experiment_id, {**dead, PROCESS_TAGS["host"]: "another-machine"})
+    untagged = _run(client, experiment_id, {})
+
+    ended = end_runs_left_running(client, experiment_id, uri)
+
+    assert sorted(ended) == sorted([killed, child])
+    status = {run_id: client.get_run(run_id).info.status for run_id in (killed, child, live, elsewhere, untagged)}
+    assert status == {killed: "KILLED", child: "KILLED", live: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
+    note = client.get_run(killed).data.tags[NOTE_TAG]
+    assert note.startswith("**Ended unseen**") and f"pid {dead[PROCESS_TAGS['pid']]}" in note
+    assert end_runs_left_running(client, experiment_id, uri) == []  # nothing twice
+
+
+def test_a_pid_taken_by_a_later_process_does_not_keep_a_dead_run_running(store):
+    """Pids are reused: a live process with the recorded pid but another start time is not the one that ran it."""
+    client, experiment_id, uri = store
+    me = this_process()
+    if not me["started"]:
+        pytest.skip("no /proc here: only the pid is known, and a live pid counts as the same process")
+    boot, ticks = me["started"].split(":")
+    earlier = {**process_tags(), PROCESS_TAGS["started"]: f"{boot}:{int(ticks) - 1}"}
+    stale = _run(client, experiment_id, earlier)
+
+    assert end_runs_left_running(client, experiment_id, uri) == [stale]
+    assert client.get_run(stale).info.status == "KILLED"
+
+
+def test_a_process_record_is_read_back_as_running_only_while_that_process_runs():
+    me = this_process()
+    assert still_running(me["host"], me["pid"], me["started"]) is True
+    assert still_running(me["host"], str(_exited_pid()), "") is False
+    assert still_running("another-machine", me["pid"], me["started"]) is None
+    assert still_running(me["host"], "", "") is None
+    assert start_mark(_exited_pid()) == ""
