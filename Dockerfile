@@ -17,9 +17,6 @@ ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS train
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 \
     LD_LIBRARY_PATH=/opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib:/opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib
-# the commit each run records (the image has no git history): docker build --build-arg GRAFT_GIT_COMMIT=$(git rev-parse HEAD)
-ARG GRAFT_GIT_COMMIT=unknown
-ENV GRAFT_GIT_COMMIT=${GRAFT_GIT_COMMIT}
 RUN useradd --create-home --uid 10001 graft
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
@@ -33,6 +30,10 @@ COPY params.yaml dvc.yaml ./
 RUN /opt/venv/bin/pip install --no-deps . && chown -R graft /app
 USER 10001
 ENV PATH=/opt/venv/bin:$PATH
+# the commit each run records (the image has no git history): docker build --build-arg GRAFT_GIT_COMMIT=$(git rev-parse HEAD);
+# declared last, so a new commit does not rebuild the layers above it
+ARG GRAFT_GIT_COMMIT=unknown
+ENV GRAFT_GIT_COMMIT=${GRAFT_GIT_COMMIT}
 ENTRYPOINT ["graft"]
 CMD ["run", "--summary", "outputs/summary.json"]
 

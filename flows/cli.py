@@ -135,7 +135,7 @@ def _next_commands(params: Params, params_file: Path | None) -> tuple[str, str]:
     project = REPO_ROOT / "params.yaml"
     if store.startswith("sqlite:") and params_file is not None and params_file.resolve() == project.resolve() and store == store_of(project):
         ui = "make mlflow-ui" if cwd == REPO_ROOT.resolve() else f"make -C {REPO_ROOT} mlflow-ui"
-    elif store.startswith(("http://", "https://", "databricks")):  # a server: its own UI, nothing to start
+    elif store.startswith(("http://", "https://")):  # a server: its own UI, nothing to start
         from components.registry.mlflow_calls import printable_uri
 
         ui = f"open {printable_uri(store)} in a browser (the MLflow server's UI)"

@@ -47,13 +47,13 @@ def wait_http(url: str, process: subprocess.Popen, seconds: float) -> None:
     raise TimeoutError(f"{url} did not answer within {seconds:.0f}s")
 
 
-def stop(process: subprocess.Popen, first: int = signal.SIGTERM) -> None:
-    """Stop a process started with `start_new_session=True` and its children: `first`, then SIGKILL after 20 s."""
+def stop(process: subprocess.Popen, first: int = signal.SIGTERM, seconds: float = 20) -> None:
+    """Stop a process started with `start_new_session=True` and its children: `first`, then SIGKILL after `seconds`."""
     if process.poll() is not None:
         return
     os.killpg(process.pid, first)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()

@@ -1,9 +1,11 @@
-"""Processes: whether one is still running, and a name for this one that a later process with the same pid does not share.
+"""Processes: whether one is still running, and a record of this one that tells it from any other process.
 
-A pid alone is reused once its process has ended; on Linux the kernel's boot id and the process's start time
-(`/proc/<pid>/stat`, in clock ticks since boot) tell the process that wrote a record from a later one with the same
-pid. Elsewhere only the pid is known, and a live pid counts as the same process (the safe side: nothing is
-declared dead that might not be).
+A pid alone is reused once its process has ended, and means nothing in another pid namespace (a container) or on
+another machine. On Linux a process is named by the kernel's boot id (random, one per machine and boot), its pid
+namespace and its start time (`/proc/<pid>/stat`, in clock ticks since boot). Whether a recorded process still runs
+is answered only where it can be: in the same boot and pid namespace as the caller (its pid, then its start time),
+or on the same machine after a reboot (`/etc/machine-id`: it ended). Anything else (another machine with the same
+hostname, another container, a system without /proc) is "cannot tell", and nothing is declared dead that might not be.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import socket
 from pathlib import Path
 
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+_MACHINE_ID = Path("/etc/machine-id")
 
 
 def running(pid: int) -> bool:
-    """Whether a process with this pid exists on this machine (another user's counts)."""
+    """Whether a process with this pid exists in this pid namespace (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -28,28 +31,50 @@ def running(pid: int) -> bool:
     return True
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
 def start_mark(pid: int) -> str:
     """`<boot id>:<start time in clock ticks>` of process `pid`, or "" where /proc cannot tell (not Linux, gone)."""
     try:
-        boot = _BOOT_ID.read_text().strip()
         started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return ""
-    return f"{boot}:{started}"
+    boot = _read(_BOOT_ID)
+    return f"{boot}:{started}" if boot else ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
 
 
 def this_process() -> dict[str, str]:
-    """This process, as `still_running` reads it back: its host, pid and start mark."""
-    return {"host": socket.gethostname(), "pid": str(os.getpid()), "started": start_mark(os.getpid())}
+    """This process, as `still_running` reads it back: host, pid, start mark, pid namespace and machine id."""
+    return {"host": socket.gethostname(), "pid": str(os.getpid()), "started": start_mark(os.getpid()),
+            "namespace": _pid_namespace(), "machine": _read(_MACHINE_ID)}
 
 
-def still_running(host: str, pid: str, started: str) -> bool | None:
-    """Whether the process recorded by `this_process` runs yet: None where this machine cannot tell (another
-    host, or a record without a pid); a live pid whose start mark differs is a later process, so the recorded
-    one has ended."""
-    if host != socket.gethostname() or not pid.isdigit():
+def still_running(record: dict[str, str]) -> bool | None:
+    """Whether the process `this_process` recorded runs yet; None where this process cannot tell (see the module)."""
+    pid, started = record.get("pid", ""), record.get("started", "")
+    boot, _, ticks = started.partition(":")
+    here = this_process()
+    here_boot = here["started"].partition(":")[0]
+    if not (pid.isdigit() and boot and here_boot):
         return None
+    if boot != here_boot:  # another boot: of this machine (the process ended with it), or of another machine
+        same_machine = bool(record.get("machine")) and record.get("machine") == here["machine"]
+        return False if same_machine else None
+    if not record.get("namespace") or record["namespace"] != here["namespace"]:
+        return None  # another container on this machine: its pids are not ours to look up
     if not running(int(pid)):
         return False
-    now = start_mark(int(pid))
-    return not (started and now and now != started)
+    now = start_mark(int(pid)).partition(":")[2]
+    return now == ticks if now else None

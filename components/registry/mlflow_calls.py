@@ -145,12 +145,17 @@ _quieted = False
 
 def explain_read_only(exc: BaseException, what: str, uri: str | None) -> RegistryError | None:
     """A `RegistryError` saying what to do when `exc` is a store that may not be written (never retried), else None."""
-    if not any(fragment in str(exc) for fragment in READ_ONLY_TEXT):
+    text = str(exc)
+    if not any(fragment in text for fragment in READ_ONLY_TEXT):
         return None
+    if "readonly database" not in text:  # a read-only file system: the artifact store's, or the store's; its path says
+        return RegistryError(f"{what} failed: it writes to a read-only file system ({first_line(exc)}); mount that "
+                             "folder writable, or point the store or its artifact root at one this process may write")
     store = f"the MLflow store at {printable_uri(uri)}" if uri else "the MLflow store"
     return RegistryError(
         f"{what} failed: {store} may only be read here ({first_line(exc)}); to write it, give this user write access "
-        "to the store (for SQLite: the .db file and its folder), or set MLFLOW_TRACKING_URI to a store it may write"
+        "to the store (for SQLite: the .db file and its folder), or set MLFLOW_TRACKING_URI to a store it may write. "
+        "(SQLite says the same of a database file moved or replaced while open: then run the command again)"
     )
 
 

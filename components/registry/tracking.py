@@ -97,13 +97,23 @@ def project_params_file(cwd: Path | None = None) -> Path | None:
     return None
 
 
+def _uri_examples() -> str:
+    """Stores this environment can open, as examples for a message (an image with mlflow-skinny has no SQLAlchemy)."""
+    import importlib.util
+
+    if importlib.util.find_spec("sqlalchemy") is None:
+        return ("e.g. http://mlflow.example.com:5000; this environment has mlflow-skinny, without SQLAlchemy, so a SQLite "
+                "or database store is read through an `mlflow server` in front of it")
+    return f"e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE}"
+
+
 def _existing_store(uri: str, why: str) -> str:
     """`uri`, once its SQLite file exists (a consumer must not create an empty store by opening it)."""
     path = _sqlite_path(uri)
     if path is not None and not path.is_file():
         raise TrackingStoreError(
             f"there is no MLflow store at {path} ({why}): `graft run` creates it there; to read another registry, "
-            f"set {TRACKING_URI_ENV} (e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE})"
+            f"set {TRACKING_URI_ENV} ({_uri_examples()})"
         )
     return uri
 
@@ -135,7 +145,7 @@ def consumer_store(params: Params | None = None) -> str:
         if found is None:
             raise TrackingStoreError(
                 f"no MLflow registry to read models:/ URIs from: set {TRACKING_URI_ENV} to your tracking server or store "
-                f"(e.g. http://mlflow.example.com:5000, or sqlite:////abs/path/mlflow/{STORE_FILE}), "
+                f"({_uri_examples()}), "
                 "or run from inside the Graft project"
             )
         uri, why = tracking_uri(load_params(found)), f"the store of the project at {found.parent}"
@@ -484,7 +494,8 @@ def ended_note(exc: BaseException) -> str:
             "after it. Running the same command again resumes it.")
 
 
-PROCESS_TAGS = {"host": "graft.host", "pid": "graft.pid", "started": "graft.process_started"}
+PROCESS_TAGS = {"host": "graft.host", "pid": "graft.pid", "started": "graft.process_started",
+                "namespace": "graft.pid_namespace", "machine": "graft.machine_id"}
 """The tags that name the process running a parent run (`components.core.processes.this_process`): a later run
 on the same machine ends a run whose process is gone (`end_runs_left_running`)."""
 
@@ -498,9 +509,11 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
 
     A process killed outright (`kill -9`, the out-of-memory killer, a machine that went down) cannot end its own
     run, which the MLflow UI then shows running for ever. Each `graft run` looks for such runs before it starts
-    its own: those recorded (`PROCESS_TAGS`) as run by a process of this machine that no longer runs are ended
-    KILLED with a description saying so, and so are their child runs. Runs of other machines, of live
-    processes, or without the tags are left as they are. Failing to look is a warning, never a failed run.
+    its own: those recorded (`PROCESS_TAGS`) as run by a process that no longer runs are ended KILLED with a
+    description saying so, and so are their child runs. Only runs whose process this one can judge are touched
+    (`components.core.processes.still_running`: the same boot and pid namespace, or the same machine rebooted);
+    runs of other machines (even with the same hostname), of other containers, of live processes, or without
+    the tags are left as they are. Failing to look is a warning, never a failed run.
     Returns the ids of the runs it ended.
     """
     here = this_process()["host"].replace("'", "")
@@ -511,7 +524,7 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
         ended = []
         for stale in found:
             tags = stale.data.tags
-            if still_running(*(tags.get(tag, "") for tag in PROCESS_TAGS.values())) is not False:
+            if still_running({key: tags.get(tag, "") for key, tag in PROCESS_TAGS.items()}) is not False:
                 continue
             children = mlflow_calls.call("reading child runs", lambda: client.search_runs(
                 [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{stale.info.run_id}'"),

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,12 +93,10 @@ class Bundle:
 
 
 def _staging(out_dir: Path) -> Path:
-    """An empty folder beside `out_dir`, renamed onto it once complete, with the permissions a folder made by `mkdir`
-    would have (`mkdtemp` makes it 0700: a server running as another user, Triton's for one, could not read it)."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    staging.chmod(0o777 & ~umask)
+    """An empty folder beside `out_dir`, renamed onto it once complete, made by `mkdir`, so with the permissions the
+    user's umask gives (`mkdtemp` makes 0700: a server running as another user, Triton's for one, could not read it)."""
+    staging = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
     return staging
 
 def write_bundle(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
 import io
 import logging
 import struct
@@ -223,15 +224,23 @@ class PixelBudget:
     def __init__(self, capacity: int = MAX_PIXELS) -> None:
         self.capacity, self.used, self.peak = capacity, 0, 0
         self._room = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
 
     @contextmanager
     def hold(self, pixels: int, stop: Stop | None = None) -> Iterator[None]:
-        need = min(pixels, self.capacity)
+        """Hold `pixels` of the budget while the block runs; images are let in in the order they asked (first come,
+        first served), so a stream of small images never keeps a large one waiting until its time runs out."""
+        need, turn = min(pixels, self.capacity), object()
         with self._room:
-            while self.used + need > self.capacity:
-                if stop is not None:
-                    stop.check()  # the request timed out while it waited: give up the wait
-                self._room.wait(0.05)
+            self._queue.append(turn)
+            try:
+                while self._queue[0] is not turn or self.used + need > self.capacity:
+                    if stop is not None:
+                        stop.check()  # the request timed out while it waited: give up the wait
+                    self._room.wait(0.05)
+            finally:
+                self._queue.remove(turn)
+                self._room.notify_all()  # the next in line may fit now
             self.used += need
             self.peak = max(self.peak, self.used)
         try:

@@ -37,7 +37,9 @@ def _run(client, experiment_id: str, tags: dict[str, str], parent: str | None = 
 
 def test_a_run_of_a_killed_process_and_its_children_end_killed_and_others_stay_running(store):
     client, experiment_id, uri = store
-    dead = {**process_tags(), PROCESS_TAGS["pid"]: str(_exited_pid()), PROCESS_TAGS["started"]: ""}
+    dead_pid = _exited_pid()
+    boot = process_tags()[PROCESS_TAGS["started"]].partition(":")[0]
+    dead = {**process_tags(), PROCESS_TAGS["pid"]: str(dead_pid), PROCESS_TAGS["started"]: f"{boot}:1"}
     killed = _run(client, experiment_id, dead)
     child = _run(client, experiment_id, {}, parent=killed)
     live = _run(client, experiment_id, process_tags())  # this very process
@@ -70,8 +72,32 @@ def test_a_pid_taken_by_a_later_process_does_not_keep_a_dead_run_running(store):
 
 def test_a_process_record_is_read_back_as_running_only_while_that_process_runs():
     me = this_process()
-    assert still_running(me["host"], me["pid"], me["started"]) is True
-    assert still_running(me["host"], str(_exited_pid()), "") is False
-    assert still_running("another-machine", me["pid"], me["started"]) is None
-    assert still_running(me["host"], "", "") is None
+    if not me["started"] or not me["namespace"]:
+        pytest.skip("no /proc here: nothing can be judged, and nothing is")
+    boot = me["started"].partition(":")[0]
+    assert still_running(me) is True
+    assert still_running({**me, "pid": str(_exited_pid())}) is False
+    assert still_running({**me, "pid": ""}) is None
     assert start_mark(_exited_pid()) == ""
+    # the same hostname elsewhere: another machine (another boot id, another or no machine id), another container
+    assert still_running({**me, "pid": str(_exited_pid()), "started": "another-boot:1", "machine": "another-machine"}) is None
+    assert still_running({**me, "pid": str(_exited_pid()), "started": "another-boot:1", "machine": ""}) is None
+    assert still_running({**me, "pid": str(_exited_pid()), "namespace": "pid:[1]"}) is None
+    # this machine before a reboot: the process ended with it
+    if me["machine"]:
+        assert still_running({**me, "started": "an-earlier-boot:1"}) is False
+    assert boot and still_running({**me, "started": f"{boot}:{int(me['started'].partition(':')[2]) + 1}"}) is False
+
+
+def test_a_live_run_of_another_container_or_machine_with_this_hostname_is_never_ended(store):
+    """Containers that share the host's name (`--network host`) and VMs left with a default hostname: their pids
+    mean nothing here, so their runs stay RUNNING whatever pid they recorded."""
+    client, experiment_id, uri = store
+    dead_pid = str(_exited_pid())
+    container = _run(client, experiment_id, {**process_tags(), PROCESS_TAGS["pid"]: dead_pid,
+                                              PROCESS_TAGS["namespace"]: "pid:[4026532999]"})
+    machine = _run(client, experiment_id, {**process_tags(), PROCESS_TAGS["pid"]: dead_pid,
+                                            PROCESS_TAGS["started"]: "0f0e-another-boot:12345",
+                                            PROCESS_TAGS["machine"]: "another-machine-id"})
+    assert end_runs_left_running(client, experiment_id, uri) == []
+    assert {client.get_run(r).info.status for r in (container, machine)} == {"RUNNING"}

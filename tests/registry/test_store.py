@@ -236,3 +236,19 @@ def test_a_database_store_keeps_new_experiments_artifacts_in_the_project_not_in_
         assert experiment_location(params, uri) == inside, uri
     for uri in ("http://127.0.0.1:5000", "https://mlflow.internal", "databricks"):
         assert experiment_location(params, uri) is None, uri
+
+
+def test_where_sqlalchemy_is_missing_the_message_offers_only_a_server(monkeypatch, tmp_path):
+    """The serving image has mlflow-skinny, which cannot open SQLite: its message does not suggest a sqlite: URI."""
+    import importlib.util
+
+    from components.registry.tracking import consumer_store
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sqlalchemy" else real(name, *a))
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils.is_tracking_uri_set", lambda: False)
+    with pytest.raises(TrackingStoreError) as raised:
+        consumer_store()
+    assert "sqlite:" not in str(raised.value) and "mlflow-skinny" in str(raised.value)

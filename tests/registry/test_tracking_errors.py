@@ -261,3 +261,13 @@ def test_a_registry_whose_files_are_on_another_machines_disk_says_how_to_serve_t
         download_artifact("file:///laptop-only/alice/project/mlflow/artifacts/1/models/m-1/artifacts/model.onnx", tmp_path / "a")
     with pytest.raises(GraftError, match="check the name/alias in the MLflow UI"):  # here, but gone: another cause
         download_artifact(f"{(tmp_path / 'artifacts' / 'model.onnx').as_uri()}", tmp_path / "b")
+
+
+def test_a_read_only_artifact_folder_is_not_blamed_on_a_writable_store():
+    """An upload to a read-only artifact mount while the SQLite store itself is writable: the message names the file
+    system, not the store."""
+    error = OSError(30, "Read-only file system: '/mnt/artifacts/1/model.onnx'")
+    explained = mlflow_calls.explain_read_only(error, "uploading model.onnx to run 1", "sqlite:////work/mlflow.db")
+    assert explained is not None and "read-only file system" in str(explained) and "/mnt/artifacts" in str(explained)
+    assert "may only be read here" not in str(explained) and "sqlite:" not in str(explained)
+    assert mlflow_calls.explain_read_only(OSError(28, "No space left on device"), "uploading", None) is None

@@ -95,6 +95,8 @@ def test_the_training_image_trains_on_the_mounted_folder_as_it_is_and_records_th
     copied = " ".join(line for line in lines if line.startswith("COPY"))
     assert "data.dvc" not in copied and ".dvc/" not in copied and "dvc.yaml" in copied
     assert f"ARG {COMMIT_ENV}=unknown" in lines and f"ENV {COMMIT_ENV}=${{{COMMIT_ENV}}}" in lines
+    last_run = max(i for i, line in enumerate(lines) if line.startswith("RUN"))
+    assert lines.index(f"ARG {COMMIT_ENV}=unknown") > last_run  # a new commit rebuilds no installed layer
 
     image = tmp_path / "app"  # what the image holds: no .git, no data.dvc, a folder of the user's own images
     (image / "data" / "cat").mkdir(parents=True)

@@ -206,6 +206,40 @@ def test_large_uploads_sent_at_once_decode_within_the_servers_pixel_budget_and_a
     assert server.DECODING.used == 0
 
 
+def test_a_large_image_waiting_for_the_pixel_budget_is_not_overtaken_by_small_ones():
+    """First come, first served: with a small image decoding, a large one waits for the whole budget, and a small one
+    that comes after it waits behind it although it would fit; else a stream of small images would hold the large
+    one back until its request timed out."""
+    import threading
+
+    from components.serve.server import PixelBudget
+
+    budget, order, first_in = PixelBudget(capacity=10), [], threading.Event()
+    release = threading.Event()
+
+    def decode(name: str, pixels: int, hold: threading.Event | None = None) -> None:
+        with budget.hold(pixels):
+            order.append(name)
+            if hold is not None:
+                first_in.set()
+                hold.wait(5)
+
+    threads = [threading.Thread(target=decode, args=("small, first", 6, release))]
+    threads[0].start()
+    assert first_in.wait(5)
+    for name, pixels in (("large", 10), ("small, after the large one", 2)):
+        threads.append(threading.Thread(target=decode, args=(name, pixels)))
+        threads[-1].start()
+        deadline = time.monotonic() + 5
+        while len(budget._queue) < len(threads) - 1:  # queued before the next one asks
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert order == ["small, first", "large", "small, after the large one"] and budget.used == 0
+
+
 def test_a_stop_ends_a_run_onnxruntime_has_in_flight(tiny_model):  # noqa: F811
     """`Stop` (what a request past its time limit sets) ends onnxruntime's run itself, not only the loop around it."""
     import threading
