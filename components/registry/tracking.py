@@ -501,7 +501,8 @@ on the same machine ends a run whose process is gone (`end_runs_left_running`)."
 
 
 def process_tags() -> dict[str, str]:
-    return {tag: this_process()[key] for key, tag in PROCESS_TAGS.items()}
+    process = this_process()
+    return {tag: process[key] for key, tag in PROCESS_TAGS.items()}
 
 
 def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  # noqa: ANN001 - MlflowClient
