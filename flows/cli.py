@@ -405,20 +405,22 @@ def _schedule(args: argparse.Namespace) -> int:
         return 0
     announce = (f"serving graft-retrain/{args.name}: cron '{args.cron}' ({args.timezone}), one run at a time, "
                 f"collisions {args.collision}; Ctrl-C stops it")
-    if PREFECT_API_URL.value():
-        print(announce, flush=True)
-        serve(deployment)
-        return 0
-    from flows.interrupts import scheduling_api
+    from flows.interrupts import EXIT_INTERRUPTED, serving_schedule
 
-    logging.getLogger(__name__).warning(
-        "PREFECT_API_URL is not set: the schedule lives only as long as this process, on its own Prefect API; "
-        "for a lasting one run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
-    )
-    with scheduling_api():  # with Prefect's scheduler: an ephemeral API would never create the schedule's runs
+    embedded = not PREFECT_API_URL.value()
+    if embedded:
+        logging.getLogger(__name__).warning(
+            "PREFECT_API_URL is not set: the schedule lives only as long as this process, on its own Prefect API; "
+            "for a lasting one run `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    # embedded: with Prefect's scheduler, which an ephemeral API lacks (it would never create the schedule's runs)
+    with serving_schedule(embedded) as stop:
         print(announce, flush=True)
         serve(deployment)
-    return 0
+    if stop.signal is None:
+        return 0
+    print(f"stopped: graft schedule ({stop.signal}); graft-retrain/{args.name} is no longer served", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def _options() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:

@@ -338,21 +338,58 @@ def _lost_api(exc: BaseException, url: str) -> bool:
     return False
 
 
+SCHEDULE_STOP_GRACE_S = 15.0
+"""How long `graft schedule` has, after Ctrl-C or SIGTERM, for Prefect's runner to shut down before it is ended."""
+
+
 @contextmanager
-def scheduling_api() -> Iterator[str]:
-    """For `graft schedule` without PREFECT_API_URL: the embedded API with Prefect's services running (its scheduler
-    creates the runs the schedule comes due for), as long as the block runs; yields its URL, which the block's
-    Prefect calls, and the runs they start, use."""
+def serving_schedule(embedded: bool) -> Iterator[Stop]:
+    """For `graft schedule` while it serves: with `embedded` (no PREFECT_API_URL), the embedded API with Prefect's
+    services running (its scheduler creates the runs the schedule comes due for) as long as the block runs; and
+    Ctrl-C or SIGTERM that always stop it. Yields the `Stop` that records the signal.
+
+    Python's `asyncio.run` (inside Prefect's `serve`) answers a first Ctrl-C only by cancelling Prefect's runner
+    task, which a flow run's clean-up can swallow: the schedule then served on, and the next cron tick started a
+    run (seen on a loaded machine). Here the signal raises KeyboardInterrupt in the main thread itself (Prefect's
+    `serve` shuts down on it), and should the process still be there `SCHEDULE_STOP_GRACE_S` later, a watchdog
+    stops the API, prints the line and ends it.
+    """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    api = _DetachedPrefectAPI(services=True)
+    stop, done = Stop(), threading.Event()
+    api = _DetachedPrefectAPI(services=True) if embedded else None
+
+    def give_up() -> None:
+        if done.wait(SCHEDULE_STOP_GRACE_S):
+            return
+        logging.disable(logging.CRITICAL)
+        if api is not None:
+            api.stop()
+        print(f"stopped: graft schedule ({stop.signal}); Prefect's runner had not shut down {SCHEDULE_STOP_GRACE_S:g} s "
+              "later, so the process was ended", file=sys.stderr, flush=True)
+        _quiet_exit(EXIT_INTERRUPTED)
+
+    def interrupt(number: int, frame) -> None:  # noqa: ANN001 - a frame
+        if stop.signal is None:
+            stop.signal = signal.Signals(number).name
+            threading.Thread(target=give_up, name="graft-schedule-stop", daemon=True).start()
+        raise KeyboardInterrupt
+
+    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        api.launch()
-        url = api.wait()
-        with temporary_settings({PREFECT_API_URL: url}):
-            yield url
+        if api is None:
+            yield stop
+            return
+        try:
+            api.launch()
+            with temporary_settings({PREFECT_API_URL: api.wait()}):
+                yield stop
+        finally:
+            api.stop()
     finally:
-        api.stop()
+        done.set()
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 @contextmanager

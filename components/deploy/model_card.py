@@ -266,11 +266,17 @@ PICTURE_PREFIX = "picture:"
 """Placeholder before a picture's file name in the card's source; each rendering replaces it (see `render_card`)."""
 
 
-def _links_section(facts: CardFacts) -> list[str]:
-    """Where to go next in MLflow's UI (fragment links: they work on any MLflow server)."""
+def _links_section(facts: CardFacts, linked: bool = True) -> list[str]:
+    """Where to go next in MLflow's UI (fragment links: they work on any MLflow server). Without `linked` (the HTML
+    card, which MLflow shows in a sandboxed frame and bundles open from disk, where no MLflow link can open) the
+    places are named instead."""
     if facts.experiment_id is None:
         return []
     name = facts.params.deploy.model_name
+    if not linked:
+        places = [f"{name} v{facts.version} (Models)" if facts.version else None, f"the run `{facts.run_id}`",
+                  f"the logged model `{facts.model_id}` (its artifacts hold `registration.json`)" if facts.model_id else None]
+        return ["In MLflow: " + " · ".join(p for p in places if p) + ".", ""]
     links = [f"[the run]({ui_links.run_page(facts.experiment_id, facts.run_id)})"]
     if facts.version:
         links.insert(0, f"[{name} v{facts.version}]({ui_links.version_page(name, facts.version)})")
@@ -280,8 +286,9 @@ def _links_section(facts: CardFacts) -> list[str]:
     return ["In MLflow: " + " · ".join(links) + ".", ""]
 
 
-def card_source(facts: CardFacts) -> str:
-    """The card's Markdown, pictures written as `![alt](picture:<file>)` for `render_card` to resolve."""
+def card_source(facts: CardFacts, linked: bool = True) -> str:
+    """The card's Markdown, pictures written as `![alt](picture:<file>)` for `render_card` to resolve; `linked`: links
+    into MLflow's UI (not in the HTML card: see `_links_section`)."""
     name = facts.params.deploy.model_name
     title = f"{name} v{facts.version}" if facts.version else name
     head = [
@@ -292,7 +299,7 @@ def card_source(facts: CardFacts) -> str:
         f"MLflow run `{facts.run_id}`, git commit `{facts.commit}`"
         + (f", logged model `{facts.model_id}`." if facts.model_id else "."),
         "",
-        *_links_section(facts),
+        *_links_section(facts, linked),
     ]
     limits = [
         "## Intended use and limits",
@@ -344,7 +351,7 @@ def render_card_html(facts: CardFacts) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
 
-    source = "\n".join(embed(line) for line in card_source(facts).split("\n"))
+    source = "\n".join(embed(line) for line in card_source(facts, linked=False).split("\n"))
     body = markdown.markdown(source, extensions=["tables", "fenced_code"])
     title = html.escape(f"Model card: {facts.params.deploy.model_name}" + (f" v{facts.version}" if facts.version else ""))
     return f"""<!doctype html>

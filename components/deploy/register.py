@@ -61,7 +61,7 @@ from components.registry.versions import LOGGED_MODEL_URI, uri_inside
 from components.runtime.providers import choose_providers
 from components.runtime.signing import sign_folder, signing_key
 from components.runtime.trust import write_sidecar
-from components.runtime.variant_files import copy_variant_files
+from components.runtime.variant_files import FP32_FILE, copy_variant_files
 
 log = logging.getLogger(__name__)
 
@@ -314,7 +314,20 @@ def register_version(run: Run, name: str, logged: LoggedModel, tags: dict[str, s
     return version
 
 
-def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> str:
+SAME_MODEL_TAG = "graft.same_model_as"
+"""The earlier versions whose ONNX file is byte for byte this version's ("1, 3"): a rerun of the same data, settings
+and code, shown as such rather than as a new model."""
+
+
+def identical_versions(client, name: str, digest: str) -> list[str]:  # noqa: ANN001 - MlflowClient
+    """The versions of `name` whose `model.onnx` has the sha256 `digest`, oldest first (none before the model exists)."""
+    tag = sha256_tag(FP32_FILE)
+    found = mlflow_calls.call(f"reading the versions of '{name}'",
+                              lambda: client.search_model_versions(f"name = '{name}'"), uri=mlflow_calls.server_uri(client))
+    return sorted((str(v.version) for v in found if (v.tags or {}).get(tag) == digest), key=int)
+
+
+def version_description(facts: DeployFacts, run: Run, logged: LoggedModel, same_as: list[str] | None = None) -> str:
     """The version's description (Markdown on its MLflow page): the decision in words, then links to the card and the record.
 
     Its first paragraph is the gate's verdict (the versions table shows the description's start); the second says what
@@ -332,6 +345,10 @@ def version_description(facts: DeployFacts, run: Run, logged: LoggedModel) -> st
     lines = [
         f"Gate{' (held)' if facts.hold else ''}: {gate}",  # plain: the versions table shows this line's start, unrendered
         "",
+        *([f"**The same model as {', '.join(f'v{v}' for v in same_as)}**: its ONNX file is byte for byte the same "
+           f"(sha256 `{logged.sha256.get(FP32_FILE, '')[:16]}`...), a rerun of the same data, settings and code; it "
+           "predicts exactly as that version does.", ""]
+          if same_as else []),
         f"Classifies RGB images into {len(trained.classes)} classes ({classes}), resized to {trained.image_size} px; "
         f"trained on `{split.root.name}` (DVC md5 `{facts.data_md5}`).",
         "",
@@ -359,6 +376,9 @@ def register_model(run: Run, name: str, facts: DeployFacts) -> tuple[str, Logged
     logged = log_onnx_model(run, facts.exported.onnx_path, trained.image_size, len(trained.classes),
                             variants.published if variants else (), manifest, registration_details(facts, manifest), name,
                             tags={BACKBONE_TAG: trained.backbone, "strategy": trained.strategy, DATA_MD5_TAG: facts.data_md5})
-    tags = {**decision_tags(facts), **record_tags(facts, manifest)}
-    version = register_version(run, name, logged, tags, version_description(facts, run, logged))
+    same_as = identical_versions(run.client, name, logged.sha256.get(FP32_FILE, "")) if logged.sha256.get(FP32_FILE) else []
+    tags = {**decision_tags(facts), **record_tags(facts, manifest), **({SAME_MODEL_TAG: ", ".join(same_as)} if same_as else {})}
+    version = register_version(run, name, logged, tags, version_description(facts, run, logged, same_as))
+    if same_as:
+        log.info("%s v%s is the same model as v%s: its ONNX file is byte for byte the same", name, version, ", v".join(same_as))
     return version, logged

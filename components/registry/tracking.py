@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -530,13 +531,17 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
             children = mlflow_calls.call("reading child runs", lambda: client.search_runs(
                 [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{stale.info.run_id}'"),
                 uri=uri)
+            marked = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             note = (f"**Ended unseen**: the process that ran it (pid {tags[PROCESS_TAGS['pid']]} on "
                     f"{tags[PROCESS_TAGS['host']]}) stopped without ending it: killed (`kill -9`, out of memory) or its "
-                    f"machine went down. Marked KILLED {progress.when()} by the next `graft run` on that machine; "
-                    "nothing was registered or promoted after its last step. Running the same command again resumes it.")
+                    "machine went down. Its last logged metrics and artifacts show how far it got; nothing was "
+                    f"registered or promoted after them. Marked KILLED on {marked} by the next `graft run` on that "
+                    "machine (so the run's duration runs until then). Running the same command again resumes it.")
             for run in [*children, stale]:
-                Run(run.info.run_id, uri).set_tags({NOTE_TAG: note})
-                Run(run.info.run_id, uri).finish("KILLED")
+                ended_run = Run(run.info.run_id, uri)
+                ended_run.set_tags({NOTE_TAG: note})
+                ended_run.describe(name=f"killed · {run.info.run_name}" if run.info.run_name else None)
+                ended_run.finish("KILLED")
                 ended.append(run.info.run_id)
             log.warning("MLflow run %s ('%s') was left RUNNING by a process that was killed (pid %s); marked it KILLED",
                         stale.info.run_id, stale.info.run_name, tags[PROCESS_TAGS["pid"]])
@@ -556,8 +561,8 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     name = params.tracking.experiment
     experiment = mlflow_calls.call(f"reading MLflow experiment '{name}'", lambda: client.get_experiment_by_name(name), uri=uri)
     end_runs_left_running(client, experiment.experiment_id, uri)
-    tags = {**source_tags((tags or {}).get("git_commit", "")), **process_tags(),
-            NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.", **(tags or {})}
+    tags = {**source_tags((tags or {}).get("git_commit", "")), NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.",
+            **(tags or {}), **process_tags()}  # last: what a person reads comes first in the MLflow UI's tag list
     created = mlflow_calls.call_once(
         f"starting a run in MLflow experiment '{name}'",
         lambda: client.create_run(experiment.experiment_id, run_name=run_name or f"graft run: {params.data.dir.name}", tags=tags),

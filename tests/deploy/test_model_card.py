@@ -106,6 +106,13 @@ def test_the_html_card_carries_its_pictures_and_renders_the_tables(facts, tmp_pa
     assert "<table>" in page and "<td>fp16</td>" in page and "<td><code>model.int8.onnx</code></td>" in page
     assert "http" not in re.sub(r"<!doctype html>|https://[^\s\"<]+", "", page)  # self-contained: nothing to fetch
     assert render_card_html(facts) == page
+    # MLflow shows it in a sandboxed frame, and bundles open it from disk: no MLflow link could open there, so the
+    # places are named, not linked
+    from dataclasses import replace
+
+    linked = render_card_html(replace(facts, version="3", experiment_id="7", model_id="m-" + "a" * 32))
+    assert 'href="#/' not in linked and "In MLflow: graft-test v3 (Models)" in linked and "the run <code>run42</code>" in linked
+    assert "(#/models/graft-test/versions/3)" in render_card(replace(facts, version="3", experiment_id="7"))  # Markdown: linked
 
 
 @pytest.mark.slow
@@ -140,3 +147,8 @@ def test_deploy_registers_each_version_with_its_card_and_keeps_the_champion_on_a
         assert client.get_run(run.run_id).data.tags["gate.verdict"] == version.tags["gate.verdict"]
     assert str(client.get_model_version_by_alias(first.model_name, "champion").version) == first.version
     assert str(client.get_model_version_by_alias(first.model_name, "challenger").version) == second.version
+    # the second deploy exported the very same file: its page says so, where a promoter would look for a new model
+    repeated = client.get_model_version(second.model_name, second.version)
+    assert repeated.tags["graft.same_model_as"] == first.version
+    assert f"**The same model as v{first.version}**" in repeated.description
+    assert "graft.same_model_as" not in client.get_model_version(first.model_name, first.version).tags

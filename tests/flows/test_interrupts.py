@@ -434,3 +434,54 @@ def test_a_sigkilled_run_leaves_no_prefect_api_behind_and_the_next_run_ends_its_
     assert ended.info.status == "KILLED", later.output[-3000:]
     assert ended.data.tags["mlflow.note.content"].startswith("**Ended unseen**")
     assert f"MLflow run {left.info.run_id} (" in later.output
+
+
+SERVE_STAND_IN = """
+import sys, time
+import prefect
+import flows.interrupts
+
+flows.interrupts.SCHEDULE_STOP_GRACE_S = 3
+
+
+def serve(*deployments, **options):  # Prefect's serve: returns after the interrupt, or (as asyncio's cancelled runner
+    while True:                      # did on a loaded machine) goes on serving
+        try:
+            time.sleep(0.05)
+        except KeyboardInterrupt:
+            if sys.argv[1] == "returns":
+                return
+
+
+prefect.serve = serve
+from flows.cli import main
+
+sys.exit(main(["schedule", "--params", sys.argv[2], "--cron", "0 3 * * 1", "--name", "nightly"]))
+"""
+
+
+@pytest.mark.parametrize("runner", ["returns", "swallows the interrupt"])
+def test_ctrl_c_stops_graft_schedule_with_one_line_even_where_prefects_runner_serves_on(tmp_path, runner):
+    """Ctrl-C while the schedule is served: one line and exit 130, whether Prefect's runner shuts down on it or (a
+    first Ctrl-C cancelling a runner task that a flow run's clean-up swallowed) serves on, when a watchdog ends it."""
+    env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # a server of the user's: nothing starts an API here
+    process = subprocess.Popen([sys.executable, "-c", SERVE_STAND_IN, runner.split()[0], str(REPO / "params.yaml")],
+                               cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert "serving graft-retrain/nightly" in process.stdout.readline()
+        time.sleep(0.5)
+        started = time.monotonic()
+        os.kill(process.pid, signal.SIGINT)
+        code = process.wait(timeout=60)
+        took = time.monotonic() - started
+    finally:
+        _reap(process)
+    err = process.stderr.read()
+    assert code == 130 and "Traceback" not in err, err
+    if runner == "returns":
+        assert err.strip().splitlines()[-1] == "stopped: graft schedule (SIGINT); graft-retrain/nightly is no longer served"
+        assert took < 3
+    else:
+        assert "stopped: graft schedule (SIGINT); Prefect's runner had not shut down 3 s later" in err and took >= 3

@@ -53,6 +53,7 @@ def test_a_run_of_a_killed_process_and_its_children_end_killed_and_others_stay_r
     assert status == {killed: "KILLED", child: "KILLED", live: "RUNNING", elsewhere: "RUNNING", untagged: "RUNNING"}
     note = client.get_run(killed).data.tags[NOTE_TAG]
     assert note.startswith("**Ended unseen**") and f"pid {dead[PROCESS_TAGS['pid']]}" in note
+    assert client.get_run(killed).info.run_name.startswith("killed · ")
     assert end_runs_left_running(client, experiment_id, uri) == []  # nothing twice
 
 
