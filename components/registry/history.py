@@ -427,7 +427,9 @@ def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: 
         "",
         f"Load the champion: `OnnxClassifier.load(\"models:/{name}@champion\")` (onnxruntime only), "
         f"`mlflow.pyfunc.load_model(\"models:/{name}@champion\")`, or `graft serve --model models:/{name}@champion`. "
-        f"Who moved `champion`, when and why: `graft history --name {name}`.",
+        f"Who moved `champion`, when and why: `graft history --name {name}`. Graft rewrites this page at each move it "
+        "makes or notices (a move in the UI: at its next run, or at once where `graft serve` runs); the Aliases column "
+        "is always current.",
     ]
     return "\n".join(lines)[:4900]
 

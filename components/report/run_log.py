@@ -54,7 +54,8 @@ def run_description(summary: RunSummary) -> str:
     lines = [
         f"{verdict} {'; '.join(deployed.verdict.reasons)}",
         "",
-        f"- Registered [{name} v{version}]({ui_links.version_page(name, version)}) ({', '.join(deployed.aliases)})",
+        f"- Registered [{name} v{version}]({ui_links.version_page(name, version)}) ({', '.join(deployed.aliases)} when "
+        "registered; the model's Aliases column shows where they are now)",
         f"- Backbone {summary.choice.chosen} ({summary.choice.reason}), strategy {summary.trained.strategy}",
         f"- {summary.evaluation.test_label.capitalize()}: accuracy {test['accuracy']:.4f}, macro-F1 {test['macro_f1']:.4f}; "
         f"validation accuracy {val['accuracy']:.4f}",

@@ -80,6 +80,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     # the run: a readable name, a description with the verdict, its source, commit and dataset
     assert run.info.run_name == f"promoted v{number} · {name} · efficientnet_lite0 · feature_extraction"  # what the run did: stays true
     assert run.data.tags["mlflow.note.content"].startswith("**Promoted to champion.**")
+    assert "(champion when registered; the model's Aliases column shows where they are now)" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["mlflow.source.name"] == "graft run" and run.data.tags["mlflow.source.git.commit"]
     (dataset,) = run.inputs.dataset_inputs
     assert (dataset.dataset.name, dataset.dataset.digest) == ("images", summary["data_md5"])
@@ -92,6 +93,7 @@ def test_after_graft_run_mlflow_shows_a_readable_model_page_version_run_and_logg
     assert not [key for key in registered.tags if key.startswith("graft.")]
     assert registered.description.startswith("Classifies RGB images into 3 classes")
     assert f"**Champion: v{number}** (efficientnet_lite0" in registered.description and "**No challenger**" in registered.description
+    assert registered.description.endswith("the Aliases column is always current.")  # a move in the UI may be newer
     assert client.get_experiment("1").tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow's UI: training runs
 
 
