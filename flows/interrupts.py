@@ -28,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,27 +369,22 @@ def serving_schedule(embedded: bool) -> Iterator[Stop]:
               "later, so the process was ended", file=sys.stderr, flush=True)
         _quiet_exit(EXIT_INTERRUPTED)
 
-    def interrupt(number: int, frame) -> None:  # noqa: ANN001 - a frame
-        if stop.signal is None:
-            stop.signal = signal.Signals(number).name
-            threading.Thread(target=give_up, name="graft-schedule-stop", daemon=True).start()
-        raise KeyboardInterrupt
+    def watch() -> None:
+        threading.Thread(target=give_up, name="graft-schedule-stop", daemon=True).start()
 
-    previous = {number: signal.signal(number, interrupt) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if api is None:
-            yield stop
-            return
-        try:
-            api.launch()
-            with temporary_settings({PREFECT_API_URL: api.wait()}):
+        with _signals(stop, on_first=watch):
+            if api is None:
                 yield stop
-        finally:
-            api.stop()
+            else:
+                try:
+                    api.launch()
+                    with temporary_settings({PREFECT_API_URL: api.wait()}):
+                        yield stop
+                finally:
+                    api.stop()
     finally:
         done.set()
-        for number, handler in previous.items():
-            signal.signal(number, handler)
 
 
 @contextmanager
@@ -484,8 +479,9 @@ def _quiet_swallowed_interrupts() -> Iterator[None]:
 
 
 @contextmanager
-def _signals(stop: Stop) -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored)."""
+def _signals(stop: Stop, on_first: Callable[[], None] | None = None) -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt in the main thread (even where the shell left SIGINT ignored);
+    `on_first` runs at the first of them."""
 
     pool = logging.getLogger("sqlalchemy.pool")
     level = pool.level
@@ -493,6 +489,8 @@ def _signals(stop: Stop) -> Iterator[None]:
     def interrupt(number: int, frame) -> None:
         if stop.signal is None:
             stop.signal, stop.where = signal.Signals(number).name, progress.where()
+            if on_first is not None:
+                on_first()
         progress.request_stop(stop.lost or stop.signal)  # should this KeyboardInterrupt be swallowed, the next step raises it
         # an interrupt inside a query of MLflow's SQLite store makes SQLAlchemy drop the connection, then log "Error closing
         # cursor" with a traceback when the query unwinds: noise after a stop, never news

@@ -90,14 +90,13 @@ class Bundle:
             raise BundleError(f"bundle {self.dir} has no '{variant}' model (it has {', '.join(self.variants)})")
         return variant_path(self.dir / FP32_FILE, variant)
 
-
-
 def _staging(out_dir: Path) -> Path:
     """An empty folder beside `out_dir`, renamed onto it once complete, made by `mkdir`, so with the permissions the
     user's umask gives (`mkdtemp` makes 0700: a server running as another user, Triton's for one, could not read it)."""
     staging = out_dir.parent / f".{out_dir.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}"
     staging.mkdir()
     return staging
+
 
 def write_bundle(
     fp32_path: Path,

@@ -37,7 +37,7 @@ from components.backbones.trunk import TrunkSplit, split_backbone
 from components.backbones.unfreeze import Trainable
 from components.core.config import Params
 from components.core.errors import ModelError
-from components.core.files import file_md5, temp_write, write_json
+from components.core.files import atomic_write, file_md5, write_json
 from components.core.progress_lines import ProgressLines
 from components.data.images import load_batch
 from components.data.split import Split
@@ -126,19 +126,14 @@ class TrunkCache:
             committed = known + [md5s[i] for i in new]
             writer = f"{os.getpid()}-{threading.get_ident()}-{time.time_ns()}"
             rows_path = self.stem.parent / f"{self.stem.name}-{writer}.npy"
-            tmp = rows_path.with_suffix(".tmp.npy")
-            try:
-                with temp_write(rows_path, tmp):  # a full disk: DiskFullError naming the folder
-                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(committed), *fresh.shape[1:]))
-                    if known:
-                        out[: len(known)] = rows
-                    out[len(known) :] = fresh[new]
-                    out.flush()
-                    del out
-                os.replace(tmp, rows_path)
-                write_json(self.index_path, {"md5": committed, "rows": rows_path.name})
-            finally:
-                tmp.unlink(missing_ok=True)
+            with atomic_write(rows_path, ".npy") as tmp:  # a full disk: DiskFullError naming the folder
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(committed), *fresh.shape[1:]))
+                if known:
+                    out[: len(known)] = rows
+                out[len(known) :] = fresh[new]
+                out.flush()
+                del out
+            write_json(self.index_path, {"md5": committed, "rows": rows_path.name})
             for old in [*self.stem.parent.glob(f"{self.stem.name}-*.npy"), self._beside(".npy")]:
                 if old != rows_path:
                     old.unlink(missing_ok=True)  # superseded (or the older layout's); a reader that maps it keeps its pages
