@@ -152,7 +152,9 @@ class _DetachedPrefectAPI:
             [sys.executable, "-c", _WATCHING_ITS_PARENT, "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
-            env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1",
+            # PYTHONSAFEPATH: `python -c` would put the current folder first on sys.path, so a project's own click.py
+            # or typing.py would stand in for the library the server imports
+            env={**os.environ, "PYTHONSAFEPATH": "1", "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_FINAL": "1",
                  **({} if self.services else {"PREFECT__SERVER_EPHEMERAL": "1"}),
                  **get_current_settings().to_environment_variables(exclude_unset=True)},
             start_new_session=True,

@@ -1,6 +1,6 @@
 """Backbone features, computed once per image and cached on disk.
 
-The cache is keyed by backbone, weights, image size and preprocessing; inside
+The cache is keyed by backbone, weights (the file's sha256), image size and preprocessing; inside
 a cache file each row is keyed by the image's md5, so any subset of any
 folder (the choose sample, the training split) reuses what was computed.
 Rows come from eager PyTorch or from the same backbone exported to ONNX
@@ -20,7 +20,7 @@ import torch
 
 from components.backbones.classifier import Preprocess
 from components.backbones.spec import BackboneSpec
-from components.core.files import atomic_write, file_md5
+from components.core.files import atomic_write, cached_sha256, file_md5
 from components.core.progress_lines import ProgressLines
 from components.data.images import DecodedImages, load_batch
 from components.runtime.providers import open_session
@@ -38,8 +38,9 @@ Extractor = Callable[[np.ndarray], np.ndarray]
 def cache_key(spec: BackboneSpec, image_size: int, seed: int) -> str:
     """Name of the cache file for one backbone at one image size."""
     weights = spec.weights_path()
-    # a Hub cache file is a link to a blob named by its sha256: the blob's name tells revisions apart
-    tag = f"{weights.resolve().name}:{weights.stat().st_size}" if weights is not None else f"random-seed{seed}-bn-settled"
+    # the file's content, not its name and size: a torch.hub file replaced by other weights of the same architecture
+    # keeps both (its sha256 is read once per process, see cached_sha256)
+    tag = f"sha256:{cached_sha256(weights)[:16]}" if weights is not None else f"random-seed{seed}-bn-settled"
     raw = f"{spec.name}|{spec.family}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
     return f"{spec.slug}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 

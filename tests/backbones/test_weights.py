@@ -99,6 +99,30 @@ def test_the_zoo_fetches_torchvision_files_from_torchvisions_own_urls(caches):
     )
 
 
+def test_weights_replaced_under_the_same_name_and_size_get_features_and_a_graph_of_their_own(caches, digits_dir, tmp_path):
+    """Other weights of the same architecture saved over a torch.hub file keep its name and its size: the cached
+    features and exported backbone of the old weights must not answer for the new ones (they once did, and only the
+    deploy stage's accuracy check stopped the wrong model)."""
+    from components.backbones.export import backbone_onnx_path
+    from components.backbones.features import FeatureCache, compute_features
+
+    spec = get_spec("mobilenet_v3_small")
+    path = spec.weights_path()
+    path.parent.mkdir(parents=True)
+    paths = sorted((digits_dir / "7").iterdir())[:4]
+    seen = {}
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        path.write_bytes(torch_file(torchvision.models.mobilenet_v3_small().state_dict()))
+        cache = FeatureCache(tmp_path / "cache", spec, 32)
+        seen[seed] = (path.stat().st_size, cache.get(paths), cache.hits, backbone_onnx_path(tmp_path, spec, 32, 0, 18))
+    assert seen[0][0] == seen[1][0]  # the same name and the same size
+    assert seen[1][2] == 0 and seen[0][3] != seen[1][3]
+    assert not torch.allclose(torch.from_numpy(seen[0][1]), torch.from_numpy(seen[1][1]))
+    fresh = compute_features(spec.build(32), spec, paths, 32)  # the weights in the file now
+    assert torch.allclose(torch.from_numpy(seen[1][1]), torch.from_numpy(fresh), atol=1e-5)
+
+
 # --- timm: huggingface_hub into $HF_HOME, at a revision, sha256 checked --------------------------
 
 

@@ -30,9 +30,10 @@ print(json.dumps({"seeded": seeded, "relaunches": api.relaunches}))
 """
 
 
-def _start(home: Path, cache: Path) -> tuple[dict, str]:
+def _start(home: Path, cache: Path, cwd: Path | None = None) -> tuple[dict, str]:
     env = {**services.clean_env(), "PYTHONPATH": str(REPO), "PREFECT_HOME": str(home), "XDG_CACHE_HOME": str(cache)}
-    done = subprocess.run([sys.executable, "-c", START], env=env, capture_output=True, text=True, timeout=300)
+    # -P: the current folder is not on this process's sys.path, as it is not on the `graft` command's
+    done = subprocess.run([sys.executable, "-P", "-c", START], env=env, capture_output=True, text=True, timeout=300, cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
@@ -102,3 +103,13 @@ def test_only_prefects_own_new_database_is_seeded_and_only_an_empty_one_is_kept(
         db.execute("delete from flow_run")
     used.keep()
     assert used.template.is_file() and os.path.getsize(used.template) > 0
+
+
+def test_a_project_file_named_like_a_library_does_not_stand_in_for_it_in_the_embedded_api(tmp_path):
+    """`graft run` in a folder holding its own click.py (or typing.py, ...): the embedded API's `python -c` would
+    import that file instead of the library, and the server would not start."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "click.py").write_text("raise ImportError('the project folder click.py was imported')\n")
+    started, log = _start(tmp_path / "home", tmp_path / "cache", cwd=project)
+    assert started["relaunches"] == 0 and "the project folder click.py" not in log
