@@ -61,6 +61,18 @@ a test that leaves one of these in the checkout ran MLflow against the wrong pla
 
 
 @pytest.fixture(autouse=True)
+def _no_backbones_registered_by_an_earlier_test():
+    """A run registers its `choose.weights` and `choose.custom` for the stages after choose (`register_backbones`), and
+    the next run replaces them; a test that looks a name up without a run of its own must see the zoo's spec, not
+    the one an earlier test in this process registered (timm's test_convnext pointing at another test's file)."""
+    from components.backbones import zoo
+
+    zoo._CONFIGURED.clear()
+    yield
+    zoo._CONFIGURED.clear()
+
+
+@pytest.fixture(autouse=True)
 def _nothing_left_in_the_checkout():
     before = {name for name in _CHECKOUT_LITTER if (REPO / name).exists()}
     yield

@@ -58,7 +58,6 @@ from components.registry import mlflow_calls, ui_links
 from components.registry.history import record_manual_move
 from components.registry.tracking import Run, requirements_pinned_here
 from components.registry.versions import LOGGED_MODEL_URI, uri_inside
-from components.runtime.providers import choose_providers
 from components.runtime.signing import sign_folder, signing_key
 from components.runtime.trust import write_sidecar
 from components.runtime.variant_files import FP32_FILE, copy_variant_files
@@ -167,6 +166,13 @@ def registration_details(facts: DeployFacts, manifest: SplitManifest) -> dict:
     }
 
 
+MLMODEL_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+"""The execution providers the registered MLmodel asks for. They are read where the model is loaded, not where it was
+registered: MLflow's ONNX loader keeps those the consumer's onnxruntime has, so a GPU consumer runs on CUDA and a CPU one
+on the CPU (with one warning from MLflow). Naming only this machine's (the CPU here) would keep every GPU consumer of
+`mlflow.pyfunc` on the CPU. Graft's own loaders choose from the machine (`components.runtime.providers`)."""
+
+
 @dataclass(frozen=True)
 class LoggedModel:
     """A model folder logged to a run (an MLflow 3 LoggedModel), with what registration records about it."""
@@ -243,7 +249,7 @@ def log_onnx_model(run: Run, onnx_path: Path, image_size: int, num_classes: int,
                                    model_id=logged.model_id, metadata={k: _maybe_json(v) for k, v in metadata.items()}),
                 signature=infer_signature(example, np.zeros((1, num_classes), dtype=np.float32)),
                 input_example=example,
-                onnx_execution_providers=choose_providers(),
+                onnx_execution_providers=list(MLMODEL_PROVIDERS),
                 save_as_external_data=False,
                 pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # not inferred: that loads the model in a subprocess
             )

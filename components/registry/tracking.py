@@ -23,8 +23,9 @@ import getpass
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import TypeVar
 from components.core import progress
 from components.core.config import PARAMS_FILE, REPO_ROOT, Params, load_params
 from components.core.errors import GraftError, RegistryError, TrackingAuthError, TrackingStoreError, error_text
+from components.core.periodic import every
 from components.core.processes import still_running, this_process
 from components.core.transient import is_transient
 from components.registry import mlflow_calls
@@ -342,7 +344,6 @@ class Run:
         self._call("logging params to", lambda: self.client.log_batch(self.run_id, params=params))
 
     def log_metrics(self, values: dict[str, float], step: int | None = None) -> None:
-        import time
 
         from mlflow.entities import Metric
 
@@ -356,7 +357,6 @@ class Run:
         `every_s` seconds (or at 900 values, under MLflow's 1,000 per call), and the rest when the block ends,
         however it ends. Each value keeps its own step and time, so MLflow's charts are those of one call per
         epoch; 200 one-millisecond epochs on a small dataset make a few calls instead of 200."""
-        import time
 
         from mlflow.entities import Metric
 
@@ -454,8 +454,9 @@ class Run:
 
         self._call("linking a logged model to", lambda: self.client.log_outputs(self.run_id, [LoggedModelOutput(model_id, step=0)]))
 
-    def finish(self, status: str = "FINISHED") -> None:
-        self._call(f"marking {status}", lambda: self.client.set_terminated(self.run_id, status))
+    def finish(self, status: str = "FINISHED", end_time_ms: int | None = None) -> None:
+        """End the run `status`, at `end_time_ms` (ms since the epoch) or now."""
+        self._call(f"marking {status}", lambda: self.client.set_terminated(self.run_id, status, end_time=end_time_ms))
 
 
 NOTE_TAG = "mlflow.note.content"
@@ -506,45 +507,115 @@ def process_tags() -> dict[str, str]:
     return {tag: process[key] for key, tag in PROCESS_TAGS.items()}
 
 
-def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  # noqa: ANN001 - MlflowClient
-    """End KILLED the runs of this experiment still RUNNING whose process, on this machine, is gone.
+HEARTBEAT_TAG = "graft.alive_at"
+"""When the process running a parent run last said it was alive (UTC, ISO 8601): written every `HEARTBEAT_S` while
+the run lasts, so a run whose process cannot be looked into from here (another container, another machine) is known
+dead once it falls silent (`SILENT_AFTER_S`)."""
 
-    A process killed outright (`kill -9`, the out-of-memory killer, a machine that went down) cannot end its own
-    run, which the MLflow UI then shows running for ever. Each `graft run` looks for such runs before it starts
-    its own: those recorded (`PROCESS_TAGS`) as run by a process that no longer runs are ended KILLED with a
-    description saying so, and so are their child runs. Only runs whose process this one can judge are touched
-    (`components.core.processes.still_running`: the same boot and pid namespace, or the same machine rebooted);
-    runs of other machines (even with the same hostname), of other containers, of live processes, or without
-    the tags are left as they are. Failing to look is a warning, never a failed run.
-    Returns the ids of the runs it ended.
-    """
-    here = this_process()["host"].replace("'", "")
-    query = f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS['host']}` = '{here}'"
+HEARTBEAT_S = 60.0
+
+SILENT_AFTER_S = 15 * 60
+"""How long a RUNNING parent run must have been silent (15 beats missed) to be ended KILLED from another machine or
+container: long enough for a stalled network or a clock a few minutes off, short enough for the next scheduled run."""
+
+
+def _now_text() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _beat_time(text: str | None) -> datetime | None:
     try:
-        found = mlflow_calls.call("looking for runs left RUNNING by killed processes",
-                                  lambda: client.search_runs([experiment_id], query, max_results=200), uri=uri)
+        when = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return when if when is not None and when.tzinfo is not None else None
+
+
+def heartbeat(run: Run, every_s: float | None = None) -> AbstractContextManager[None]:
+    """Write `HEARTBEAT_TAG` on `run` every `every_s` (`HEARTBEAT_S`) from a daemon thread while the block runs.
+
+    A beat that fails (the server away for a moment, SQLite busy) is skipped, and the next one tries again: a beat
+    never fails or slows the run."""
+    from mlflow.entities import RunTag
+
+    def beat() -> None:
+        try:
+            run.client.log_batch(run.run_id, tags=[RunTag(HEARTBEAT_TAG, _now_text())])
+        except Exception as exc:  # noqa: BLE001 - a missed beat is only a missed beat
+            log.debug("heartbeat of MLflow run %s not written (%s)", run.run_id, exc)
+
+    return every(HEARTBEAT_S if every_s is None else every_s, beat, "graft-mlflow-heartbeat")
+
+
+def _left_running(tags: dict[str, str], here: str, now: datetime) -> tuple[str, datetime | None] | None:
+    """Why a RUNNING parent run with these tags is known to have lost its process, and its last sign of life;
+    None while it may still be running (or cannot be judged)."""
+    record = {key: tags.get(tag, "") for key, tag in PROCESS_TAGS.items()}
+    last = _beat_time(tags.get(HEARTBEAT_TAG))
+    # only a run of this host is looked up by pid: a VM cloned with this machine's /etc/machine-id is another machine
+    verdict = still_running(record) if record["host"] == here else None
+    if verdict is False:
+        return "gone", last
+    if verdict is None and last is not None and (now - last).total_seconds() > SILENT_AFTER_S:
+        return "silent", last
+    return None
+
+
+def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  # noqa: ANN001 - MlflowClient
+    """End KILLED the runs of this experiment still RUNNING whose process is gone.
+
+    A process killed outright (`kill -9`, the out-of-memory killer, a container or machine that went down) cannot end
+    its own run, which the MLflow UI then shows running for ever. Each `graft run` looks for such runs before it
+    starts its own, and ends KILLED, with a description saying so, those whose process is known to be gone, and their
+    child runs:
+    - a run of this host whose process, looked up by pid (`PROCESS_TAGS`), no longer runs
+      (`components.core.processes.still_running`: the same boot and pid namespace, or the same machine rebooted);
+    - a run of another container or machine, which no pid here names, once its heartbeat (`HEARTBEAT_TAG`, written
+      every minute while a run lasts) has been silent for `SILENT_AFTER_S`.
+    A run ends at its last heartbeat where it has one, so its duration is how long it really ran. Runs of live
+    processes, runs still beating, and runs without the tags (older Graft) are left as they are. Failing to look is a
+    warning, never a failed run. Returns the ids of the runs it ended.
+    """
+    here = this_process()["host"]
+    try:
+        found = mlflow_calls.call("looking for runs left RUNNING by killed processes", lambda: client.search_runs(
+            [experiment_id], f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAGS['pid']}` != ''", max_results=500),
+            uri=uri)
         ended = []
+        now = datetime.now(timezone.utc)
         for stale in found:
             tags = stale.data.tags
-            if still_running({key: tags.get(tag, "") for key, tag in PROCESS_TAGS.items()}) is not False:
+            known = _left_running(tags, here, now)
+            if known is None:
                 continue
+            why, last = known
             children = mlflow_calls.call("reading child runs", lambda: client.search_runs(
                 [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{stale.info.run_id}'"),
                 uri=uri)
-            marked = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-            note = (f"**Ended unseen**: the process that ran it (pid {tags[PROCESS_TAGS['pid']]} on "
-                    f"{tags[PROCESS_TAGS['host']]}) stopped without ending it: killed (`kill -9`, out of memory) or its "
-                    "machine went down. Its last logged metrics and artifacts show how far it got; nothing was "
-                    f"registered or promoted after them. Marked KILLED on {marked} by the next `graft run` on that "
-                    "machine (so the run's duration runs until then). Running the same command again resumes it.")
+            marked = now.strftime("%Y-%m-%d %H:%M UTC")
+            who = f"the process that ran it (pid {tags[PROCESS_TAGS['pid']]} on {tags.get(PROCESS_TAGS['host'], '?')})"
+            if why == "gone":
+                what = f"**Ended unseen**: {who} stopped without ending it: killed (`kill -9`, out of memory) or its machine went down."
+            else:
+                what = (f"**Ended unseen**: {who} has given no sign of life since {last.strftime('%Y-%m-%d %H:%M UTC')} "
+                        f"(a running `graft run` writes one every minute, in the `{HEARTBEAT_TAG}` tag): killed (`kill -9`, "
+                        "out of memory), or its container or machine went down.")
+            ends = (f"it ends at its last sign of life, {last.strftime('%H:%M UTC')}" if last is not None
+                    else "so the run's duration runs until then")
+            note = (f"{what} Its last logged metrics and artifacts show how far it got; nothing was registered or "
+                    f"promoted after them. Marked KILLED on {marked} by a `graft run` on {here} ({ends}). Running the "
+                    "same command again resumes it.")
+            end_ms = int(last.timestamp() * 1000) if last is not None else None
             for run in [*children, stale]:
                 ended_run = Run(run.info.run_id, uri)
                 ended_run.set_tags({NOTE_TAG: note})
                 ended_run.describe(name=f"killed · {run.info.run_name}" if run.info.run_name else None)
-                ended_run.finish("KILLED")
+                ended_run.finish("KILLED", end_ms if end_ms and end_ms >= run.info.start_time else None)
                 ended.append(run.info.run_id)
-            log.warning("MLflow run %s ('%s') was left RUNNING by a process that was killed (pid %s); marked it KILLED",
-                        stale.info.run_id, stale.info.run_name, tags[PROCESS_TAGS["pid"]])
+            log.warning("MLflow run %s ('%s') was left RUNNING by a process that %s (pid %s on %s); marked it KILLED",
+                        stale.info.run_id, stale.info.run_name,
+                        "was killed" if why == "gone" else f"has been silent since {last:%Y-%m-%d %H:%M UTC}",
+                        tags[PROCESS_TAGS["pid"]], tags.get(PROCESS_TAGS["host"], "?"))
     except GraftError as error:
         log.warning("could not look for MLflow runs left RUNNING by killed processes (%s); carrying on", error)
         return []
@@ -562,7 +633,8 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     experiment = mlflow_calls.call(f"reading MLflow experiment '{name}'", lambda: client.get_experiment_by_name(name), uri=uri)
     end_runs_left_running(client, experiment.experiment_id, uri)
     tags = {**source_tags((tags or {}).get("git_commit", "")), NOTE_TAG: "Running: choose, fine-tune, evaluate, deploy.",
-            **(tags or {}), **process_tags()}  # last: what a person reads comes first in the MLflow UI's tag list
+            **(tags or {}), **process_tags(), HEARTBEAT_TAG: _now_text()}  # last: what a person reads comes first in the
+    # MLflow UI's tag list
     created = mlflow_calls.call_once(
         f"starting a run in MLflow experiment '{name}'",
         lambda: client.create_run(experiment.experiment_id, run_name=run_name or f"graft run: {params.data.dir.name}", tags=tags),
@@ -571,7 +643,8 @@ def parent_run(params: Params, run_name: str | None = None, tags: dict[str, str]
     run = Run(created.info.run_id, uri)
     log.info("MLflow run %s in experiment '%s' at %s", run.run_id, name, mlflow_calls.printable_uri(uri))
     try:
-        yield run
+        with heartbeat(run):
+            yield run
     except BaseException as exc:
         # an error ends the run FAILED; an interrupt (Ctrl-C, SIGTERM: not an Exception) ends it KILLED
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"

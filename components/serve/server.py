@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -48,6 +48,7 @@ from PIL import Image, UnidentifiedImageError
 
 from components.core.errors import GraftError, IntegrityError, RequestProblem
 from components.core.lineage import CHAMPION, MOVE_TAG_PREFIX
+from components.core.periodic import every
 from components.data.images import IMAGE_EXTENSIONS, MAX_PIXELS, to_model_input, to_rgb
 from components.registry.versions import parse_registry_uri, registry_version
 from components.runtime.model import OnnxClassifier, Stop, Stopped
@@ -185,26 +186,17 @@ class LiveModel:
             log.info("a move of %s outside Graft is not recorded in the alias history (%s); Graft's next move records it",
                      self.uri, str(exc).splitlines()[0][:300])
 
-    @contextmanager
-    def polling(self, seconds: float) -> Iterator[None]:
+    def polling(self, seconds: float) -> AbstractContextManager[None]:
         """Check the alias every `seconds` in a background thread while the block runs."""
-        stop = threading.Event()
 
-        def loop() -> None:
-            while not stop.wait(seconds):
-                try:
-                    self.refresh()
-                    self.notice_moves()
-                except Exception:  # noqa: BLE001 - keep polling whatever MLflow raises
-                    log.exception("alias poll failed")
+        def poll() -> None:
+            try:
+                self.refresh()
+                self.notice_moves()
+            except Exception:  # noqa: BLE001 - keep polling whatever MLflow raises
+                log.exception("alias poll failed")
 
-        thread = threading.Thread(target=loop, name="graft-alias-poll", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=seconds + 5)
+        return every(seconds, poll, "graft-alias-poll")
 
 
 class PixelBudget:

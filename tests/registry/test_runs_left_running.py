@@ -1,5 +1,6 @@
-"""Runs whose process was killed outright (`kill -9`, out of memory) are ended KILLED by the next `graft run` on that
-machine; runs of live processes, of other machines, or without Graft's process tags are left RUNNING.
+"""Runs whose process was killed outright (`kill -9`, out of memory) are ended KILLED by the next `graft run`: on that
+machine by their pid, from another container or machine once their heartbeat has been silent 15 minutes; runs of live
+processes, runs still beating, and runs without Graft's process tags are left RUNNING.
 
 A real SQLite MLflow store; the "killed" process is a real one that has exited, so its pid is free.
 """
@@ -8,11 +9,22 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from components.core.processes import start_mark, still_running, this_process
-from components.registry.tracking import NOTE_TAG, PROCESS_TAGS, end_runs_left_running, process_tags
+from components.registry import tracking
+from components.registry.tracking import (
+    HEARTBEAT_TAG,
+    NOTE_TAG,
+    PROCESS_TAGS,
+    end_runs_left_running,
+    parent_run,
+    process_tags,
+)
 
 
 @pytest.fixture
@@ -30,9 +42,10 @@ def _exited_pid() -> int:
     return process.pid
 
 
-def _run(client, experiment_id: str, tags: dict[str, str], parent: str | None = None) -> str:  # noqa: ANN001
+def _run(client, experiment_id: str, tags: dict[str, str], parent: str | None = None, started: datetime | None = None) -> str:  # noqa: ANN001
     tags = {**tags, **({"mlflow.parentRunId": parent} if parent else {})}
-    return client.create_run(experiment_id, tags=tags).info.run_id
+    start_time = int(started.timestamp() * 1000) if started else None
+    return client.create_run(experiment_id, start_time=start_time, tags=tags).info.run_id
 
 
 def test_a_run_of_a_killed_process_and_its_children_end_killed_and_others_stay_running(store):
@@ -102,3 +115,49 @@ def test_a_live_run_of_another_container_or_machine_with_this_hostname_is_never_
                                             PROCESS_TAGS["machine"]: "another-machine-id"})
     assert end_runs_left_running(client, experiment_id, uri) == []
     assert {client.get_run(r).info.status for r in (container, machine)} == {"RUNNING"}
+
+
+def test_a_run_of_another_container_or_machine_ends_killed_at_its_last_heartbeat_once_silent_15_minutes(store):
+    """A container's or another machine's pid means nothing here: its run is known dead by its silence, and ends at
+    its last sign of life (so the UI's duration is how long it ran), with its child runs."""
+    client, experiment_id, uri = store
+    now = datetime.now(timezone.utc)
+    container = {**process_tags(), PROCESS_TAGS["pid"]: "7", PROCESS_TAGS["namespace"]: "pid:[4026532999]"}
+    machine = {**process_tags(), PROCESS_TAGS["host"]: "worker-3", PROCESS_TAGS["started"]: "another-boot:1"}
+
+    def beat(minutes_ago: int) -> dict[str, str]:
+        return {HEARTBEAT_TAG: (now - timedelta(minutes=minutes_ago)).isoformat(timespec="seconds")}
+
+    hour_ago = now - timedelta(hours=1)
+    silent = _run(client, experiment_id, {**container, **beat(20)}, started=hour_ago)
+    child = _run(client, experiment_id, {}, parent=silent, started=hour_ago)
+    silent_elsewhere = _run(client, experiment_id, {**machine, **beat(16)})
+    beating = _run(client, experiment_id, {**container, **beat(2)})
+    beating_elsewhere = _run(client, experiment_id, {**machine, **beat(14)})
+    never_beat = _run(client, experiment_id, container)  # an older Graft's run: nothing tells
+
+    assert sorted(end_runs_left_running(client, experiment_id, uri)) == sorted([silent, child, silent_elsewhere])
+    status = {r: client.get_run(r).info.status for r in (silent, child, silent_elsewhere, beating, beating_elsewhere, never_beat)}
+    assert [status[r] for r in (silent, child, silent_elsewhere)] == ["KILLED"] * 3
+    assert [status[r] for r in (beating, beating_elsewhere, never_beat)] == ["RUNNING"] * 3
+    last = now - timedelta(minutes=20)
+    ended = client.get_run(silent)
+    assert ended.info.end_time == int(last.replace(microsecond=0).timestamp() * 1000)  # not when it was noticed
+    note = ended.data.tags[NOTE_TAG]
+    assert note.startswith("**Ended unseen**") and f"no sign of life since {last:%Y-%m-%d %H:%M UTC}" in note
+    assert f"pid 7 on {container[PROCESS_TAGS['host']]})" in note
+    assert f"pid {machine[PROCESS_TAGS['pid']]} on worker-3)" in client.get_run(silent_elsewhere).data.tags[NOTE_TAG]
+
+
+def test_a_parent_run_beats_while_it_lasts_and_stops_beating_when_it_ends(tiny_params, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.setattr(tracking, "HEARTBEAT_S", 0.3)
+    with parent_run(tiny_params) as run:
+        first = MlflowClient(run.uri, run.uri).get_run(run.run_id).data.tags[HEARTBEAT_TAG]
+        time.sleep(2.2)
+        later = MlflowClient(run.uri, run.uri).get_run(run.run_id).data.tags[HEARTBEAT_TAG]
+        assert datetime.fromisoformat(later) > datetime.fromisoformat(first)
+        assert any(thread.name == "graft-mlflow-heartbeat" for thread in threading.enumerate())
+    assert not any(thread.name == "graft-mlflow-heartbeat" for thread in threading.enumerate())
+    assert MlflowClient(run.uri, run.uri).get_run(run.run_id).info.status == "FINISHED"

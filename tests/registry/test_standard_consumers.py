@@ -48,6 +48,8 @@ def test_pyfunc_loads_the_champion_and_answers_uint8_nhwc_batches_as_graft_does(
     assert info.metadata["classes"] == ["0", "1", "7"]  # what each output column means, for MLflow-only callers
     spec = info.signature.inputs.to_dict()[0]["tensor-spec"]
     assert (spec["dtype"], list(spec["shape"])) == ("uint8", [-1, SIZE, SIZE, 3])
+    # the providers are the consumer's to have: CUDA first, so a GPU consumer uses it (not this CPU machine's list)
+    assert info.flavors["onnx"]["providers"] == ["CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
 def test_mlflow_models_serve_answers_a_json_request_over_loopback(champion, tmp_path):
