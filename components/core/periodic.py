@@ -10,8 +10,9 @@ from contextlib import contextmanager
 @contextmanager
 def every(seconds: float, action: Callable[[], None], name: str) -> Iterator[None]:
     """Call `action` every `seconds` (first after `seconds`) from a daemon thread named `name` while the block runs;
-    the thread is stopped when the block ends and joined for at most `seconds` + 5 s. `action` handles its own errors:
-    one that escapes ends the repetition."""
+    the thread is stopped when the block ends and waited for at most 5 s (an action stuck on the network must not hold
+    up the end of a run or a server: the daemon thread dies with the process). `action` handles its own errors: one
+    that escapes ends the repetition."""
     stop = threading.Event()
 
     def loop() -> None:
@@ -24,4 +25,4 @@ def every(seconds: float, action: Callable[[], None], name: str) -> Iterator[Non
         yield
     finally:
         stop.set()
-        thread.join(timeout=seconds + 5)
+        thread.join(timeout=5)

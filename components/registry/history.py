@@ -386,9 +386,16 @@ def what_it_classifies(description: str | None) -> str:
     return next((p for p in paragraphs if p.startswith("Classifies")), paragraphs[0] if paragraphs else "")
 
 
-def _one_line(text: str, limit: int = 400) -> str:
+def _one_line(text: str, limit: int = 400, rest: str = "") -> str:
+    """`text` on one line, at most about `limit` characters: a longer one ends after its last whole sentence (or
+    word) that fits, then " ..." and `rest` (where the whole text is), never in the middle of a word or a number."""
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    sentence = max(cut.rfind(". "), cut.rfind("; "))
+    kept = cut[: sentence + 1] if sentence > limit // 2 else cut.rsplit(" ", 1)[0].rstrip(",;:")
+    return f"{kept} ...{f' ({rest})' if rest else ''}"
 
 
 def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: ANN001 - mlflow ModelVersions or None
@@ -411,7 +418,7 @@ def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: 
         how = latest_move(tags) or "moved outside Graft"
         lines.append(f"**Champion: v{champion.version}** ({tags.get(BACKBONE_TAG, 'backbone not recorded')}, test accuracy "
                      f"{tags.get('test.accuracy', '-')}, macro-F1 {tags.get('test.macro_f1', '-')}), made champion by {how}. "
-                     f"Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or 'no verdict recorded')}")
+                     f"Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or 'no verdict recorded', rest=f'all of it on v{champion.version}')}")
     else:
         lines.append("**No champion yet**: promote a version with `graft promote --name NAME --version V` (or the alias in the MLflow UI).")
     lines.append("")
@@ -419,7 +426,8 @@ def describe_model(name: str, champion, challenger, last=None) -> str:  # noqa: 
         tags = challenger.tags
         held = f" **Held**: {_one_line(tags[HOLD_TAG], 200)}." if tags.get(HOLD_TAG) else ""
         lines.append(f"**Challenger: v{challenger.version}** ({tags.get(BACKBONE_TAG, '-')}, test accuracy {tags.get('test.accuracy', '-')}): "
-                     f"the newest version, not champion.{held} Gate: {_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-')}")
+                     f"the newest version, not champion.{held} Gate: "
+                     f"{_one_line(tags.get(GATE_REASONS_TAG) or tags.get(GATE_VERDICT_TAG) or '-', rest=f'all of it on v{challenger.version}')}")
     else:
         lines.append("**No challenger**: " + ("the champion is the newest version." if champion is not None
                                               else "no version is newer than the last champion." if last is not None else "no versions."))

@@ -515,12 +515,18 @@ dead once it falls silent (`SILENT_AFTER_S`)."""
 HEARTBEAT_S = 60.0
 
 SILENT_AFTER_S = 15 * 60
-"""How long a RUNNING parent run must have been silent (15 beats missed) to be ended KILLED from another machine or
-container: long enough for a stalled network or a clock a few minutes off, short enough for the next scheduled run."""
+"""How long a RUNNING parent run of another machine or container must be seen silent before it is ended KILLED: the
+same heartbeat found by `graft run`s at least this long apart, by their own clocks (15 beats missed). A writer's
+clock that is off, an MLflow outage during which no beat could be written, or a paused container never end a live
+run: its next beat, once it can write one, is another value."""
+
+SILENCE_TAG = "graft.silence_seen"
+"""On a RUNNING run of another machine or container: which heartbeat (`HEARTBEAT_TAG`) a `graft run` found, and
+when by that run's clock (JSON), so a later run can tell that it has not changed since."""
 
 
 def _now_text() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def _beat_time(text: str | None) -> datetime | None:
@@ -556,9 +562,22 @@ def _left_running(tags: dict[str, str], here: str, now: datetime) -> tuple[str, 
     verdict = still_running(record) if record["host"] == here else None
     if verdict is False:
         return "gone", last
-    if verdict is None and last is not None and (now - last).total_seconds() > SILENT_AFTER_S:
-        return "silent", last
+    if verdict is None and last is not None:
+        seen = _silence_seen(tags)
+        if seen is None:
+            return "unseen", last  # the caller records when this beat was first found
+        if (now - seen).total_seconds() > SILENT_AFTER_S:
+            return "silent", last
     return None
+
+
+def _silence_seen(tags: dict[str, str]) -> datetime | None:
+    """When a `graft run` first found the heartbeat the run has now (`SILENCE_TAG`); None if none has."""
+    try:
+        seen = json.loads(tags.get(SILENCE_TAG) or "{}")
+    except ValueError:
+        return None
+    return _beat_time(seen.get("seen_at")) if seen.get("alive_at") == tags.get(HEARTBEAT_TAG) else None
 
 
 def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  # noqa: ANN001 - MlflowClient
@@ -571,7 +590,8 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
     - a run of this host whose process, looked up by pid (`PROCESS_TAGS`), no longer runs
       (`components.core.processes.still_running`: the same boot and pid namespace, or the same machine rebooted);
     - a run of another container or machine, which no pid here names, once its heartbeat (`HEARTBEAT_TAG`, written
-      every minute while a run lasts) has been silent for `SILENT_AFTER_S`.
+      every minute while a run lasts) is found unchanged by `graft run`s `SILENT_AFTER_S` apart (the first records
+      what it found, `SILENCE_TAG`).
     A run ends at its last heartbeat where it has one, so its duration is how long it really ran. Runs of live
     processes, runs still beating, and runs without the tags (older Graft) are left as they are. Failing to look is a
     warning, never a failed run. Returns the ids of the runs it ended.
@@ -589,6 +609,10 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
             if known is None:
                 continue
             why, last = known
+            if why == "unseen":
+                Run(stale.info.run_id, uri).set_tags({SILENCE_TAG: json.dumps(
+                    {"alive_at": tags[HEARTBEAT_TAG], "seen_at": now.isoformat(timespec="seconds")})})
+                continue
             children = mlflow_calls.call("reading child runs", lambda: client.search_runs(
                 [experiment_id], f"attributes.status = 'RUNNING' and tags.`mlflow.parentRunId` = '{stale.info.run_id}'"),
                 uri=uri)
@@ -598,8 +622,9 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
                 what = f"**Ended unseen**: {who} stopped without ending it: killed (`kill -9`, out of memory) or its machine went down."
             else:
                 what = (f"**Ended unseen**: {who} has given no sign of life since {last.strftime('%Y-%m-%d %H:%M UTC')} "
-                        f"(a running `graft run` writes one every minute, in the `{HEARTBEAT_TAG}` tag): killed (`kill -9`, "
-                        "out of memory), or its container or machine went down.")
+                        f"(a running `graft run` writes one every minute, in the `{HEARTBEAT_TAG}` tag, and it had not "
+                        f"changed since {_silence_seen(tags).strftime('%Y-%m-%d %H:%M UTC')}): killed (`kill -9`, out of "
+                        "memory), or its container or machine went down.")
             ends = (f"it ends at its last sign of life, {last.strftime('%H:%M UTC')}" if last is not None
                     else "so the run's duration runs until then")
             note = (f"{what} Its last logged metrics and artifacts show how far it got; nothing was registered or "
@@ -610,7 +635,8 @@ def end_runs_left_running(client, experiment_id: str, uri: str) -> list[str]:  #
                 ended_run = Run(run.info.run_id, uri)
                 ended_run.set_tags({NOTE_TAG: note})
                 ended_run.describe(name=f"killed · {run.info.run_name}" if run.info.run_name else None)
-                ended_run.finish("KILLED", end_ms if end_ms and end_ms >= run.info.start_time else None)
+                # a child started after the last beat, or a run killed before its first: it ends where it began
+                ended_run.finish("KILLED", max(end_ms, run.info.start_time) if end_ms is not None else None)
                 ended.append(run.info.run_id)
             log.warning("MLflow run %s ('%s') was left RUNNING by a process that %s (pid %s on %s); marked it KILLED",
                         stale.info.run_id, stale.info.run_name,

@@ -174,9 +174,10 @@ def run_distributed(params: Params, split: Split, backbone: str, size: int, resu
     command = launch_command(params.train.processes, job)
     backend = "NCCL, one GPU each" if uses_cuda(params) else "gloo on the CPU"
     log.info("fine-tune in %d processes (%s): %s", params.train.processes, backend, " ".join(command))
-    # graft's own sys.path, without the current folder `python -m` would put first (PYTHONSAFEPATH, which torchrun's
-    # processes inherit): a project's own file named like a library (click.py, typing.py) must not stand in for it
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "PYTHONSAFEPATH": "1"}
+    # this process's own sys.path ('' is the folder it started in), without the folder `python -m` would put first in
+    # torchrun's processes (PYTHONSAFEPATH, which they inherit): a project's own file named like a library (click.py,
+    # typing.py) must not stand in for it there when it does not here
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p or os.getcwd() for p in sys.path), "PYTHONSAFEPATH": "1"}
     progress = EpochProgress(job_dir / PROGRESS_FILE, on_epoch)
     with open(job_dir / LOG_FILE, "wb") as output:  # this process logs each epoch as process 0 ends it
         process = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)

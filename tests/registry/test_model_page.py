@@ -124,3 +124,8 @@ def test_the_model_description_names_the_champion_the_challenger_and_why():
     assert "The last champion the history records that still exists is v3 (efficientnet_lite1, test accuracy 0.9167)" in removed
     assert removed.startswith("Classifies RGB images into 10 classes.")  # from the last champion, with no other version
     assert "Classifies RGB images into 10 classes." in describe_model("m", None, None, last=champion)
+    # a long verdict ends after its last whole reason that fits, and says where the rest is: no number cut in two
+    reasons = "; ".join(f"reason {i}: macro_f1 0.{i:04d} is below the floor 0.7000" for i in range(1, 30))
+    long = SimpleNamespace(version="6", description="", tags={**challenger.tags, "gate.reasons": reasons})
+    gate = describe_model("m", champion, long).split("**Challenger: v6**")[1].split("Gate: ", 1)[1].split("\n")[0]
+    assert gate.endswith("0.7000; ... (all of it on v6)") and len(gate) < 440 and reasons.startswith(gate.split(" ...")[0])

@@ -7,6 +7,7 @@ A real SQLite MLflow store; the "killed" process is a real one that has exited, 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -21,6 +22,7 @@ from components.registry.tracking import (
     HEARTBEAT_TAG,
     NOTE_TAG,
     PROCESS_TAGS,
+    SILENCE_TAG,
     end_runs_left_running,
     parent_run,
     process_tags,
@@ -117,36 +119,51 @@ def test_a_live_run_of_another_container_or_machine_with_this_hostname_is_never_
     assert {client.get_run(r).info.status for r in (container, machine)} == {"RUNNING"}
 
 
-def test_a_run_of_another_container_or_machine_ends_killed_at_its_last_heartbeat_once_silent_15_minutes(store):
-    """A container's or another machine's pid means nothing here: its run is known dead by its silence, and ends at
-    its last sign of life (so the UI's duration is how long it ran), with its child runs."""
+def test_a_run_of_another_container_or_machine_ends_killed_at_its_last_heartbeat_once_found_silent_15_minutes(store):
+    """A container's or another machine's pid means nothing here: its run is known dead when `graft run`s 15 minutes
+    apart (by their own clocks) find the same heartbeat, and ends at that last sign of life (so the UI's duration is
+    how long it ran), with its child runs. A heartbeat found for the first time, however old by the writer's clock
+    (its clock may be off, or MLflow was away), is only recorded."""
     client, experiment_id, uri = store
     now = datetime.now(timezone.utc)
     container = {**process_tags(), PROCESS_TAGS["pid"]: "7", PROCESS_TAGS["namespace"]: "pid:[4026532999]"}
     machine = {**process_tags(), PROCESS_TAGS["host"]: "worker-3", PROCESS_TAGS["started"]: "another-boot:1"}
 
-    def beat(minutes_ago: int) -> dict[str, str]:
-        return {HEARTBEAT_TAG: (now - timedelta(minutes=minutes_ago)).isoformat(timespec="seconds")}
+    def beat(minutes_ago: int, seen_minutes_ago: int | None = None, seen_beat: int | None = None) -> dict[str, str]:
+        alive = (now - timedelta(minutes=minutes_ago)).isoformat(timespec="milliseconds")
+        tags = {HEARTBEAT_TAG: alive}
+        if seen_minutes_ago is not None:
+            seen_alive = alive if seen_beat is None else (now - timedelta(minutes=seen_beat)).isoformat(timespec="milliseconds")
+            tags[SILENCE_TAG] = json.dumps({"alive_at": seen_alive, "seen_at": (now - timedelta(minutes=seen_minutes_ago)).isoformat()})
+        return tags
 
     hour_ago = now - timedelta(hours=1)
-    silent = _run(client, experiment_id, {**container, **beat(20)}, started=hour_ago)
-    child = _run(client, experiment_id, {}, parent=silent, started=hour_ago)
-    silent_elsewhere = _run(client, experiment_id, {**machine, **beat(16)})
-    beating = _run(client, experiment_id, {**container, **beat(2)})
-    beating_elsewhere = _run(client, experiment_id, {**machine, **beat(14)})
+    silent = _run(client, experiment_id, {**container, **beat(20, seen_minutes_ago=16)}, started=hour_ago)
+    child = _run(client, experiment_id, {}, parent=silent, started=now - timedelta(minutes=10))  # began after the last beat
+    silent_elsewhere = _run(client, experiment_id, {**machine, **beat(17, seen_minutes_ago=16)}, started=hour_ago)
+    beating = _run(client, experiment_id, {**container, **beat(1, seen_minutes_ago=16, seen_beat=17)}, started=hour_ago)
+    seen_lately = _run(client, experiment_id, {**machine, **beat(40, seen_minutes_ago=14)}, started=hour_ago)
+    found_first = _run(client, experiment_id, {**container, **beat(300)}, started=hour_ago)  # a writer's clock 5 h behind
     never_beat = _run(client, experiment_id, container)  # an older Graft's run: nothing tells
 
     assert sorted(end_runs_left_running(client, experiment_id, uri)) == sorted([silent, child, silent_elsewhere])
-    status = {r: client.get_run(r).info.status for r in (silent, child, silent_elsewhere, beating, beating_elsewhere, never_beat)}
-    assert [status[r] for r in (silent, child, silent_elsewhere)] == ["KILLED"] * 3
-    assert [status[r] for r in (beating, beating_elsewhere, never_beat)] == ["RUNNING"] * 3
-    last = now - timedelta(minutes=20)
-    ended = client.get_run(silent)
-    assert ended.info.end_time == int(last.replace(microsecond=0).timestamp() * 1000)  # not when it was noticed
-    note = ended.data.tags[NOTE_TAG]
+    runs = {r: client.get_run(r) for r in (silent, child, silent_elsewhere, beating, seen_lately, found_first, never_beat)}
+    assert [runs[r].info.status for r in (silent, child, silent_elsewhere)] == ["KILLED"] * 3
+    assert [runs[r].info.status for r in (beating, seen_lately, found_first, never_beat)] == ["RUNNING"] * 4
+    last = datetime.fromisoformat(runs[silent].data.tags[HEARTBEAT_TAG])
+    assert runs[silent].info.end_time == int(last.timestamp() * 1000)  # not when it was noticed
+    assert runs[child].info.end_time == runs[child].info.start_time  # never before it began
+    note = runs[silent].data.tags[NOTE_TAG]
     assert note.startswith("**Ended unseen**") and f"no sign of life since {last:%Y-%m-%d %H:%M UTC}" in note
     assert f"pid 7 on {container[PROCESS_TAGS['host']]})" in note
-    assert f"pid {machine[PROCESS_TAGS['pid']]} on worker-3)" in client.get_run(silent_elsewhere).data.tags[NOTE_TAG]
+    assert f"pid {machine[PROCESS_TAGS['pid']]} on worker-3)" in runs[silent_elsewhere].data.tags[NOTE_TAG]
+    # what this run found is recorded for the next: the beating run's new heartbeat, the first sighting
+    for run_id in (beating, found_first):
+        seen = json.loads(runs[run_id].data.tags[SILENCE_TAG])
+        assert seen["alive_at"] == runs[run_id].data.tags[HEARTBEAT_TAG]
+        assert abs((datetime.fromisoformat(seen["seen_at"]) - now).total_seconds()) < 60
+    assert SILENCE_TAG not in runs[never_beat].data.tags
+    assert end_runs_left_running(client, experiment_id, uri) == []  # found again at once: not 15 minutes apart
 
 
 def test_a_parent_run_beats_while_it_lasts_and_stops_beating_when_it_ends(tiny_params, monkeypatch):
