@@ -25,17 +25,19 @@ CACHE_EXPIRATION = timedelta(days=30)
 
 
 def _weights_state(params, name: str) -> str:  # noqa: ANN001 - components.core.config.Params
-    """The candidate's weights file as it is now (path, size, time): adding a missing file or
-    replacing one must not be answered from the cache. A missing file gives a key of its own each
+    """The candidate's weights file (and a user backbone's factory file) as it is now (path, size, time): adding a
+    missing file or replacing one must not be answered from the cache. A missing file gives a key of its own each
     time, so a failed download is tried again on the next run, not answered from the cache."""
     spec = resolve_spec(params, name)
+    code = spec.code_file()  # a user backbone's factory, changed or fixed since: scored again
+    factory = f"|factory {code}:{code.stat().st_size}:{code.stat().st_mtime_ns}" if code is not None else ""
     path = spec.weights_path()
     if path is None:
-        return "no weights file"
+        return f"no weights file{factory}"
     if not path.is_file():
         return f"{path}:missing:{uuid.uuid4().hex}"
     stat = path.stat()
-    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}{factory}"
 
 
 def _retry_file(params, name: str) -> Path:  # noqa: ANN001 - Params

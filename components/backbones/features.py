@@ -41,6 +41,9 @@ def cache_key(spec: BackboneSpec, image_size: int, seed: int) -> str:
     # the file's content, not its name and size: a torch.hub file replaced by other weights of the same architecture
     # keeps both (its sha256 is read once per process, see cached_sha256)
     tag = f"sha256:{cached_sha256(weights)[:16]}" if weights is not None else f"random-seed{seed}-bn-settled"
+    code = spec.code_file()  # a user backbone's factory: its code is part of what it computes
+    if code is not None:
+        tag += f"|code:{cached_sha256(code)[:16]}"
     raw = f"{spec.name}|{spec.family}|{tag}|{image_size}|{PREPROCESSING_VERSION}|torch{torch.__version__}"
     return f"{spec.slug}-{image_size}px-{hashlib.sha1(raw.encode()).hexdigest()[:12]}"
 

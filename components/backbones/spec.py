@@ -9,6 +9,7 @@ cache, a pip package or a local file.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,6 +69,23 @@ class BackboneSpec:
         if self.weights is not None:
             return self.weights.description
         return "the factory's own" if self.pretrained else "random initialisation (seeded)"
+
+    def code_file(self) -> Path | None:
+        """The file holding a user backbone's factory (`choose.custom`): its content is part of every cache key, so
+        a factory changed or fixed between two runs is built again. None for a built-in backbone (its code is the
+        library's, whose version the keys name) or a factory that cannot be found (building it says why)."""
+        if not self.family.startswith("custom:"):
+            return None
+        target = self.family.removeprefix("custom:").rpartition(":")[0]
+        if target.endswith(".py"):
+            path: Path | None = Path(target).expanduser().resolve()
+        else:
+            try:
+                found = importlib.util.find_spec(target)
+            except (ImportError, ValueError):
+                return None
+            path = Path(found.origin) if found is not None and found.origin else None
+        return path if path is not None and path.is_file() else None
 
     def weights_path(self) -> Path | None:
         """Where this backbone's weights file is (or is expected), or None for a random initialisation."""

@@ -88,10 +88,10 @@ def _pretrained_cfg(name: str, model: str):  # noqa: ANN202 - timm's PretrainedC
     return cfg
 
 
-def _weights(cfg, full: str, revision: str | None) -> Weights:  # noqa: ANN001 - timm's PretrainedCfg
+def _weights(cfg, full: str, revision: str | None, name: str) -> Weights:  # noqa: ANN001 - timm's PretrainedCfg
     if cfg.hf_hub_id:
         files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else HUB_FILES
-        return HubFile(repo_id=cfg.hf_hub_id.split("@", 1)[0], file_names=files, pinned=revision)
+        return HubFile(repo_id=cfg.hf_hub_id.split("@", 1)[0], file_names=files, pinned=revision, candidate=name)
     if revision:
         raise ConfigError(f"timm/{full} is not on the Hugging Face Hub, so it has no revision to pin; drop '@{revision}'")
     return TorchHubFile(label=f"timm {full}", address=cfg.url)
@@ -136,7 +136,7 @@ def timm_spec(name: str) -> BackboneSpec:
         fixed_size=bool(cfg.fixed_input_size),
         interpolation=cfg.interpolation,
         architecture=full,
-        weights=_weights(cfg, full, revision) if pretrained else None,
+        weights=_weights(cfg, full, revision, name) if pretrained else None,
         _builder=_build_timm,
     )
 

@@ -103,9 +103,16 @@ def select_trainable(backbone: nn.Module, unfreeze: int | Literal["all"], name: 
     Raises:
         ConfigError: `unfreeze` asks for more blocks than the backbone has.
     """
+    if unfreeze == "all":  # needs no blocks: a user backbone whose blocks cannot be told apart trains whole too
+        try:
+            total = len(trunk_blocks(backbone)) + 1
+        except ModelError:
+            total = 1
+        backbone.requires_grad_(True)
+        return Trainable((backbone,), total, total, sum(p.numel() for p in backbone.parameters()))
     blocks = trunk_blocks(backbone)
     total = len(blocks) + 1  # + the stem
-    count = total if unfreeze == "all" else unfreeze
+    count = unfreeze
     if count > total:
         raise ConfigError(
             f"train.unfreeze={unfreeze} but {name or 'the backbone'} has {total} blocks (stem included); "

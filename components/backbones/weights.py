@@ -26,7 +26,7 @@ import sys
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -296,6 +296,8 @@ class HubFile(Weights):
     """Candidates in order of preference (timm publishes `model.safetensors`, older repos `pytorch_model.bin`)."""
     pinned: str | None = None
     """A revision the user pinned (`timm/name@rev`); None follows `main` as first downloaded."""
+    candidate: str | None = field(default=None, compare=False)
+    """The candidate's name as the user wrote it (`timm/resnet18`): the key `choose.weights` looks it up by."""
 
     @property
     def description(self) -> str:
@@ -328,7 +330,7 @@ class HubFile(Weights):
         return (
             f"on a machine with internet run `hf download {self.repo_id} {self.file_names[0]}{revision}` and copy "
             f"its cache folder {folder} into {hub_cache_dir()}, or name the file in choose.weights "
-            f"({{timm/{self.repo_id.split('/', 1)[-1]}: /path/to/{self.file_names[0]}}})"
+            f"({{{self.candidate or 'timm/' + self.repo_id.split('/', 1)[-1]}: /path/to/{self.file_names[0]}}})"
         )
 
     def offline_reason(self, download: Download) -> str | None:

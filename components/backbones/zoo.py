@@ -179,7 +179,8 @@ def _import_factory(reference: str, name: str) -> Callable[[], nn.Module]:
     except (ImportError, FileNotFoundError, AttributeError, SyntaxError) as exc:
         raise ModelError(
             f"{name}: cannot import factory '{reference}' from choose.custom ({exc.__class__.__name__}: {exc}); "
-            "give an importable 'package.module:function' or an existing 'file.py:function'"
+            "give an existing 'path/to/file.py:function' (a relative path is read from params.yaml's folder) or an "
+            "importable 'package.module:function' (installed, or its folder on PYTHONPATH)"
         ) from exc
 
 
@@ -194,7 +195,30 @@ def _build_custom(spec: BackboneSpec, image_size: int) -> nn.Module:
     path = spec.weights_path()
     if path is not None:
         load_state_dict_checked(net, path, spec.name)
+    _check_feature_output(net, spec, image_size)
     return net
+
+
+def _check_feature_output(net: nn.Module, spec: BackboneSpec, image_size: int) -> None:
+    """A user backbone must map N x 3 x S x S to one feature vector per image (N x D): a feature map, a tuple or a
+    dict would be cached, scored and exported as if it were one, and fail far from its cause."""
+    reference = spec.family.removeprefix("custom:")
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            out = net(torch.zeros(2, 3, image_size, image_size))
+    except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        raise ModelError(f"{spec.name}: the module from {reference} fails on a 2 x 3 x {image_size} x {image_size} batch "
+                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); it must take normalised images") from exc
+    finally:
+        net.train(was_training)
+    if not isinstance(out, torch.Tensor):
+        raise ModelError(f"{spec.name}: the module from {reference} returns {type(out).__name__}, not one tensor of features; "
+                         "return the pooled features alone (N x D)")
+    if out.ndim != 2 or out.shape[0] != 2:
+        raise ModelError(f"{spec.name}: the module from {reference} returns shape {tuple(out.shape)} for 2 images, not N x D "
+                         "features; pool and flatten them (e.g. torch.flatten(nn.AdaptiveAvgPool2d(1)(x), 1))")
 
 
 def custom_spec(name: str, declared: CustomBackbone) -> BackboneSpec:

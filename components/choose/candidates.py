@@ -137,6 +137,10 @@ def check_candidates(params: Params) -> None:
     """
     register_backbones(params.choose)
     candidate_names(params)
+    unused = [name for name in params.choose.weights if name not in params.choose.candidates]
+    if unused:
+        log.warning("choose.weights names %s, which choose.candidates (%s) does not: that file is not used; key it by "
+                    "the candidate's name as choose.candidates writes it", ", ".join(unused), ", ".join(params.choose.candidates))
 
 
 def plan_candidates(params: Params, split: Split) -> tuple[str, ...]:

@@ -333,7 +333,12 @@ class Params(_Section):
         """Return a copy whose relative paths are anchored at `root` (the params file's folder)."""
 
         def anchor(path: Path) -> Path:
+            path = path.expanduser()
             return path if path.is_absolute() else (root / path).resolve()
+
+        def anchor_factory(reference: str) -> str:  # `file.py:function`: the file, as any other path
+            target, _, function = reference.rpartition(":")
+            return f"{anchor(Path(target))}:{function}" if target.endswith(".py") else reference
 
         return self.model_copy(
             update={
@@ -344,7 +349,8 @@ class Params(_Section):
                     update={
                         "weights": {name: anchor(path) for name, path in self.choose.weights.items()},
                         "custom": {
-                            name: spec.model_copy(update={"weights": anchor(spec.weights) if spec.weights else None})
+                            name: spec.model_copy(update={"weights": anchor(spec.weights) if spec.weights else None,
+                                                          "factory": anchor_factory(spec.factory)})
                             for name, spec in self.choose.custom.items()
                         },
                     }

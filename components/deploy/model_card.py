@@ -115,6 +115,15 @@ def _data_section(facts: CardFacts) -> list[str]:
     return [*lines, ""]
 
 
+def _size_and_start(spec: BackboneSpec) -> str:
+    """"4.7M parameters, ImageNet pre-trained": a user backbone (`choose.custom`) has no catalogue size, and its
+    weights are its own."""
+    size = f"{spec.params_m:.1f}M parameters, " if spec.params_m is not None else ""
+    if not spec.pretrained:
+        return f"{size}randomly initialised"
+    return f"{size}{'pre-trained, its own weights' if spec.family.startswith('custom:') else 'ImageNet pre-trained'}"
+
+
 def _model_section(facts: CardFacts) -> list[str]:
     spec, trained = facts.spec, facts.trained
     temperature = facts.evaluation.temperature
@@ -125,8 +134,7 @@ def _model_section(facts: CardFacts) -> list[str]:
     return [
         "## Model",
         "",
-        f"- **Backbone:** `{spec.name}` ({spec.family}, {spec.params_m:.1f}M parameters, "
-        f"{'ImageNet pre-trained' if spec.pretrained else 'randomly initialised'})",
+        f"- **Backbone:** `{spec.name}` ({spec.family}, {_size_and_start(spec)})",
         f"- **Weights source:** {spec.weights_source}",
         *_weights_lines(spec),
         f"- **Licence:** {spec.licence}",

@@ -172,6 +172,8 @@ def test_a_pinned_hub_revision_is_the_one_fetched(hub_model, weights_server, cac
     assert spec.provenance()["weights.revision"] == COMMIT and spec.provenance()["weights.sha256"] == sha(content)
     other = get_spec(f"{TIMM_NAME}@v2.0")
     assert other.missing_weights() is not None  # another revision is another file
+    # the hint keys choose.weights by the candidate's name as written, the one choose.weights is looked up by
+    assert f"name the file in choose.weights ({{{TIMM_NAME}@v2.0: /path/to/model.safetensors}})" in other.missing_weights()
     assert "has none of model.safetensors, pytorch_model.bin at revision v2.0" in other.ensure_weights("auto")
 
 

@@ -179,6 +179,19 @@ class _Nan(nn.Module):
 
 def nan_net():
     return _Nan()
+
+
+def feature_map():  # forgot to pool
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU())
+
+
+class _Pair(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3)), x.amax(dim=(2, 3))
+
+
+def pair():
+    return _Pair()
 """
 
 
@@ -194,11 +207,13 @@ def test_user_backbones_and_faulty_candidates_leave_the_others_ranked(tiny_param
         "my_nan": {"factory": f"{module}:nan_net", "input_size": 64},
         "my_misfit": {"factory": f"{module}:tiny", "weights": str(tmp_path / "wrong.pth"), "input_size": 64},
         "my_missing": {"factory": "no_such_package.nets:net", "input_size": 64},
+        "my_map": {"factory": f"{module}:feature_map", "input_size": 64},
+        "my_pair": {"factory": f"{module}:pair", "input_size": 64},
     }
     params = load_params(
         REPO / "params.yaml",
         tiny_overrides(tiny_params.data.dir, tmp_path, tiny_params.data.cache_dir)
-        + [f"choose.custom={custom}", "choose.candidates=[efficientnet_lite0, my_tiny, my_nan, my_misfit, my_missing]", "choose.baseline=false"],
+        + [f"choose.custom={custom}", "choose.candidates=[efficientnet_lite0, my_tiny, my_nan, my_misfit, my_missing, my_map, my_pair]", "choose.baseline=false"],
     )
     result = choose_model(params, scan(params.data.dir, SplitSettings.from_config(params.data)), fit_head=partial(fit_finalist_head, params))
     rows = {row.name: row for row in result.candidates}
@@ -210,6 +225,9 @@ def test_user_backbones_and_faulty_candidates_leave_the_others_ranked(tiny_param
     assert rows["my_misfit"].status.startswith("skipped: failed to load") and "does not fit the architecture" in rows["my_misfit"].status
     assert rows["my_missing"].status.startswith("skipped: failed to load") and "cannot import factory 'no_such_package.nets:net'" in rows["my_missing"].status
     assert rows["efficientnet_lite0"].status == "ok"
+    # not one feature vector per image: refused when built, in one line, before anything is cached or scored
+    assert "returns shape (2, 8, 31, 31) for 2 images, not N x D features; pool and flatten" in rows["my_map"].status
+    assert "returns tuple, not one tensor of features" in rows["my_pair"].status
 
 
 def test_local_weights_file_replaces_torch_home(tiny_params, tmp_path, monkeypatch):

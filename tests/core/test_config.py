@@ -60,10 +60,18 @@ def test_malformed_set_says_the_expected_form():
         load_params(None, ["train.lr"])
 
 
-def test_relative_paths_are_anchored_at_the_params_file(tmp_path):
+def test_relative_paths_are_anchored_at_the_params_file(tmp_path, monkeypatch):
     path = tmp_path / "p.yaml"
     path.write_text("data:\n  dir: images\n")
     assert load_params(path).data.dir == (tmp_path / "images").resolve()
+    # a factory file like any other path; `~` is the home folder everywhere (not a folder named "~" here)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    params = load_params(path, ["data.dir=~/images", "choose.weights={efficientnet_lite0: ~/w.pth}",
+                                "choose.custom={mine: {factory: 'nets/mine.py:net', weights: ~/mine.pth}}"])
+    assert params.data.dir == tmp_path / "home" / "images"
+    assert params.choose.weights["efficientnet_lite0"] == tmp_path / "home" / "w.pth"
+    assert params.choose.custom["mine"].weights == tmp_path / "home" / "mine.pth"
+    assert params.choose.custom["mine"].factory == f"{(tmp_path / 'nets' / 'mine.py').resolve()}:net"
 
 
 def test_valid_keys_cover_all_sections():
