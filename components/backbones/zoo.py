@@ -203,16 +203,18 @@ def _check_feature_output(net: nn.Module, spec: BackboneSpec, image_size: int) -
     """A user backbone must map N x 3 x S x S to one feature vector per image (N x D): a feature map, a tuple or a
     dict would be cached, scored and exported as if it were one, and fail far from its cause."""
     reference = spec.family.removeprefix("custom:")
-    was_training = net.training
+    modes = [(module, module.training) for module in net.modules()]  # as the factory left them (a frozen part stays so)
     net.eval()
     try:
         with torch.no_grad():
             out = net(torch.zeros(2, 3, image_size, image_size))
     except Exception as exc:  # noqa: BLE001 - user code may raise anything
+        first = (str(exc).splitlines() or [""])[0][:200]
         raise ModelError(f"{spec.name}: the module from {reference} fails on a 2 x 3 x {image_size} x {image_size} batch "
-                         f"({exc.__class__.__name__}: {str(exc).splitlines()[0][:200]}); it must take normalised images") from exc
+                         f"({exc.__class__.__name__}: {first}); it must take normalised images") from exc
     finally:
-        net.train(was_training)
+        for module, training in modes:
+            module.training = training
     if not isinstance(out, torch.Tensor):
         raise ModelError(f"{spec.name}: the module from {reference} returns {type(out).__name__}, not one tensor of features; "
                          "return the pooled features alone (N x D)")

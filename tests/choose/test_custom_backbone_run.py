@@ -59,6 +59,7 @@ def test_a_custom_backbone_is_chosen_fine_tuned_registered_and_scored_again_once
     assert "**Backbone:** `my_net` (custom:" in card and "pre-trained, its own weights" in card
 
     (project / "nets.py").write_text(NETS.replace("ACT = nn.ReLU", "ACT = nn.Tanh"))
-    second, printed = run()
-    assert re.search(r"my_net: \d+ images, 0 from cache, \d+ computed", printed)  # the new code, not the old features
+    second, _ = run()
+    log = (Path(second["files"]["run_dir"]) / "run.log").read_text()  # the run's own log, whatever the terminal got
+    assert re.search(r"my_net: \d+ images, 0 from cache, \d+ computed", log)  # the new code, not the old features
     assert second["candidates"][0]["logme"] != first["candidates"][0]["logme"]
