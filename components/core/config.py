@@ -141,6 +141,16 @@ class ChooseConfig(_Section):
             raise ValueError("list at least one backbone, e.g. [efficientnet_lite0]")
         return value
 
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _every_name_has_a_file(cls, value: object) -> object:
+        if isinstance(value, dict):
+            empty = [str(name) for name, path in value.items() if path is None or path == ""]
+            if empty:
+                raise ValueError(f"{', '.join(empty)} has no file: YAML reads 'name:/path' (no space after the colon) as a "
+                                 "name alone; write {name: /path/to/file.pth}")
+        return value
+
 
 class TrainConfig(_Section):
     """How the chosen backbone is adapted."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from components.core.config import REPO_ROOT, Params, flatten
+from components.core.files import cached_sha256
 
 CHAMPION = "champion"
 """The alias production loads: the version now serving."""
@@ -86,7 +87,8 @@ def _matches(key: str, patterns: Sequence[str]) -> bool:
 
 
 def params_fingerprint(params: Params, keys: Sequence[str] | None = None) -> str:
-    """A short sha256 of the parameters that change what training produces.
+    """A short sha256 of the parameters that change what training produces (with every key: and the content of the
+    weights and factory files they name, `_named_files`).
 
     Args:
         params: The run's parameters.
@@ -94,10 +96,24 @@ def params_fingerprint(params: Params, keys: Sequence[str] | None = None) -> str
             training-relevant key, i.e. all but the paths and names in `NOT_TRAINING_RELEVANT`.
     """
     if keys is None:
-        chosen = training_settings(params)
+        chosen = {**training_settings(params), **_named_files(params)}
     else:
         chosen = {k: v for k, v in flatten(params.model_dump(mode="json")).items() if _matches(k, keys)}
     return hashlib.sha256(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _named_files(params: Params) -> dict[str, str]:
+    """The content (sha256) of the files the settings name, which train another model under the same path: the
+    weights in `choose.weights`, a `choose.custom` backbone's weights and factory file. Nothing when none is named, so
+    the fingerprint of a run without them is what it always was."""
+    files = {f"choose.weights.{name}": path for name, path in params.choose.weights.items()}
+    for name, custom in params.choose.custom.items():
+        if custom.weights is not None:
+            files[f"choose.custom.{name}.weights"] = custom.weights
+        target = custom.factory.rpartition(":")[0]
+        if target.endswith(".py"):
+            files[f"choose.custom.{name}.factory"] = Path(target)
+    return {f"{key} sha256": cached_sha256(Path(path)) if Path(path).is_file() else "missing" for key, path in files.items()}
 
 
 def training_settings(params: Params) -> dict[str, object]:

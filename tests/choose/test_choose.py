@@ -245,6 +245,16 @@ def test_local_weights_file_replaces_torch_home(tiny_params, tmp_path, monkeypat
     assert features.shape == (1, 576)
     wrong = _with_choose(tiny_params, weights={"mobilenet_v3_small": tmp_path / "missing.pth"})
     assert "put missing.pth in" in resolve_spec(wrong, "mobilenet_v3_small").missing_weights()
+    folder = _with_choose(tiny_params, weights={"mobilenet_v3_small": tmp_path})
+    assert f"{tmp_path} is a folder; name the weights file in it" in resolve_spec(folder, "mobilenet_v3_small").missing_weights()
+    # a training checkpoint around the weights loads; a whole pickled model is refused, saying what to save instead
+    checkpoint = tmp_path / "checkpoint.pth"
+    torch.save({"epoch": 3, "model_state_dict": torch.load(weights, weights_only=True)}, checkpoint)
+    assert resolve_spec(_with_choose(tiny_params, weights={"mobilenet_v3_small": checkpoint}), "mobilenet_v3_small").build(64) is not None
+    whole = tmp_path / "whole.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(), whole)
+    with pytest.raises(ModelError, match=r"whole model saved with torch.save\(model\).*save model.state_dict\(\) instead"):
+        resolve_spec(_with_choose(tiny_params, weights={"mobilenet_v3_small": whole}), "mobilenet_v3_small").build(64)
 
 
 def test_weights_for_an_unknown_backbone_is_a_config_error(tiny_params, digits_dir):

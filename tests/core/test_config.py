@@ -60,6 +60,11 @@ def test_malformed_set_says_the_expected_form():
         load_params(None, ["train.lr"])
 
 
+def test_a_weights_entry_without_a_space_after_its_colon_says_how_to_write_it():
+    with pytest.raises(ConfigError, match=r"efficientnet_lite0:/w\.pth has no file: .*write \{name: /path/to/file\.pth\}"):
+        load_params(REPO / "params.yaml", ["choose.weights={efficientnet_lite0:/w.pth}"])
+
+
 def test_relative_paths_are_anchored_at_the_params_file(tmp_path, monkeypatch):
     path = tmp_path / "p.yaml"
     path.write_text("data:\n  dir: images\n")

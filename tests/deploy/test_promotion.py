@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -275,6 +276,35 @@ def test_the_retraining_check_says_truly_what_the_challengers_gate_said_after_a_
     client.delete_registered_model_alias(name, "champion")
     decision = decide(params, client)
     assert decision.champion_version == v1 and "no version holds `champion` now" in decision.reason
+
+
+def test_the_retraining_check_retrains_when_a_weights_file_it_names_holds_other_weights(active_registry, tmp_path):  # noqa: F811
+    """`choose.weights` names a path; other weights saved at that path (a colleague's fine-tune, a fixed file) train
+    another model, so the retraining check must not answer 'nothing to do'."""
+    import torch
+
+    from components.core.lineage import params_fingerprint
+    from components.data.versions import current_data_md5
+    from components.deploy.retrain import decide
+    from components.registry.history import move_alias
+
+    client, name = active_registry.client, "graft-retrain-weights"
+    [v1] = _versions_of(client, name, 1)
+    weights = tmp_path / "mine.pth"
+    torch.save({"w": torch.zeros(3)}, weights)
+    params = active_registry.params
+    params = params.model_copy(update={
+        "deploy": params.deploy.model_copy(update={"model_name": name}),
+        "choose": params.choose.model_copy(update={"weights": {"efficientnet_lite0": weights}}),
+    })
+    for key, value in {"data_md5": current_data_md5(params.data.dir), "params_sha": params_fingerprint(params)}.items():
+        client.set_model_version_tag(name, v1, key, value)  # what registration recorded
+    move_alias(client, name, v1, "gate", "test", "first")
+    assert not decide(params, client).retrain  # the same file: nothing to do
+    time.sleep(0.01)
+    torch.save({"w": torch.ones(3)}, weights)  # the same path, the same size, other weights
+    decision = decide(params, client)
+    assert decision.retrain and decision.champion_version == v1, decision.reason
 
 
 def test_a_graft_serve_that_may_only_read_writes_nothing_when_nothing_moved(active_registry, monkeypatch, caplog):  # noqa: F811
