@@ -503,7 +503,8 @@ def _signals(stop: Stop, on_first: Callable[[], None] | None = None) -> Iterator
     try:
         yield
     finally:
-        pool.setLevel(level)
+        if stop.signal is None:  # after a stop the process is ending: the connections it drops are closed (and
+            pool.setLevel(level)  # complained about) as late as its exit, so the pool stays quiet until then
         for number, handler in previous.items():
             signal.signal(number, handler)
 
