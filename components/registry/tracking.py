@@ -537,8 +537,8 @@ def _beat_time(text: str | None) -> datetime | None:
     return when if when is not None and when.tzinfo is not None else None
 
 
-def heartbeat(run: Run, every_s: float | None = None) -> AbstractContextManager[None]:
-    """Write `HEARTBEAT_TAG` on `run` every `every_s` (`HEARTBEAT_S`) from a daemon thread while the block runs.
+def heartbeat(run: Run) -> AbstractContextManager[None]:
+    """Write `HEARTBEAT_TAG` on `run` every `HEARTBEAT_S` from a daemon thread while the block runs.
 
     A beat that fails (the server away for a moment, SQLite busy) is skipped, and the next one tries again: a beat
     never fails or slows the run."""
@@ -550,7 +550,7 @@ def heartbeat(run: Run, every_s: float | None = None) -> AbstractContextManager[
         except Exception as exc:  # noqa: BLE001 - a missed beat is only a missed beat
             log.debug("heartbeat of MLflow run %s not written (%s)", run.run_id, exc)
 
-    return every(HEARTBEAT_S if every_s is None else every_s, beat, "graft-mlflow-heartbeat")
+    return every(HEARTBEAT_S, beat, "graft-mlflow-heartbeat")
 
 
 def _left_running(tags: dict[str, str], here: str, now: datetime) -> tuple[str, datetime | None] | None:
